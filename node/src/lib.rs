@@ -1,0 +1,1 @@
+//! impetus-node: the peer and the `impetus` binary. See ARCHITECTURE.md.

@@ -1,0 +1,369 @@
+//! The commands of the replicated state machine and their outcomes.
+//!
+//! A command is what a client or worker asks for; the leader stamps the time
+//! and Raft gives it a log index; every voter applies it in log order and gets
+//! the same [`Outcome`].
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::InvalidInput;
+use crate::ids::{FencingToken, IdempotencyKey, JobId, ModuleHash, PeerId, StreamName, Timestamp};
+use crate::limits;
+use crate::records::{ErrorRecord, JobSpec, JobStatus, PeerInfo, PeerRole, StreamPatch, StreamProps};
+
+/// One job to submit.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewJob {
+    pub module: ModuleHash,
+    pub spec: JobSpec,
+    /// `None` = the stream's default priority.
+    pub priority: Option<i32>,
+    /// Not ready before `now + delay_ms`.
+    pub delay_ms: u64,
+    pub key: Option<IdempotencyKey>,
+}
+
+/// A successful attempt, reported by the peer holding the lease.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Completion {
+    pub job: JobId,
+    pub token: FencingToken,
+    pub result: Vec<u8>,
+    pub stderr_tail: Vec<u8>,
+}
+
+/// A failed attempt, reported by the peer holding the lease.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failure {
+    pub job: JobId,
+    pub token: FencingToken,
+    pub error: ErrorRecord,
+    pub stdout_tail: Vec<u8>,
+    pub stderr_tail: Vec<u8>,
+}
+
+/// A command of the state machine.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Advance time only: promote delayed jobs that are due, expire leases.
+    /// (Every command does this first; the leader sends `Tick` when idle.)
+    Tick,
+    CreateStream {
+        name: StreamName,
+        props: StreamProps,
+    },
+    UpdateStream {
+        name: StreamName,
+        patch: StreamPatch,
+    },
+    /// Delete a stream with its jobs and data. Refused while it has live jobs
+    /// (queued, delayed, leased, running) unless `force`.
+    DeleteStream {
+        name: StreamName,
+        force: bool,
+    },
+    /// Store a wasm module once under its content hash.
+    PutModule {
+        hash: ModuleHash,
+        bytes: Vec<u8>,
+    },
+    Submit {
+        stream: StreamName,
+        jobs: Vec<NewJob>,
+    },
+    /// Lease up to `max` jobs for `peer`, from `streams` (all streams if empty).
+    Lease {
+        peer: PeerId,
+        streams: Vec<StreamName>,
+        max: u32,
+    },
+    /// Extend leases (and mark the jobs Running).
+    Renew {
+        peer: PeerId,
+        leases: Vec<(JobId, FencingToken)>,
+    },
+    Complete {
+        peer: PeerId,
+        completions: Vec<Completion>,
+    },
+    Fail {
+        peer: PeerId,
+        failures: Vec<Failure>,
+    },
+    /// Hand leases back without counting an attempt (a draining peer).
+    Release {
+        peer: PeerId,
+        leases: Vec<(JobId, FencingToken)>,
+    },
+    Cancel {
+        job: JobId,
+    },
+    /// Requeue a Dead or Cancelled job with its attempts reset.
+    Retry {
+        job: JobId,
+    },
+    DataPut {
+        stream: StreamName,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    DataDelete {
+        stream: StreamName,
+        key: Vec<u8>,
+    },
+    /// Set `key` to `new` (or delete it when `None`) only if its current
+    /// value equals `expected` (`None` = absent).
+    DataCas {
+        stream: StreamName,
+        key: Vec<u8>,
+        expected: Option<Vec<u8>>,
+        new: Option<Vec<u8>>,
+    },
+    /// Register a new peer; the state machine assigns its id.
+    RegisterPeer {
+        info: PeerInfo,
+        role: PeerRole,
+    },
+    Heartbeat {
+        peer: PeerId,
+        info: PeerInfo,
+        rss_bytes: u64,
+    },
+    SetPeerRole {
+        peer: PeerId,
+        role: PeerRole,
+    },
+    /// A draining peer gets no new leases.
+    DrainPeer {
+        peer: PeerId,
+        draining: bool,
+    },
+    /// Remove a peer; its leases are released (no attempt counted).
+    RemovePeer {
+        peer: PeerId,
+    },
+    /// Several commands in one log entry (group commit). Not nested.
+    Batch(Vec<Command>),
+}
+
+impl Command {
+    /// Check every bound of the vocabulary. Decoding calls this, and so does
+    /// the state machine before applying.
+    pub fn validate(&self) -> Result<(), InvalidInput> {
+        fn batch(what: &'static str, len: usize) -> Result<(), InvalidInput> {
+            if len > limits::MAX_BATCH {
+                return Err(InvalidInput::TooLarge { what, len, max: limits::MAX_BATCH });
+            }
+            Ok(())
+        }
+        fn bytes(what: &'static str, len: usize, max: usize) -> Result<(), InvalidInput> {
+            if len > max {
+                return Err(InvalidInput::TooLarge { what, len, max });
+            }
+            Ok(())
+        }
+        fn data_key(key: &[u8]) -> Result<(), InvalidInput> {
+            if key.is_empty() {
+                return Err(InvalidInput::Empty { what: "data-store key" });
+            }
+            bytes("data-store key", key.len(), limits::MAX_DATA_KEY)
+        }
+        fn info(info: &PeerInfo) -> Result<(), InvalidInput> {
+            bytes("peer host", info.host.len(), limits::MAX_ARG_BYTES)?;
+            batch("peer addresses", info.addresses.len())?;
+            bytes("peer labels", info.labels.len(), limits::MAX_PEER_LIST)
+        }
+        match self {
+            Command::Tick | Command::Cancel { .. } | Command::Retry { .. } => Ok(()),
+            Command::DeleteStream { .. } | Command::SetPeerRole { .. } => Ok(()),
+            Command::DrainPeer { .. } | Command::RemovePeer { .. } => Ok(()),
+            Command::CreateStream { props, .. } => props.validate(),
+            Command::UpdateStream { patch, .. } => StreamProps::default().patched(patch).validate(),
+            Command::PutModule { bytes: b, .. } => {
+                if b.is_empty() {
+                    return Err(InvalidInput::Empty { what: "module" });
+                }
+                bytes("module", b.len(), limits::MAX_MODULE_BYTES)
+            }
+            Command::Submit { jobs, .. } => {
+                if jobs.is_empty() {
+                    return Err(InvalidInput::Empty { what: "submit batch" });
+                }
+                batch("submit batch", jobs.len())?;
+                jobs.iter().try_for_each(|j| j.spec.validate())
+            }
+            Command::Lease { streams, max, .. } => {
+                batch("lease streams", streams.len())?;
+                batch("lease batch", *max as usize)
+            }
+            Command::Renew { leases, .. } | Command::Release { leases, .. } => batch("lease list", leases.len()),
+            Command::Complete { completions, .. } => {
+                batch("completion batch", completions.len())?;
+                for c in completions {
+                    bytes("job result", c.result.len(), limits::MAX_RESULT_BYTES)?;
+                    bytes("stderr tail", c.stderr_tail.len(), limits::MAX_TAIL_BYTES)?;
+                }
+                Ok(())
+            }
+            Command::Fail { failures, .. } => {
+                batch("failure batch", failures.len())?;
+                for f in failures {
+                    bytes("stdout tail", f.stdout_tail.len(), limits::MAX_TAIL_BYTES)?;
+                    bytes("stderr tail", f.stderr_tail.len(), limits::MAX_TAIL_BYTES)?;
+                    for t in [&f.error.error, &f.error.name] {
+                        bytes("error text", t.len(), limits::MAX_ERROR_TEXT)?;
+                    }
+                }
+                Ok(())
+            }
+            Command::DataPut { key, value, .. } => {
+                data_key(key)?;
+                bytes("data-store value", value.len(), limits::MAX_DATA_VALUE)
+            }
+            Command::DataDelete { key, .. } => data_key(key),
+            Command::DataCas { key, expected, new, .. } => {
+                data_key(key)?;
+                for v in [expected, new].into_iter().flatten() {
+                    bytes("data-store value", v.len(), limits::MAX_DATA_VALUE)?;
+                }
+                Ok(())
+            }
+            Command::RegisterPeer { info: i, .. } | Command::Heartbeat { info: i, .. } => info(i),
+            Command::Batch(cmds) => {
+                batch("command batch", cmds.len())?;
+                for c in cmds {
+                    if matches!(c, Command::Batch(_)) {
+                        return Err(InvalidInput::Value {
+                            what: "command batch",
+                            reason: "batches do not nest".into(),
+                        });
+                    }
+                    c.validate()?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// One job of a submit: its id, and whether it already existed (same
+/// idempotency key).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Submitted {
+    pub job: JobId,
+    pub existing: bool,
+}
+
+/// A granted lease with everything the peer needs to run the job.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseGrant {
+    pub job: JobId,
+    pub stream: StreamName,
+    pub token: FencingToken,
+    pub expires_at: Timestamp,
+    /// The attempt this lease starts (1-based).
+    pub attempt: u32,
+    pub module: ModuleHash,
+    pub spec: JobSpec,
+    pub job_timeout_ms: u64,
+    pub fuel: Option<u64>,
+    pub memory_limit_bytes: u64,
+    pub lease_ttl_ms: u64,
+}
+
+/// Why a renewal, completion, failure or release was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum LeaseError {
+    #[error("{job} does not exist")]
+    UnknownJob { job: JobId },
+    #[error("{job} is {status}, not leased")]
+    NotLeased { job: JobId, status: JobStatus },
+    #[error("stale fencing token for {job}: presented {presented}, current is {current}")]
+    StaleToken { job: JobId, presented: FencingToken, current: FencingToken },
+    #[error("lease on {job} is held by {holder}, not {peer}")]
+    WrongPeer { job: JobId, holder: PeerId, peer: PeerId },
+}
+
+/// What happened to a job after a failed attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FailDisposition {
+    /// Attempts left: it will be ready again at this time.
+    Retry { ready_at: Timestamp },
+    /// Attempts exhausted.
+    Dead,
+}
+
+/// The outcome of a command that was applied.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    Ticked,
+    StreamCreated,
+    StreamUpdated,
+    StreamDeleted {
+        jobs_removed: u64,
+    },
+    ModuleStored {
+        new: bool,
+    },
+    Submitted(Vec<Submitted>),
+    Leased(Vec<LeaseGrant>),
+    Renewed(Vec<Result<Timestamp, LeaseError>>),
+    Completed(Vec<Result<(), LeaseError>>),
+    Failed(Vec<Result<FailDisposition, LeaseError>>),
+    Released(Vec<Result<(), LeaseError>>),
+    Cancelled,
+    Retried,
+    DataWritten,
+    /// Whether the compare-and-set took effect, and the value now stored.
+    DataCas {
+        swapped: bool,
+        current: Option<Vec<u8>>,
+    },
+    PeerRegistered {
+        peer: PeerId,
+    },
+    PeerUpdated,
+    Batch(Vec<Result<Outcome, ApplyError>>),
+}
+
+/// Why a command was refused. A refused command changes nothing.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum ApplyError {
+    #[error("stream {0} does not exist")]
+    UnknownStream(StreamName),
+    #[error("stream {0} already exists")]
+    StreamExists(StreamName),
+    #[error("stream {name} has {live} live jobs; cancel them or delete with force")]
+    StreamHasLiveJobs { name: StreamName, live: u64 },
+    #[error("module {0} is not stored; put it before submitting jobs that use it")]
+    UnknownModule(ModuleHash),
+    #[error("module bytes hash to {actual}, not the claimed {claimed}")]
+    ModuleHashMismatch { claimed: ModuleHash, actual: ModuleHash },
+    #[error("{0} does not exist")]
+    UnknownJob(JobId),
+    #[error("cannot {op} {job}: it is {status}")]
+    InvalidTransition { job: JobId, status: JobStatus, op: String },
+    #[error("{0} is not registered")]
+    UnknownPeer(PeerId),
+    #[error("idempotency key {key} of stream {stream} is used twice in one submit")]
+    DuplicateKeyInBatch { stream: StreamName, key: IdempotencyKey },
+    #[error("invalid command: {0}")]
+    Invalid(String),
+}
+
+impl From<InvalidInput> for ApplyError {
+    fn from(e: InvalidInput) -> ApplyError {
+        ApplyError::Invalid(e.to_string())
+    }
+}
+
+/// The result of applying one command.
+pub type ApplyResult = Result<Outcome, ApplyError>;
+
+/// The stamp of a command in the log: its index (the fencing token of any
+/// lease it grants) and the leader's time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stamp {
+    pub index: u64,
+    pub now: Timestamp,
+}

@@ -1,0 +1,2 @@
+//! impetus-simulation: the seeded whole-cluster simulator. Filled by the issue
+//! "Deterministic simulation".
