@@ -1,1 +1,87 @@
-//! impetus-queue
+//! impetus-queue: the replicated state machine of Impetus.
+//!
+//! [`State::apply`] takes a command stamped with its Raft log index and the
+//! leader's time and returns an outcome. It is pure: no clock, no randomness,
+//! no I/O, and no iteration order that is not a `BTreeMap`'s. So every voter
+//! that applies the same log holds the same state, byte for byte
+//! ([`State::snapshot`]).
+//!
+//! Invariants (checked by [`State::check_invariants`], which tests and the
+//! simulator call after every apply):
+//! - every job is in exactly one place: the ready queue (Queued), the delay
+//!   index (Delayed), the lease index (Leased/Running) or none (final);
+//! - a job is Leased or Running if and only if it has a lease, and that lease
+//!   expires after `now`;
+//! - per-stream counters equal the counts of jobs by status;
+//! - every Succeeded job has a result, every Dead job an error record;
+//! - every job's stream and module exist; ids are below their counters.
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
+mod invariants;
+mod machine;
+mod query;
+mod state;
+
+use impetus_proto::wire;
+use impetus_proto::{DecodeError, Timestamp};
+
+use state::{Data, Index};
+
+/// The whole replicated state. Cheap to query; mutated only by [`State::apply`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct State {
+    data: Data,
+    index: Index,
+}
+
+/// Filter for [`State::jobs`].
+#[derive(Clone, Debug, Default)]
+pub struct JobFilter<'a> {
+    pub stream: Option<&'a impetus_proto::StreamName>,
+    pub status: Option<impetus_proto::JobStatus>,
+    /// Only jobs with a larger id (for paging).
+    pub after: Option<impetus_proto::JobId>,
+    pub limit: usize,
+}
+
+impl State {
+    pub fn new() -> State {
+        State::default()
+    }
+
+    /// The log index of the last command applied (0 before any).
+    pub fn applied_index(&self) -> u64 {
+        self.data.applied_index
+    }
+
+    /// The state machine's time: the latest `now` any command carried.
+    pub fn now(&self) -> Timestamp {
+        self.data.now
+    }
+
+    /// The earliest time at which the state changes by itself (a delayed job
+    /// becomes ready, a lease expires): when the leader should send a `Tick`
+    /// if nothing else happens. `None` when nothing is waiting.
+    pub fn poll_timeout(&self) -> Option<Timestamp> {
+        let d = self.index.delayed.first().map(|&(t, _)| t);
+        let e = self.index.expiries.first().map(|&(t, _)| t);
+        d.into_iter().chain(e).min()
+    }
+
+    /// The state as versioned, deterministic bytes.
+    pub fn snapshot(&self) -> Vec<u8> {
+        wire::encode(wire::SNAPSHOT_VERSION, &self.data)
+    }
+
+    /// Rebuild a state from [`State::snapshot`] bytes.
+    pub fn restore(bytes: &[u8]) -> Result<State, DecodeError> {
+        let mut data: Data = wire::decode("snapshot", wire::SNAPSHOT_VERSION, bytes, usize::MAX)?;
+        let index = data.build_index();
+        let state = State { data, index };
+        state.verify().map_err(|reason| DecodeError::Invalid {
+            what: "snapshot",
+            source: impetus_proto::InvalidInput::Value { what: "snapshot", reason },
+        })?;
+        Ok(state)
+    }
+}

@@ -1,0 +1,597 @@
+//! `State::apply`: the transitions of the state machine.
+//!
+//! Every handler checks first and mutates after, so a refused command
+//! changes nothing (only time advances, which every command does).
+
+use std::collections::BTreeMap;
+
+use impetus_proto::{
+    ApplyError, ApplyResult, Command, Completion, ErrorKind, ErrorRecord, FailDisposition, Failure, FencingToken,
+    JobId, JobSpec, JobStatus, Lease, LeaseError, LeaseGrant, ModuleHash, NewJob, Outcome, PeerId, PeerInfo, PeerRole,
+    Stamp, StreamName, StreamPatch, StreamProps, Submitted, Timestamp,
+};
+
+use crate::state::{Job, JobExtra, Peer, Presented, Stream, StreamIdx};
+use crate::State;
+
+impl State {
+    /// Apply one command at `stamp` (its log index and the leader's time).
+    ///
+    /// Indexes must strictly increase across calls (gaps are fine: Raft's own
+    /// entries take indexes too). Time is clamped so it never goes backwards.
+    /// Before the command itself, due delayed jobs become Queued and expired
+    /// leases return their jobs (attempt counted).
+    pub fn apply(&mut self, stamp: Stamp, cmd: &Command) -> ApplyResult {
+        assert!(
+            stamp.index > self.data.applied_index,
+            "log index {} applied after {}",
+            stamp.index,
+            self.data.applied_index
+        );
+        self.data.applied_index = stamp.index;
+        if stamp.now > self.data.now {
+            self.data.now = stamp.now;
+        }
+        self.advance_time();
+        let token = FencingToken(stamp.index);
+        match cmd {
+            Command::Batch(cmds) => {
+                cmd.validate()?;
+                Ok(Outcome::Batch(cmds.iter().map(|c| self.apply_one(token, c)).collect()))
+            }
+            _ => self.apply_one(token, cmd),
+        }
+    }
+
+    fn apply_one(&mut self, token: FencingToken, cmd: &Command) -> ApplyResult {
+        cmd.validate()?;
+        match cmd {
+            Command::Tick => Ok(Outcome::Ticked),
+            Command::CreateStream { name, props } => self.create_stream(name, props),
+            Command::UpdateStream { name, patch } => self.update_stream(name, patch),
+            Command::DeleteStream { name, force } => self.delete_stream(name, *force),
+            Command::PutModule { hash, bytes } => self.put_module(*hash, bytes),
+            Command::Submit { stream, jobs } => self.submit(stream, jobs),
+            Command::Lease { peer, streams, max } => self.lease(token, *peer, streams, *max),
+            Command::Renew { peer, leases } => Ok(Outcome::Renewed(
+                leases.iter().map(|&(job, token)| self.renew(Presented { peer: *peer, job, token })).collect(),
+            )),
+            Command::Complete { peer, completions } => {
+                Ok(Outcome::Completed(completions.iter().map(|c| self.complete(*peer, c)).collect()))
+            }
+            Command::Fail { peer, failures } => {
+                Ok(Outcome::Failed(failures.iter().map(|f| self.fail(*peer, f)).collect()))
+            }
+            Command::Release { peer, leases } => Ok(Outcome::Released(
+                leases.iter().map(|&(job, token)| self.release(Presented { peer: *peer, job, token })).collect(),
+            )),
+            Command::Cancel { job } => self.cancel(*job),
+            Command::Retry { job } => self.retry(*job),
+            Command::DataPut { stream, key, value } => {
+                let s = self.stream_mut(stream)?;
+                s.data.insert(key.clone(), value.clone());
+                Ok(Outcome::DataWritten)
+            }
+            Command::DataDelete { stream, key } => {
+                self.stream_mut(stream)?.data.remove(key);
+                Ok(Outcome::DataWritten)
+            }
+            Command::DataCas { stream, key, expected, new } => {
+                let s = self.stream_mut(stream)?;
+                let current = s.data.get(key);
+                if current != expected.as_ref() {
+                    return Ok(Outcome::DataCas { swapped: false, current: current.cloned() });
+                }
+                match new {
+                    Some(v) => s.data.insert(key.clone(), v.clone()),
+                    None => s.data.remove(key),
+                };
+                Ok(Outcome::DataCas { swapped: true, current: new.clone() })
+            }
+            Command::RegisterPeer { info, role } => Ok(self.register_peer(info, *role)),
+            Command::Heartbeat { peer, info, rss_bytes } => {
+                let now = self.data.now;
+                let p = self.peer_mut(*peer)?;
+                p.info = info.clone();
+                p.rss_bytes = *rss_bytes;
+                p.last_heartbeat = now;
+                Ok(Outcome::PeerUpdated)
+            }
+            Command::SetPeerRole { peer, role } => {
+                self.peer_mut(*peer)?.role = *role;
+                Ok(Outcome::PeerUpdated)
+            }
+            Command::DrainPeer { peer, draining } => {
+                self.peer_mut(*peer)?.draining = *draining;
+                Ok(Outcome::PeerUpdated)
+            }
+            Command::RemovePeer { peer } => self.remove_peer(*peer),
+            Command::Batch(_) => Err(ApplyError::Invalid("batches do not nest".into())),
+        }
+    }
+
+    // ---- time -------------------------------------------------------------
+
+    /// Promote due delayed jobs and expire leases at `self.data.now`.
+    fn advance_time(&mut self) {
+        let now = self.data.now;
+        while let Some(&(ready_at, id)) = self.index.delayed.first() {
+            if ready_at > now {
+                break;
+            }
+            self.index.delayed.pop_first();
+            let job = self.job_mut_expect(id);
+            debug_assert_eq!(job.status, JobStatus::Delayed);
+            let (stream, key) = (job.stream, job.ready_key(id));
+            job.status = JobStatus::Queued;
+            job.updated_at = now;
+            let s = self.stream_idx_mut(stream);
+            s.stats.delayed -= 1;
+            s.stats.queued += 1;
+            s.ready.insert(key);
+        }
+        while let Some(&(expires_at, id)) = self.index.expiries.first() {
+            if expires_at > now {
+                break;
+            }
+            let error = ErrorRecord::new(
+                ErrorKind::LeaseExpired,
+                format!("lease expired at {expires_at} before the peer reported a result"),
+            );
+            self.end_lease(id);
+            let stream = self.job_mut_expect(id).stream;
+            self.stream_idx_mut(stream).stats.expired_leases_total += 1;
+            self.after_failed_attempt(id, error);
+        }
+    }
+
+    /// Remove a job's live lease and its index entries. The caller sets the new status.
+    fn end_lease(&mut self, id: JobId) {
+        let job = self.job_mut_expect(id);
+        let lease = job.lease.take().expect("end_lease on a job without a lease");
+        let (stream, status) = (job.stream, job.status);
+        self.index.expiries.remove(&(lease.expires_at, id));
+        let s = self.stream_idx_mut(stream);
+        *s.stats.count_mut(status) -= 1;
+        match s.leased_by_peer.get_mut(&lease.peer) {
+            Some(n) if *n > 1 => *n -= 1,
+            _ => {
+                s.leased_by_peer.remove(&lease.peer);
+            }
+        }
+    }
+
+    /// Put a job (not indexed anywhere) back as Queued or Delayed at `ready_at`.
+    fn enqueue(&mut self, id: JobId, ready_at: Timestamp) {
+        let now = self.data.now;
+        let job = self.job_mut_expect(id);
+        job.ready_at = ready_at;
+        job.updated_at = now;
+        let stream = job.stream;
+        if ready_at <= now {
+            job.status = JobStatus::Queued;
+            let key = job.ready_key(id);
+            let s = self.stream_idx_mut(stream);
+            s.ready.insert(key);
+            s.pending.insert(id);
+            s.stats.queued += 1;
+        } else {
+            job.status = JobStatus::Delayed;
+            self.index.delayed.insert((ready_at, id));
+            let s = self.stream_idx_mut(stream);
+            s.pending.insert(id);
+            s.stats.delayed += 1;
+        }
+    }
+
+    /// Record a failed attempt on a job whose lease has ended: retry after the
+    /// backoff while attempts are left, else Dead.
+    fn after_failed_attempt(&mut self, id: JobId, error: ErrorRecord) -> FailDisposition {
+        let now = self.data.now;
+        let job = self.job_mut_expect(id);
+        job.output_mut().error = Some(error);
+        let (stream, attempts) = (job.stream, job.attempts);
+        let s = self.stream_idx_mut(stream);
+        s.stats.failed_attempts_total += 1;
+        if attempts >= s.props.max_attempts {
+            s.stats.dead += 1;
+            let job = self.job_mut_expect(id);
+            job.status = JobStatus::Dead;
+            job.updated_at = now;
+            FailDisposition::Dead
+        } else {
+            let ready_at = now.saturating_add_ms(s.props.backoff_after(attempts));
+            self.enqueue(id, ready_at);
+            FailDisposition::Retry { ready_at }
+        }
+    }
+
+    // ---- streams ----------------------------------------------------------
+
+    fn create_stream(&mut self, name: &StreamName, props: &StreamProps) -> ApplyResult {
+        if self.data.stream_names.contains_key(name) {
+            return Err(ApplyError::StreamExists(name.clone()));
+        }
+        let idx = self.data.next_stream;
+        self.data.next_stream += 1;
+        self.data.stream_names.insert(name.clone(), idx);
+        self.data.streams.insert(idx, Stream::new(name.clone(), props.clone(), self.data.now));
+        Ok(Outcome::StreamCreated)
+    }
+
+    fn update_stream(&mut self, name: &StreamName, patch: &StreamPatch) -> ApplyResult {
+        let s = self.stream_mut(name)?;
+        let props = s.props.patched(patch);
+        props.validate()?;
+        s.props = props;
+        Ok(Outcome::StreamUpdated)
+    }
+
+    fn delete_stream(&mut self, name: &StreamName, force: bool) -> ApplyResult {
+        let idx = self.stream_idx(name)?;
+        let live = self.data.streams[&idx].stats.live();
+        if live > 0 && !force {
+            return Err(ApplyError::StreamHasLiveJobs { name: name.clone(), live });
+        }
+        let ids: Vec<JobId> = self.data.jobs.iter().filter(|(_, j)| j.stream == idx).map(|(&id, _)| id).collect();
+        for &id in &ids {
+            if let Some(job) = self.data.jobs.remove(&id) {
+                if let Some(lease) = &job.lease {
+                    self.index.expiries.remove(&(lease.expires_at, id));
+                }
+                if job.status == JobStatus::Delayed {
+                    self.index.delayed.remove(&(job.ready_at, id));
+                }
+            }
+        }
+        self.data.streams.remove(&idx);
+        self.data.stream_names.remove(name);
+        Ok(Outcome::StreamDeleted { jobs_removed: ids.len() as u64 })
+    }
+
+    // ---- modules and submit -----------------------------------------------
+
+    fn put_module(&mut self, hash: ModuleHash, bytes: &[u8]) -> ApplyResult {
+        let actual = ModuleHash::of(bytes);
+        if actual != hash {
+            return Err(ApplyError::ModuleHashMismatch { claimed: hash, actual });
+        }
+        let new = !self.data.modules.contains_key(&hash);
+        if new {
+            self.data.modules.insert(hash, bytes.to_vec());
+        }
+        Ok(Outcome::ModuleStored { new })
+    }
+
+    fn submit(&mut self, stream: &StreamName, jobs: &[NewJob]) -> ApplyResult {
+        let idx = self.stream_idx(stream)?;
+        // Check everything before changing anything.
+        let mut keys_in_batch = BTreeMap::new();
+        for job in jobs {
+            if !self.data.modules.contains_key(&job.module) {
+                return Err(ApplyError::UnknownModule(job.module));
+            }
+            if let Some(key) = &job.key {
+                if keys_in_batch.insert(key, ()).is_some() {
+                    return Err(ApplyError::DuplicateKeyInBatch { stream: stream.clone(), key: key.clone() });
+                }
+            }
+        }
+        let now = self.data.now;
+        let mut out = Vec::with_capacity(jobs.len());
+        for new in jobs {
+            let id = JobId(self.data.next_job);
+            let s = self.data.streams.get_mut(&idx).expect("checked above");
+            if let Some(existing) = new.key.as_ref().and_then(|k| s.keys.get(k)) {
+                out.push(Submitted { job: *existing, existing: true });
+                continue;
+            }
+            self.data.next_job += 1;
+            let priority = new.priority.unwrap_or(s.props.default_priority);
+            s.stats.submitted_total += 1;
+            if let Some(key) = &new.key {
+                s.keys.insert(key.clone(), id);
+            }
+            let JobSpec { args, env, input } = &new.spec;
+            let extra = (!args.is_empty() || !env.is_empty() || new.key.is_some())
+                .then(|| Box::new(JobExtra { args: args.clone(), env: env.clone(), key: new.key.clone() }));
+            let job = Job {
+                stream: idx,
+                priority,
+                attempts: 0,
+                status: JobStatus::Queued,
+                module: new.module,
+                input: input.clone().into_boxed_slice(),
+                extra,
+                output: None,
+                lease: None,
+                last_peer: 0,
+                ready_at: now,
+                created_at: now,
+                updated_at: now,
+            };
+            self.data.jobs.insert(id, job);
+            self.enqueue(id, now.saturating_add_ms(new.delay_ms));
+            out.push(Submitted { job: id, existing: false });
+        }
+        Ok(Outcome::Submitted(out))
+    }
+
+    // ---- leases -----------------------------------------------------------
+
+    fn lease(&mut self, token: FencingToken, peer: PeerId, streams: &[StreamName], max: u32) -> ApplyResult {
+        let p = self.data.peers.get(&peer).ok_or(ApplyError::UnknownPeer(peer))?;
+        if p.draining || max == 0 {
+            return Ok(Outcome::Leased(Vec::new()));
+        }
+        let candidates: Vec<StreamIdx> = if streams.is_empty() {
+            self.data.streams.keys().copied().collect()
+        } else {
+            let mut v = Vec::with_capacity(streams.len());
+            for name in streams {
+                // An unknown stream in a lease request is not an error: it may
+                // have been deleted since the peer last looked.
+                if let Some(&idx) = self.data.stream_names.get(name) {
+                    v.push(idx);
+                }
+            }
+            v.sort_unstable();
+            v.dedup();
+            v
+        };
+        let now = self.data.now;
+        let sec = now.0 / 1000;
+        // How many each stream may grant to this peer now.
+        let mut allowance: Vec<(StreamIdx, u32)> = Vec::new();
+        for idx in candidates {
+            let s = self.stream_idx_mut(idx);
+            let props = &s.props;
+            if props.paused || s.ready.is_empty() || props.ignore.contains(&peer) {
+                continue;
+            }
+            if !props.pin.is_empty() && !props.pin.contains(&peer) {
+                continue;
+            }
+            let running = s.leased_by_peer.get(&peer).copied().unwrap_or(0);
+            let mut n = props.mpps.saturating_sub(running);
+            if let Some(freq) = props.spawn_frequency {
+                if s.window_sec != sec {
+                    s.window_sec = sec;
+                    s.window_leases = 0;
+                }
+                n = n.min(freq.saturating_sub(s.window_leases));
+            }
+            n = n.min(u32::try_from(s.ready.len()).unwrap_or(u32::MAX));
+            if n > 0 {
+                allowance.push((idx, n));
+            }
+        }
+        // Round robin across streams, one job at a time, so one busy stream
+        // cannot starve the others of this peer's slots.
+        let mut grants = Vec::new();
+        let mut left = max;
+        while left > 0 && !allowance.is_empty() {
+            allowance.retain_mut(|(idx, n)| {
+                if left == 0 || *n == 0 {
+                    return *n > 0;
+                }
+                grants.push(self.grant(token, peer, *idx));
+                *n -= 1;
+                left -= 1;
+                *n > 0
+            });
+        }
+        Ok(Outcome::Leased(grants))
+    }
+
+    fn grant(&mut self, token: FencingToken, peer: PeerId, idx: StreamIdx) -> LeaseGrant {
+        let now = self.data.now;
+        let s = self.stream_idx_mut(idx);
+        let (_, _, id) = s.ready.pop_first().expect("grant from an empty ready queue");
+        s.pending.remove(&id);
+        s.stats.queued -= 1;
+        s.stats.leased += 1;
+        s.window_leases += 1;
+        *s.leased_by_peer.entry(peer).or_default() += 1;
+        let props = s.props.clone();
+        let stream = s.name.clone();
+        let expires_at = now.saturating_add_ms(props.lease_ttl_ms);
+        self.index.expiries.insert((expires_at, id));
+        let job = self.job_mut_expect(id);
+        job.status = JobStatus::Leased;
+        job.attempts += 1;
+        job.lease = Some(Box::new(Lease { peer, token, expires_at }));
+        job.last_peer = peer.0;
+        job.updated_at = now;
+        let spec = JobSpec {
+            args: job.extra.as_ref().map(|e| e.args.clone()).unwrap_or_default(),
+            env: job.extra.as_ref().map(|e| e.env.clone()).unwrap_or_default(),
+            input: job.input.to_vec(),
+        };
+        LeaseGrant {
+            job: id,
+            stream,
+            token,
+            expires_at,
+            attempt: job.attempts,
+            module: job.module,
+            spec,
+            job_timeout_ms: props.job_timeout_ms,
+            fuel: props.fuel,
+            memory_limit_bytes: props.memory_limit_bytes,
+            lease_ttl_ms: props.lease_ttl_ms,
+        }
+    }
+
+    /// Check that `p` presents the job's current, live lease.
+    fn check_lease(&self, p: &Presented) -> Result<(), LeaseError> {
+        let job = self.data.jobs.get(&p.job).ok_or(LeaseError::UnknownJob { job: p.job })?;
+        let lease = job.lease.as_ref().ok_or(LeaseError::NotLeased { job: p.job, status: job.status })?;
+        if lease.token != p.token {
+            return Err(LeaseError::StaleToken { job: p.job, presented: p.token, current: lease.token });
+        }
+        if lease.peer != p.peer {
+            return Err(LeaseError::WrongPeer { job: p.job, holder: lease.peer, peer: p.peer });
+        }
+        // Expired leases were ended by `advance_time` before this command.
+        debug_assert!(lease.expires_at > self.data.now);
+        Ok(())
+    }
+
+    fn renew(&mut self, p: Presented) -> Result<Timestamp, LeaseError> {
+        self.check_lease(&p)?;
+        let now = self.data.now;
+        let job = self.job_mut_expect(p.job);
+        let stream = job.stream;
+        let ttl = self.data.streams[&stream].props.lease_ttl_ms;
+        let expires_at = now.saturating_add_ms(ttl);
+        let job = self.job_mut_expect(p.job);
+        let lease = job.lease.as_mut().expect("checked");
+        let old = std::mem::replace(&mut lease.expires_at, expires_at);
+        let was = std::mem::replace(&mut job.status, JobStatus::Running);
+        job.updated_at = now;
+        self.index.expiries.remove(&(old, p.job));
+        self.index.expiries.insert((expires_at, p.job));
+        if was == JobStatus::Leased {
+            let s = self.stream_idx_mut(stream);
+            s.stats.leased -= 1;
+            s.stats.running += 1;
+        }
+        Ok(expires_at)
+    }
+
+    fn complete(&mut self, peer: PeerId, c: &Completion) -> Result<(), LeaseError> {
+        self.check_lease(&Presented { peer, job: c.job, token: c.token })?;
+        self.end_lease(c.job);
+        let now = self.data.now;
+        let job = self.job_mut_expect(c.job);
+        job.status = JobStatus::Succeeded;
+        job.updated_at = now;
+        let stream = job.stream;
+        let out = job.output_mut();
+        out.result = Some(c.result.clone());
+        out.stderr_tail = c.stderr_tail.clone();
+        let s = self.stream_idx_mut(stream);
+        s.stats.succeeded += 1;
+        s.stats.completed_total += 1;
+        Ok(())
+    }
+
+    fn fail(&mut self, peer: PeerId, f: &Failure) -> Result<FailDisposition, LeaseError> {
+        self.check_lease(&Presented { peer, job: f.job, token: f.token })?;
+        self.end_lease(f.job);
+        let out = self.job_mut_expect(f.job).output_mut();
+        out.stdout_tail = f.stdout_tail.clone();
+        out.stderr_tail = f.stderr_tail.clone();
+        Ok(self.after_failed_attempt(f.job, f.error.clone().bounded()))
+    }
+
+    fn release(&mut self, p: Presented) -> Result<(), LeaseError> {
+        self.check_lease(&p)?;
+        self.release_unchecked(p.job);
+        Ok(())
+    }
+
+    /// Hand a job back without counting the attempt; it keeps its place.
+    fn release_unchecked(&mut self, id: JobId) {
+        self.end_lease(id);
+        let job = self.job_mut_expect(id);
+        job.attempts = job.attempts.saturating_sub(1);
+        let ready_at = job.ready_at;
+        self.enqueue(id, ready_at);
+    }
+
+    // ---- cancel and retry ---------------------------------------------------
+
+    fn cancel(&mut self, id: JobId) -> ApplyResult {
+        let job = self.data.jobs.get(&id).ok_or(ApplyError::UnknownJob(id))?;
+        let (status, stream, key, ready_at) = (job.status, job.stream, job.ready_key(id), job.ready_at);
+        match status {
+            JobStatus::Queued | JobStatus::Delayed => {
+                let s = self.stream_idx_mut(stream);
+                *s.stats.count_mut(status) -= 1;
+                s.ready.remove(&key);
+                s.pending.remove(&id);
+                self.index.delayed.remove(&(ready_at, id));
+            }
+            JobStatus::Leased | JobStatus::Running => self.end_lease(id),
+            JobStatus::Succeeded | JobStatus::Dead | JobStatus::Cancelled => {
+                return Err(ApplyError::InvalidTransition { job: id, status, op: "cancel".into() })
+            }
+        }
+        let now = self.data.now;
+        let job = self.job_mut_expect(id);
+        job.status = JobStatus::Cancelled;
+        job.updated_at = now;
+        self.stream_idx_mut(stream).stats.cancelled += 1;
+        Ok(Outcome::Cancelled)
+    }
+
+    fn retry(&mut self, id: JobId) -> ApplyResult {
+        let job = self.data.jobs.get(&id).ok_or(ApplyError::UnknownJob(id))?;
+        let status = job.status;
+        if !matches!(status, JobStatus::Dead | JobStatus::Cancelled) {
+            return Err(ApplyError::InvalidTransition { job: id, status, op: "retry".into() });
+        }
+        let stream = job.stream;
+        *self.stream_idx_mut(stream).stats.count_mut(status) -= 1;
+        self.job_mut_expect(id).attempts = 0;
+        let now = self.data.now;
+        self.enqueue(id, now);
+        Ok(Outcome::Retried)
+    }
+
+    // ---- peers --------------------------------------------------------------
+
+    fn register_peer(&mut self, info: &PeerInfo, role: PeerRole) -> Outcome {
+        self.data.next_peer += 1;
+        let id = PeerId(self.data.next_peer);
+        let now = self.data.now;
+        self.data.peers.insert(
+            id,
+            Peer { info: info.clone(), role, draining: false, registered_at: now, last_heartbeat: now, rss_bytes: 0 },
+        );
+        Outcome::PeerRegistered { peer: id }
+    }
+
+    fn remove_peer(&mut self, peer: PeerId) -> ApplyResult {
+        if !self.data.peers.contains_key(&peer) {
+            return Err(ApplyError::UnknownPeer(peer));
+        }
+        let held: Vec<JobId> = self
+            .index
+            .expiries
+            .iter()
+            .filter(|(_, id)| self.data.jobs[id].lease.as_ref().is_some_and(|l| l.peer == peer))
+            .map(|&(_, id)| id)
+            .collect();
+        for id in held {
+            self.release_unchecked(id);
+        }
+        self.data.peers.remove(&peer);
+        Ok(Outcome::PeerUpdated)
+    }
+
+    // ---- lookups --------------------------------------------------------------
+
+    fn stream_idx(&self, name: &StreamName) -> Result<StreamIdx, ApplyError> {
+        self.data.stream_names.get(name).copied().ok_or_else(|| ApplyError::UnknownStream(name.clone()))
+    }
+
+    fn stream_mut(&mut self, name: &StreamName) -> Result<&mut Stream, ApplyError> {
+        let idx = self.stream_idx(name)?;
+        Ok(self.stream_idx_mut(idx))
+    }
+
+    fn stream_idx_mut(&mut self, idx: StreamIdx) -> &mut Stream {
+        self.data.streams.get_mut(&idx).expect("a job's stream exists (invariant)")
+    }
+
+    fn job_mut_expect(&mut self, id: JobId) -> &mut Job {
+        self.data.jobs.get_mut(&id).expect("an indexed job exists (invariant)")
+    }
+
+    fn peer_mut(&mut self, peer: PeerId) -> Result<&mut Peer, ApplyError> {
+        self.data.peers.get_mut(&peer).ok_or(ApplyError::UnknownPeer(peer))
+    }
+}

@@ -1,0 +1,143 @@
+//! Read-only queries: what clients, `impetus status` and the peer read.
+
+use impetus_proto::{
+    JobId, JobRecord, JobSpec, Lease, ModuleHash, PeerId, PeerRecord, StreamInfo, StreamName, StreamStats,
+};
+
+use crate::state::{Job, Stream};
+use crate::{JobFilter, State};
+
+impl State {
+    pub fn job(&self, id: JobId) -> Option<JobRecord> {
+        self.data.jobs.get(&id).map(|j| self.record(id, j))
+    }
+
+    /// Jobs in id order, filtered, at most `filter.limit`.
+    pub fn jobs(&self, filter: &JobFilter<'_>) -> Vec<JobRecord> {
+        let stream = match filter.stream {
+            Some(name) => match self.data.stream_names.get(name) {
+                Some(&idx) => Some(idx),
+                None => return Vec::new(),
+            },
+            None => None,
+        };
+        let start = filter.after.map_or(0, |a| a.0.saturating_add(1));
+        self.data
+            .jobs
+            .range(JobId(start)..)
+            .filter(|(_, j)| stream.is_none_or(|s| j.stream == s) && filter.status.is_none_or(|st| j.status == st))
+            .take(filter.limit)
+            .map(|(&id, j)| self.record(id, j))
+            .collect()
+    }
+
+    /// The job submitted to `stream` with idempotency `key`, if any.
+    pub fn job_by_key(&self, stream: &StreamName, key: &impetus_proto::IdempotencyKey) -> Option<JobId> {
+        let idx = self.data.stream_names.get(stream)?;
+        self.data.streams.get(idx)?.keys.get(key).copied()
+    }
+
+    pub fn stream(&self, name: &StreamName) -> Option<StreamInfo> {
+        let idx = self.data.stream_names.get(name)?;
+        self.data.streams.get(idx).map(|s| self.stream_info(s))
+    }
+
+    /// All streams, by name.
+    pub fn streams(&self) -> Vec<StreamInfo> {
+        self.data
+            .stream_names
+            .values()
+            .filter_map(|idx| self.data.streams.get(idx))
+            .map(|s| self.stream_info(s))
+            .collect()
+    }
+
+    pub fn stream_stats(&self, name: &StreamName) -> Option<StreamStats> {
+        self.stream(name).map(|s| s.stats)
+    }
+
+    pub fn has_module(&self, hash: &ModuleHash) -> bool {
+        self.data.modules.contains_key(hash)
+    }
+
+    pub fn module(&self, hash: &ModuleHash) -> Option<&[u8]> {
+        self.data.modules.get(hash).map(Vec::as_slice)
+    }
+
+    pub fn data_get(&self, stream: &StreamName, key: &[u8]) -> Option<&[u8]> {
+        let idx = self.data.stream_names.get(stream)?;
+        self.data.streams.get(idx)?.data.get(key).map(Vec::as_slice)
+    }
+
+    /// Keys of a stream's data store, in order, after `after`, at most `limit`.
+    pub fn data_keys(&self, stream: &StreamName, after: Option<&[u8]>, limit: usize) -> Vec<Vec<u8>> {
+        let Some(s) = self.data.stream_names.get(stream).and_then(|i| self.data.streams.get(i)) else {
+            return Vec::new();
+        };
+        s.data.keys().filter(|k| after.is_none_or(|a| k.as_slice() > a)).take(limit).cloned().collect()
+    }
+
+    pub fn peers(&self) -> Vec<PeerRecord> {
+        self.data.peers.keys().filter_map(|&id| self.peer(id)).collect()
+    }
+
+    pub fn peer(&self, id: PeerId) -> Option<PeerRecord> {
+        let p = self.data.peers.get(&id)?;
+        let leased = self
+            .data
+            .stream_names
+            .iter()
+            .filter_map(|(name, idx)| {
+                let n = self.data.streams.get(idx)?.leased_by_peer.get(&id).copied()?;
+                Some((name.clone(), n))
+            })
+            .collect();
+        Some(PeerRecord {
+            id,
+            info: p.info.clone(),
+            role: p.role,
+            draining: p.draining,
+            registered_at: p.registered_at,
+            last_heartbeat: p.last_heartbeat,
+            rss_bytes: p.rss_bytes,
+            leased,
+        })
+    }
+
+    fn stream_info(&self, s: &Stream) -> StreamInfo {
+        let mut stats = s.stats.clone();
+        stats.oldest_pending_age_ms =
+            s.pending.first().and_then(|id| self.data.jobs.get(id)).map(|j| self.data.now.since(j.created_at));
+        StreamInfo { name: s.name.clone(), props: s.props.clone(), created_at: s.created_at, stats }
+    }
+
+    fn record(&self, id: JobId, j: &Job) -> JobRecord {
+        let stream =
+            self.data.streams.get(&j.stream).map(|s| s.name.clone()).expect("a job's stream exists (invariant)");
+        let extra = j.extra.as_deref();
+        let out = j.output.as_deref();
+        JobRecord {
+            id,
+            stream,
+            module: j.module,
+            spec: JobSpec {
+                args: extra.map(|e| e.args.clone()).unwrap_or_default(),
+                env: extra.map(|e| e.env.clone()).unwrap_or_default(),
+                input: j.input.to_vec(),
+            },
+            priority: j.priority,
+            status: j.status,
+            ready_at: j.ready_at,
+            attempts: j.attempts,
+            lease: j.lease.as_deref().copied().map(|l: Lease| l),
+            peer: (j.last_peer != 0).then_some(PeerId(j.last_peer)),
+            created_at: j.created_at,
+            updated_at: j.updated_at,
+            key: j.key().cloned(),
+            result: out.and_then(|o| o.result.clone()),
+            error: out.and_then(|o| o.error.clone()),
+            stdout_tail: out.map(|o| o.stdout_tail.clone()).unwrap_or_default(),
+            stderr_tail: out.map(|o| o.stderr_tail.clone()).unwrap_or_default(),
+        }
+    }
+}

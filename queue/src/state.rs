@@ -1,0 +1,187 @@
+//! The data of the state machine and the indexes kept beside it.
+//!
+//! Primary data (streams, jobs, modules, peers, counters) is what a snapshot
+//! holds; indexes (`Index`) are rebuilt from it on restore. Everything is a
+//! `BTreeMap`/`BTreeSet`, so iteration order — and with it every outcome and
+//! every snapshot byte — depends only on the commands applied.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet};
+
+use impetus_proto::{
+    ErrorRecord, FencingToken, IdempotencyKey, JobId, JobStatus, Lease, ModuleHash, PeerId, PeerInfo, PeerRole,
+    StreamName, StreamProps, StreamStats, Timestamp,
+};
+use serde::{Deserialize, Serialize};
+
+/// Internal, dense id of a stream (names can be deleted and reused; ids never are).
+pub(crate) type StreamIdx = u32;
+
+/// Key of the ready queue: highest priority first, then earliest ready time,
+/// then submission order.
+pub(crate) type ReadyKey = (Reverse<i32>, Timestamp, JobId);
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Stream {
+    pub name: StreamName,
+    pub props: StreamProps,
+    pub created_at: Timestamp,
+    /// Counts per status and totals; kept in step with `jobs` (see invariants).
+    pub stats: StreamStats,
+    pub keys: BTreeMap<IdempotencyKey, JobId>,
+    pub data: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// Spawn-frequency window: the second (now / 1000) and leases granted in it.
+    pub window_sec: u64,
+    pub window_leases: u32,
+    #[serde(skip)]
+    pub ready: BTreeSet<ReadyKey>,
+    /// Queued and Delayed jobs, by id (the oldest pending job is the first).
+    #[serde(skip)]
+    pub pending: BTreeSet<JobId>,
+    /// Live leases per peer.
+    #[serde(skip)]
+    pub leased_by_peer: BTreeMap<PeerId, u32>,
+}
+
+impl Stream {
+    pub fn new(name: StreamName, props: StreamProps, now: Timestamp) -> Stream {
+        Stream {
+            name,
+            props,
+            created_at: now,
+            stats: StreamStats::default(),
+            keys: BTreeMap::new(),
+            data: BTreeMap::new(),
+            window_sec: 0,
+            window_leases: 0,
+            ready: BTreeSet::new(),
+            pending: BTreeSet::new(),
+            leased_by_peer: BTreeMap::new(),
+        }
+    }
+}
+
+/// Rarely set fields of a job, boxed so the common job stays small.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct JobExtra {
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub key: Option<IdempotencyKey>,
+}
+
+/// What attempts produced.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct JobOutput {
+    pub result: Option<Vec<u8>>,
+    pub error: Option<ErrorRecord>,
+    pub stdout_tail: Vec<u8>,
+    pub stderr_tail: Vec<u8>,
+}
+
+/// A job as the state machine keeps it (about 120 bytes plus its input).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Job {
+    pub stream: StreamIdx,
+    pub priority: i32,
+    pub attempts: u32,
+    pub status: JobStatus,
+    pub module: ModuleHash,
+    pub input: Box<[u8]>,
+    pub extra: Option<Box<JobExtra>>,
+    pub output: Option<Box<JobOutput>>,
+    pub lease: Option<Box<Lease>>,
+    /// The peer that last held a lease (0 = none; peer ids start at 1).
+    pub last_peer: u64,
+    pub ready_at: Timestamp,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+}
+
+impl Job {
+    pub fn ready_key(&self, id: JobId) -> ReadyKey {
+        (Reverse(self.priority), self.ready_at, id)
+    }
+
+    pub fn output_mut(&mut self) -> &mut JobOutput {
+        self.output.get_or_insert_with(Default::default)
+    }
+
+    pub fn key(&self) -> Option<&IdempotencyKey> {
+        self.extra.as_ref().and_then(|e| e.key.as_ref())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Peer {
+    pub info: PeerInfo,
+    pub role: PeerRole,
+    pub draining: bool,
+    pub registered_at: Timestamp,
+    pub last_heartbeat: Timestamp,
+    pub rss_bytes: u64,
+}
+
+/// Indexes over all streams, rebuilt on restore.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Index {
+    /// Delayed jobs by the time they become ready.
+    pub delayed: BTreeSet<(Timestamp, JobId)>,
+    /// Live leases by expiry.
+    pub expiries: BTreeSet<(Timestamp, JobId)>,
+}
+
+/// Everything a snapshot holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Data {
+    pub applied_index: u64,
+    /// The latest time any command carried; time never goes backwards here.
+    pub now: Timestamp,
+    pub next_job: u64,
+    pub next_peer: u64,
+    pub next_stream: StreamIdx,
+    pub stream_names: BTreeMap<StreamName, StreamIdx>,
+    pub streams: BTreeMap<StreamIdx, Stream>,
+    pub jobs: BTreeMap<JobId, Job>,
+    pub modules: BTreeMap<ModuleHash, Vec<u8>>,
+    pub peers: BTreeMap<PeerId, Peer>,
+}
+
+impl Data {
+    /// Rebuild the per-stream and global indexes from the primary data.
+    pub fn build_index(&mut self) -> Index {
+        let mut index = Index::default();
+        for s in self.streams.values_mut() {
+            s.ready.clear();
+            s.pending.clear();
+            s.leased_by_peer.clear();
+        }
+        for (&id, job) in &self.jobs {
+            let Some(stream) = self.streams.get_mut(&job.stream) else { continue };
+            match job.status {
+                JobStatus::Queued => {
+                    stream.ready.insert(job.ready_key(id));
+                    stream.pending.insert(id);
+                }
+                JobStatus::Delayed => {
+                    index.delayed.insert((job.ready_at, id));
+                    stream.pending.insert(id);
+                }
+                JobStatus::Leased | JobStatus::Running => {
+                    if let Some(lease) = &job.lease {
+                        index.expiries.insert((lease.expires_at, id));
+                        *stream.leased_by_peer.entry(lease.peer).or_default() += 1;
+                    }
+                }
+                JobStatus::Succeeded | JobStatus::Dead | JobStatus::Cancelled => {}
+            }
+        }
+        index
+    }
+}
+
+/// A lease as presented by a peer.
+pub(crate) struct Presented {
+    pub peer: PeerId,
+    pub job: JobId,
+    pub token: FencingToken,
+}

@@ -1,0 +1,621 @@
+//! The rules of the state machine, one spec each. Every apply is followed by
+//! `check_invariants()` (see `common::Harness::apply`).
+
+mod common;
+
+use common::{job, module, name, Harness};
+use expect_test::expect;
+use impetus_proto::*;
+
+fn props() -> StreamProps {
+    StreamProps { lease_ttl_ms: 10_000, retry_backoff_ms: 100, retry_backoff_max_ms: 1_000, ..StreamProps::default() }
+}
+
+// ---- streams ---------------------------------------------------------------
+
+#[test]
+fn streams_are_created_once_and_listed_by_name() {
+    let mut h = Harness::new();
+    h.ok(Command::CreateStream { name: name("b"), props: props() });
+    h.ok(Command::CreateStream { name: name("a"), props: props() });
+    let e = h.err(Command::CreateStream { name: name("a"), props: props() });
+    expect!["stream a already exists"].assert_eq(&e.to_string());
+    let names: Vec<String> = h.state.streams().iter().map(|s| s.name.to_string()).collect();
+    assert_eq!(names, ["a", "b"]);
+    let e = h.err(Command::CreateStream { name: name("c"), props: StreamProps { mpps: 0, ..props() } });
+    expect!["invalid command: invalid mpps: must be greater than zero"].assert_eq(&e.to_string());
+    assert!(h.state.stream(&name("c")).is_none(), "a refused create leaves nothing behind");
+}
+
+#[test]
+fn stream_properties_are_updated_by_patch() {
+    let mut h = Harness::with_stream(props());
+    let patch = StreamPatch { mpps: Some(9), spawn_frequency: Some(Some(5)), ..StreamPatch::default() };
+    assert_eq!(h.ok(Command::UpdateStream { name: name("s"), patch }), Outcome::StreamUpdated);
+    let p = h.state.stream(&name("s")).unwrap().props;
+    assert_eq!((p.mpps, p.spawn_frequency, p.lease_ttl_ms), (9, Some(5), 10_000));
+    let e = h.err(Command::UpdateStream { name: name("nope"), patch: StreamPatch::default() });
+    expect!["stream nope does not exist"].assert_eq(&e.to_string());
+    let bad = StreamPatch { max_attempts: Some(0), ..StreamPatch::default() };
+    h.err(Command::UpdateStream { name: name("s"), patch: bad });
+    assert_eq!(h.state.stream(&name("s")).unwrap().props.max_attempts, 3);
+}
+
+#[test]
+fn a_paused_stream_takes_submits_but_grants_no_leases() {
+    let mut h = Harness::with_stream(props());
+    let peer = PeerId(1);
+    let pause =
+        |p| Command::UpdateStream { name: name("s"), patch: StreamPatch { paused: Some(p), ..Default::default() } };
+    h.ok(pause(true));
+    h.submit("s", vec![job("1")]);
+    assert!(h.lease(peer, 10).is_empty());
+    h.ok(pause(false));
+    assert_eq!(h.lease_ids(peer, 10), [0]);
+}
+
+#[test]
+fn delete_is_refused_while_jobs_are_live_unless_forced() {
+    let mut h = Harness::with_stream(props());
+    h.ok(Command::DataPut { stream: name("s"), key: b"k".to_vec(), value: b"v".to_vec() });
+    h.submit("s", vec![job("1"), job("2")]);
+    let e = h.err(Command::DeleteStream { name: name("s"), force: false });
+    expect!["stream s has 2 live jobs; cancel them or delete with force"].assert_eq(&e.to_string());
+    h.lease(PeerId(1), 1);
+    assert_eq!(
+        h.ok(Command::DeleteStream { name: name("s"), force: true }),
+        Outcome::StreamDeleted { jobs_removed: 2 }
+    );
+    assert!(h.state.stream(&name("s")).is_none());
+    assert!(h.state.job(JobId(0)).is_none());
+    // The name can be used again, with nothing left of the old stream.
+    h.ok(Command::CreateStream { name: name("s"), props: props() });
+    assert_eq!(h.state.data_get(&name("s"), b"k"), None);
+    assert_eq!(h.stats("s").live(), 0);
+}
+
+#[test]
+fn a_stream_without_live_jobs_deletes_without_force() {
+    let mut h = Harness::with_stream(props());
+    let g = &h.submit("s", vec![job("1")]);
+    h.ok(Command::Cancel { job: g[0] });
+    assert_eq!(
+        h.ok(Command::DeleteStream { name: name("s"), force: false }),
+        Outcome::StreamDeleted { jobs_removed: 1 }
+    );
+}
+
+#[test]
+fn stats_count_jobs_per_status_and_the_oldest_pending_age() {
+    let mut h = Harness::with_stream(props());
+    let peer = PeerId(1);
+    h.submit("s", vec![job("a"), job("b"), job("c")]);
+    h.advance(500);
+    h.submit("s", vec![NewJob { delay_ms: 60_000, ..job("d") }]);
+    let g = h.lease(peer, 2);
+    h.renew(peer, &g[1]).unwrap();
+    h.complete(peer, &g[0], "ok").unwrap();
+    h.advance(250);
+    h.ok(Command::Tick);
+    let s = h.stats("s");
+    expect![[r#"
+        StreamStats {
+            queued: 1,
+            delayed: 1,
+            leased: 0,
+            running: 1,
+            succeeded: 1,
+            dead: 0,
+            cancelled: 0,
+            oldest_pending_age_ms: Some(
+                750,
+            ),
+            submitted_total: 4,
+            completed_total: 1,
+            failed_attempts_total: 0,
+            expired_leases_total: 0,
+        }
+    "#]]
+    .assert_debug_eq(&s);
+}
+
+// ---- submit ----------------------------------------------------------------
+
+#[test]
+fn submit_needs_a_known_stream_and_a_stored_module() {
+    let mut h = Harness::with_stream(props());
+    let e = h.err(Command::Submit { stream: name("nope"), jobs: vec![job("1")] });
+    expect!["stream nope does not exist"].assert_eq(&e.to_string());
+    let other = NewJob { module: ModuleHash::of(b"other"), ..job("1") };
+    let e = h.err(Command::Submit { stream: name("s"), jobs: vec![job("0"), other] });
+    assert!(matches!(e, ApplyError::UnknownModule(_)), "{e}");
+    assert_eq!(h.stats("s").submitted_total, 0, "a refused batch submits nothing");
+}
+
+#[test]
+fn a_batch_submit_assigns_increasing_ids_and_keeps_args_env_and_input() {
+    let mut h = Harness::with_stream(props());
+    let with_args = NewJob {
+        spec: JobSpec {
+            args: vec!["--n".into(), "7".into()],
+            env: vec![("LANG".into(), "C".into())],
+            input: b"7".to_vec(),
+        },
+        priority: Some(3),
+        ..job("")
+    };
+    let ids = h.submit("s", vec![job("x"), with_args]);
+    assert_eq!(ids, [JobId(0), JobId(1)]);
+    let r = h.state.job(JobId(1)).unwrap();
+    assert_eq!(
+        (r.spec.args.as_slice(), r.spec.env[0].0.as_str(), r.spec.input.as_slice()),
+        (&["--n".to_string(), "7".to_string()][..], "LANG", &b"7"[..])
+    );
+    assert_eq!((r.priority, r.status, r.attempts), (3, JobStatus::Queued, 0));
+    let g = h.lease(PeerId(1), 1);
+    assert_eq!(g[0].spec, r.spec, "the lease carries what to run");
+    assert_eq!(g[0].module, module());
+}
+
+#[test]
+fn the_same_idempotency_key_returns_the_existing_job_never_a_second() {
+    let mut h = Harness::with_stream(props());
+    let keyed = |input: &str| NewJob { key: Some(IdempotencyKey::new("order-17").unwrap()), ..job(input) };
+    let first = h.ok(Command::Submit { stream: name("s"), jobs: vec![keyed("a")] });
+    let again = h.ok(Command::Submit { stream: name("s"), jobs: vec![keyed("b"), job("c")] });
+    expect![[r#"
+        (
+            Submitted(
+                [
+                    Submitted {
+                        job: JobId(
+                            0,
+                        ),
+                        existing: false,
+                    },
+                ],
+            ),
+            Submitted(
+                [
+                    Submitted {
+                        job: JobId(
+                            0,
+                        ),
+                        existing: true,
+                    },
+                    Submitted {
+                        job: JobId(
+                            1,
+                        ),
+                        existing: false,
+                    },
+                ],
+            ),
+        )
+    "#]]
+    .assert_debug_eq(&(first, again));
+    assert_eq!(h.state.job(JobId(0)).unwrap().spec.input, b"a");
+    assert_eq!(h.stats("s").submitted_total, 2);
+    let e = h.err(Command::Submit { stream: name("s"), jobs: vec![keyed("x"), keyed("y")] });
+    expect!["idempotency key order-17 of stream s is used twice in one submit"].assert_eq(&e.to_string());
+}
+
+// ---- lease order and limits ---------------------------------------------------
+
+#[test]
+fn leases_go_by_priority_then_ready_time_then_submission_order() {
+    let mut h = Harness::with_stream(StreamProps { mpps: 100, ..props() });
+    let p = |prio, input: &str| NewJob { priority: Some(prio), ..job(input) };
+    h.submit("s", vec![p(1, "0"), p(5, "1"), p(1, "2")]);
+    // Job 3 is submitted later but with a delay that ends before job 4's submit.
+    h.submit("s", vec![NewJob { delay_ms: 10, ..p(5, "3") }]);
+    h.advance(20);
+    h.submit("s", vec![p(5, "4"), p(9, "5")]);
+    assert_eq!(h.lease_ids(PeerId(1), 100), [5, 1, 3, 4, 0, 2]);
+}
+
+#[test]
+fn a_delayed_job_is_not_leased_before_it_is_ready() {
+    let mut h = Harness::with_stream(props());
+    let id = h.submit("s", vec![NewJob { delay_ms: 1_000, ..job("1") }])[0];
+    assert_eq!(h.status(id), JobStatus::Delayed);
+    assert_eq!(h.state.poll_timeout(), Some(Timestamp(h.now + 1_000)));
+    h.advance(999);
+    assert!(h.lease(PeerId(1), 1).is_empty());
+    h.advance(1);
+    assert_eq!(h.lease_ids(PeerId(1), 1), [id.0]);
+}
+
+#[test]
+fn spawn_frequency_caps_new_leases_per_second_across_peers() {
+    let mut h = Harness::with_stream(StreamProps { spawn_frequency: Some(3), mpps: 100, ..props() });
+    let p2 = h.register();
+    h.submit("s", (0..10).map(|i| job(&i.to_string())).collect());
+    assert_eq!(h.lease(PeerId(1), 2).len(), 2);
+    assert_eq!(h.lease(p2, 5).len(), 1, "one left in this second");
+    assert_eq!(h.lease(p2, 5).len(), 0);
+    h.advance(1_000);
+    assert_eq!(h.lease(p2, 5).len(), 3);
+}
+
+#[test]
+fn mpps_caps_the_jobs_one_peer_holds_per_stream() {
+    let mut h = Harness::with_stream(StreamProps { mpps: 2, ..props() });
+    let p2 = h.register();
+    h.submit("s", (0..10).map(|i| job(&i.to_string())).collect());
+    let g = h.lease(PeerId(1), 10);
+    assert_eq!(g.len(), 2);
+    assert!(h.lease(PeerId(1), 10).is_empty());
+    assert_eq!(h.lease(p2, 10).len(), 2, "another peer has its own slots");
+    h.complete(PeerId(1), &g[0], "").unwrap();
+    assert_eq!(h.lease(PeerId(1), 10).len(), 1, "a finished job frees a slot");
+}
+
+#[test]
+fn pin_and_ignore_lists_choose_the_peers() {
+    let mut h = Harness::with_stream(props());
+    let p2 = h.register();
+    let p3 = h.register();
+    let patch = StreamPatch { pin: Some([PeerId(1), p2].into()), ignore: Some([p2].into()), ..StreamPatch::default() };
+    h.ok(Command::UpdateStream { name: name("s"), patch });
+    h.submit("s", vec![job("1"), job("2")]);
+    assert!(h.lease(p3, 5).is_empty(), "not pinned");
+    assert!(h.lease(p2, 5).is_empty(), "pinned but ignored");
+    assert_eq!(h.lease(PeerId(1), 5).len(), 2);
+}
+
+#[test]
+fn leases_are_shared_round_robin_across_streams() {
+    let mut h = Harness::with_stream(StreamProps { mpps: 10, ..props() });
+    h.ok(Command::CreateStream { name: name("t"), props: StreamProps { mpps: 10, ..props() } });
+    h.submit("s", (0..5).map(|i| job(&i.to_string())).collect());
+    h.submit("t", (0..5).map(|i| job(&i.to_string())).collect());
+    let streams: Vec<String> = h.lease(PeerId(1), 4).iter().map(|g| g.stream.to_string()).collect();
+    assert_eq!(streams, ["s", "t", "s", "t"]);
+    let only_t = h.ok(Command::Lease { peer: PeerId(1), streams: vec![name("t"), name("gone")], max: 10 });
+    let Outcome::Leased(g) = only_t else { panic!() };
+    assert_eq!(g.len(), 3);
+    assert!(g.iter().all(|g| g.stream.as_str() == "t"));
+}
+
+#[test]
+fn only_registered_undrained_peers_lease() {
+    let mut h = Harness::with_stream(props());
+    h.submit("s", vec![job("1")]);
+    let e = h.err(Command::Lease { peer: PeerId(42), streams: vec![], max: 1 });
+    expect!["peer-42 is not registered"].assert_eq(&e.to_string());
+    h.ok(Command::DrainPeer { peer: PeerId(1), draining: true });
+    assert!(h.lease(PeerId(1), 1).is_empty());
+    h.ok(Command::DrainPeer { peer: PeerId(1), draining: false });
+    assert_eq!(h.lease(PeerId(1), 1).len(), 1);
+}
+
+// ---- fencing tokens ------------------------------------------------------------
+
+#[test]
+fn a_lease_carries_the_log_index_as_fencing_token_and_an_expiry() {
+    let mut h = Harness::with_stream(props());
+    h.submit("s", vec![job("1")]);
+    let g = h.lease(PeerId(1), 1).remove(0);
+    assert_eq!(g.token, FencingToken(h.index));
+    assert_eq!(g.expires_at, Timestamp(h.now + 10_000));
+    assert_eq!((g.attempt, g.lease_ttl_ms), (1, 10_000));
+    assert_eq!(h.status(g.job), JobStatus::Leased);
+}
+
+#[test]
+fn renewal_extends_the_lease_and_marks_the_job_running() {
+    let mut h = Harness::with_stream(props());
+    h.submit("s", vec![job("1")]);
+    let g = h.lease(PeerId(1), 1).remove(0);
+    h.advance(9_000);
+    assert_eq!(h.renew(PeerId(1), &g), Ok(Timestamp(h.now + 10_000)));
+    assert_eq!(h.status(g.job), JobStatus::Running);
+    h.advance(9_000);
+    h.ok(Command::Tick);
+    assert_eq!(h.status(g.job), JobStatus::Running, "renewed: not expired at the old time");
+}
+
+#[test]
+fn stale_tokens_wrong_peers_and_unleased_jobs_are_rejected() {
+    let mut h = Harness::with_stream(props());
+    let p2 = h.register();
+    h.submit("s", vec![job("1")]);
+    let first = h.lease(PeerId(1), 1).remove(0);
+    h.ok(Command::Cancel { job: first.job });
+    h.ok(Command::Retry { job: first.job });
+    let second = h.lease(p2, 1).remove(0);
+    let errs = [
+        h.complete(PeerId(1), &first, "late").unwrap_err().to_string(),
+        h.complete(PeerId(1), &second, "thief").unwrap_err().to_string(),
+        h.renew(PeerId(1), &LeaseGrant { job: JobId(77), ..first.clone() }).unwrap_err().to_string(),
+    ];
+    expect![[r#"
+        [
+            "stale fencing token for job-0: presented token-6, current is token-9",
+            "lease on job-0 is held by peer-2, not peer-1",
+            "job-77 does not exist",
+        ]
+    "#]]
+    .assert_debug_eq(&errs);
+    h.complete(p2, &second, "42").unwrap();
+    assert_eq!(
+        h.complete(p2, &second, "again").unwrap_err(),
+        LeaseError::NotLeased { job: second.job, status: JobStatus::Succeeded }
+    );
+    assert_eq!(h.state.job(second.job).unwrap().result.as_deref(), Some(&b"42"[..]), "the first result stays");
+}
+
+#[test]
+fn an_expired_lease_is_rejected_and_its_job_returns_with_an_attempt_counted() {
+    let mut h = Harness::with_stream(props());
+    h.submit("s", vec![job("1")]);
+    let g = h.lease(PeerId(1), 1).remove(0);
+    h.advance(10_000);
+    let e = h.complete(PeerId(1), &g, "too late").unwrap_err();
+    assert_eq!(e, LeaseError::NotLeased { job: g.job, status: JobStatus::Delayed });
+    let r = h.state.job(g.job).unwrap();
+    assert_eq!((r.status, r.attempts, r.ready_at), (JobStatus::Delayed, 1, Timestamp(h.now + 100)));
+    assert_eq!(r.error.unwrap().kind, ErrorKind::LeaseExpired);
+    assert_eq!(h.stats("s").expired_leases_total, 1);
+}
+
+#[test]
+fn leases_that_keep_expiring_end_dead() {
+    let mut h = Harness::with_stream(StreamProps { max_attempts: 2, ..props() });
+    let id = h.submit("s", vec![job("1")])[0];
+    for _ in 0..2 {
+        h.advance(1_000);
+        assert_eq!(h.lease(PeerId(1), 1).len(), 1);
+        h.advance(10_000);
+        h.ok(Command::Tick);
+    }
+    let r = h.state.job(id).unwrap();
+    assert_eq!((r.status, r.attempts), (JobStatus::Dead, 2));
+    assert_eq!(r.error.unwrap().kind, ErrorKind::LeaseExpired);
+}
+
+// ---- complete, fail, retry, cancel, release ------------------------------------
+
+#[test]
+fn completion_commits_the_result_and_stderr_tail() {
+    let mut h = Harness::with_stream(props());
+    h.submit("s", vec![job("7")]);
+    let g = h.lease(PeerId(1), 1).remove(0);
+    let c = Completion { job: g.job, token: g.token, result: b"49".to_vec(), stderr_tail: b"note".to_vec() };
+    h.ok(Command::Complete { peer: PeerId(1), completions: vec![c] });
+    let r = h.state.job(g.job).unwrap();
+    assert_eq!(
+        (r.status, r.result.as_deref(), r.stderr_tail.as_slice()),
+        (JobStatus::Succeeded, Some(&b"49"[..]), &b"note"[..])
+    );
+    assert!(r.lease.is_none());
+    assert_eq!(r.peer, Some(PeerId(1)));
+}
+
+#[test]
+fn failures_retry_with_backoff_until_max_attempts_then_go_dead() {
+    let mut h = Harness::with_stream(props());
+    let id = h.submit("s", vec![job("1")])[0];
+    let mut dispositions = Vec::new();
+    for _ in 0..3 {
+        h.advance(10_000);
+        let g = h.lease(PeerId(1), 1).remove(0);
+        dispositions.push(h.fail(PeerId(1), &g, "boom").map(|d| match d {
+            FailDisposition::Retry { ready_at } => format!("retry in {}ms", ready_at.0 - h.now),
+            FailDisposition::Dead => "dead".into(),
+        }));
+    }
+    expect![[r#"
+        [
+            Ok(
+                "retry in 100ms",
+            ),
+            Ok(
+                "retry in 200ms",
+            ),
+            Ok(
+                "dead",
+            ),
+        ]
+    "#]]
+    .assert_debug_eq(&dispositions);
+    let r = h.state.job(id).unwrap();
+    assert_eq!((r.status, r.attempts, r.stderr_tail.as_slice()), (JobStatus::Dead, 3, &b"oops"[..]));
+    expect![[r#"
+        ErrorRecord {
+            kind: Trap,
+            error: "boom",
+            name: "",
+            line: None,
+            statement: None,
+        }
+    "#]]
+    .assert_debug_eq(&r.error.unwrap());
+    assert_eq!(h.stats("s").dead, 1);
+    assert_eq!(
+        h.state
+            .jobs(&impetus_queue::JobFilter { status: Some(JobStatus::Dead), limit: 10, ..Default::default() })
+            .len(),
+        1,
+        "dead jobs are listable"
+    );
+}
+
+#[test]
+fn a_dead_job_can_be_retried_with_its_attempts_reset() {
+    let mut h = Harness::with_stream(StreamProps { max_attempts: 1, ..props() });
+    h.submit("s", vec![job("1")]);
+    let g = h.lease(PeerId(1), 1).remove(0);
+    assert_eq!(h.fail(PeerId(1), &g, "x"), Ok(FailDisposition::Dead));
+    assert_eq!(h.ok(Command::Retry { job: g.job }), Outcome::Retried);
+    assert_eq!((h.status(g.job), h.state.job(g.job).unwrap().attempts), (JobStatus::Queued, 0));
+    let e = h.err(Command::Retry { job: g.job });
+    expect!["cannot retry job-0: it is Queued"].assert_eq(&e.to_string());
+    let g = h.lease(PeerId(1), 1).remove(0);
+    h.complete(PeerId(1), &g, "fine").unwrap();
+    assert_eq!(h.status(g.job), JobStatus::Succeeded);
+}
+
+#[test]
+fn cancel_works_on_live_jobs_and_revokes_the_lease() {
+    let mut h = Harness::with_stream(props());
+    let ids = h.submit("s", vec![job("1"), NewJob { delay_ms: 5_000, ..job("2") }, job("3")]);
+    let g = h.lease(PeerId(1), 1).remove(0);
+    for id in &ids {
+        assert_eq!(h.ok(Command::Cancel { job: *id }), Outcome::Cancelled);
+    }
+    assert_eq!(
+        h.complete(PeerId(1), &g, "late").unwrap_err(),
+        LeaseError::NotLeased { job: g.job, status: JobStatus::Cancelled }
+    );
+    let e = h.err(Command::Cancel { job: ids[0] });
+    expect!["cannot cancel job-0: it is Cancelled"].assert_eq(&e.to_string());
+    assert_eq!(h.err(Command::Cancel { job: JobId(99) }), ApplyError::UnknownJob(JobId(99)));
+    assert_eq!(h.stats("s").cancelled, 3);
+    assert_eq!(h.state.poll_timeout(), None, "nothing is waiting any more");
+}
+
+#[test]
+fn release_hands_a_job_back_without_counting_an_attempt() {
+    let mut h = Harness::with_stream(props());
+    h.submit("s", vec![job("1"), job("2")]);
+    let g = h.lease(PeerId(1), 1).remove(0);
+    let out = h.ok(Command::Release { peer: PeerId(1), leases: vec![(g.job, g.token)] });
+    assert_eq!(out, Outcome::Released(vec![Ok(())]));
+    let r = h.state.job(g.job).unwrap();
+    assert_eq!((r.status, r.attempts), (JobStatus::Queued, 0));
+    assert_eq!(h.lease_ids(PeerId(1), 1), [g.job.0], "it keeps its place in the queue");
+}
+
+// ---- modules, data store, peers ------------------------------------------------
+
+#[test]
+fn modules_are_stored_once_by_content_hash() {
+    let mut h = Harness::new();
+    let bytes = b"\0asm\x01\0\0\0 other".to_vec();
+    let put = |b: &Vec<u8>| Command::PutModule { hash: ModuleHash::of(b), bytes: b.clone() };
+    assert_eq!(h.ok(put(&bytes)), Outcome::ModuleStored { new: true });
+    assert_eq!(h.ok(put(&bytes)), Outcome::ModuleStored { new: false });
+    assert_eq!(h.state.module(&ModuleHash::of(&bytes)), Some(bytes.as_slice()));
+    let e = h.err(Command::PutModule { hash: module(), bytes });
+    assert!(matches!(e, ApplyError::ModuleHashMismatch { .. }), "{e}");
+}
+
+#[test]
+fn the_data_store_puts_deletes_and_compares_and_sets() {
+    let mut h = Harness::with_stream(props());
+    let (s, k) = (name("s"), b"k".to_vec());
+    let cas = |expected: Option<&str>, new: Option<&str>| Command::DataCas {
+        stream: name("s"),
+        key: b"k".to_vec(),
+        expected: expected.map(|v| v.as_bytes().to_vec()),
+        new: new.map(|v| v.as_bytes().to_vec()),
+    };
+    assert_eq!(h.ok(cas(None, Some("1"))), Outcome::DataCas { swapped: true, current: Some(b"1".to_vec()) });
+    assert_eq!(h.ok(cas(None, Some("2"))), Outcome::DataCas { swapped: false, current: Some(b"1".to_vec()) });
+    assert_eq!(h.ok(cas(Some("1"), Some("2"))), Outcome::DataCas { swapped: true, current: Some(b"2".to_vec()) });
+    assert_eq!(h.state.data_get(&s, &k), Some(&b"2"[..]));
+    h.ok(Command::DataPut { stream: s.clone(), key: b"j".to_vec(), value: b"x".to_vec() });
+    assert_eq!(h.state.data_keys(&s, None, 10), [b"j".to_vec(), k.clone()]);
+    h.ok(Command::DataDelete { stream: s.clone(), key: k.clone() });
+    assert_eq!(h.state.data_get(&s, &k), None);
+    let e = h.err(Command::DataPut { stream: name("nope"), key: k, value: vec![] });
+    assert_eq!(e, ApplyError::UnknownStream(name("nope")));
+}
+
+#[test]
+fn peers_register_with_ids_never_reused_and_heartbeat() {
+    let mut h = Harness::new();
+    let a = h.register();
+    let b = h.register();
+    h.ok(Command::RemovePeer { peer: b });
+    let c = h.register();
+    assert_eq!((a, b, c), (PeerId(1), PeerId(2), PeerId(3)));
+    h.advance(5_000);
+    let info = PeerInfo { host: "h1".into(), pid: 42, addresses: vec![], capacity: 8, labels: vec!["gpu".into()] };
+    h.ok(Command::Heartbeat { peer: a, info: info.clone(), rss_bytes: 1 << 20 });
+    h.ok(Command::SetPeerRole { peer: a, role: PeerRole::Voter });
+    let r = h.state.peer(a).unwrap();
+    assert_eq!((r.info, r.rss_bytes, r.last_heartbeat, r.role), (info, 1 << 20, Timestamp(h.now), PeerRole::Voter));
+    assert_eq!(
+        h.err(Command::Heartbeat { peer: b, info: PeerInfo::default(), rss_bytes: 0 }),
+        ApplyError::UnknownPeer(b)
+    );
+}
+
+#[test]
+fn removing_a_peer_returns_its_jobs_without_counting_attempts() {
+    let mut h = Harness::with_stream(props());
+    h.submit("s", vec![job("1"), job("2")]);
+    h.lease(PeerId(1), 2);
+    assert_eq!(h.state.peer(PeerId(1)).unwrap().leased, [(name("s"), 2)]);
+    h.ok(Command::RemovePeer { peer: PeerId(1) });
+    assert_eq!(h.stats("s").queued, 2);
+    assert!(h.state.job(JobId(0)).unwrap().attempts == 0);
+}
+
+// ---- batches, time, refusals ------------------------------------------------------
+
+#[test]
+fn a_batch_applies_each_command_and_reports_each_outcome() {
+    let mut h = Harness::with_stream(props());
+    let out = h.ok(Command::Batch(vec![
+        Command::Submit { stream: name("s"), jobs: vec![job("1")] },
+        Command::Submit { stream: name("nope"), jobs: vec![job("1")] },
+        Command::Lease { peer: PeerId(1), streams: vec![], max: 5 },
+    ]));
+    let Outcome::Batch(results) = out else { panic!() };
+    assert!(matches!(results[0], Ok(Outcome::Submitted(_))));
+    assert_eq!(results[1], Err(ApplyError::UnknownStream(name("nope"))));
+    assert!(matches!(&results[2], Ok(Outcome::Leased(g)) if g.len() == 1));
+    let e = h.err(Command::Batch(vec![Command::Batch(vec![])]));
+    expect!["invalid command: invalid command batch: batches do not nest"].assert_eq(&e.to_string());
+}
+
+#[test]
+fn time_never_goes_backwards() {
+    let mut h = Harness::with_stream(props());
+    h.submit("s", vec![job("1")]);
+    let g = h.lease(PeerId(1), 1).remove(0);
+    h.now -= 500_000; // a new leader with a slow clock
+    h.ok(Command::Tick);
+    assert_eq!(h.state.now(), Timestamp(1_000_000));
+    assert_eq!(h.renew(PeerId(1), &g), Ok(Timestamp(1_010_000)));
+}
+
+#[test]
+fn a_refused_command_changes_nothing_but_the_applied_index() {
+    let mut h = Harness::with_stream(props());
+    h.submit("s", vec![job("1")]);
+    let before = h.state.clone();
+    let refusals = [
+        Command::Submit {
+            stream: name("s"),
+            jobs: vec![job("ok"), NewJob { module: ModuleHash::of(b"x"), ..job("bad") }],
+        },
+        Command::DeleteStream { name: name("s"), force: false },
+        Command::Cancel { job: JobId(5) },
+        Command::UpdateStream { name: name("s"), patch: StreamPatch { lease_ttl_ms: Some(0), ..Default::default() } },
+    ];
+    for cmd in refusals {
+        h.err(cmd);
+    }
+    assert_eq!(
+        h.state.snapshot()[1..],
+        {
+            let mut b = before;
+            // Only the applied index differs; apply a no-op to align it.
+            b.apply(Stamp { index: h.index, now: Timestamp(h.now) }, &Command::Tick).unwrap();
+            b.snapshot()
+        }[1..]
+    );
+}
+
+#[test]
+#[should_panic(expected = "log index 2 applied after 2")]
+fn applying_an_index_twice_is_a_bug_and_panics() {
+    let mut h = Harness::new();
+    h.ok(Command::Tick);
+    h.state.apply(Stamp { index: h.index, now: Timestamp(h.now) }, &Command::Tick).ok();
+}
