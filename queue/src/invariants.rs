@@ -24,7 +24,7 @@ impl State {
             return Err("global delay/expiry indexes differ from the jobs".into());
         }
         let mut counts: BTreeMap<u32, StreamStats> = BTreeMap::new();
-        for (&id, job) in &d.jobs {
+        for (id, job) in d.jobs.iter() {
             if id.0 >= d.next_job {
                 return Err(format!("{id} is not below next_job {}", d.next_job));
             }

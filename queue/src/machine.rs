@@ -233,7 +233,7 @@ impl State {
         if live > 0 && !force {
             return Err(ApplyError::StreamHasLiveJobs { name: name.clone(), live });
         }
-        let ids: Vec<JobId> = self.data.jobs.iter().filter(|(_, j)| j.stream == idx).map(|(&id, _)| id).collect();
+        let ids: Vec<JobId> = self.data.jobs.iter().filter(|(_, j)| j.stream == idx).map(|(id, _)| id).collect();
         for &id in &ids {
             if let Some(job) = self.data.jobs.remove(&id) {
                 if let Some(lease) = &job.lease {

@@ -24,10 +24,10 @@ impl State {
         let start = filter.after.map_or(0, |a| a.0.saturating_add(1));
         self.data
             .jobs
-            .range(JobId(start)..)
+            .iter_from(JobId(start))
             .filter(|(_, j)| stream.is_none_or(|s| j.stream == s) && filter.status.is_none_or(|st| j.status == st))
             .take(filter.limit)
-            .map(|(&id, j)| self.record(id, j))
+            .map(|(id, j)| self.record(id, j))
             .collect()
     }
 

@@ -6,7 +6,7 @@
 //! every snapshot byte — depends only on the commands applied.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use impetus_proto::{
     ErrorRecord, FencingToken, IdempotencyKey, JobId, JobStatus, Lease, ModuleHash, PeerId, PeerInfo, PeerRole,
@@ -141,7 +141,7 @@ pub(crate) struct Data {
     pub next_stream: StreamIdx,
     pub stream_names: BTreeMap<StreamName, StreamIdx>,
     pub streams: BTreeMap<StreamIdx, Stream>,
-    pub jobs: BTreeMap<JobId, Job>,
+    pub jobs: JobTable,
     pub modules: BTreeMap<ModuleHash, Vec<u8>>,
     pub peers: BTreeMap<PeerId, Peer>,
 }
@@ -155,7 +155,7 @@ impl Data {
             s.pending.clear();
             s.leased_by_peer.clear();
         }
-        for (&id, job) in &self.jobs {
+        for (id, job) in self.jobs.iter() {
             let Some(stream) = self.streams.get_mut(&job.stream) else { continue };
             match job.status {
                 JobStatus::Queued => {
@@ -184,4 +184,77 @@ pub(crate) struct Presented {
     pub peer: PeerId,
     pub job: JobId,
     pub token: FencingToken,
+}
+
+/// All jobs, by id. Ids are assigned densely in submission order, so a deque
+/// indexed by `id - base` holds them with no per-entry tree overhead (a
+/// `BTreeMap` filled in ascending order leaves its nodes half empty: ~2x the
+/// memory). Removed jobs leave a `None` until they reach the front.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct JobTable {
+    base: u64,
+    slots: VecDeque<Option<Job>>,
+}
+
+impl JobTable {
+    /// The id the next inserted job must have.
+    pub fn next_id(&self) -> JobId {
+        JobId(self.base + self.slots.len() as u64)
+    }
+
+    fn slot(&self, id: JobId) -> Option<usize> {
+        let i = id.0.checked_sub(self.base)?;
+        usize::try_from(i).ok().filter(|&i| i < self.slots.len())
+    }
+
+    pub fn get(&self, id: &JobId) -> Option<&Job> {
+        self.slots.get(self.slot(*id)?)?.as_ref()
+    }
+
+    pub fn get_mut(&mut self, id: &JobId) -> Option<&mut Job> {
+        let i = self.slot(*id)?;
+        self.slots.get_mut(i)?.as_mut()
+    }
+
+    /// Insert the job with the next id (anything else is a bug).
+    pub fn insert(&mut self, id: JobId, job: Job) {
+        if self.slots.is_empty() {
+            self.base = id.0;
+        }
+        assert_eq!(id, self.next_id(), "jobs are inserted in id order");
+        self.slots.push_back(Some(job));
+    }
+
+    pub fn remove(&mut self, id: &JobId) -> Option<Job> {
+        let i = self.slot(*id)?;
+        let job = self.slots.get_mut(i)?.take();
+        while let Some(None) = self.slots.front() {
+            self.slots.pop_front();
+            self.base += 1;
+        }
+        job
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (JobId, &Job)> + '_ {
+        self.iter_from(JobId(0))
+    }
+
+    /// Jobs with id >= `from`, in id order.
+    pub fn iter_from(&self, from: JobId) -> impl Iterator<Item = (JobId, &Job)> + '_ {
+        let skip = from.0.saturating_sub(self.base);
+        let skip = usize::try_from(skip).unwrap_or(usize::MAX);
+        let base = self.base;
+        self.slots
+            .iter()
+            .enumerate()
+            .skip(skip)
+            .filter_map(move |(i, j)| j.as_ref().map(|j| (JobId(base + i as u64), j)))
+    }
+}
+
+impl std::ops::Index<&JobId> for JobTable {
+    type Output = Job;
+    fn index(&self, id: &JobId) -> &Job {
+        self.get(id).expect("job exists")
+    }
 }
