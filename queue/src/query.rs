@@ -1,7 +1,7 @@
 //! Read-only queries: what clients, `impetus status` and the peer read.
 
 use impetus_proto::{
-    JobId, JobRecord, JobSpec, Lease, ModuleHash, PeerId, PeerRecord, StreamInfo, StreamName, StreamStats,
+    FencingToken, JobId, JobRecord, JobSpec, Lease, ModuleHash, PeerId, PeerRecord, StreamInfo, StreamName, StreamStats,
 };
 
 use crate::state::{Job, Stream};
@@ -75,6 +75,41 @@ impl State {
             return Vec::new();
         };
         s.data.keys().filter(|k| after.is_none_or(|a| k.as_slice() > a)).take(limit).cloned().collect()
+    }
+
+    /// The live leases `peer` holds, by expiry: what a restarted peer hands back.
+    pub fn leases_held_by(&self, peer: PeerId) -> Vec<(JobId, FencingToken)> {
+        self.index
+            .expiries
+            .iter()
+            .filter_map(|(_, id)| {
+                let lease = self.data.jobs.get(id)?.lease.as_deref()?;
+                (lease.peer == peer).then_some((*id, lease.token))
+            })
+            .collect()
+    }
+
+    /// Streams from which `peer` could lease a job right now: not paused, with
+    /// Queued jobs, the peer allowed by pin/ignore and below the stream's mpps.
+    /// (The spawn frequency is checked by the lease itself.)
+    pub fn leasable_streams(&self, peer: PeerId) -> Vec<StreamName> {
+        if self.data.peers.get(&peer).is_none_or(|p| p.draining) {
+            return Vec::new();
+        }
+        self.data
+            .stream_names
+            .values()
+            .filter_map(|idx| self.data.streams.get(idx))
+            .filter(|s| {
+                let p = &s.props;
+                !p.paused
+                    && !s.ready.is_empty()
+                    && !p.ignore.contains(&peer)
+                    && (p.pin.is_empty() || p.pin.contains(&peer))
+                    && s.leased_by_peer.get(&peer).copied().unwrap_or(0) < p.mpps
+            })
+            .map(|s| s.name.clone())
+            .collect()
     }
 
     pub fn peers(&self) -> Vec<PeerRecord> {
