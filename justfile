@@ -27,10 +27,17 @@ test: jobs
     cargo clippy --workspace --all-targets -- -D warnings
     cargo test --workspace
 
-# Benchmarks: `just bench` runs all, `just bench queue` one of them.
+# Benchmarks: `just bench` runs all; `just bench queue|exec|net|peer` one of them.
 bench which="all": jobs
     if [ "{{which}}" = all ] || [ "{{which}}" = queue ]; then cargo bench -p impetus-queue --bench queue; fi
+    if [ "{{which}}" = all ] || [ "{{which}}" = exec ]; then cargo bench -p impetus-node --bench exec; fi
+    if [ "{{which}}" = all ] || [ "{{which}}" = net ]; then cargo bench -p impetus-node --bench net; fi
+    if [ "{{which}}" = all ] || [ "{{which}}" = peer ]; then cargo bench -p impetus-tests --bench single_peer; fi
 
 # Format the code.
 fmt:
     cargo fmt --all
+
+# Deterministic simulation: `just simulate` sweeps 1000 seeds; a failure prints the replay command.
+simulate seeds="1000":
+    cargo run --release -p impetus-simulation -- --seeds {{seeds}}

@@ -1,6 +1,9 @@
-//! The `impetus` binary. The peer and the CLI arrive with the issue "One peer,
-//! end to end"; until then it says so and exits non-zero.
+//! The `impetus` binary: the peer and the command line. See `impetus --help`
+//! and README.md; the commands live in `cli/`.
+use clap::Parser as _;
+
+mod cli;
+
 fn main() -> std::process::ExitCode {
-    eprintln!("impetus {}: the peer and CLI are not built yet (see README.md)", env!("CARGO_PKG_VERSION"));
-    std::process::ExitCode::from(2)
+    cli::main(cli::Cli::parse())
 }

@@ -8,6 +8,7 @@
 //! out of [`wire::decode_command`] satisfies every rule of the vocabulary.
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
+pub mod api;
 pub mod command;
 pub mod error;
 pub mod ids;

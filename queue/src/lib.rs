@@ -32,6 +32,24 @@ use state::{Data, Index};
 pub struct State {
     data: Data,
     index: Index,
+    /// Simulator only: a deliberately planted bug (never in a snapshot). See [`PlantedBug`].
+    planted: PlantedBug,
+}
+
+/// Simulator only: a bug the deterministic simulator plants on purpose to
+/// prove its checkers find it (`simulation/tests/planted.rs`). A runtime
+/// switch, not a cargo feature, so no normal build can turn it on by feature
+/// unification; it is `None` unless [`State::plant_bug`] is called, and it is
+/// not part of the snapshot.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PlantedBug {
+    #[default]
+    None,
+    /// `check_lease` accepts a completion/renewal/failure with a stale fencing token.
+    AcceptStaleToken,
+    /// An expired lease is ended but its job is never requeued.
+    ForgetExpiredRequeue,
 }
 
 /// Filter for [`State::jobs`].
@@ -47,6 +65,12 @@ pub struct JobFilter<'a> {
 impl State {
     pub fn new() -> State {
         State::default()
+    }
+
+    /// Simulator only: plant a bug (see [`PlantedBug`]).
+    #[doc(hidden)]
+    pub fn plant_bug(&mut self, bug: PlantedBug) {
+        self.planted = bug;
     }
 
     /// The log index of the last command applied (0 before any).
@@ -77,7 +101,7 @@ impl State {
     pub fn restore(bytes: &[u8]) -> Result<State, DecodeError> {
         let mut data: Data = wire::decode("snapshot", wire::SNAPSHOT_VERSION, bytes, usize::MAX)?;
         let index = data.build_index();
-        let state = State { data, index };
+        let state = State { data, index, planted: PlantedBug::None };
         state.verify().map_err(|reason| DecodeError::Invalid {
             what: "snapshot",
             source: impetus_proto::InvalidInput::Value { what: "snapshot", reason },

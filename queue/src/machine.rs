@@ -141,6 +141,11 @@ impl State {
             self.end_lease(id);
             let stream = self.job_mut_expect(id).stream;
             self.stream_idx_mut(stream).stats.expired_leases_total += 1;
+            // PLANTED BUG (simulator only, off unless `plant_bug` was called):
+            // forget to requeue the job whose lease expired.
+            if self.planted == crate::PlantedBug::ForgetExpiredRequeue {
+                continue;
+            }
             self.after_failed_attempt(id, error);
         }
     }
@@ -427,7 +432,9 @@ impl State {
     fn check_lease(&self, p: &Presented) -> Result<(), LeaseError> {
         let job = self.data.jobs.get(&p.job).ok_or(LeaseError::UnknownJob { job: p.job })?;
         let lease = job.lease.as_ref().ok_or(LeaseError::NotLeased { job: p.job, status: job.status })?;
-        if lease.token != p.token {
+        // PLANTED BUG (simulator only, off unless `plant_bug` was called):
+        // accept a stale fencing token.
+        if lease.token != p.token && self.planted != crate::PlantedBug::AcceptStaleToken {
             return Err(LeaseError::StaleToken { job: p.job, presented: p.token, current: lease.token });
         }
         if lease.peer != p.peer {

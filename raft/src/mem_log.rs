@@ -73,6 +73,8 @@ struct Inner<C: ImpetusConfig> {
     waiting: Vec<IOFlushed<C>>,
     manual_flush: bool,
     flushes: u64,
+    /// PLANTED BUG (simulator only): acknowledge appends before they are flushed.
+    ack_before_flush: bool,
 }
 
 impl<C: ImpetusConfig> Inner<C> {
@@ -158,6 +160,7 @@ impl<C: ImpetusConfig> MemLogStore<C> {
                 waiting: Vec::new(),
                 manual_flush: false,
                 flushes: 0,
+                ack_before_flush: false,
             })),
             _config: PhantomData,
         }
@@ -190,6 +193,14 @@ impl<C: ImpetusConfig> MemLogStore<C> {
         g.unflushed.clear();
         g.waiting.clear();
         g.live = g.durable.clone();
+    }
+
+    /// Simulator only: PLANTED BUG. In manual-flush mode, acknowledge each
+    /// append at once, before it is flushed, so a crash loses acknowledged
+    /// writes. Used by the simulator to prove its checkers catch it.
+    #[doc(hidden)]
+    pub fn plant_ack_before_flush(&self, on: bool) {
+        self.lock().ack_before_flush = on;
     }
 
     /// How many flushes happened (each covers a whole batch of appends).
@@ -260,7 +271,11 @@ impl<C: ImpetusConfig> RaftLogStorage<C> for MemLogStore<C> {
         let entries: Vec<Entry> = entries.into_iter().collect();
         let mut g = self.lock();
         g.record(Op::Append(entries), copy_op);
-        if g.manual_flush {
+        if g.manual_flush && g.ack_before_flush {
+            // PLANTED BUG (simulator only): acknowledged, but not durable.
+            drop(g);
+            callback.io_completed(Ok(()));
+        } else if g.manual_flush {
             g.waiting.push(callback);
         } else {
             g.flushes += 1;

@@ -131,6 +131,13 @@ impl StateHandle {
         self.read_guard().last_applied
     }
 
+    /// Simulator only: plant a bug in this replica's state machine (see
+    /// `impetus_queue::PlantedBug`). Lost when a snapshot is installed.
+    #[doc(hidden)]
+    pub fn plant_bug(&self, bug: impetus_queue::PlantedBug) {
+        self.write_guard().state.plant_bug(bug);
+    }
+
     /// `State::snapshot()` bytes of the current state: equal on two replicas
     /// at the same applied index.
     pub fn snapshot_bytes(&self) -> Vec<u8> {

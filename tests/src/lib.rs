@@ -1,2 +1,207 @@
 //! impetus-tests: end-to-end tests that start real `impetus` processes on
-//! loopback. Helpers live here; the tests in `tests/`.
+//! 127.0.0.1. This library holds what they share: building and finding the
+//! binary and the example jobs, starting and killing peers, running CLI
+//! commands. Every wait is bounded; every process is killed on drop.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is inside the workspace").to_path_buf()
+}
+
+fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => root().join("target"),
+    }
+}
+
+/// The `impetus` binary, built (once per test process) with the same cargo
+/// and profile as the tests, so it is never stale.
+pub fn impetus_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--quiet", "-p", "impetus-node", "--bin", "impetus"])
+            .current_dir(root())
+            .status()
+            .expect("running cargo build for the impetus binary");
+        assert!(status.success(), "building the impetus binary failed");
+        let bin = target_dir().join("debug").join("impetus");
+        assert!(bin.exists(), "no binary at {}", bin.display());
+        bin
+    })
+}
+
+/// An example job's wasm file, building the examples once if needed.
+pub fn wasm(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    let path = root().join("examples/jobs/wasm").join(format!("{name}.wasm"));
+    if !path.exists() {
+        BUILT.get_or_init(|| {
+            let status = Command::new("bash")
+                .arg(root().join("examples/jobs/build.sh"))
+                .current_dir(root())
+                .status()
+                .expect("running examples/jobs/build.sh");
+            assert!(status.success(), "building the example jobs failed");
+        });
+    }
+    assert!(path.exists(), "no example job {}", path.display());
+    path
+}
+
+/// A free TCP port on 127.0.0.1 (bound then released).
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("binding 127.0.0.1:0");
+    l.local_addr().expect("local addr").port()
+}
+
+/// A running `impetus peer` process on loopback.
+#[derive(Debug)]
+pub struct PeerProc {
+    child: Option<Child>,
+    pub addr: String,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    extra: Vec<String>,
+}
+
+impl PeerProc {
+    /// Start a peer on a free port with its data in `data_dir`.
+    pub fn start(data_dir: &Path, extra: &[&str]) -> Result<PeerProc> {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut p = PeerProc {
+            child: None,
+            addr,
+            data_dir: data_dir.to_path_buf(),
+            log: data_dir.with_extension("log"),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        p.spawn()?;
+        Ok(p)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let child = Command::new(impetus_bin())
+            .arg("peer")
+            .args(["--listen", &self.addr, "--data-dir"])
+            .arg(&self.data_dir)
+            .args(&self.extra)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("spawning impetus peer")?;
+        self.child = Some(child);
+        self.wait_ready(Duration::from_secs(30))
+    }
+
+    /// Wait until the peer answers `status`.
+    pub fn wait_ready(&mut self, limit: Duration) -> Result<()> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Some(child) = self.child.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    bail!("peer exited with {status} before it was ready; log:\n{}", self.log_text());
+                }
+            }
+            let out = self.cli(&["status", "--json"]);
+            if out.status.success() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("peer at {} not ready after {limit:?}; log:\n{}", self.addr, self.log_text())
+    }
+
+    /// Run `impetus --peer ADDR ARGS...`.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(impetus_bin())
+            .args(["--peer", &self.addr])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("running the impetus CLI")
+    }
+
+    /// Run a CLI command that must succeed; return its stdout.
+    #[track_caller]
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "impetus {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// SIGKILL the process (no chance to clean up), and reap it.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then wait (bounded) for a clean exit. Returns whether it exited 0.
+    pub fn stop(&mut self) -> Result<bool> {
+        let Some(mut child) = self.child.take() else { return Ok(false) };
+        Command::new("kill").args(["-TERM", &child.id().to_string()]).status()?;
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(30) {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status.success());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("peer did not stop within 30 s after SIGTERM")
+    }
+
+    /// Start the peer again on the same address and data dir.
+    pub fn restart(&mut self) -> Result<()> {
+        assert!(self.child.is_none(), "restart of a running peer");
+        self.spawn()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for PeerProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Poll `f` every 50 ms until it returns `Some`, at most `limit`.
+pub fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if start.elapsed() >= limit {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

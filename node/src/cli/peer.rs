@@ -1,0 +1,310 @@
+//! `impetus peer` (foreground or daemon) and `impetus stop`.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command as Process, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use impetus_node::serve::{self, PeerOptions};
+use nix::errno::Errno;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use super::{exit, Global};
+
+/// The pid file of a daemon peer, inside `--pid-dir`.
+pub const PID_FILE: &str = "impetus-peer.pid";
+/// The log file of a daemon peer, inside `--log-dir`.
+pub const LOG_FILE: &str = "impetus-peer.log";
+/// How long `impetus stop` waits for the peer to drain and exit.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, clap::Args)]
+#[command(after_help = "\
+The peer runs until SIGINT (Ctrl-C) or SIGTERM, then drains: no new leases, running jobs \
+finish (bounded), their results are committed, then it exits. A second signal exits at once.
+
+Examples:
+  impetus peer                                          127.0.0.1:7420, data in .impetus/peer
+  impetus peer --listen 0.0.0.0:7420 --data-dir /var/lib/impetus
+  impetus peer --daemon --pid-dir /run/impetus --log-dir /var/log/impetus
+  impetus stop --pid-dir /run/impetus")]
+pub struct PeerArgs {
+    /// Address to listen on: host:port or a multiaddr.
+    #[arg(long, default_value = serve::DEFAULT_LISTEN, value_name = "ADDR")]
+    pub listen: String,
+    /// A peer of the cluster to join (repeatable). Not available yet: single-peer clusters only.
+    #[arg(long, value_name = "ADDR")]
+    pub join: Vec<String>,
+    /// Where the peer keeps its Raft log, snapshots and identity.
+    #[arg(long, default_value = ".impetus/peer", value_name = "DIR")]
+    pub data_dir: PathBuf,
+    /// Jobs run at once on this peer [default: 2 × available cores].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub capacity: Option<u32>,
+    /// Run in the foreground (the default).
+    #[arg(long, conflicts_with = "daemon")]
+    pub foreground: bool,
+    /// Run in the background: detach, log to <LOG_DIR>/impetus-peer.log, write <PID_DIR>/impetus-peer.pid.
+    #[arg(long)]
+    pub daemon: bool,
+    /// Where --daemon writes its pid file.
+    #[arg(long, default_value = ".impetus", value_name = "DIR")]
+    pub pid_dir: PathBuf,
+    /// Where --daemon writes its log.
+    #[arg(long, default_value = ".impetus/log", value_name = "DIR")]
+    pub log_dir: PathBuf,
+    /// Set by --daemon on the process it starts: start a new session (setsid), ignore SIGHUP.
+    #[arg(long, hide = true)]
+    pub detached: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StopArgs {
+    /// The --pid-dir the peer was started with.
+    #[arg(long, default_value = ".impetus", value_name = "DIR")]
+    pub pid_dir: PathBuf,
+}
+
+pub fn run(g: &Global, args: PeerArgs) -> anyhow::Result<u8> {
+    if args.daemon {
+        return daemonize(g, &args);
+    }
+    if args.detached {
+        // Started by --daemon: leave the caller's session and terminal.
+        if let Err(e) = nix::unistd::setsid() {
+            tracing::warn!(error = %e, "setsid failed; staying in the caller's session");
+        }
+    }
+    let opts = PeerOptions {
+        listen: args.listen,
+        data_dir: args.data_dir,
+        authkey: g.authkey.clone(),
+        capacity: args.capacity.unwrap_or_else(PeerOptions::default_capacity),
+        join: args.join,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+    rt.block_on(async move {
+        let shutdown = shutdown_signal(args.detached).context("installing signal handlers")?;
+        serve::run_peer(opts, shutdown).await.context("the peer stopped with an error")
+    })?;
+    Ok(exit::OK)
+}
+
+/// A future that resolves on the first SIGINT or SIGTERM. A second one
+/// exits the process at once (exit code 130). With `detached`, SIGHUP is
+/// ignored (logged).
+fn shutdown_signal(detached: bool) -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = if detached { Some(signal(SignalKind::hangup())?) } else { None };
+    Ok(async move {
+        loop {
+            tokio::select! {
+                _ = term.recv() => { tracing::info!(signal = "SIGTERM", "stopping"); break; }
+                _ = int.recv() => { tracing::info!(signal = "SIGINT", "stopping"); break; }
+                Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                    tracing::info!(signal = "SIGHUP", "ignored (running as a daemon)");
+                }
+            }
+        }
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            tracing::warn!("second signal while draining: exiting now");
+            std::process::exit(130);
+        });
+    })
+}
+
+/// Start `impetus peer ... --foreground --detached` (which calls `setsid`
+/// first: a new session, no terminal) with its output in the log file;
+/// write the pid file.
+fn daemonize(g: &Global, args: &PeerArgs) -> anyhow::Result<u8> {
+    let pid_file = args.pid_dir.join(PID_FILE);
+    if let Some(pid) = read_pid(&pid_file)? {
+        if alive(pid) {
+            bail!(
+                "a peer is already running with pid {pid} (pid file {}); stop it with `impetus stop`",
+                pid_file.display()
+            );
+        }
+    }
+    fs::create_dir_all(&args.pid_dir)
+        .with_context(|| format!("creating the pid directory {}", args.pid_dir.display()))?;
+    fs::create_dir_all(&args.log_dir)
+        .with_context(|| format!("creating the log directory {}", args.log_dir.display()))?;
+    let log_path = args.log_dir.join(LOG_FILE);
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("opening the log file {}", log_path.display()))?;
+    let log_err = log.try_clone().with_context(|| format!("opening the log file {}", log_path.display()))?;
+    let exe = std::env::current_exe().context("finding the impetus executable")?;
+    let data_dir = absolute(&args.data_dir)?;
+
+    let mut cmd = Process::new(&exe);
+    cmd.arg("--log-format").arg(g.log_format.to_string());
+    for _ in 0..g.verbose {
+        cmd.arg("-v");
+    }
+    cmd.args(["peer", "--foreground", "--detached", "--listen", &args.listen]).arg("--data-dir").arg(&data_dir);
+    if let Some(c) = args.capacity {
+        cmd.arg("--capacity").arg(c.to_string());
+    }
+    for j in &args.join {
+        cmd.arg("--join").arg(j);
+    }
+    // The key goes through the environment, not the command line (ps shows that).
+    match &g.authkey {
+        Some(k) => cmd.env("IMPETUS_AUTHKEY", k),
+        None => cmd.env_remove("IMPETUS_AUTHKEY"),
+    };
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(log_err))
+        .spawn()
+        .with_context(|| format!("starting {}", exe.display()))?;
+    let pid = child.id();
+    // A peer that cannot start (port in use, bad data dir) exits at once: say so.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(500) {
+        if let Some(status) = child.try_wait().context("checking the peer process")? {
+            bail!("the peer exited at once ({status}); see its log {}", log_path.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    fs::write(&pid_file, format!("{pid}\n")).with_context(|| format!("writing the pid file {}", pid_file.display()))?;
+    tracing::debug!(pid, log = %log_path.display(), pid_file = %pid_file.display(), "peer started as a daemon");
+    if g.json {
+        super::print_json(&serde_json::json!({
+            "pid": pid,
+            "pid_file": pid_file.display().to_string(),
+            "log_file": log_path.display().to_string(),
+            "listen": args.listen,
+        }))?;
+    } else {
+        println!("{pid}");
+        eprintln!("peer started (pid {pid}), listening on {}; log: {}", args.listen, log_path.display());
+    }
+    Ok(exit::OK)
+}
+
+fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
+    if p.is_absolute() {
+        return Ok(p.to_path_buf());
+    }
+    Ok(std::env::current_dir().context("reading the current directory")?.join(p))
+}
+
+/// The pid in a pid file; `None` if there is no file.
+fn read_pid(path: &Path) -> anyhow::Result<Option<i32>> {
+    let text = match fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading the pid file {}", path.display())),
+    };
+    match text.trim().parse::<i32>() {
+        Ok(pid) if pid > 0 => Ok(Some(pid)),
+        _ => bail!("the pid file {} does not hold a pid: {:?}", path.display(), text.trim()),
+    }
+}
+
+/// Whether a process exists (signal 0).
+fn alive(pid: i32) -> bool {
+    // EPERM: it exists but belongs to someone else.
+    !matches!(kill(Pid::from_raw(pid), None), Err(Errno::ESRCH))
+}
+
+pub fn stop(g: &Global, args: StopArgs) -> anyhow::Result<u8> {
+    let pid_file = args.pid_dir.join(PID_FILE);
+    let Some(pid) = read_pid(&pid_file)? else {
+        bail!(
+            "no pid file at {}: is a peer running as a daemon with --pid-dir {}?",
+            pid_file.display(),
+            args.pid_dir.display()
+        );
+    };
+    if !alive(pid) {
+        fs::remove_file(&pid_file).with_context(|| format!("removing the stale pid file {}", pid_file.display()))?;
+        bail!("stale pid file {}: process {pid} is not running (the pid file was removed)", pid_file.display());
+    }
+    kill(Pid::from_raw(pid), Signal::SIGTERM).with_context(|| format!("sending SIGTERM to process {pid}"))?;
+    let spinner = indicatif::ProgressBar::new_spinner();
+    spinner.set_message(format!("waiting for peer (pid {pid}) to drain and exit"));
+    spinner.enable_steady_tick(Duration::from_millis(100));
+    let started = Instant::now();
+    while alive(pid) {
+        if started.elapsed() > STOP_TIMEOUT {
+            spinner.finish_and_clear();
+            bail!(
+                "process {pid} did not exit within {}s after SIGTERM; it may still be draining jobs (`kill -9 {pid}` forces it)",
+                STOP_TIMEOUT.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    spinner.finish_and_clear();
+    fs::remove_file(&pid_file).with_context(|| format!("removing the pid file {}", pid_file.display()))?;
+    if g.json {
+        super::print_json(&serde_json::json!({ "stopped": pid }))?;
+    } else {
+        println!("stopped peer (pid {pid}) in {:.1}s", started.elapsed().as_secs_f64());
+    }
+    Ok(exit::OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Command};
+    use clap::Parser;
+
+    fn peer(args: &[&str]) -> PeerArgs {
+        let mut v = vec!["impetus", "peer"];
+        v.extend_from_slice(args);
+        match Cli::try_parse_from(v).unwrap().command {
+            Command::Peer(p) => p,
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn peer_defaults() {
+        let p = peer(&[]);
+        assert_eq!(p.listen, "127.0.0.1:7420");
+        assert_eq!(p.data_dir, PathBuf::from(".impetus/peer"));
+        assert!(!p.daemon && p.join.is_empty() && p.capacity.is_none());
+        let p = peer(&["--daemon", "--pid-dir", "/tmp/p", "--log-dir", "/tmp/l", "--join", "a:1", "--join", "b:2"]);
+        assert!(p.daemon);
+        assert_eq!(p.join, vec!["a:1", "b:2"]);
+        assert!(Cli::try_parse_from(["impetus", "peer", "--daemon", "--foreground"]).is_err());
+        assert!(Cli::try_parse_from(["impetus", "peer", "--capacity", "0"]).is_err());
+    }
+
+    #[test]
+    fn pid_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join(PID_FILE);
+        assert_eq!(read_pid(&f).unwrap(), None);
+        fs::write(&f, "1234\n").unwrap();
+        assert_eq!(read_pid(&f).unwrap(), Some(1234));
+        fs::write(&f, "garbage").unwrap();
+        assert!(read_pid(&f).unwrap_err().to_string().contains("does not hold a pid"));
+        assert!(alive(std::process::id() as i32));
+    }
+
+    #[test]
+    fn stop_without_pid_file_is_clear() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = Cli::try_parse_from(["impetus", "status"]).unwrap().global;
+        let err = stop(&g, StopArgs { pid_dir: dir.path().to_path_buf() }).unwrap_err();
+        assert!(err.to_string().starts_with("no pid file at "), "{err}");
+    }
+}

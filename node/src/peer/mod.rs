@@ -1,0 +1,173 @@
+//! The peer's logic, written against traits ([`Runtime`], [`Consensus`],
+//! [`JobRunner`]) so the simulator runs exactly this code.
+//!
+//! - [`Peer::handle`] answers the client protocol: writes go through
+//!   consensus (a module is checked by the runner before it is stored), reads
+//!   come from the applied state.
+//! - The worker loop ([`worker`]) leases jobs, runs them, renews their leases
+//!   and reports results, batching everything it has to say into one command.
+
+pub mod consensus;
+pub mod runner;
+pub mod runtime;
+mod service;
+mod worker;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use impetus_proto::{Command, Outcome, PeerId, PeerInfo, PeerRole};
+use tokio::sync::Notify;
+
+pub use consensus::{Consensus, ConsensusError, RaftStatus};
+pub use runner::{JobRunner, RunReport};
+pub use runtime::Runtime;
+
+/// How a peer behaves. Defaults suit a laptop and the tests.
+#[derive(Clone, Debug)]
+pub struct PeerConfig {
+    /// Jobs this peer runs at once, across streams.
+    pub capacity: u32,
+    /// Most jobs leased in one request.
+    pub max_lease_batch: u32,
+    /// How often the worker looks for work when nothing wakes it.
+    pub poll_interval: Duration,
+    pub heartbeat_interval: Duration,
+    /// On shutdown, how long running jobs may take before their leases are released.
+    pub shutdown_grace: Duration,
+    pub info: PeerInfo,
+}
+
+impl Default for PeerConfig {
+    fn default() -> PeerConfig {
+        PeerConfig {
+            capacity: 16,
+            max_lease_batch: 256,
+            poll_interval: Duration::from_millis(50),
+            heartbeat_interval: Duration::from_secs(2),
+            shutdown_grace: Duration::from_secs(10),
+            info: PeerInfo::default(),
+        }
+    }
+}
+
+/// Why a peer could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error(transparent)]
+    Consensus(#[from] ConsensusError),
+    #[error("could not register this peer: {0}")]
+    Register(String),
+}
+
+pub(crate) struct Inner<R, C, X> {
+    pub rt: R,
+    pub consensus: C,
+    pub runner: X,
+    pub cfg: PeerConfig,
+    pub id: PeerId,
+    /// Wakes the worker (new jobs, shutdown).
+    pub wake: Notify,
+    pub stopping: AtomicBool,
+    /// Set by the worker loop when it has finished (all results reported).
+    pub stopped: Notify,
+    pub stopped_flag: AtomicBool,
+}
+
+/// A running peer. Cheap to clone.
+pub struct Peer<R, C, X> {
+    inner: Arc<Inner<R, C, X>>,
+}
+
+impl<R, C, X> Clone for Peer<R, C, X> {
+    fn clone(&self) -> Self {
+        Peer { inner: self.inner.clone() }
+    }
+}
+
+impl<R, C, X> std::fmt::Debug for Peer<R, C, X> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peer").field("id", &self.inner.id).finish_non_exhaustive()
+    }
+}
+
+impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
+    /// Start a peer: register it (or re-use `id` from an earlier run of this
+    /// peer), hand back leases an earlier incarnation left behind, and start
+    /// the worker loop.
+    pub async fn start(
+        rt: R,
+        consensus: C,
+        runner: X,
+        cfg: PeerConfig,
+        id: Option<PeerId>,
+    ) -> Result<Peer<R, C, X>, PeerError> {
+        if let Some(id) = id {
+            // After a restart the log may not be re-applied yet: wait (bounded)
+            // until the applied state has caught up before deciding that this
+            // peer is unknown and registering a new id.
+            for _ in 0..50 {
+                let st = consensus.status();
+                if consensus.read(|s| s.peer(id).is_some()) || st.applied_index >= st.commit_index {
+                    break;
+                }
+                rt.sleep(Duration::from_millis(100)).await;
+            }
+        }
+        let known = id.filter(|id| consensus.read(|s| s.peer(*id).is_some()));
+        let id = match known {
+            Some(id) => id,
+            None => {
+                let cmd = Command::RegisterPeer { info: cfg.info.clone(), role: PeerRole::Voter };
+                match consensus.write(rt.now(), cmd).await? {
+                    Ok(Outcome::PeerRegistered { peer }) => peer,
+                    other => return Err(PeerError::Register(format!("{other:?}"))),
+                }
+            }
+        };
+        let inner = Arc::new(Inner {
+            rt,
+            consensus,
+            runner,
+            cfg,
+            id,
+            wake: Notify::new(),
+            stopping: AtomicBool::new(false),
+            stopped: Notify::new(),
+            stopped_flag: AtomicBool::new(false),
+        });
+        worker::release_orphans(&inner).await?;
+        tracing::info!(peer = %id, "peer started");
+        let w = inner.clone();
+        inner.rt.spawn(async move { worker::run(w).await });
+        Ok(Peer { inner })
+    }
+
+    pub fn id(&self) -> PeerId {
+        self.inner.id
+    }
+
+    /// Read the applied state.
+    pub fn read<T>(&self, f: impl FnOnce(&impetus_queue::State) -> T) -> T {
+        self.inner.consensus.read(f)
+    }
+
+    /// Stop leasing, let running jobs finish (up to the grace period), report
+    /// their results, release what is left. Resolves when that is done.
+    pub async fn shutdown(&self) {
+        self.inner.stopping.store(true, Ordering::SeqCst);
+        self.inner.wake.notify_one();
+        while !self.inner.stopped_flag.load(Ordering::SeqCst) {
+            let notified = self.inner.stopped.notified();
+            if self.inner.stopped_flag.load(Ordering::SeqCst) {
+                break;
+            }
+            tokio::select! {
+                biased;
+                () = notified => {}
+                () = self.inner.rt.sleep(Duration::from_millis(100)) => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! The only way the peer logic reaches time, tasks and host facts.
+//!
+//! Production plugs in [`crate::rt::TokioRuntime`]; the simulator plugs in a
+//! runtime of its own with a virtual clock, so the same peer code runs under
+//! one seed. Nothing in `peer/` calls `tokio::spawn` or `tokio::time`.
+
+use std::future::Future;
+use std::time::Duration;
+
+use impetus_proto::Timestamp;
+
+pub trait Runtime: Clone + Send + Sync + 'static {
+    /// Wall-clock time, used to stamp commands (the state machine never reads a clock).
+    fn now(&self) -> Timestamp;
+    /// Resolve after `d`.
+    fn sleep(&self, d: Duration) -> impl Future<Output = ()> + Send + 'static;
+    /// Run `fut` concurrently.
+    fn spawn(&self, fut: impl Future<Output = ()> + Send + 'static);
+    /// This process's resident memory, for heartbeats (0 if unknown).
+    fn rss_bytes(&self) -> u64;
+}

@@ -1,0 +1,75 @@
+//! The client protocol, served by the peer.
+
+use impetus_proto::api::{ClientRequest, ClientResponse, ClusterStatus, ServiceError};
+use impetus_proto::{Command, PeerId};
+use impetus_queue::JobFilter;
+
+use super::{Consensus, ConsensusError, JobRunner, Peer, Runtime};
+
+impl From<ConsensusError> for ServiceError {
+    fn from(e: ConsensusError) -> ServiceError {
+        match e {
+            ConsensusError::NotLeader { leader } => ServiceError::NotLeader { leader },
+            ConsensusError::Unavailable(why) => ServiceError::Unavailable(why),
+        }
+    }
+}
+
+impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
+    /// Answer one client request.
+    pub async fn handle(&self, req: ClientRequest) -> ClientResponse {
+        if let Err(e) = req.validate() {
+            return ClientResponse::Error(ServiceError::InvalidRequest(e.to_string()));
+        }
+        let inner = &self.inner;
+        let c = &inner.consensus;
+        match req {
+            ClientRequest::Write(cmd) => {
+                if let Command::PutModule { hash, bytes } = &cmd {
+                    // Refuse what cannot run before it is stored: not wasm,
+                    // not a WASI command, imports we do not provide.
+                    if let Err(why) = inner.runner.prepare(*hash, bytes) {
+                        return ClientResponse::Error(ServiceError::ModuleRejected(why));
+                    }
+                }
+                let wakes_worker =
+                    matches!(cmd, Command::Submit { .. } | Command::Retry { .. } | Command::UpdateStream { .. });
+                match c.write(inner.rt.now(), cmd).await {
+                    Ok(result) => {
+                        if wakes_worker {
+                            inner.wake.notify_one();
+                        }
+                        ClientResponse::Applied(result)
+                    }
+                    Err(e) => ClientResponse::Error(e.into()),
+                }
+            }
+            ClientRequest::GetJob(id) => ClientResponse::Job(c.read(|s| s.job(id))),
+            ClientRequest::ListJobs { stream, status, after, limit } => ClientResponse::Jobs(
+                c.read(|s| s.jobs(&JobFilter { stream: stream.as_ref(), status, after, limit: limit as usize })),
+            ),
+            ClientRequest::GetStream(name) => ClientResponse::Stream(c.read(|s| s.stream(&name))),
+            ClientRequest::ListStreams => ClientResponse::Streams(c.read(|s| s.streams())),
+            ClientRequest::HasModule(hash) => ClientResponse::HasModule(c.read(|s| s.has_module(&hash))),
+            ClientRequest::GetModule(hash) => ClientResponse::Module(c.read(|s| s.module(&hash).map(<[u8]>::to_vec))),
+            ClientRequest::DataGet { stream, key } => {
+                ClientResponse::Data(c.read(|s| s.data_get(&stream, &key).map(<[u8]>::to_vec)))
+            }
+            ClientRequest::Status => {
+                let raft = c.status();
+                let (peers, streams) = c.read(|s| (s.peers(), s.streams()));
+                ClientResponse::Status(ClusterStatus {
+                    peer: inner.id,
+                    // Raft node ids and peer ids coincide only for this peer
+                    // until the cluster issue unifies them.
+                    leader: raft.leader.map(|l| if l == raft.node { inner.id } else { PeerId(l) }),
+                    term: raft.term,
+                    commit_index: raft.commit_index,
+                    applied_index: raft.applied_index,
+                    peers,
+                    streams,
+                })
+            }
+        }
+    }
+}

@@ -1,0 +1,325 @@
+//! The worker loop: lease, run, renew, report.
+//!
+//! Each turn it gathers everything it has to say — results of finished jobs,
+//! renewals of leases that are a third through their TTL, a lease request for
+//! its free slots, a heartbeat, a tick when the state has a deadline due — and
+//! sends it as one command (group commit). Results that could not be sent are
+//! kept and sent again; a completion the state machine rejects (stale token)
+//! is dropped, because the job already belongs to someone else.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use impetus_proto::{
+    Command, Completion, ErrorKind, ErrorRecord, Failure, FencingToken, JobId, LeaseGrant, Outcome, StreamName,
+    Timestamp,
+};
+
+use super::{Consensus, ConsensusError, Inner, JobRunner, RunReport, Runtime};
+
+/// A job this peer is running.
+struct Running {
+    stream: StreamName,
+    token: FencingToken,
+    expires_at: Timestamp,
+    ttl_ms: u64,
+    /// The lease was lost (renewal refused): the result will be rejected.
+    lost: bool,
+}
+
+/// What each part of a batch was, to read its outcome.
+enum Sent {
+    Complete,
+    Fail,
+    Renew(Vec<JobId>),
+    Lease { asked: u32 },
+    Other,
+}
+
+type Done = (JobId, FencingToken, RunReport);
+
+/// Hand back the leases an earlier run of this peer left behind (disbatch's
+/// "cleanup of orphaned work at start"): their jobs go back to the queue
+/// without counting an attempt.
+pub(super) async fn release_orphans<R: Runtime, C: Consensus, X: JobRunner>(
+    inner: &Inner<R, C, X>,
+) -> Result<(), ConsensusError> {
+    let held = inner.consensus.read(|s| s.leases_held_by(inner.id));
+    if held.is_empty() {
+        return Ok(());
+    }
+    let n = held.len();
+    inner.consensus.write(inner.rt.now(), Command::Release { peer: inner.id, leases: held }).await?.ok();
+    tracing::info!(peer = %inner.id, released = n, "handed back leases left by an earlier run");
+    Ok(())
+}
+
+pub(super) async fn run<R: Runtime, C: Consensus, X: JobRunner>(inner: Arc<Inner<R, C, X>>) {
+    let mut w = Worker {
+        inner: inner.clone(),
+        running: BTreeMap::new(),
+        completions: Vec::new(),
+        failures: Vec::new(),
+        tracked: BTreeMap::new(),
+        last_heartbeat: Timestamp::ZERO,
+        grace_deadline: None,
+        tx: None,
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Done>();
+    w.tx = Some(tx);
+    let poll = inner.cfg.poll_interval;
+    loop {
+        while let Ok(done) = rx.try_recv() {
+            w.finished(done);
+        }
+        let (finished, again) = w.turn().await;
+        if finished {
+            break;
+        }
+        if again {
+            continue;
+        }
+        let wait = w.next_wait(poll);
+        tokio::select! {
+            biased;
+            Some(done) = rx.recv() => w.finished(done),
+            () = inner.wake.notified() => {}
+            () = inner.rt.sleep(wait) => {}
+        }
+    }
+    inner.stopped_flag.store(true, Ordering::SeqCst);
+    inner.stopped.notify_waiters();
+    tracing::info!(peer = %inner.id, "worker stopped");
+}
+
+struct Worker<R, C, X> {
+    inner: Arc<Inner<R, C, X>>,
+    running: BTreeMap<JobId, Running>,
+    completions: Vec<Completion>,
+    failures: Vec<Failure>,
+    /// Streams this peer works on, with when they last had work for it.
+    tracked: BTreeMap<StreamName, Timestamp>,
+    last_heartbeat: Timestamp,
+    grace_deadline: Option<Timestamp>,
+    tx: Option<tokio::sync::mpsc::UnboundedSender<Done>>,
+}
+
+impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
+    fn finished(&mut self, (job, token, report): Done) {
+        // A late report of an earlier attempt must not take the entry of a
+        // newer lease on the same job.
+        if self.running.get(&job).map(|r| r.token) != Some(token) {
+            tracing::debug!(%job, %token, "report of a superseded attempt dropped");
+            return;
+        }
+        let Some(r) = self.running.remove(&job) else { return };
+        if r.lost {
+            tracing::warn!(%job, "job finished after its lease was lost; result dropped");
+            return;
+        }
+        match report.result {
+            Ok(result) => self.completions.push(Completion { job, token, result, stderr_tail: report.stderr_tail }),
+            Err(error) => self.failures.push(Failure {
+                job,
+                token,
+                error,
+                stdout_tail: report.stdout_tail,
+                stderr_tail: report.stderr_tail,
+            }),
+        }
+    }
+
+    /// One round trip to consensus. Returns (stop now, go again at once).
+    async fn turn(&mut self) -> (bool, bool) {
+        let inner = self.inner.clone();
+        let now = inner.rt.now();
+        let me = inner.id;
+        let stopping = inner.stopping.load(Ordering::SeqCst);
+        if stopping && self.grace_deadline.is_none() {
+            self.grace_deadline = Some(now.saturating_add_ms(inner.cfg.shutdown_grace.as_millis() as u64));
+            tracing::info!(peer = %me, running = self.running.len(), "stopping: no new leases, finishing running jobs");
+        }
+
+        let mut cmds = Vec::new();
+        let mut sent = Vec::new();
+        let completions = std::mem::take(&mut self.completions);
+        let failures = std::mem::take(&mut self.failures);
+        if !completions.is_empty() {
+            cmds.push(Command::Complete { peer: me, completions: completions.clone() });
+            sent.push(Sent::Complete);
+        }
+        if !failures.is_empty() {
+            cmds.push(Command::Fail { peer: me, failures: failures.clone() });
+            sent.push(Sent::Fail);
+        }
+        let renew: Vec<(JobId, FencingToken)> = self
+            .running
+            .iter()
+            .filter(|(_, r)| !r.lost && r.expires_at.since(now) < r.ttl_ms * 2 / 3)
+            .map(|(&id, r)| (id, r.token))
+            .collect();
+        if !renew.is_empty() {
+            sent.push(Sent::Renew(renew.iter().map(|(id, _)| *id).collect()));
+            cmds.push(Command::Renew { peer: me, leases: renew });
+        }
+        let free = inner.cfg.capacity.saturating_sub(self.running.len() as u32);
+        if !stopping && free > 0 {
+            let streams = inner.consensus.read(|s| s.leasable_streams(me));
+            self.track(now, &streams);
+            if !streams.is_empty() {
+                let asked = free.min(inner.cfg.max_lease_batch);
+                cmds.push(Command::Lease { peer: me, streams, max: asked });
+                sent.push(Sent::Lease { asked });
+            }
+        }
+        if now.since(self.last_heartbeat) >= inner.cfg.heartbeat_interval.as_millis() as u64 {
+            self.last_heartbeat = now;
+            let cmd = Command::Heartbeat { peer: me, info: inner.cfg.info.clone(), rss_bytes: inner.rt.rss_bytes() };
+            cmds.push(cmd);
+            sent.push(Sent::Other);
+        }
+        let status = inner.consensus.status();
+        let is_leader = status.leader == Some(status.node);
+        let due = inner.consensus.read(|s| s.poll_timeout()).is_some_and(|t| t <= now);
+        if cmds.is_empty() && is_leader && due {
+            // Any command advances time; send a bare tick only when idle.
+            cmds.push(Command::Tick);
+            sent.push(Sent::Other);
+        }
+        let finishing =
+            stopping && (self.running.is_empty() || self.grace_deadline.is_some_and(|deadline| now >= deadline));
+        if finishing && !self.running.is_empty() {
+            let leases: Vec<_> = self.running.iter().filter(|(_, r)| !r.lost).map(|(&id, r)| (id, r.token)).collect();
+            tracing::warn!(peer = %me, released = leases.len(), "grace period over: handing back running jobs");
+            cmds.push(Command::Release { peer: me, leases });
+            sent.push(Sent::Other);
+            self.running.clear();
+        }
+        if cmds.is_empty() {
+            return (finishing, false);
+        }
+        let cmd = if cmds.len() == 1 { cmds.remove(0) } else { Command::Batch(cmds) };
+        let outcome = match inner.consensus.write(now, cmd).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(e)) => {
+                tracing::error!(peer = %me, error = %e, "worker command refused");
+                return (finishing, false);
+            }
+            Err(e) => {
+                // Nothing is lost: results are kept and sent again next turn.
+                tracing::warn!(peer = %me, error = %e, "could not reach consensus; will retry");
+                self.completions = completions;
+                self.failures = failures;
+                inner.rt.sleep(inner.cfg.poll_interval).await;
+                return (finishing, false);
+            }
+        };
+        let outcomes = match outcome {
+            Outcome::Batch(v) => v,
+            single => vec![Ok(single)],
+        };
+        let mut again = false;
+        for (kind, result) in sent.into_iter().zip(outcomes) {
+            match (kind, result) {
+                (Sent::Complete, Ok(Outcome::Completed(rs))) => {
+                    for e in rs.into_iter().filter_map(Result::err) {
+                        tracing::warn!(peer = %me, error = %e, "result rejected");
+                    }
+                }
+                (Sent::Fail, Ok(Outcome::Failed(rs))) => {
+                    for e in rs.into_iter().filter_map(Result::err) {
+                        tracing::warn!(peer = %me, error = %e, "failure report rejected");
+                    }
+                }
+                (Sent::Renew(ids), Ok(Outcome::Renewed(rs))) => {
+                    for (id, r) in ids.into_iter().zip(rs) {
+                        let Some(run) = self.running.get_mut(&id) else { continue };
+                        match r {
+                            Ok(expires_at) => run.expires_at = expires_at,
+                            Err(e) => {
+                                tracing::warn!(peer = %me, job = %id, error = %e, "lease lost while running");
+                                run.lost = true;
+                            }
+                        }
+                    }
+                }
+                (Sent::Lease { asked }, Ok(Outcome::Leased(grants))) => {
+                    again = grants.len() as u32 == asked;
+                    for g in grants {
+                        self.start(g);
+                    }
+                }
+                (_, Err(e)) => tracing::warn!(peer = %me, error = %e, "part of a worker command refused"),
+                (_, Ok(_)) => {}
+            }
+        }
+        (finishing, again)
+    }
+
+    /// Start running a granted job.
+    fn start(&mut self, g: LeaseGrant) {
+        let inner = &self.inner;
+        let (job, token) = (g.job, g.token);
+        self.running.insert(
+            job,
+            Running { stream: g.stream.clone(), token, expires_at: g.expires_at, ttl_ms: g.lease_ttl_ms, lost: false },
+        );
+        if !inner.runner.is_prepared(&g.module) {
+            let prepared = match inner.consensus.read(|s| s.module(&g.module).map(<[u8]>::to_vec)) {
+                Some(bytes) => inner.runner.prepare(g.module, &bytes),
+                None => Err(format!("module {} is not stored", g.module)),
+            };
+            if let Err(why) = prepared {
+                let error = ErrorRecord::new(ErrorKind::Module, why);
+                let report = RunReport { result: Err(error), stdout_tail: vec![], stderr_tail: vec![] };
+                self.finished((job, token, report));
+                return;
+            }
+        }
+        let fut = inner.runner.run(g);
+        let Some(tx) = self.tx.clone() else { return };
+        inner.rt.spawn(async move {
+            let report = fut.await;
+            // The loop may have stopped (grace period over); then the lease was released.
+            let _ = tx.send((job, token, report));
+        });
+    }
+
+    /// Follow which streams have work for this peer; forget a stream after
+    /// its idle timeout (as impetus v2's Node did).
+    fn track(&mut self, now: Timestamp, leasable: &[StreamName]) {
+        for name in leasable.iter().chain(self.running.values().map(|r| &r.stream)) {
+            if self.tracked.insert(name.clone(), now).is_none() {
+                tracing::info!(peer = %self.inner.id, stream = %name, "tracking stream");
+            }
+        }
+        let idle: Vec<StreamName> = self.inner.consensus.read(|s| {
+            self.tracked
+                .iter()
+                .filter(|(name, last)| s.stream(name).is_none_or(|info| now.since(**last) > info.props.idle_timeout_ms))
+                .map(|(name, _)| name.clone())
+                .collect()
+        });
+        for name in idle {
+            self.tracked.remove(&name);
+            tracing::info!(peer = %self.inner.id, stream = %name, "stream idle: no longer tracked");
+        }
+    }
+
+    /// How long to sleep: until the next renewal is due, at most `poll`.
+    fn next_wait(&self, poll: Duration) -> Duration {
+        let now = self.inner.rt.now();
+        let next_renew = self
+            .running
+            .values()
+            .filter(|r| !r.lost)
+            .map(|r| r.expires_at.0.saturating_sub(r.ttl_ms * 2 / 3).saturating_sub(now.0))
+            .min();
+        match next_renew {
+            Some(ms) => poll.min(Duration::from_millis(ms.max(1))),
+            None => poll,
+        }
+    }
+}

@@ -1,0 +1,412 @@
+//! The client protocol over real libp2p on loopback: `impetus_node::net`'s
+//! server with an in-memory fake service, driven by `impetus_sdk::Client`.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use impetus_node::net::{ClientService, NetConfig, Server};
+use impetus_proto::api::{ClientRequest, ClientResponse, ClusterStatus, ServiceError};
+use impetus_proto::command::{ApplyError, Command, NewJob, Outcome, Submitted};
+use impetus_proto::ids::{JobId, ModuleHash, PeerId, StreamName, Timestamp};
+use impetus_proto::records::{JobRecord, JobSpec, JobStatus, StreamInfo, StreamProps, StreamStats};
+use impetus_sdk::{Client, ClientError};
+use libp2p::Multiaddr;
+use tokio::sync::oneshot;
+
+/// A test-only service: jobs in a BTreeMap, every write recorded. A job
+/// becomes Succeeded on the third time it is read, so `wait` has to poll.
+#[derive(Default)]
+struct Fake {
+    jobs: Mutex<BTreeMap<JobId, (JobRecord, u32)>>,
+    streams: Mutex<BTreeMap<StreamName, StreamInfo>>,
+    modules: Mutex<BTreeMap<ModuleHash, Vec<u8>>>,
+    writes: Mutex<Vec<Command>>,
+    requests: AtomicUsize,
+}
+
+fn record(id: JobId, stream: &StreamName, job: &NewJob) -> JobRecord {
+    JobRecord {
+        id,
+        stream: stream.clone(),
+        module: job.module,
+        spec: job.spec.clone(),
+        priority: job.priority.unwrap_or(0),
+        status: JobStatus::Queued,
+        ready_at: Timestamp(0),
+        attempts: 0,
+        lease: None,
+        peer: None,
+        created_at: Timestamp(1),
+        updated_at: Timestamp(1),
+        key: job.key.clone(),
+        result: None,
+        error: None,
+        stdout_tail: vec![],
+        stderr_tail: vec![],
+    }
+}
+
+impl Fake {
+    fn write(&self, cmd: Command) -> Result<Outcome, ApplyError> {
+        self.writes.lock().unwrap().push(cmd.clone());
+        match cmd {
+            Command::CreateStream { name, props } => {
+                let mut streams = self.streams.lock().unwrap();
+                if streams.contains_key(&name) {
+                    return Err(ApplyError::StreamExists(name));
+                }
+                let info =
+                    StreamInfo { name: name.clone(), props, created_at: Timestamp(1), stats: StreamStats::default() };
+                streams.insert(name, info);
+                Ok(Outcome::StreamCreated)
+            }
+            Command::PutModule { hash, bytes } => {
+                let new = self.modules.lock().unwrap().insert(hash, bytes).is_none();
+                Ok(Outcome::ModuleStored { new })
+            }
+            Command::Submit { stream, jobs } => {
+                if !self.streams.lock().unwrap().contains_key(&stream) {
+                    return Err(ApplyError::UnknownStream(stream));
+                }
+                let mut map = self.jobs.lock().unwrap();
+                let mut out = vec![];
+                for job in &jobs {
+                    let id = JobId(map.len() as u64 + 1);
+                    map.insert(id, (record(id, &stream, job), 0));
+                    out.push(Submitted { job: id, existing: false });
+                }
+                Ok(Outcome::Submitted(out))
+            }
+            Command::Cancel { job } => match self.jobs.lock().unwrap().get_mut(&job) {
+                Some((rec, _)) => {
+                    rec.status = JobStatus::Cancelled;
+                    Ok(Outcome::Cancelled)
+                }
+                None => Err(ApplyError::UnknownJob(job)),
+            },
+            other => Err(ApplyError::Invalid(format!("the fake does not do {other:?}"))),
+        }
+    }
+}
+
+impl ClientService for Fake {
+    async fn handle(&self, req: ClientRequest) -> ClientResponse {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        match req {
+            ClientRequest::Write(cmd) => ClientResponse::Applied(self.write(cmd)),
+            ClientRequest::GetJob(id) => {
+                let mut jobs = self.jobs.lock().unwrap();
+                ClientResponse::Job(jobs.get_mut(&id).map(|(rec, reads)| {
+                    *reads += 1;
+                    if *reads >= 3 && !rec.status.is_final() {
+                        rec.status = JobStatus::Succeeded;
+                        rec.result = Some(rec.spec.input.clone());
+                    }
+                    rec.clone()
+                }))
+            }
+            ClientRequest::ListJobs { stream, status, after, limit } => {
+                let jobs = self.jobs.lock().unwrap();
+                let lower = after.map_or(0, |a| a.0 + 1);
+                ClientResponse::Jobs(
+                    jobs.range(JobId(lower)..)
+                        .map(|(_, (r, _))| r)
+                        .filter(|r| stream.as_ref().is_none_or(|s| &r.stream == s))
+                        .filter(|r| status.is_none_or(|s| r.status == s))
+                        .take(limit as usize)
+                        .cloned()
+                        .collect(),
+                )
+            }
+            ClientRequest::GetStream(name) => ClientResponse::Stream(self.streams.lock().unwrap().get(&name).cloned()),
+            ClientRequest::ListStreams => {
+                ClientResponse::Streams(self.streams.lock().unwrap().values().cloned().collect())
+            }
+            ClientRequest::HasModule(h) => ClientResponse::HasModule(self.modules.lock().unwrap().contains_key(&h)),
+            ClientRequest::GetModule(h) => ClientResponse::Module(self.modules.lock().unwrap().get(&h).cloned()),
+            ClientRequest::DataGet { .. } => {
+                ClientResponse::Error(ServiceError::Unavailable("the fake has no data store".into()))
+            }
+            ClientRequest::Status => ClientResponse::Status(ClusterStatus {
+                peer: PeerId(1),
+                leader: Some(PeerId(1)),
+                term: 1,
+                commit_index: 2,
+                applied_index: 2,
+                peers: vec![],
+                streams: self.streams.lock().unwrap().values().cloned().collect(),
+            }),
+        }
+    }
+}
+
+struct Running {
+    addr: Multiaddr,
+    fake: Arc<Fake>,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), impetus_node::net::NetError>>,
+}
+
+impl Running {
+    async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let res = tokio::time::timeout(Duration::from_secs(5), &mut self.task).await;
+        assert!(matches!(res, Ok(Ok(Ok(())))), "server did not stop cleanly: {res:?}");
+    }
+}
+
+async fn start(authkey: Option<&str>) -> Running {
+    let listen: Multiaddr = "/ip4/127.0.0.1/tcp/0".parse().unwrap();
+    let cfg = NetConfig { listen, keypair: None, authkey: authkey.map(str::to_owned) };
+    let server = Server::bind(cfg).await.unwrap();
+    let addr = server.listen_addr().clone();
+    assert!(!addr.to_string().ends_with("/tcp/0"), "{addr}");
+    let fake = Arc::new(Fake::default());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(server.run(Arc::clone(&fake), async move {
+        let _ = stopped.await;
+    }));
+    Running { addr, fake, stop: Some(stop), task }
+}
+
+fn port(addr: &Multiaddr) -> u16 {
+    addr.iter()
+        .find_map(|p| match p {
+            libp2p::multiaddr::Protocol::Tcp(p) => Some(p),
+            _ => None,
+        })
+        .unwrap()
+}
+
+fn new_job(input: &str) -> NewJob {
+    NewJob {
+        module: ModuleHash::of(b"\0asm"),
+        spec: JobSpec { args: vec![], env: vec![], input: input.as_bytes().to_vec() },
+        priority: None,
+        delay_ms: 0,
+        key: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_round_trip_through_the_sdk() {
+    let server = start(None).await;
+    // The "ip:port" form and the multiaddr form both work.
+    let client = Client::connect(&format!("127.0.0.1:{}", port(&server.addr)), None).await.unwrap();
+    let s = StreamName::new("squares").unwrap();
+
+    client.create_stream(&s, StreamProps::default()).await.unwrap();
+    let err = client.create_stream(&s, StreamProps::default()).await.unwrap_err();
+    assert!(matches!(&err, ClientError::Apply(ApplyError::StreamExists(n)) if n == &s), "{err:?}");
+    assert_eq!(client.stream(&s).await.unwrap().name, s);
+    let missing = StreamName::new("missing").unwrap();
+    assert!(matches!(client.stream(&missing).await, Err(ClientError::UnknownStream(n)) if n == missing));
+    assert_eq!(client.streams().await.unwrap().len(), 1);
+
+    // put_module uploads once, then finds it stored.
+    let hash = client.put_module(b"\0asm".to_vec()).await.unwrap();
+    assert_eq!(hash, ModuleHash::of(b"\0asm"));
+    assert_eq!(client.put_module(b"\0asm".to_vec()).await.unwrap(), hash);
+    let puts = server.fake.writes.lock().unwrap().iter().filter(|c| matches!(c, Command::PutModule { .. })).count();
+    assert_eq!(puts, 1);
+    assert_eq!(client.module(hash).await.unwrap(), Some(b"\0asm".to_vec()));
+
+    let submitted = client.submit(&s, (0..5).map(|i| new_job(&i.to_string())).collect()).await.unwrap();
+    let ids: Vec<JobId> = submitted.iter().map(|s| s.job).collect();
+    assert_eq!(ids, (1..=5).map(JobId).collect::<Vec<_>>());
+    let job = client.job(JobId(2)).await.unwrap();
+    assert_eq!((job.id, job.spec.input.as_slice(), job.status), (JobId(2), &b"1"[..], JobStatus::Queued));
+    assert!(matches!(client.job(JobId(99)).await, Err(ClientError::UnknownJob(JobId(99)))));
+
+    let listed = client.jobs(Some(&s), None, Some(JobId(2)), 2).await.unwrap();
+    assert_eq!(listed.iter().map(|j| j.id).collect::<Vec<_>>(), vec![JobId(3), JobId(4)]);
+
+    client.cancel(JobId(5)).await.unwrap();
+    let mut calls = vec![];
+    let done = client.wait(&ids, Duration::from_secs(10), |d, t| calls.push((d, t))).await.unwrap();
+    assert_eq!(done.iter().map(|j| j.id).collect::<Vec<_>>(), ids);
+    assert_eq!(done[4].status, JobStatus::Cancelled);
+    assert!(done[..4].iter().all(|j| j.status == JobStatus::Succeeded));
+    assert_eq!(done[0].result.as_deref(), Some(&b"0"[..]));
+    assert!(calls.len() >= 2, "wait polled {} times: {calls:?}", calls.len());
+    assert_eq!(calls.last(), Some(&(5, 5)));
+    assert!(calls.windows(2).all(|w| w[0].0 <= w[1].0));
+
+    // A job that never finishes: wait times out with a clear error.
+    client.submit(&s, vec![new_job("slow")]).await.unwrap();
+    let t = Instant::now();
+    let err = client.wait(&[JobId(6)], Duration::from_millis(1), |_, _| {}).await;
+    // It needs three reads to finish; 1 ms allows at most two polls.
+    assert!(matches!(&err, Err(ClientError::Timeout { .. })), "{err:?}");
+    assert!(t.elapsed() < Duration::from_secs(2));
+    assert_eq!(err.unwrap_err().to_string(), "timed out after 1ms waiting for 1 of 1 jobs to finish");
+
+    // A service error comes back as ClientError::Service.
+    let err = client.data_get(&s, b"k").await.unwrap_err();
+    assert!(matches!(err, ClientError::Service(ServiceError::Unavailable(_))), "{err:?}");
+    assert_eq!(err.to_string(), "service unavailable: the fake has no data store");
+    // An invalid request is refused before it is sent.
+    let before = server.fake.requests.load(Ordering::Relaxed);
+    let err = client.data_get(&s, b"").await.unwrap_err();
+    assert_eq!(err.to_string(), "request refused before sending: data-store key is empty");
+    assert_eq!(server.fake.requests.load(Ordering::Relaxed), before);
+
+    let status = client.status().await.unwrap();
+    assert_eq!((status.leader, status.streams.len()), (Some(PeerId(1)), 1));
+
+    // The multiaddr form.
+    let other = Client::connect(&server.addr.to_string(), None).await.unwrap();
+    assert_eq!(other.job(JobId(1)).await.unwrap().id, JobId(1));
+    assert_eq!(other.peer_id(), client.peer_id());
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_concurrent_requests_are_all_answered() {
+    let server = start(None).await;
+    let client = Client::connect(&server.addr.to_string(), None).await.unwrap();
+    let s = StreamName::new("many").unwrap();
+    client.create_stream(&s, StreamProps::default()).await.unwrap();
+    let jobs: Vec<NewJob> = (0..500).map(|i| new_job(&format!("input-{i}"))).collect();
+    let ids: Vec<JobId> = client.submit(&s, jobs).await.unwrap().into_iter().map(|s| s.job).collect();
+    assert_eq!(ids.len(), 500);
+
+    let mut set = tokio::task::JoinSet::new();
+    for (i, id) in ids.iter().copied().enumerate() {
+        let c = client.clone();
+        set.spawn(async move { (i, id, c.request(ClientRequest::GetJob(id)).await) });
+    }
+    let mut answered = 0;
+    while let Some(res) = set.join_next().await {
+        let (i, id, resp) = res.unwrap();
+        match resp.unwrap() {
+            ClientResponse::Job(Some(rec)) => {
+                assert_eq!(rec.id, id);
+                assert_eq!(rec.spec.input, format!("input-{i}").into_bytes());
+            }
+            other => panic!("unexpected answer for {id}: {other:?}"),
+        }
+        answered += 1;
+    }
+    assert_eq!(answered, 500);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_addresses_fail_clearly_and_quickly() {
+    // A closed port on loopback: refused at once.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = format!("127.0.0.1:{}", closed.local_addr().unwrap().port());
+    drop(closed);
+    // A port that accepts TCP but never speaks: only the handshake timeout ends it.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_addr = format!("127.0.0.1:{}", silent.local_addr().unwrap().port());
+
+    for target in [addr.as_str(), silent_addr.as_str(), "no-such-host.invalid:7420"] {
+        let t = Instant::now();
+        let err = Client::connect(target, None).await.unwrap_err();
+        let took = t.elapsed();
+        assert!(took < Duration::from_secs(3), "{target}: took {took:?}");
+        let msg = err.to_string();
+        eprintln!("{target} ({took:?}): {msg}");
+        assert!(matches!(err, ClientError::Connect { .. }), "{target}: {err:?}");
+        assert!(msg.starts_with(&format!("could not connect to {target}: ")), "{msg}");
+        assert!(msg.ends_with("(is a peer running? is the authkey right?)"), "{msg}");
+    }
+    drop(silent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_bytes_do_not_crash_the_server() {
+    let server = start(None).await;
+    let port = port(&server.addr);
+    let client = Client::connect(&server.addr.to_string(), None).await.unwrap();
+    let s = StreamName::new("s").unwrap();
+    client.create_stream(&s, StreamProps::default()).await.unwrap();
+
+    let garbage: Vec<Vec<u8>> = vec![
+        vec![],
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        // A multistream-select header, then nonsense.
+        b"\x13/multistream/1.0.0\n\x07/noise\n\xff\xff\xff\xff\xff\xff".to_vec(),
+        // A huge length prefix and a megabyte of noise.
+        [&u32::MAX.to_be_bytes()[..], &vec![0xAB; 1 << 20]].concat(),
+    ];
+    tokio::task::spawn_blocking(move || {
+        for bytes in garbage {
+            let mut sock = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            sock.set_read_timeout(Some(Duration::from_secs(6))).unwrap();
+            let _ = sock.write_all(&bytes);
+            let _ = sock.shutdown(std::net::Shutdown::Write);
+            // The server answers or closes; it must not hang forever.
+            let mut sink = Vec::new();
+            let _ = sock.read_to_end(&mut sink);
+        }
+    })
+    .await
+    .unwrap();
+
+    // The server still serves the existing client and new ones.
+    assert_eq!(client.stream(&s).await.unwrap().name, s);
+    let fresh = Client::connect(&server.addr.to_string(), None).await.unwrap();
+    assert_eq!(fresh.streams().await.unwrap().len(), 1);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authkey_keeps_out_clients_without_it() {
+    let server = start(Some("correct horse")).await;
+    let addr = server.addr.to_string();
+
+    for wrong in [Some("battery staple"), None] {
+        let t = Instant::now();
+        let res = Client::connect(&addr, wrong).await;
+        let took = t.elapsed();
+        let err = res.expect_err("a client without the right key must not connect");
+        eprintln!("authkey {wrong:?} ({took:?}): {err}");
+        assert!(took < Duration::from_secs(3), "{wrong:?}: took {took:?}");
+        assert!(matches!(err, ClientError::Connect { .. }), "{err:?}");
+        assert!(err.to_string().contains("is the authkey right?"), "{err}");
+    }
+
+    let client = Client::connect(&addr, Some("correct horse")).await.unwrap();
+    assert_eq!(client.status().await.unwrap().peer, PeerId(1));
+
+    // A keyed client cannot reach a peer without a key either.
+    let open = start(None).await;
+    let err = Client::connect(&open.addr.to_string(), Some("correct horse")).await.unwrap_err();
+    assert!(matches!(err, ClientError::Connect { .. }), "{err:?}");
+    open.stop().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_answers_an_internal_error() {
+    struct Panics;
+    impl ClientService for Panics {
+        async fn handle(&self, req: ClientRequest) -> ClientResponse {
+            match req {
+                ClientRequest::Status => panic!("boom"),
+                _ => ClientResponse::HasModule(true),
+            }
+        }
+    }
+    let listen: Multiaddr = "/ip4/127.0.0.1/tcp/0".parse().unwrap();
+    let server = Server::bind(NetConfig { listen, ..NetConfig::default() }).await.unwrap();
+    let addr = server.listen_addr().to_string();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(server.run(Arc::new(Panics), async move {
+        let _ = stopped.await;
+    }));
+    let client = Client::connect(&addr, None).await.unwrap();
+    let err = client.status().await.unwrap_err();
+    assert!(matches!(&err, ClientError::Service(ServiceError::Internal(m)) if m.contains("panicked")), "{err:?}");
+    assert!(client.has_module(ModuleHash::of(b"x")).await.unwrap());
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+}

@@ -1,0 +1,183 @@
+//! The peer logic on a real (in-memory) Raft node with a stand-in executor:
+//! client requests, the worker loop, retries, module checks, shutdown.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use impetus_node::peer::{JobRunner, Peer, PeerConfig, RunReport};
+use impetus_node::raft_consensus::RaftConsensus;
+use impetus_node::rt::TokioRuntime;
+use impetus_proto::api::{ClientRequest, ClientResponse, ServiceError};
+use impetus_proto::*;
+use impetus_raft::testing::Router;
+use impetus_raft::{
+    default_raft_config, start_node, MemLogStore, MemSnapshotStore, PeerNode, SnapshotStore, StateMachineStore,
+    TypeConfig,
+};
+
+/// Runs "jobs" natively: input `n` → `n*n`; `trap` → a trap record; `sleep:MS`
+/// → sleeps, then prints "slept". Refuses modules that do not start with `\0asm`.
+#[derive(Clone, Default)]
+struct FakeRunner {
+    prepared: Arc<Mutex<BTreeSet<ModuleHash>>>,
+}
+
+impl JobRunner for FakeRunner {
+    fn prepare(&self, hash: ModuleHash, bytes: &[u8]) -> Result<(), String> {
+        if !bytes.starts_with(b"\0asm") {
+            return Err("not a WebAssembly module (bad magic)".into());
+        }
+        self.prepared.lock().unwrap().insert(hash);
+        Ok(())
+    }
+
+    fn is_prepared(&self, hash: &ModuleHash) -> bool {
+        self.prepared.lock().unwrap().contains(hash)
+    }
+
+    // `async fn` would borrow `self`; the trait wants a `'static` future.
+    #[allow(clippy::manual_async_fn)]
+    fn run(&self, grant: LeaseGrant) -> impl std::future::Future<Output = RunReport> + Send + 'static {
+        async move {
+            let input = String::from_utf8_lossy(&grant.spec.input).to_string();
+            let result = if let Some(ms) = input.strip_prefix("sleep:") {
+                tokio::time::sleep(Duration::from_millis(ms.parse().unwrap())).await;
+                Ok(b"slept".to_vec())
+            } else if input == "trap" {
+                Err(ErrorRecord::new(ErrorKind::Trap, "wasm trap: unreachable"))
+            } else {
+                let n: i64 = input.trim().parse().unwrap();
+                Ok((n * n).to_string().into_bytes())
+            };
+            RunReport { result, stdout_tail: vec![], stderr_tail: vec![] }
+        }
+    }
+}
+
+type TestPeer = Peer<TokioRuntime, RaftConsensus<TypeConfig>, FakeRunner>;
+
+async fn peer(cfg: PeerConfig) -> TestPeer {
+    let router = Router::<TypeConfig>::new();
+    let sm =
+        StateMachineStore::open(SnapshotStore::Memory(MemSnapshotStore::new())).unwrap().with_invariant_checks(true);
+    let (raft, state) = start_node(
+        1,
+        default_raft_config(),
+        router.for_node(1),
+        MemLogStore::<TypeConfig>::new(),
+        sm,
+        Some(PeerNode::new("mem-1")),
+    )
+    .await
+    .unwrap();
+    router.add(1, raft.clone());
+    Peer::start(TokioRuntime, RaftConsensus::new(raft, state, 1), FakeRunner::default(), cfg, None).await.unwrap()
+}
+
+const MODULE: &[u8] = b"\0asm fake";
+
+async fn write(p: &TestPeer, cmd: Command) -> Result<Outcome, String> {
+    match p.handle(ClientRequest::Write(cmd)).await {
+        ClientResponse::Applied(r) => r.map_err(|e| e.to_string()),
+        ClientResponse::Error(e) => Err(e.to_string()),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+async fn setup(p: &TestPeer, props: StreamProps) -> StreamName {
+    write(p, Command::PutModule { hash: ModuleHash::of(MODULE), bytes: MODULE.to_vec() }).await.unwrap();
+    let s = StreamName::new("s1").unwrap();
+    write(p, Command::CreateStream { name: s.clone(), props }).await.unwrap();
+    s
+}
+
+fn new_job(input: &str) -> NewJob {
+    NewJob {
+        module: ModuleHash::of(MODULE),
+        spec: JobSpec { input: input.as_bytes().to_vec(), ..JobSpec::default() },
+        priority: None,
+        delay_ms: 0,
+        key: None,
+    }
+}
+
+/// Wait (bounded) until every job is final; return them.
+async fn wait_final(p: &TestPeer, n: usize) -> Vec<JobRecord> {
+    for _ in 0..500 {
+        let jobs = p.read(|s| s.jobs(&impetus_queue::JobFilter { limit: usize::MAX, ..Default::default() }));
+        if jobs.len() == n && jobs.iter().all(|j| j.status.is_final()) {
+            return jobs;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("jobs did not finish within 10 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_helloworld_runs_to_completion() {
+    let p = peer(PeerConfig::default()).await;
+    let s = setup(&p, StreamProps::default()).await;
+    let jobs = (0..100).map(|i| new_job(&i.to_string())).collect();
+    write(&p, Command::Submit { stream: s, jobs }).await.unwrap();
+    let done = wait_final(&p, 100).await;
+    let total: u64 =
+        done.iter().map(|j| String::from_utf8_lossy(j.result.as_deref().unwrap()).parse::<u64>().unwrap()).sum();
+    assert_eq!(total, 328_350);
+    assert!(done.iter().all(|j| j.status == JobStatus::Succeeded && j.attempts == 1 && j.peer == Some(p.id())));
+    p.read(|s| s.check_invariants());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_job_is_retried_then_dead_with_its_error_record() {
+    let p = peer(PeerConfig::default()).await;
+    let props = StreamProps { max_attempts: 2, retry_backoff_ms: 10, ..StreamProps::default() };
+    let s = setup(&p, props).await;
+    write(&p, Command::Submit { stream: s, jobs: vec![new_job("trap"), new_job("3")] }).await.unwrap();
+    let done = wait_final(&p, 2).await;
+    assert_eq!((done[0].status, done[0].attempts), (JobStatus::Dead, 2));
+    assert_eq!(done[0].error.as_ref().unwrap().error, "wasm trap: unreachable");
+    assert_eq!(done[1].result.as_deref(), Some(&b"9"[..]), "the peer kept serving");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_module_that_cannot_run_is_refused_before_it_is_stored() {
+    let p = peer(PeerConfig::default()).await;
+    let bytes = b"#!/bin/sh".to_vec();
+    let r = p.handle(ClientRequest::Write(Command::PutModule { hash: ModuleHash::of(&bytes), bytes })).await;
+    assert_eq!(r, ClientResponse::Error(ServiceError::ModuleRejected("not a WebAssembly module (bad magic)".into())));
+    let r = p.handle(ClientRequest::GetStream(StreamName::new("nope").unwrap())).await;
+    assert_eq!(r, ClientResponse::Stream(None));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_respects_its_capacity_and_renews_long_jobs() {
+    let cfg = PeerConfig { capacity: 2, ..PeerConfig::default() };
+    let p = peer(cfg).await;
+    // A 300 ms lease and 700 ms jobs: only renewals keep the leases alive.
+    let props = StreamProps { lease_ttl_ms: 300, max_attempts: 1, ..StreamProps::default() };
+    let s = setup(&p, props).await;
+    let jobs = (0..4).map(|_| new_job("sleep:700")).collect();
+    write(&p, Command::Submit { stream: s.clone(), jobs }).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let running = p.read(|st| st.stream_stats(&s).unwrap());
+    assert_eq!(running.leased + running.running, 2, "capacity 2: {running:?}");
+    let done = wait_final(&p, 4).await;
+    assert!(done.iter().all(|j| j.status == JobStatus::Succeeded), "{done:#?}");
+    assert_eq!(p.read(|st| st.stream_stats(&s).unwrap().expired_leases_total), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_running_jobs_finish_and_reports_them() {
+    let p = peer(PeerConfig::default()).await;
+    let s = setup(&p, StreamProps::default()).await;
+    write(&p, Command::Submit { stream: s.clone(), jobs: vec![new_job("sleep:300")] }).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    tokio::time::timeout(Duration::from_secs(5), p.shutdown()).await.expect("shutdown within 5 s");
+    let job = p.read(|st| st.job(JobId(0)).unwrap());
+    assert_eq!(job.status, JobStatus::Succeeded);
+    // No new leases after shutdown.
+    write(&p, Command::Submit { stream: s, jobs: vec![new_job("2")] }).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(p.read(|st| st.job(JobId(1)).unwrap().status), JobStatus::Queued);
+}

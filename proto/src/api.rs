@@ -1,0 +1,400 @@
+//! The client protocol: what a client (the CLI, an application through the
+//! SDK) asks a peer, and what the peer answers.
+//!
+//! Every message crosses the network as `[CLIENT_API_VERSION, postcard...]`
+//! ([`wire::encode`]). [`decode_request`] and [`decode_response`] check the
+//! version, the size limit, the structure and then every rule of the
+//! vocabulary, so bytes from outside become a valid message or a named
+//! [`DecodeError`], never a panic.
+
+use serde::{Deserialize, Serialize};
+
+use crate::command::{ApplyResult, Command};
+use crate::error::{DecodeError, InvalidInput};
+use crate::ids::{JobId, ModuleHash, PeerId, StreamName};
+use crate::limits;
+use crate::records::{JobRecord, JobStatus, PeerRecord, StreamInfo};
+use crate::wire;
+
+/// Version of the client protocol encoding. A peer refuses any other.
+pub const CLIENT_API_VERSION: u8 = 1;
+
+/// A client's request to a peer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientRequest {
+    /// A state-machine command; the peer stamps time and commits it through
+    /// Raft (forwarding to the leader later). Answer: `Applied`.
+    Write(Command),
+    /// Answer: `Job(Option<JobRecord>)`.
+    GetJob(JobId),
+    /// Jobs ordered by id, those after `after` only, at most `limit`.
+    /// Answer: `Jobs(Vec<JobRecord>)`.
+    ListJobs { stream: Option<StreamName>, status: Option<JobStatus>, after: Option<JobId>, limit: u32 },
+    /// Answer: `Stream(Option<StreamInfo>)`.
+    GetStream(StreamName),
+    /// Answer: `Streams(Vec<StreamInfo>)`.
+    ListStreams,
+    /// Answer: `HasModule(bool)`.
+    HasModule(ModuleHash),
+    /// Answer: `Module(Option<Vec<u8>>)`.
+    GetModule(ModuleHash),
+    /// Answer: `Data(Option<Vec<u8>>)`.
+    DataGet { stream: StreamName, key: Vec<u8> },
+    /// Answer: `Status(ClusterStatus)`.
+    Status,
+}
+
+impl ClientRequest {
+    /// A short name of the request's kind, for logs and error messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ClientRequest::Write(_) => "write",
+            ClientRequest::GetJob(_) => "get-job",
+            ClientRequest::ListJobs { .. } => "list-jobs",
+            ClientRequest::GetStream(_) => "get-stream",
+            ClientRequest::ListStreams => "list-streams",
+            ClientRequest::HasModule(_) => "has-module",
+            ClientRequest::GetModule(_) => "get-module",
+            ClientRequest::DataGet { .. } => "data-get",
+            ClientRequest::Status => "status",
+        }
+    }
+
+    /// Check every bound of the vocabulary: a write's command must pass
+    /// [`Command::validate`], a list is at most [`limits::MAX_BATCH`] long,
+    /// a data-store key is non-empty and bounded.
+    pub fn validate(&self) -> Result<(), InvalidInput> {
+        match self {
+            ClientRequest::Write(cmd) => cmd.validate(),
+            ClientRequest::ListJobs { limit, .. } => {
+                if *limit as usize > limits::MAX_BATCH {
+                    return Err(InvalidInput::TooLarge {
+                        what: "job list limit",
+                        len: *limit as usize,
+                        max: limits::MAX_BATCH,
+                    });
+                }
+                Ok(())
+            }
+            ClientRequest::DataGet { key, .. } => {
+                if key.is_empty() {
+                    return Err(InvalidInput::Empty { what: "data-store key" });
+                }
+                if key.len() > limits::MAX_DATA_KEY {
+                    return Err(InvalidInput::TooLarge {
+                        what: "data-store key",
+                        len: key.len(),
+                        max: limits::MAX_DATA_KEY,
+                    });
+                }
+                Ok(())
+            }
+            ClientRequest::GetJob(_)
+            | ClientRequest::GetStream(_)
+            | ClientRequest::ListStreams
+            | ClientRequest::HasModule(_)
+            | ClientRequest::GetModule(_)
+            | ClientRequest::Status => Ok(()),
+        }
+    }
+}
+
+/// What `impetus status` shows: the answering peer's view of the cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// The peer that answered.
+    pub peer: PeerId,
+    pub leader: Option<PeerId>,
+    pub term: u64,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub peers: Vec<PeerRecord>,
+    pub streams: Vec<StreamInfo>,
+}
+
+/// A peer's answer to a [`ClientRequest`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientResponse {
+    Applied(ApplyResult),
+    Job(Option<JobRecord>),
+    Jobs(Vec<JobRecord>),
+    Stream(Option<StreamInfo>),
+    Streams(Vec<StreamInfo>),
+    HasModule(bool),
+    Module(Option<Vec<u8>>),
+    Data(Option<Vec<u8>>),
+    Status(ClusterStatus),
+    Error(ServiceError),
+}
+
+impl ClientResponse {
+    /// A short name of the response's kind, for logs and error messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ClientResponse::Applied(_) => "applied",
+            ClientResponse::Job(_) => "job",
+            ClientResponse::Jobs(_) => "jobs",
+            ClientResponse::Stream(_) => "stream",
+            ClientResponse::Streams(_) => "streams",
+            ClientResponse::HasModule(_) => "has-module",
+            ClientResponse::Module(_) => "module",
+            ClientResponse::Data(_) => "data",
+            ClientResponse::Status(_) => "status",
+            ClientResponse::Error(_) => "error",
+        }
+    }
+
+    /// Check the bounds a client relies on: a module is at most
+    /// [`limits::MAX_MODULE_BYTES`], a data value at most
+    /// [`limits::MAX_DATA_VALUE`].
+    pub fn validate(&self) -> Result<(), InvalidInput> {
+        match self {
+            ClientResponse::Module(Some(b)) if b.len() > limits::MAX_MODULE_BYTES => {
+                Err(InvalidInput::TooLarge { what: "module", len: b.len(), max: limits::MAX_MODULE_BYTES })
+            }
+            ClientResponse::Data(Some(v)) if v.len() > limits::MAX_DATA_VALUE => {
+                Err(InvalidInput::TooLarge { what: "data-store value", len: v.len(), max: limits::MAX_DATA_VALUE })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Why a peer could not serve a request (as opposed to a command that was
+/// applied and refused by the state machine, which is `Applied(Err(..))`).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum ServiceError {
+    #[error("this peer is not the leader{}", match leader {
+        Some(addr) => format!("; the leader is at {addr}"),
+        None => "; no leader is known yet (an election may be in progress, retry shortly)".to_owned(),
+    })]
+    NotLeader { leader: Option<String> },
+    #[error("service unavailable: {0}")]
+    Unavailable(String),
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// The wasm module was refused at submit: the peer's validation message.
+    #[error("module rejected: {0}")]
+    ModuleRejected(String),
+    #[error("internal error on the peer: {0}")]
+    Internal(String),
+}
+
+/// Encode a request as `[CLIENT_API_VERSION, postcard...]`.
+pub fn encode_request(req: &ClientRequest) -> Vec<u8> {
+    wire::encode(CLIENT_API_VERSION, req)
+}
+
+/// Decode and validate a request from untrusted bytes.
+pub fn decode_request(bytes: &[u8]) -> Result<ClientRequest, DecodeError> {
+    let req: ClientRequest = wire::decode("client request", CLIENT_API_VERSION, bytes, limits::MAX_MESSAGE_BYTES)?;
+    req.validate().map_err(|source| DecodeError::Invalid { what: "client request", source })?;
+    Ok(req)
+}
+
+/// Encode a response as `[CLIENT_API_VERSION, postcard...]`.
+pub fn encode_response(resp: &ClientResponse) -> Vec<u8> {
+    wire::encode(CLIENT_API_VERSION, resp)
+}
+
+/// Decode and validate a response from untrusted bytes.
+pub fn decode_response(bytes: &[u8]) -> Result<ClientResponse, DecodeError> {
+    let resp: ClientResponse = wire::decode("client response", CLIENT_API_VERSION, bytes, limits::MAX_MESSAGE_BYTES)?;
+    resp.validate().map_err(|source| DecodeError::Invalid { what: "client response", source })?;
+    Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::command::{ApplyError, NewJob, Outcome};
+    use crate::ids::{FencingToken, Timestamp};
+    use crate::records::{JobSpec, Lease, StreamProps, StreamStats};
+    use proptest::prelude::*;
+
+    fn stream() -> StreamName {
+        StreamName::new("s1").unwrap()
+    }
+
+    fn job(id: u64) -> JobRecord {
+        JobRecord {
+            id: JobId(id),
+            stream: stream(),
+            module: ModuleHash::of(b"m"),
+            spec: JobSpec { args: vec!["3".into()], env: vec![("K".into(), "V".into())], input: b"3".to_vec() },
+            priority: 2,
+            status: JobStatus::Running,
+            ready_at: Timestamp(5),
+            attempts: 1,
+            lease: Some(Lease { peer: PeerId(1), token: FencingToken(9), expires_at: Timestamp(100) }),
+            peer: Some(PeerId(1)),
+            created_at: Timestamp(1),
+            updated_at: Timestamp(2),
+            key: None,
+            result: None,
+            error: None,
+            stdout_tail: vec![],
+            stderr_tail: b"warn".to_vec(),
+        }
+    }
+
+    fn requests() -> Vec<ClientRequest> {
+        vec![
+            ClientRequest::Write(Command::Submit {
+                stream: stream(),
+                jobs: vec![NewJob {
+                    module: ModuleHash::of(b"m"),
+                    spec: JobSpec::default(),
+                    priority: None,
+                    delay_ms: 10,
+                    key: None,
+                }],
+            }),
+            ClientRequest::GetJob(JobId(7)),
+            ClientRequest::ListJobs {
+                stream: Some(stream()),
+                status: Some(JobStatus::Dead),
+                after: Some(JobId(3)),
+                limit: 100,
+            },
+            ClientRequest::GetStream(stream()),
+            ClientRequest::ListStreams,
+            ClientRequest::HasModule(ModuleHash::of(b"x")),
+            ClientRequest::GetModule(ModuleHash::of(b"x")),
+            ClientRequest::DataGet { stream: stream(), key: b"k".to_vec() },
+            ClientRequest::Status,
+        ]
+    }
+
+    fn responses() -> Vec<ClientResponse> {
+        let info = StreamInfo {
+            name: stream(),
+            props: StreamProps::default(),
+            created_at: Timestamp(3),
+            stats: StreamStats::default(),
+        };
+        vec![
+            ClientResponse::Applied(Ok(Outcome::StreamDeleted { jobs_removed: 4 })),
+            ClientResponse::Applied(Err(ApplyError::UnknownStream(stream()))),
+            ClientResponse::Job(Some(job(1))),
+            ClientResponse::Job(None),
+            ClientResponse::Jobs(vec![job(1), job(2)]),
+            ClientResponse::Stream(Some(info.clone())),
+            ClientResponse::Streams(vec![info.clone()]),
+            ClientResponse::HasModule(true),
+            ClientResponse::Module(Some(b"\0asm".to_vec())),
+            ClientResponse::Data(None),
+            ClientResponse::Status(ClusterStatus {
+                peer: PeerId(1),
+                leader: Some(PeerId(2)),
+                term: 3,
+                commit_index: 10,
+                applied_index: 9,
+                peers: vec![],
+                streams: vec![info],
+            }),
+            ClientResponse::Error(ServiceError::NotLeader { leader: Some("/ip4/10.0.0.2/tcp/7420".into()) }),
+        ]
+    }
+
+    #[test]
+    fn requests_and_responses_round_trip() {
+        for req in requests() {
+            assert_eq!(decode_request(&encode_request(&req)).unwrap(), req);
+        }
+        for resp in responses() {
+            assert_eq!(decode_response(&encode_response(&resp)).unwrap(), resp);
+        }
+    }
+
+    #[test]
+    fn wrong_version_is_a_named_error() {
+        let mut bytes = encode_request(&ClientRequest::Status);
+        bytes[0] = CLIENT_API_VERSION + 1;
+        let err = decode_request(&bytes).unwrap_err();
+        assert!(matches!(err, DecodeError::Version { found: 2, expected: 1, .. }), "{err:?}");
+        assert_eq!(err.to_string(), "unsupported client request version 2 (this build speaks version 1)");
+
+        let mut bytes = encode_response(&ClientResponse::HasModule(false));
+        bytes[0] = 0;
+        assert_eq!(
+            decode_response(&bytes).unwrap_err().to_string(),
+            "unsupported client response version 0 (this build speaks version 1)"
+        );
+    }
+
+    #[test]
+    fn invalid_writes_are_refused_at_decode() {
+        let empty_submit = ClientRequest::Write(Command::Submit { stream: stream(), jobs: vec![] });
+        let err = decode_request(&encode_request(&empty_submit)).unwrap_err();
+        assert_eq!(err.to_string(), "invalid client request: submit batch is empty");
+
+        let big_limit = ClientRequest::ListJobs { stream: None, status: None, after: None, limit: u32::MAX };
+        assert!(matches!(decode_request(&encode_request(&big_limit)), Err(DecodeError::Invalid { .. })));
+
+        let empty_key = ClientRequest::DataGet { stream: stream(), key: vec![] };
+        assert_eq!(
+            decode_request(&encode_request(&empty_key)).unwrap_err().to_string(),
+            "invalid client request: data-store key is empty"
+        );
+    }
+
+    #[test]
+    fn service_errors_read_clearly() {
+        let msgs: Vec<String> = [
+            ServiceError::NotLeader { leader: Some("10.0.0.2:7420".into()) },
+            ServiceError::NotLeader { leader: None },
+            ServiceError::Unavailable("raft is shutting down".into()),
+            ServiceError::InvalidRequest("limit too large".into()),
+            ServiceError::ModuleRejected("not a wasm module".into()),
+            ServiceError::Internal("disk full".into()),
+        ]
+        .iter()
+        .map(|e| e.to_string())
+        .collect();
+        expect_test::expect![[r#"
+            [
+                "this peer is not the leader; the leader is at 10.0.0.2:7420",
+                "this peer is not the leader; no leader is known yet (an election may be in progress, retry shortly)",
+                "service unavailable: raft is shutting down",
+                "invalid request: limit too large",
+                "module rejected: not a wasm module",
+                "internal error on the peer: disk full",
+            ]
+        "#]]
+        .assert_debug_eq(&msgs);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 4096, ..ProptestConfig::default() })]
+        /// Fuzz-style: random bytes never panic either decoder.
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode_request(&bytes);
+            let _ = decode_response(&bytes);
+            let mut versioned = bytes.clone();
+            versioned.insert(0, CLIENT_API_VERSION);
+            if let Ok(req) = decode_request(&versioned) {
+                prop_assert!(req.validate().is_ok());
+            }
+            let _ = decode_response(&versioned);
+        }
+
+        /// Mutating a valid encoding never panics, and what decodes is valid.
+        #[test]
+        fn mutated_messages_never_panic(which in any::<usize>(), pos in any::<usize>(), byte in any::<u8>()) {
+            let reqs = requests();
+            let mut b = encode_request(&reqs[which % reqs.len()]);
+            let i = pos % b.len();
+            b[i] = byte;
+            if let Ok(req) = decode_request(&b) {
+                prop_assert!(req.validate().is_ok());
+            }
+            let resps = responses();
+            let mut b = encode_response(&resps[which % resps.len()]);
+            let i = pos % b.len();
+            b[i] = byte;
+            let _ = decode_response(&b);
+        }
+    }
+}

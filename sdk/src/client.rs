@@ -1,0 +1,585 @@
+//! [`Client`]: the one client of an Impetus cluster (the CLI and applications
+//! use it). It talks to one peer over libp2p; the peer forwards writes to
+//! the leader.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+
+use futures::StreamExt;
+use impetus_proto::api::{ClientRequest, ClientResponse, ClusterStatus, ServiceError};
+use impetus_proto::command::{ApplyError, Command, NewJob, Outcome, Submitted};
+use impetus_proto::error::InvalidInput;
+use impetus_proto::ids::{JobId, ModuleHash, StreamName};
+use impetus_proto::limits;
+use impetus_proto::records::{JobRecord, JobStatus, StreamInfo, StreamPatch, StreamProps};
+use impetus_proto::wire;
+use libp2p::identity::Keypair;
+use libp2p::request_response::{self, OutboundFailure, OutboundRequestId, ProtocolSupport};
+use libp2p::swarm::dial_opts::DialOpts;
+use libp2p::swarm::{DialError, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, Swarm};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::transport::{self, ClientCodec, TransportConfig, REQUEST_TIMEOUT};
+
+/// Most requests one client keeps in flight on its connection; more wait
+/// in the queue. Below [`transport::MAX_CONCURRENT_STREAMS`] so the peer
+/// never drops a stream for being at capacity.
+pub const MAX_IN_FLIGHT: usize = 256;
+
+/// How long [`Client::connect`] waits for the connection and handshake.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Room left in a submit request for everything but the jobs themselves.
+const SUBMIT_OVERHEAD: usize = 64 << 10;
+
+/// Why a client call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("could not connect to {addr}: {reason} (is a peer running? is the authkey right?)")]
+    Connect { addr: String, reason: String },
+    #[error("connection to the peer failed: {0}")]
+    Transport(String),
+    #[error(transparent)]
+    Service(#[from] ServiceError),
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    #[error("request refused before sending: {0}")]
+    Invalid(#[from] InvalidInput),
+    #[error("stream {0} does not exist")]
+    UnknownStream(StreamName),
+    #[error("{0} does not exist")]
+    UnknownJob(JobId),
+    #[error("timed out after {after:?} waiting for {what}")]
+    Timeout { what: String, after: Duration },
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+/// The outcome of [`Client::data_cas`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CasOutcome {
+    /// Whether the compare-and-set took effect.
+    pub swapped: bool,
+    /// The value stored now.
+    pub current: Option<Vec<u8>>,
+}
+
+type Reply = oneshot::Sender<Result<ClientResponse, ClientError>>;
+
+struct Call {
+    req: ClientRequest,
+    reply: Reply,
+}
+
+/// A connection to one peer. Cheap to clone: a background task owns the
+/// libp2p swarm, requests reach it over a channel and come back on a
+/// oneshot. The task ends when the last clone is dropped.
+#[derive(Clone, Debug)]
+pub struct Client {
+    calls: mpsc::Sender<Call>,
+    addr: Multiaddr,
+    peer: PeerId,
+}
+
+impl Client {
+    /// Connect to the peer at `addr` (`127.0.0.1:7420`, `host:port` or a
+    /// multiaddr `/ip4/../tcp/..`), with the cluster's `authkey` if it has
+    /// one. Fails within about [`CONNECT_TIMEOUT`] if no peer answers.
+    pub async fn connect(addr: &str, authkey: Option<&str>) -> Result<Client, ClientError> {
+        let cfg = TransportConfig {
+            authkey: authkey.map(str::to_owned),
+            handshake_timeout: CONNECT_TIMEOUT,
+            ..TransportConfig::default()
+        };
+        Client::connect_with(addr, cfg).await
+    }
+
+    /// [`Client::connect`] with an explicit transport configuration.
+    pub async fn connect_with(addr: &str, cfg: TransportConfig) -> Result<Client, ClientError> {
+        let connect_err = |reason: String| ClientError::Connect { addr: addr.to_owned(), reason };
+        let target = transport::resolve_addr(addr).await.map_err(connect_err)?;
+        let behaviour = transport::client_protocol_behaviour(ProtocolSupport::Outbound);
+        let mut swarm = transport::build_swarm(Keypair::generate_ed25519(), &cfg, behaviour)
+            .map_err(|e| connect_err(e.to_string()))?;
+
+        let opts = DialOpts::unknown_peer_id().address(target.clone()).build();
+        let dial = opts.connection_id();
+        swarm.dial(opts).map_err(|e| connect_err(e.to_string()))?;
+        // The transport bounds the handshake; this bounds everything else.
+        let wait = cfg.handshake_timeout + Duration::from_millis(500);
+        let peer = tokio::time::timeout(wait, async {
+            loop {
+                match swarm.select_next_some().await {
+                    SwarmEvent::ConnectionEstablished { peer_id, connection_id, .. } if connection_id == dial => {
+                        return Ok(peer_id);
+                    }
+                    SwarmEvent::OutgoingConnectionError { connection_id, error, .. } if connection_id == dial => {
+                        return Err(describe_dial_error(&error, cfg.handshake_timeout));
+                    }
+                    other => tracing::trace!(event = ?other, "swarm event while connecting"),
+                }
+            }
+        })
+        .await
+        .map_err(|_| connect_err(format!("no handshake within {wait:?}")))?
+        .map_err(connect_err)?;
+
+        // Re-dial this address if the connection drops (idle timeout).
+        swarm.add_peer_address(peer, target.clone());
+        tracing::debug!(%peer, addr = %target, "connected");
+        let (calls, rx) = mpsc::channel(MAX_IN_FLIGHT);
+        tokio::spawn(drive(swarm, peer, target.clone(), rx));
+        Ok(Client { calls, addr: target, peer })
+    }
+
+    /// The address this client is connected to.
+    pub fn addr(&self) -> &Multiaddr {
+        &self.addr
+    }
+
+    /// The libp2p identity of the peer this client talks to.
+    pub fn peer_id(&self) -> PeerId {
+        self.peer
+    }
+
+    /// Send one request and wait for its answer (at most [`REQUEST_TIMEOUT`]).
+    /// The request is validated first. A `ClientResponse::Error` is returned
+    /// as is; the typed helpers turn it into [`ClientError::Service`].
+    pub async fn request(&self, req: ClientRequest) -> Result<ClientResponse, ClientError> {
+        req.validate()?;
+        let (reply, rx) = oneshot::channel();
+        self.calls
+            .send(Call { req, reply })
+            .await
+            .map_err(|_| ClientError::Transport("the client's connection task has stopped".into()))?;
+        rx.await.map_err(|_| ClientError::Transport("the client's connection task has stopped".into()))?
+    }
+
+    /// Commit a command through the peer and return its outcome; a refused
+    /// command is [`ClientError::Apply`].
+    pub async fn write(&self, cmd: Command) -> Result<Outcome, ClientError> {
+        match self.request(ClientRequest::Write(cmd)).await? {
+            ClientResponse::Applied(Ok(outcome)) => Ok(outcome),
+            ClientResponse::Applied(Err(e)) => Err(ClientError::Apply(e)),
+            other => Err(unexpected("write", other)),
+        }
+    }
+
+    /// Send a query and hand its answer to `pick`; an `Error` answer is
+    /// [`ClientError::Service`], an answer `pick` does not want is a protocol error.
+    async fn query<T>(
+        &self,
+        req: ClientRequest,
+        pick: impl FnOnce(ClientResponse) -> Option<T>,
+    ) -> Result<T, ClientError> {
+        let what = req.kind();
+        match self.request(req).await? {
+            ClientResponse::Error(e) => Err(ClientError::Service(e)),
+            resp => {
+                let kind = resp.kind();
+                pick(resp).ok_or_else(|| {
+                    ClientError::Protocol(format!("the peer answered a {what} request with a {kind} response"))
+                })
+            }
+        }
+    }
+
+    pub async fn create_stream(&self, name: &StreamName, props: StreamProps) -> Result<(), ClientError> {
+        match self.write(Command::CreateStream { name: name.clone(), props }).await? {
+            Outcome::StreamCreated => Ok(()),
+            other => Err(unexpected_outcome("create-stream", &other)),
+        }
+    }
+
+    pub async fn update_stream(&self, name: &StreamName, patch: StreamPatch) -> Result<(), ClientError> {
+        match self.write(Command::UpdateStream { name: name.clone(), patch }).await? {
+            Outcome::StreamUpdated => Ok(()),
+            other => Err(unexpected_outcome("update-stream", &other)),
+        }
+    }
+
+    /// Delete a stream; returns how many jobs went with it.
+    pub async fn delete_stream(&self, name: &StreamName, force: bool) -> Result<u64, ClientError> {
+        match self.write(Command::DeleteStream { name: name.clone(), force }).await? {
+            Outcome::StreamDeleted { jobs_removed } => Ok(jobs_removed),
+            other => Err(unexpected_outcome("delete-stream", &other)),
+        }
+    }
+
+    pub async fn streams(&self) -> Result<Vec<StreamInfo>, ClientError> {
+        self.query(ClientRequest::ListStreams, |r| match r {
+            ClientResponse::Streams(s) => Some(s),
+            _ => None,
+        })
+        .await
+    }
+
+    /// One stream; [`ClientError::UnknownStream`] if it does not exist.
+    pub async fn stream(&self, name: &StreamName) -> Result<StreamInfo, ClientError> {
+        self.query(ClientRequest::GetStream(name.clone()), |r| match r {
+            ClientResponse::Stream(s) => Some(s),
+            _ => None,
+        })
+        .await?
+        .ok_or_else(|| ClientError::UnknownStream(name.clone()))
+    }
+
+    /// Store a wasm module; the upload is skipped when the cluster has it.
+    pub async fn put_module(&self, bytes: Vec<u8>) -> Result<ModuleHash, ClientError> {
+        let hash = ModuleHash::of(&bytes);
+        if self.has_module(hash).await? {
+            tracing::debug!(module = %hash, "module already stored, upload skipped");
+            return Ok(hash);
+        }
+        match self.write(Command::PutModule { hash, bytes }).await? {
+            Outcome::ModuleStored { .. } => Ok(hash),
+            other => Err(unexpected_outcome("put-module", &other)),
+        }
+    }
+
+    pub async fn has_module(&self, hash: ModuleHash) -> Result<bool, ClientError> {
+        self.query(ClientRequest::HasModule(hash), |r| match r {
+            ClientResponse::HasModule(b) => Some(b),
+            _ => None,
+        })
+        .await
+    }
+
+    /// The bytes of a stored module, if any.
+    pub async fn module(&self, hash: ModuleHash) -> Result<Option<Vec<u8>>, ClientError> {
+        self.query(ClientRequest::GetModule(hash), |r| match r {
+            ClientResponse::Module(m) => Some(m),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Submit jobs to a stream, in batches of at most [`limits::MAX_BATCH`]
+    /// jobs and [`limits::MAX_MESSAGE_BYTES`] bytes. Returns one entry per
+    /// job, in order. Batches are committed one after the other: if one
+    /// fails, the earlier ones stay submitted (use idempotency keys to retry).
+    pub async fn submit(&self, stream: &StreamName, jobs: Vec<NewJob>) -> Result<Vec<Submitted>, ClientError> {
+        let mut out = Vec::with_capacity(jobs.len());
+        for batch in split_batches(jobs, limits::MAX_BATCH, limits::MAX_MESSAGE_BYTES - SUBMIT_OVERHEAD) {
+            let n = batch.len();
+            match self.write(Command::Submit { stream: stream.clone(), jobs: batch }).await? {
+                Outcome::Submitted(s) if s.len() == n => out.extend(s),
+                Outcome::Submitted(s) => {
+                    return Err(ClientError::Protocol(format!(
+                        "submitted {n} jobs but the peer answered for {}",
+                        s.len()
+                    )))
+                }
+                other => return Err(unexpected_outcome("submit", &other)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// One job; [`ClientError::UnknownJob`] if it does not exist.
+    pub async fn job(&self, id: JobId) -> Result<JobRecord, ClientError> {
+        self.query(ClientRequest::GetJob(id), |r| match r {
+            ClientResponse::Job(j) => Some(j),
+            _ => None,
+        })
+        .await?
+        .ok_or(ClientError::UnknownJob(id))
+    }
+
+    /// Jobs ordered by id, after `after`, at most `limit` (≤ [`limits::MAX_BATCH`]).
+    pub async fn jobs(
+        &self,
+        stream: Option<&StreamName>,
+        status: Option<JobStatus>,
+        after: Option<JobId>,
+        limit: u32,
+    ) -> Result<Vec<JobRecord>, ClientError> {
+        let req = ClientRequest::ListJobs { stream: stream.cloned(), status, after, limit };
+        self.query(req, |r| match r {
+            ClientResponse::Jobs(j) => Some(j),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Wait until every job in `ids` is final (Succeeded, Dead or
+    /// Cancelled), polling with a backoff from 5 ms to 200 ms, and return
+    /// their records in the order of `ids`. `progress(done, total)` is called
+    /// after every poll. Fails with [`ClientError::Timeout`] after `timeout`.
+    pub async fn wait(
+        &self,
+        ids: &[JobId],
+        timeout: Duration,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<Vec<JobRecord>, ClientError> {
+        const MIN_BACKOFF: Duration = Duration::from_millis(5);
+        const MAX_BACKOFF: Duration = Duration::from_millis(200);
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut pending: BTreeSet<JobId> = ids.iter().copied().collect();
+        let total = pending.len();
+        let mut done: BTreeMap<JobId, JobRecord> = BTreeMap::new();
+        let mut backoff = MIN_BACKOFF;
+        let timed_out = |pending: usize| ClientError::Timeout {
+            what: format!("{pending} of {total} jobs to finish"),
+            after: timeout,
+        };
+        loop {
+            let poll = futures::stream::iter(pending.iter().copied().collect::<Vec<_>>())
+                .map(|id| self.job(id))
+                .buffer_unordered(MAX_IN_FLIGHT / 2)
+                .collect::<Vec<_>>();
+            let polled = tokio::time::timeout_at(deadline, poll).await.map_err(|_| timed_out(pending.len()))?;
+            let before = pending.len();
+            for rec in polled {
+                let rec = rec?;
+                if rec.status.is_final() {
+                    pending.remove(&rec.id);
+                    done.insert(rec.id, rec);
+                }
+            }
+            progress(done.len(), total);
+            if pending.is_empty() {
+                break;
+            }
+            backoff = if pending.len() < before { MIN_BACKOFF } else { (backoff * 2).min(MAX_BACKOFF) };
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Err(timed_out(pending.len()));
+            }
+            tokio::time::sleep_until((now + backoff).min(deadline)).await;
+        }
+        ids.iter()
+            .map(|id| {
+                done.get(id).cloned().ok_or_else(|| ClientError::Protocol(format!("{id} vanished while waiting")))
+            })
+            .collect()
+    }
+
+    pub async fn cancel(&self, id: JobId) -> Result<(), ClientError> {
+        match self.write(Command::Cancel { job: id }).await? {
+            Outcome::Cancelled => Ok(()),
+            other => Err(unexpected_outcome("cancel", &other)),
+        }
+    }
+
+    /// Requeue a Dead or Cancelled job with its attempts reset.
+    pub async fn retry(&self, id: JobId) -> Result<(), ClientError> {
+        match self.write(Command::Retry { job: id }).await? {
+            Outcome::Retried => Ok(()),
+            other => Err(unexpected_outcome("retry", &other)),
+        }
+    }
+
+    pub async fn data_get(&self, stream: &StreamName, key: &[u8]) -> Result<Option<Vec<u8>>, ClientError> {
+        self.query(ClientRequest::DataGet { stream: stream.clone(), key: key.to_vec() }, |r| match r {
+            ClientResponse::Data(d) => Some(d),
+            _ => None,
+        })
+        .await
+    }
+
+    pub async fn data_put(&self, stream: &StreamName, key: &[u8], value: Vec<u8>) -> Result<(), ClientError> {
+        match self.write(Command::DataPut { stream: stream.clone(), key: key.to_vec(), value }).await? {
+            Outcome::DataWritten => Ok(()),
+            other => Err(unexpected_outcome("data-put", &other)),
+        }
+    }
+
+    pub async fn data_delete(&self, stream: &StreamName, key: &[u8]) -> Result<(), ClientError> {
+        match self.write(Command::DataDelete { stream: stream.clone(), key: key.to_vec() }).await? {
+            Outcome::DataWritten => Ok(()),
+            other => Err(unexpected_outcome("data-delete", &other)),
+        }
+    }
+
+    /// Set `key` to `new` (delete it when `None`) only if its value is
+    /// `expected` (`None` = absent).
+    pub async fn data_cas(
+        &self,
+        stream: &StreamName,
+        key: &[u8],
+        expected: Option<Vec<u8>>,
+        new: Option<Vec<u8>>,
+    ) -> Result<CasOutcome, ClientError> {
+        let cmd = Command::DataCas { stream: stream.clone(), key: key.to_vec(), expected, new };
+        match self.write(cmd).await? {
+            Outcome::DataCas { swapped, current } => Ok(CasOutcome { swapped, current }),
+            other => Err(unexpected_outcome("data-cas", &other)),
+        }
+    }
+
+    pub async fn status(&self) -> Result<ClusterStatus, ClientError> {
+        self.query(ClientRequest::Status, |r| match r {
+            ClientResponse::Status(s) => Some(s),
+            _ => None,
+        })
+        .await
+    }
+}
+
+fn unexpected(what: &str, resp: ClientResponse) -> ClientError {
+    match resp {
+        ClientResponse::Error(e) => ClientError::Service(e),
+        other => ClientError::Protocol(format!("the peer answered a {what} request with a {} response", other.kind())),
+    }
+}
+
+fn unexpected_outcome(what: &str, outcome: &Outcome) -> ClientError {
+    ClientError::Protocol(format!("the peer answered {what} with the outcome {outcome:?}"))
+}
+
+/// The root cause of a failed dial, without libp2p's nesting; a stalled
+/// handshake (the usual sign of a wrong authkey) is named as such.
+fn describe_dial_error(e: &DialError, timeout: Duration) -> String {
+    let root = match e {
+        DialError::Transport(errs) => match errs.first() {
+            Some((_, te)) => {
+                let mut cur: &dyn std::error::Error = te;
+                while let Some(next) = cur.source() {
+                    cur = next;
+                }
+                cur.to_string()
+            }
+            None => e.to_string(),
+        },
+        other => other.to_string(),
+    };
+    if root.to_lowercase().contains("timeout") || root.to_lowercase().contains("timed out") {
+        format!("handshake failed: no answer within {timeout:?}")
+    } else {
+        root
+    }
+}
+
+/// Split jobs into batches of at most `max_jobs` jobs and about `max_bytes`
+/// encoded bytes each (a single job always gets a batch of its own).
+fn split_batches(jobs: Vec<NewJob>, max_jobs: usize, max_bytes: usize) -> Vec<Vec<NewJob>> {
+    let mut batches = Vec::new();
+    let mut current = Vec::new();
+    let mut bytes = 0usize;
+    for job in jobs {
+        // The exact postcard size of the job (the version byte aside).
+        let size = wire::encode(0, &job).len();
+        if !current.is_empty() && (current.len() >= max_jobs || bytes + size > max_bytes) {
+            batches.push(std::mem::take(&mut current));
+            bytes = 0;
+        }
+        bytes += size;
+        current.push(job);
+    }
+    if !current.is_empty() {
+        batches.push(current);
+    }
+    batches
+}
+
+/// The background task: owns the swarm, sends calls, routes answers.
+async fn drive(
+    mut swarm: Swarm<request_response::Behaviour<ClientCodec>>,
+    peer: PeerId,
+    addr: Multiaddr,
+    mut calls: mpsc::Receiver<Call>,
+) {
+    let mut pending: HashMap<OutboundRequestId, Reply> = HashMap::new();
+    loop {
+        tokio::select! {
+            call = calls.recv(), if pending.len() < MAX_IN_FLIGHT => match call {
+                Some(Call { req, reply }) => {
+                    tracing::trace!(kind = req.kind(), "request");
+                    let id = swarm.behaviour_mut().send_request(&peer, Ok(req));
+                    pending.insert(id, reply);
+                }
+                None => break,
+            },
+            event = swarm.select_next_some() => match event {
+                SwarmEvent::Behaviour(request_response::Event::Message {
+                    message: request_response::Message::Response { request_id, response },
+                    ..
+                }) => {
+                    if let Some(reply) = pending.remove(&request_id) {
+                        let _ = reply.send(Ok(response));
+                    }
+                }
+                SwarmEvent::Behaviour(request_response::Event::OutboundFailure { request_id, error, .. }) => {
+                    tracing::debug!(%peer, %addr, %error, "request failed");
+                    if let Some(reply) = pending.remove(&request_id) {
+                        let _ = reply.send(Err(outbound_error(error, &addr)));
+                    }
+                }
+                SwarmEvent::ConnectionClosed { cause, .. } => {
+                    tracing::debug!(%peer, %addr, cause = ?cause, "connection closed");
+                }
+                other => tracing::trace!(event = ?other, "swarm event"),
+            },
+        }
+    }
+    tracing::debug!(%peer, "client task stopped");
+}
+
+fn outbound_error(e: OutboundFailure, addr: &Multiaddr) -> ClientError {
+    match e {
+        OutboundFailure::DialFailure => {
+            ClientError::Transport(format!("lost the connection to {addr} and could not reconnect"))
+        }
+        OutboundFailure::Timeout => {
+            ClientError::Timeout { what: format!("an answer from {addr}"), after: REQUEST_TIMEOUT }
+        }
+        OutboundFailure::ConnectionClosed => {
+            ClientError::Transport(format!("the connection to {addr} closed before the answer arrived"))
+        }
+        OutboundFailure::UnsupportedProtocols => ClientError::Protocol(format!(
+            "the peer at {addr} does not speak {} (a different Impetus version?)",
+            transport::CLIENT_PROTOCOL
+        )),
+        OutboundFailure::Io(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+            ClientError::Protocol(format!("bad answer from {addr}: {e}"))
+        }
+        OutboundFailure::Io(e) => ClientError::Transport(format!("I/O error talking to {addr}: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use impetus_proto::records::JobSpec;
+
+    fn job(input: usize) -> NewJob {
+        NewJob {
+            module: ModuleHash::of(b"m"),
+            spec: JobSpec { input: vec![7; input], ..JobSpec::default() },
+            priority: None,
+            delay_ms: 0,
+            key: None,
+        }
+    }
+
+    #[test]
+    fn batches_respect_count_and_size() {
+        let by_count = split_batches((0..25).map(|_| job(1)).collect(), 10, usize::MAX);
+        assert_eq!(by_count.iter().map(Vec::len).collect::<Vec<_>>(), vec![10, 10, 5]);
+
+        let by_size = split_batches((0..10).map(|_| job(1000)).collect(), 100, 3500);
+        assert!(by_size.iter().all(|b| b.iter().map(|j| wire::encode(0, j).len()).sum::<usize>() <= 3500));
+        assert_eq!(by_size.iter().map(Vec::len).sum::<usize>(), 10);
+        assert_eq!(by_size.len(), 4);
+
+        // One job over the budget still goes, alone.
+        let big = split_batches(vec![job(10), job(5000), job(10)], 100, 1000);
+        assert_eq!(big.iter().map(Vec::len).collect::<Vec<_>>(), vec![1, 1, 1]);
+        assert!(split_batches(vec![], 10, 10).is_empty());
+    }
+
+    #[test]
+    fn errors_read_clearly() {
+        let e = ClientError::Connect { addr: "127.0.0.1:1".into(), reason: "connection refused".into() };
+        assert_eq!(
+            e.to_string(),
+            "could not connect to 127.0.0.1:1: connection refused (is a peer running? is the authkey right?)"
+        );
+        let e = unexpected("get-job", ClientResponse::HasModule(true));
+        assert_eq!(e.to_string(), "protocol error: the peer answered a get-job request with a has-module response");
+        let e = unexpected("get-job", ClientResponse::Error(ServiceError::Unavailable("no quorum".into())));
+        assert!(matches!(e, ClientError::Service(ServiceError::Unavailable(_))));
+    }
+}

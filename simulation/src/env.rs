@@ -1,0 +1,215 @@
+//! What a simulated peer plugs into the real peer logic: a [`Runtime`] on
+//! the virtual clock (with skew and a kill switch for crashes), a
+//! [`Consensus`] that forwards writes to the leader over the simulated
+//! network, and a [`JobRunner`] whose outcomes the seed chooses.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use impetus_node::peer::{Consensus, ConsensusError, JobRunner, RaftStatus, RunReport, Runtime};
+use impetus_node::raft_consensus::RaftConsensus;
+use impetus_proto::{ApplyResult, Command, ErrorKind, ErrorRecord, LeaseGrant, ModuleHash, Timestamp};
+use impetus_queue::State;
+use impetus_raft::openraft::AsyncRuntime;
+use impetus_raft::NodeId;
+use openraft_rt_sim::SimRuntime;
+
+use crate::faults::Fault;
+use crate::rng::mix;
+use crate::world::{lock, with_timeout, SimConfig, World};
+
+/// A task that ends (is dropped) at its next poll once its incarnation is killed.
+struct Killable<F> {
+    fut: Pin<Box<F>>,
+    alive: Arc<AtomicBool>,
+}
+
+impl<F: Future<Output = ()>> Future for Killable<F> {
+    type Output = ();
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.alive.load(Ordering::SeqCst) {
+            return Poll::Ready(());
+        }
+        self.fut.as_mut().poll(cx)
+    }
+}
+
+/// Spawn `fut` on the simulator's runtime; it dies with `alive`.
+pub(crate) fn spawn_killable(alive: &Arc<AtomicBool>, fut: impl Future<Output = ()> + Send + 'static) {
+    let task = Killable { fut: Box::pin(fut), alive: alive.clone() };
+    drop(SimRuntime::spawn(task));
+}
+
+/// The peer's runtime: `SimRuntime` tasks and timers, the node's skewed clock.
+#[derive(Clone)]
+pub struct SimRt {
+    world: Arc<World>,
+    node: NodeId,
+    alive: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for SimRt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimRt").field("node", &self.node).finish()
+    }
+}
+
+impl SimRt {
+    pub(crate) fn new(world: Arc<World>, node: NodeId, alive: Arc<AtomicBool>) -> SimRt {
+        SimRt { world, node, alive }
+    }
+}
+
+impl Runtime for SimRt {
+    fn now(&self) -> Timestamp {
+        self.world.clock_now(self.node)
+    }
+
+    fn sleep(&self, d: Duration) -> impl Future<Output = ()> + Send + 'static {
+        SimRuntime::sleep(d)
+    }
+
+    fn spawn(&self, fut: impl Future<Output = ()> + Send + 'static) {
+        spawn_killable(&self.alive, fut);
+    }
+
+    fn rss_bytes(&self) -> u64 {
+        0
+    }
+}
+
+/// Consensus as a peer of the simulated cluster sees it: reads and status
+/// from its own Raft node (the real `RaftConsensus`); writes go to its own
+/// node when it leads, else are forwarded to the leader it knows over the
+/// simulated network (the leader stamps them with its clock).
+pub struct SimConsensus {
+    world: Arc<World>,
+    node: NodeId,
+    local: Arc<RaftConsensus<SimConfig>>,
+}
+
+impl std::fmt::Debug for SimConsensus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimConsensus").field("node", &self.node).finish()
+    }
+}
+
+impl SimConsensus {
+    pub(crate) fn new(world: Arc<World>, node: NodeId, local: Arc<RaftConsensus<SimConfig>>) -> SimConsensus {
+        SimConsensus { world, node, local }
+    }
+}
+
+impl Consensus for SimConsensus {
+    fn write(&self, now: Timestamp, cmd: Command) -> impl Future<Output = Result<ApplyResult, ConsensusError>> + Send {
+        let (world, node, local) = (self.world.clone(), self.node, self.local.clone());
+        async move {
+            let leader = local.status().leader;
+            let res = match leader {
+                Some(l) if l == node => with_timeout(local.write(now, cmd.clone())).await,
+                Some(l) => world.forward(node, l, cmd.clone()).await,
+                None => {
+                    // Like a real client of a peer with no leader: wait a little.
+                    crate::world::sleep_ms(20).await;
+                    Err(ConsensusError::Unavailable("no leader known".into()))
+                }
+            };
+            world.observe_write(node, &cmd, &res);
+            res
+        }
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&State) -> T) -> T {
+        self.local.read(f)
+    }
+
+    fn status(&self) -> RaftStatus {
+        self.local.status()
+    }
+}
+
+/// Runs "jobs" natively: input `n` → `n*n`. Whether an attempt succeeds,
+/// traps, hangs until the job timeout or finishes late is a function of the
+/// seed, the job and the attempt (not of scheduling order).
+pub struct SimRunner {
+    seed: u64,
+    trap: bool,
+    hang: bool,
+    slow: bool,
+    prepared: Mutex<BTreeSet<ModuleHash>>,
+}
+
+impl std::fmt::Debug for SimRunner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimRunner").finish_non_exhaustive()
+    }
+}
+
+/// The module every simulated job runs (its bytes only need the wasm magic).
+pub const MODULE: &[u8] = b"\0asm impetus-simulation";
+
+/// The result a correct run of a job with this input produces.
+pub fn expected_result(input: &[u8]) -> Option<Vec<u8>> {
+    let n: u64 = std::str::from_utf8(input).ok()?.trim().parse().ok()?;
+    Some((n * n).to_string().into_bytes())
+}
+
+impl SimRunner {
+    pub(crate) fn new(world: &World) -> SimRunner {
+        SimRunner {
+            seed: world.opts.seed,
+            trap: world.has(Fault::Trap),
+            hang: world.has(Fault::Hang),
+            slow: world.has(Fault::Slow),
+            prepared: Mutex::new(BTreeSet::new()),
+        }
+    }
+}
+
+impl JobRunner for SimRunner {
+    fn prepare(&self, hash: ModuleHash, bytes: &[u8]) -> Result<(), String> {
+        if !bytes.starts_with(b"\0asm") {
+            return Err("not a WebAssembly module (bad magic)".into());
+        }
+        lock(&self.prepared).insert(hash);
+        Ok(())
+    }
+
+    fn is_prepared(&self, hash: &ModuleHash) -> bool {
+        lock(&self.prepared).contains(hash)
+    }
+
+    fn run(&self, grant: LeaseGrant) -> impl Future<Output = RunReport> + Send + 'static {
+        let roll = mix(mix(self.seed, grant.job.0), u64::from(grant.attempt));
+        let pick = roll % 1000;
+        let r2 = mix(roll, 7);
+        let (trap, hang, slow) = (self.trap, self.hang, self.slow);
+        async move {
+            let ok = |input: &[u8]| match expected_result(input) {
+                Some(r) => Ok(r),
+                None => Err(ErrorRecord::new(ErrorKind::Trap, "input is not a number")),
+            };
+            let result = if trap && pick < 120 {
+                SimRuntime::sleep(Duration::from_millis(5 + r2 % 30)).await;
+                Err(ErrorRecord::new(ErrorKind::Trap, "wasm trap: unreachable"))
+            } else if hang && (120..170).contains(&pick) {
+                // The executor enforces the job timeout on a job that never ends.
+                SimRuntime::sleep(Duration::from_millis(grant.job_timeout_ms)).await;
+                Err(ErrorRecord::new(ErrorKind::Timeout, format!("ran past {} ms", grant.job_timeout_ms)))
+            } else if slow && (170..270).contains(&pick) {
+                let ms = grant.lease_ttl_ms * (12 + r2 % 14) / 10;
+                SimRuntime::sleep(Duration::from_millis(ms)).await;
+                ok(&grant.spec.input)
+            } else {
+                SimRuntime::sleep(Duration::from_millis(5 + r2 % 60)).await;
+                ok(&grant.spec.input)
+            };
+            RunReport { result, stdout_tail: vec![], stderr_tail: vec![] }
+        }
+    }
+}

@@ -1,0 +1,383 @@
+//! One run: start the cluster, drive client load, inject the seed's faults,
+//! heal, wait for the cluster to finish, then run the checkers.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use impetus_node::peer::Consensus;
+use impetus_proto::api::{ClientRequest, ClientResponse};
+use impetus_proto::{
+    ApplyError, Command, IdempotencyKey, JobSpec, ModuleHash, NewJob, Outcome, StreamName, StreamProps,
+};
+use impetus_queue::JobFilter;
+use impetus_raft::openraft::AsyncRuntime;
+use impetus_raft::{NodeId, PeerNode};
+use openraft_rt_sim::SimRuntime;
+
+use crate::cluster::Node;
+use crate::env::MODULE;
+use crate::faults::Fault;
+use crate::trace::vnow_ms;
+use crate::world::{lock, sleep_ms, SimPeer, World};
+use crate::Failure;
+
+/// After the heal, every job must be final within this many virtual ms.
+pub const LIVENESS_BOUND_MS: u64 = 60_000;
+
+pub(crate) const STREAM: &str = "sim";
+
+fn fail(checker: &'static str, message: impl Into<String>) -> Failure {
+    Failure { checker, message: message.into() }
+}
+
+pub(crate) fn stream_props() -> StreamProps {
+    StreamProps {
+        mpps: 4,
+        lease_ttl_ms: 1_000,
+        max_attempts: 8,
+        retry_backoff_ms: 50,
+        retry_backoff_max_ms: 400,
+        job_timeout_ms: 2_000,
+        ..StreamProps::default()
+    }
+}
+
+pub(crate) async fn run(world: Arc<World>) -> Result<(), Failure> {
+    let n = world.opts.peers as NodeId;
+    if world.has(Fault::Clock) {
+        let mut skew = lock(&world.skew);
+        for id in 1..=n {
+            let s = world.rng().range(0, 601) as i64 - 300;
+            skew.insert(id, s);
+        }
+    }
+    let mut nodes: Vec<Node> = (1..=n).map(|id| Node::new(&world, id)).collect();
+    for node in &mut nodes {
+        node.start(&world).await.map_err(|e| fail("startup", e))?;
+    }
+    let members: BTreeMap<NodeId, PeerNode> = (1..=n).map(|id| (id, PeerNode::new(format!("sim-{id}")))).collect();
+    let first = nodes[0].running.as_ref().map(|r| r.raft.clone()).ok_or_else(|| fail("startup", "n1 not running"))?;
+    first.initialize(members).await.map_err(|e| fail("startup", format!("initialize: {e}")))?;
+    lock(&world.net).faulty = true;
+    world.event("cluster initialized; faults on");
+
+    drop(SimRuntime::spawn(sampler(world.clone())));
+    drop(SimRuntime::spawn(client(world.clone())));
+
+    // The nemesis.
+    for _ in 0..world.opts.steps {
+        let wait = world.rng().range(100, 700);
+        sleep_ms(wait).await;
+        restart_due(&world, &mut nodes).await?;
+        nemesis_step(&world, &mut nodes).await;
+    }
+
+    // Heal everything.
+    {
+        let mut net = lock(&world.net);
+        net.faulty = false;
+        net.blocked.clear();
+    }
+    for node in &mut nodes {
+        if node.running.is_none() {
+            node.down_until = None;
+            node.start(&world).await.map_err(|e| fail("restart", e))?;
+        }
+    }
+    let healed_at = vnow_ms();
+    world.event("HEALED: partitions removed, crashed peers restarted, message faults off");
+
+    // Liveness: the client finishes and every job becomes final.
+    loop {
+        if vnow_ms() - healed_at > LIVENESS_BOUND_MS {
+            let summary = liveness_summary(&world);
+            return Err(fail(
+                "liveness",
+                format!("{LIVENESS_BOUND_MS} ms after the heal the work is not done: {summary}"),
+            ));
+        }
+        if lock(&world.audit).client_done && all_final(&world) {
+            break;
+        }
+        sleep_ms(100).await;
+    }
+    world.event(format_args!("all jobs final {} ms after the heal", vnow_ms() - healed_at));
+
+    // Let every voter apply what the leader applied.
+    let quiet_from = vnow_ms();
+    loop {
+        let applied: Vec<u64> =
+            nodes.iter().filter_map(|n| n.running.as_ref()).map(|r| r.state.read(|s| s.applied_index())).collect();
+        let top = applied.iter().copied().max().unwrap_or(0);
+        if applied.len() == nodes.len() && applied.iter().all(|&a| a == top) {
+            break;
+        }
+        if vnow_ms() - quiet_from > 20_000 {
+            return Err(fail("liveness", format!("voters did not converge within 20 s: applied {applied:?}")));
+        }
+        sleep_ms(50).await;
+    }
+
+    crate::check::final_checks(&world, &nodes).await
+}
+
+async fn restart_due(world: &Arc<World>, nodes: &mut [Node]) -> Result<(), Failure> {
+    let now = vnow_ms();
+    for node in nodes.iter_mut() {
+        if node.running.is_none() && node.down_until.is_some_and(|t| t <= now) {
+            node.down_until = None;
+            node.start(world).await.map_err(|e| fail("restart", e))?;
+        }
+    }
+    Ok(())
+}
+
+async fn nemesis_step(world: &Arc<World>, nodes: &mut [Node]) {
+    let mut options = Vec::new();
+    for f in [Fault::Partition, Fault::OneWay, Fault::Crash, Fault::Clock, Fault::Disk] {
+        if world.has(f) {
+            options.push(Some(f));
+        }
+    }
+    if world.has(Fault::Partition) || world.has(Fault::OneWay) {
+        options.push(None); // heal the partitions
+    }
+    let n = nodes.len() as u64;
+    let (choice, a, b, x) = {
+        let mut r = world.rng();
+        let Some(choice) = r.pick(&options) else { return };
+        (choice, r.range(1, n + 1), r.range(1, n + 1), r.next_u64())
+    };
+    match choice {
+        None => {
+            lock(&world.net).blocked.clear();
+            world.event("nemesis: partitions healed");
+        }
+        Some(Fault::Partition) => {
+            let mut net = lock(&world.net);
+            for other in 1..=n {
+                if other != a {
+                    net.blocked.insert((a, other));
+                    net.blocked.insert((other, a));
+                }
+            }
+            drop(net);
+            world.event(format_args!("nemesis: n{a} partitioned away"));
+        }
+        Some(Fault::OneWay) => {
+            if a != b {
+                lock(&world.net).blocked.insert((a, b));
+                world.event(format_args!("nemesis: link n{a}->n{b} cut (one way)"));
+            }
+        }
+        Some(Fault::Crash) => {
+            // Usually at most a minority is down; sometimes a power cut takes a
+            // majority (safe for correct code: only availability suffers).
+            let power_cut = x % 4 == 0;
+            let limit = if power_cut { n - 1 } else { (n - 1) / 2 };
+            let mut victims = vec![a];
+            if power_cut && b != a {
+                victims.push(b);
+            }
+            for v in victims {
+                if nodes_down(nodes) >= limit {
+                    break;
+                }
+                let node = &mut nodes[(v - 1) as usize];
+                if node.running.is_none() {
+                    continue;
+                }
+                node.crash(world).await;
+                node.down_until = Some(vnow_ms() + world.rng().range(300, 3_000));
+            }
+        }
+        Some(Fault::Clock) => {
+            let jump = (x % 3001) as i64 - 1500;
+            let mut skew = lock(&world.skew);
+            let s = skew.entry(a).or_insert(0);
+            *s = (*s + jump).clamp(-3_000, 3_000);
+            let now = *s;
+            drop(skew);
+            world.event(format_args!("nemesis: n{a} clock jumps {jump} ms (skew now {now} ms)"));
+        }
+        Some(Fault::Disk) => {
+            let every = 1 + x % 40;
+            lock(&world.books).entry(a).or_default().flush_every_ms = every;
+            world.event(format_args!("nemesis: n{a} disk flushes every {every} ms"));
+        }
+        Some(_) => {}
+    }
+}
+
+fn nodes_down(nodes: &[Node]) -> u64 {
+    nodes.iter().filter(|n| n.running.is_none()).count() as u64
+}
+
+/// Every 100 ms, hash each live voter's state at its applied index.
+async fn sampler(world: Arc<World>) {
+    let mut last: BTreeMap<NodeId, u64> = BTreeMap::new();
+    loop {
+        sleep_ms(100).await;
+        for id in world.live_ids() {
+            let Some(live) = world.live(id) else { continue };
+            let (index, bytes) = live.consensus.read(|s| (s.applied_index(), s.snapshot()));
+            if last.get(&id) == Some(&index) {
+                continue;
+            }
+            last.insert(id, index);
+            let hash = *blake3::hash(&bytes).as_bytes();
+            lock(&world.audit).samples.entry(index).or_default().insert(id, hash);
+            world.event(format_args!("sample n{id} @{index} {}", hex_short(&hash)));
+        }
+    }
+}
+
+pub(crate) fn hex_short(h: &[u8; 32]) -> String {
+    h[..6].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A running peer to talk to (any live node with a started peer).
+fn pick_peer(world: &World) -> Option<(NodeId, SimPeer)> {
+    let candidates: Vec<(NodeId, SimPeer)> =
+        lock(&world.books).iter().filter_map(|(id, b)| b.peer.clone().map(|p| (*id, p))).collect();
+    if candidates.is_empty() {
+        return None;
+    }
+    let i = world.rng().range(0, candidates.len() as u64) as usize;
+    candidates.into_iter().nth(i)
+}
+
+async fn request(world: &World, req: ClientRequest) -> Option<ClientResponse> {
+    let Some((id, peer)) = pick_peer(world) else {
+        sleep_ms(100).await;
+        return None;
+    };
+    let resp = peer.handle(req).await;
+    if let ClientResponse::Error(e) = &resp {
+        world.event(format_args!("client via n{id}: {e}"));
+    }
+    Some(resp)
+}
+
+/// The client: store the module, create the stream, submit the jobs in
+/// batches with idempotency keys, retrying until each batch is acknowledged.
+async fn client(world: Arc<World>) {
+    let hash = ModuleHash::of(MODULE);
+    loop {
+        let req = ClientRequest::Write(Command::PutModule { hash, bytes: MODULE.to_vec() });
+        if let Some(ClientResponse::Applied(Ok(_))) = request(&world, req).await {
+            break;
+        }
+        sleep_ms(50).await;
+    }
+    let stream = StreamName::new(STREAM).expect("valid stream name");
+    loop {
+        let req = ClientRequest::Write(Command::CreateStream { name: stream.clone(), props: stream_props() });
+        match request(&world, req).await {
+            Some(ClientResponse::Applied(Ok(_) | Err(ApplyError::StreamExists(_)))) => break,
+            _ => sleep_ms(50).await,
+        }
+    }
+    world.event("client: stream ready");
+    let total = world.opts.jobs;
+    let mut next = 0u32;
+    let mut acked_batches: Vec<Vec<NewJob>> = Vec::new();
+    while next < total {
+        let size = (world.rng().range(1, 9) as u32).min(total - next);
+        let jobs: Vec<NewJob> = (next..next + size).map(new_job).collect();
+        next += size;
+        submit_until_acked(&world, &stream, jobs.clone()).await;
+        acked_batches.push(jobs);
+        let (pause, resubmit) = {
+            let mut r = world.rng();
+            (r.range(0, 150), r.chance(250))
+        };
+        if world.has(Fault::Client) && resubmit {
+            // A client that did not see its ack resubmits: same keys, same jobs.
+            let i = world.rng().range(0, acked_batches.len() as u64) as usize;
+            world.event(format_args!("client: resubmitting batch {i}"));
+            submit_until_acked(&world, &stream, acked_batches[i].clone()).await;
+        }
+        sleep_ms(pause).await;
+    }
+    lock(&world.audit).client_done = true;
+    world.event("client: all batches acknowledged");
+}
+
+fn new_job(i: u32) -> NewJob {
+    NewJob {
+        module: ModuleHash::of(MODULE),
+        spec: JobSpec { input: i.to_string().into_bytes(), ..JobSpec::default() },
+        priority: Some((i % 3) as i32),
+        delay_ms: 0,
+        key: Some(IdempotencyKey::new(format!("k{i}")).expect("valid key")),
+    }
+}
+
+async fn submit_until_acked(world: &World, stream: &StreamName, jobs: Vec<NewJob>) {
+    loop {
+        let req = ClientRequest::Write(Command::Submit { stream: stream.clone(), jobs: jobs.clone() });
+        if let Some(ClientResponse::Applied(Ok(Outcome::Submitted(subs)))) = request(world, req).await {
+            let mut audit = lock(&world.audit);
+            let mut clash = Vec::new();
+            for (job, s) in jobs.iter().zip(&subs) {
+                let key = job.key.as_ref().map(|k| k.as_str().to_string()).unwrap_or_default();
+                match audit.acked.get(&key) {
+                    Some(&earlier) if earlier != s.job => clash.push(format!("{key}: {earlier} then {}", s.job)),
+                    _ => {
+                        audit.acked.insert(key, s.job);
+                    }
+                }
+            }
+            drop(audit);
+            for c in clash {
+                world.violation("idempotency", format!("one key acknowledged as two jobs: {c}"));
+            }
+            let ids: Vec<u64> = subs.iter().map(|s| s.job.0).collect();
+            world.event(format_args!("client: acked {ids:?}"));
+            return;
+        }
+        let backoff = world.rng().range(20, 200);
+        sleep_ms(backoff).await;
+    }
+}
+
+/// Whether the leader's state has every acknowledged job final.
+fn all_final(world: &World) -> bool {
+    let Some(state) = leader_view(world) else { return false };
+    let acked: Vec<_> = lock(&world.audit).acked.values().copied().collect();
+    state.1.iter().all(|j| j.status.is_final()) && acked.iter().all(|id| state.1.iter().any(|j| j.id == *id))
+}
+
+/// The jobs as the current leader has applied them.
+pub(crate) fn leader_view(world: &World) -> Option<(NodeId, Vec<impetus_proto::JobRecord>)> {
+    for id in world.live_ids() {
+        let live = world.live(id)?;
+        let st = live.consensus.status();
+        if st.leader == Some(id) {
+            let jobs = live.consensus.read(|s| s.jobs(&JobFilter { limit: usize::MAX, ..JobFilter::default() }));
+            return Some((id, jobs));
+        }
+    }
+    None
+}
+
+fn liveness_summary(world: &World) -> String {
+    let client_done = lock(&world.audit).client_done;
+    match leader_view(world) {
+        None => format!("no leader; client done: {client_done}"),
+        Some((id, jobs)) => {
+            let mut by: BTreeMap<String, u32> = BTreeMap::new();
+            for j in &jobs {
+                *by.entry(j.status.to_string()).or_default() += 1;
+            }
+            let stuck: Vec<String> = jobs
+                .iter()
+                .filter(|j| !j.status.is_final())
+                .take(5)
+                .map(|j| format!("{}:{}(attempts {}, lease {:?})", j.id, j.status, j.attempts, j.lease))
+                .collect();
+            format!("leader n{id}, client done: {client_done}, jobs by status {by:?}, e.g. {stuck:?}")
+        }
+    }
+}

@@ -1,0 +1,432 @@
+//! The shared world of one run: the seeded fault source, the simulated
+//! network (partitions, delay, drop, duplication), the clocks, the live Raft
+//! nodes and what the checkers collect along the way.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use impetus_node::peer::{Consensus, ConsensusError, Peer};
+use impetus_node::raft_consensus::RaftConsensus;
+use impetus_proto::{ApplyResult, Command, JobId, Outcome, PeerId, Timestamp};
+use impetus_raft::openraft::errors::{Fatal, RPCError, RaftError, ReplicationClosed, StreamingError, Unreachable};
+use impetus_raft::openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
+use impetus_raft::openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+};
+use impetus_raft::openraft::AsyncRuntime;
+use impetus_raft::{ImpetusRaft, NodeId, PeerNode, Snapshot, SnapshotData, Vote};
+use openraft_rt_sim::SimRuntime;
+
+use crate::env::{SimConsensus, SimRt, SimRunner};
+use crate::faults::{Bug, Fault};
+use crate::rng::Rng;
+use crate::trace::{vnow_ms, Trace};
+use crate::Options;
+
+impetus_raft::declare_impetus_types!(
+    /// The simulator's openraft type config: Impetus's types on `openraft_rt_sim::SimRuntime`.
+    pub SimConfig,
+    openraft_rt_sim::SimRuntime
+);
+
+/// A Raft node of the simulation.
+pub type SimRaft = ImpetusRaft<SimConfig>;
+/// A peer of the simulation: the real `impetus_node::peer::Peer`.
+pub type SimPeer = Peer<SimRt, SimConsensus, SimRunner>;
+
+/// Wall-clock base of the simulated clocks (2025-01-01), so timestamps look real.
+pub const CLOCK_BASE_MS: u64 = 1_735_689_600_000;
+
+/// A write (local or forwarded) gives up after this long.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(3);
+
+pub(crate) async fn sleep_ms(ms: u64) {
+    SimRuntime::sleep(Duration::from_millis(ms)).await;
+}
+
+/// A live Raft node: what the network and forwarding reach.
+#[derive(Clone)]
+pub(crate) struct Live {
+    pub raft: SimRaft,
+    pub consensus: Arc<RaftConsensus<SimConfig>>,
+}
+
+/// How one message travels.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Plan {
+    pub delay_ms: u64,
+    pub drop_request: bool,
+    pub duplicate: bool,
+    pub resp_delay_ms: u64,
+    pub drop_response: bool,
+}
+
+#[derive(Default)]
+pub(crate) struct NetState {
+    pub live: BTreeMap<NodeId, Live>,
+    /// Directed links that are cut: (from, to).
+    pub blocked: BTreeSet<(NodeId, NodeId)>,
+    /// Message faults are on (until the heal).
+    pub faulty: bool,
+}
+
+/// What the checkers collect during the run.
+#[derive(Default)]
+pub(crate) struct Audit {
+    /// Acknowledged submits: idempotency key → job id.
+    pub acked: BTreeMap<String, JobId>,
+    /// Violations seen while running (e.g. a resubmit that got another job).
+    pub violations: Vec<(&'static str, String)>,
+    /// Completions the writers saw accepted, per job.
+    pub accepted_completions: BTreeMap<JobId, u32>,
+    /// Snapshot hashes sampled on voters: state applied index → (node → hash).
+    pub samples: BTreeMap<u64, BTreeMap<NodeId, [u8; 32]>>,
+    pub client_done: bool,
+    pub writes_ok: u64,
+    pub writes_failed: u64,
+    pub crashes: u64,
+}
+
+/// Per-node disk and peer bookkeeping.
+#[derive(Default)]
+pub(crate) struct NodeBook {
+    /// Registered peer id of this node's `Peer` (kept across restarts).
+    pub peer_id: Option<PeerId>,
+    pub peer: Option<SimPeer>,
+    /// Flush interval of the slow disk (ms), when the disk fault is on.
+    pub flush_every_ms: u64,
+}
+
+pub(crate) struct World {
+    pub opts: Options,
+    pub rng: Mutex<Rng>,
+    pub trace: Trace,
+    pub net: Mutex<NetState>,
+    /// Clock skew per node, ms.
+    pub skew: Mutex<BTreeMap<NodeId, i64>>,
+    pub audit: Mutex<Audit>,
+    pub books: Mutex<BTreeMap<NodeId, NodeBook>>,
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl World {
+    pub fn new(opts: Options) -> World {
+        World {
+            rng: Mutex::new(Rng::new(opts.seed)),
+            trace: Trace::new(opts.print_trace),
+            net: Mutex::new(NetState::default()),
+            skew: Mutex::new(BTreeMap::new()),
+            audit: Mutex::new(Audit::default()),
+            books: Mutex::new(BTreeMap::new()),
+            opts,
+        }
+    }
+
+    /// Break the reference cycles (peers hold the world) so a run frees its memory.
+    pub fn clear(&self) {
+        lock(&self.books).clear();
+        lock(&self.net).live.clear();
+    }
+
+    pub fn has(&self, f: Fault) -> bool {
+        self.opts.faults.has(f)
+    }
+
+    pub fn bug(&self) -> Bug {
+        self.opts.bug
+    }
+
+    pub fn rng(&self) -> MutexGuard<'_, Rng> {
+        lock(&self.rng)
+    }
+
+    pub fn event(&self, what: impl std::fmt::Display) {
+        self.trace.event(what);
+    }
+
+    pub fn violation(&self, checker: &'static str, msg: String) {
+        self.event(format_args!("VIOLATION {checker}: {msg}"));
+        lock(&self.audit).violations.push((checker, msg));
+    }
+
+    /// The wall clock a node's `Runtime::now` shows: virtual time plus its skew.
+    pub fn clock_now(&self, node: NodeId) -> Timestamp {
+        let skew = lock(&self.skew).get(&node).copied().unwrap_or(0);
+        let ms = (CLOCK_BASE_MS + vnow_ms()) as i64 + skew;
+        Timestamp(ms.max(0) as u64)
+    }
+
+    pub fn live(&self, node: NodeId) -> Option<Live> {
+        lock(&self.net).live.get(&node).cloned()
+    }
+
+    pub fn live_ids(&self) -> Vec<NodeId> {
+        lock(&self.net).live.keys().copied().collect()
+    }
+
+    pub fn link_open(&self, from: NodeId, to: NodeId) -> bool {
+        !lock(&self.net).blocked.contains(&(from, to))
+    }
+
+    /// Draw how the next message from `from` to `to` travels.
+    pub fn plan(&self) -> Plan {
+        let faulty = lock(&self.net).faulty;
+        let mut r = self.rng();
+        let latency = |r: &mut Rng| {
+            let base = if self.has(Fault::Delay) { r.range(1, 21) } else { 1 };
+            if faulty && self.has(Fault::Reorder) && r.chance(30) {
+                base + r.range(50, 400)
+            } else {
+                base
+            }
+        };
+        let delay_ms = latency(&mut r);
+        let resp_delay_ms = latency(&mut r);
+        let drop_request = faulty && self.has(Fault::Drop) && r.chance(40);
+        let drop_response = faulty && self.has(Fault::Drop) && r.chance(30);
+        let duplicate = faulty && self.has(Fault::Dup) && r.chance(30);
+        Plan { delay_ms, drop_request, duplicate, resp_delay_ms, drop_response }
+    }
+
+    /// Record a write a peer made and what it saw (trace and audit).
+    pub fn observe_write(&self, node: NodeId, cmd: &Command, res: &Result<ApplyResult, ConsensusError>) {
+        let name = cmd_name(cmd);
+        match res {
+            Ok(Ok(outcome)) => {
+                let mut a = lock(&self.audit);
+                a.writes_ok += 1;
+                let pairs: Vec<(&Command, Option<&Outcome>)> = match (cmd, outcome) {
+                    (Command::Batch(cs), Outcome::Batch(os)) => {
+                        cs.iter().zip(os.iter().map(|o| o.as_ref().ok())).collect()
+                    }
+                    _ => vec![(cmd, Some(outcome))],
+                };
+                let mut accepted = Vec::new();
+                for (c, o) in pairs {
+                    if let (Command::Complete { completions, .. }, Some(Outcome::Completed(rs))) = (c, o) {
+                        for (comp, r) in completions.iter().zip(rs) {
+                            if r.is_ok() {
+                                *a.accepted_completions.entry(comp.job).or_default() += 1;
+                                accepted.push(comp.job.0);
+                            }
+                        }
+                    }
+                }
+                drop(a);
+                self.event(format_args!("n{node} write {name} ok completed={accepted:?}"));
+            }
+            Ok(Err(e)) => {
+                lock(&self.audit).writes_ok += 1;
+                self.event(format_args!("n{node} write {name} refused: {e}"));
+            }
+            Err(e) => {
+                lock(&self.audit).writes_failed += 1;
+                self.event(format_args!("n{node} write {name} failed: {e}"));
+            }
+        }
+    }
+
+    /// Forward a write from `from` to the leader `to` over the simulated
+    /// network; the leader stamps it with its own clock.
+    pub async fn forward(&self, from: NodeId, to: NodeId, cmd: Command) -> Result<ApplyResult, ConsensusError> {
+        let plan = self.plan();
+        sleep_ms(plan.delay_ms).await;
+        if plan.drop_request || !self.link_open(from, to) {
+            return Err(ConsensusError::Unavailable(format!("forward n{from}->n{to}: request lost")));
+        }
+        let Some(leader) = self.live(to) else {
+            return Err(ConsensusError::Unavailable(format!("forward n{from}->n{to}: n{to} is down")));
+        };
+        let now = self.clock_now(to);
+        let res = with_timeout(leader.consensus.write(now, cmd)).await;
+        sleep_ms(plan.resp_delay_ms).await;
+        if plan.drop_response || !self.link_open(to, from) {
+            return Err(ConsensusError::Unavailable(format!("forward n{from}->n{to}: response lost")));
+        }
+        res
+    }
+}
+
+/// A write that gives up after [`WRITE_TIMEOUT`].
+pub(crate) async fn with_timeout(
+    fut: impl Future<Output = Result<ApplyResult, ConsensusError>> + Send,
+) -> Result<ApplyResult, ConsensusError> {
+    match SimRuntime::timeout(WRITE_TIMEOUT, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(ConsensusError::Unavailable("write timed out".into())),
+    }
+}
+
+pub(crate) fn cmd_name(cmd: &Command) -> String {
+    match cmd {
+        Command::Batch(cs) => {
+            let names: Vec<String> = cs.iter().map(cmd_name).collect();
+            format!("[{}]", names.join(","))
+        }
+        Command::Submit { jobs, .. } => format!("Submit({})", jobs.len()),
+        Command::Lease { max, .. } => format!("Lease({max})"),
+        Command::Complete { completions, .. } => {
+            let ids: Vec<String> = completions.iter().map(|c| format!("{}@{}", c.job.0, c.token.0)).collect();
+            format!("Complete({})", ids.join(" "))
+        }
+        Command::Fail { failures, .. } => {
+            let ids: Vec<String> = failures.iter().map(|c| format!("{}@{}", c.job.0, c.token.0)).collect();
+            format!("Fail({})", ids.join(" "))
+        }
+        Command::Renew { leases, .. } => format!("Renew({})", leases.len()),
+        Command::Tick => "Tick".into(),
+        Command::Heartbeat { .. } => "Heartbeat".into(),
+        Command::RegisterPeer { .. } => "RegisterPeer".into(),
+        Command::Release { leases, .. } => format!("Release({})", leases.len()),
+        Command::PutModule { .. } => "PutModule".into(),
+        Command::CreateStream { .. } => "CreateStream".into(),
+        other => {
+            let s = format!("{other:?}");
+            s.split([' ', '{', '(']).next().unwrap_or("?").to_string()
+        }
+    }
+}
+
+// ---- the Raft network ------------------------------------------------------
+
+/// The network factory of one node.
+#[derive(Clone)]
+pub(crate) struct NetFactory {
+    pub world: Arc<World>,
+    pub source: NodeId,
+    /// The source incarnation: a crashed process sends nothing, even if one
+    /// of its tasks (e.g. an openraft replication task) outlives the shutdown.
+    pub alive: Arc<std::sync::atomic::AtomicBool>,
+}
+
+pub(crate) struct Connection {
+    world: Arc<World>,
+    from: NodeId,
+    to: NodeId,
+    alive: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl RaftNetworkFactory<SimConfig> for NetFactory {
+    type Network = Connection;
+
+    async fn new_client(&mut self, target: NodeId, _node: &PeerNode) -> Connection {
+        Connection { world: self.world.clone(), from: self.source, to: target, alive: self.alive.clone() }
+    }
+}
+
+fn unreachable<E: std::fmt::Display>(e: E) -> Unreachable<SimConfig> {
+    Unreachable::from_string(e.to_string())
+}
+
+fn fatal_rpc(e: RaftError<SimConfig>) -> RPCError<SimConfig> {
+    match e {
+        RaftError::APIError(never) => match never {},
+        RaftError::Fatal(f) => RPCError::Unreachable(Unreachable::new(&f)),
+    }
+}
+
+impl Connection {
+    /// Carry a request to the target: delay, loss, partition, target down.
+    async fn request(&self, kind: &str) -> Result<(SimRaft, Plan), Unreachable<SimConfig>> {
+        let plan = self.world.plan();
+        sleep_ms(plan.delay_ms).await;
+        let (from, to) = (self.from, self.to);
+        if !self.alive.load(std::sync::atomic::Ordering::SeqCst) {
+            self.world.event(format_args!("net n{from}->n{to} {kind} from a crashed incarnation: not sent"));
+            return Err(unreachable("source crashed"));
+        }
+        if plan.drop_request {
+            self.world.event(format_args!("net n{from}->n{to} {kind} dropped"));
+            return Err(unreachable("request dropped"));
+        }
+        if !self.world.link_open(from, to) {
+            return Err(unreachable("partitioned"));
+        }
+        match self.world.live(to) {
+            Some(l) => Ok((l.raft, plan)),
+            None => Err(unreachable("target down")),
+        }
+    }
+
+    /// Carry the response back.
+    async fn response(&self, kind: &str, plan: Plan) -> Result<(), Unreachable<SimConfig>> {
+        sleep_ms(plan.resp_delay_ms).await;
+        let (from, to) = (self.from, self.to);
+        if plan.drop_response {
+            self.world.event(format_args!("net n{to}->n{from} {kind} response dropped"));
+            return Err(unreachable("response dropped"));
+        }
+        if !self.world.link_open(to, from) {
+            return Err(unreachable("partitioned (response)"));
+        }
+        if self.world.live(from).is_none() || !self.alive.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(unreachable("source down"));
+        }
+        Ok(())
+    }
+}
+
+impl RaftNetworkV2<SimConfig> for Connection {
+    type SnapshotData = SnapshotData;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<SimConfig>,
+        _option: RPCOption,
+    ) -> Result<AppendEntriesResponse<SimConfig>, RPCError<SimConfig>> {
+        let (raft, plan) = self.request("append").await?;
+        let n = rpc.entries.len();
+        let mut resp = raft.append_entries(rpc.clone()).await.map_err(fatal_rpc)?;
+        if plan.duplicate {
+            self.world.event(format_args!("net n{}->n{} append({n}) duplicated", self.from, self.to));
+            resp = raft.append_entries(rpc).await.map_err(fatal_rpc)?;
+        }
+        self.response("append", plan).await?;
+        Ok(resp)
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<SimConfig>,
+        _option: RPCOption,
+    ) -> Result<VoteResponse<SimConfig>, RPCError<SimConfig>> {
+        let (raft, plan) = self.request("vote").await?;
+        let mut resp = raft.vote(rpc.clone()).await.map_err(fatal_rpc)?;
+        if plan.duplicate {
+            resp = raft.vote(rpc).await.map_err(fatal_rpc)?;
+        }
+        self.world.event(format_args!("net n{}->n{} vote granted={}", self.from, self.to, resp.vote_granted));
+        self.response("vote", plan).await?;
+        Ok(resp)
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<SimConfig>,
+        _option: RPCOption,
+    ) -> Result<VoteResponse<SimConfig>, RPCError<SimConfig>> {
+        let (raft, plan) = self.request("pre_vote").await?;
+        let resp = raft.pre_vote(rpc).await.map_err(fatal_rpc)?;
+        self.response("pre_vote", plan).await?;
+        Ok(resp)
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        _cancel: impl Future<Output = ReplicationClosed> + impetus_raft::openraft::OptionalSend + 'static,
+        _option: RPCOption,
+    ) -> Result<SnapshotResponse<SimConfig>, StreamingError<SimConfig>> {
+        let (raft, plan) = self.request("snapshot").await?;
+        let resp =
+            raft.install_full_snapshot(vote, snapshot).await.map_err(|e: Fatal<SimConfig>| Unreachable::new(&e))?;
+        self.response("snapshot", plan).await?;
+        Ok(resp)
+    }
+}

@@ -1,0 +1,216 @@
+//! One real `impetus` peer on 127.0.0.1, driven through the real CLI and
+//! checked through the SDK: submit → run → result, durability across
+//! `kill -9`, bad input, result files, status.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use impetus_proto::{JobId, JobRecord, JobStatus, StreamName};
+use impetus_sdk::Client;
+use impetus_tests::{wait_for, wasm, PeerProc};
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+fn client(p: &PeerProc) -> (tokio::runtime::Runtime, Client) {
+    let rt = rt();
+    let c = rt.block_on(Client::connect(&p.addr, None)).unwrap();
+    (rt, c)
+}
+
+fn all_jobs(rt: &tokio::runtime::Runtime, c: &Client, stream: &str) -> Vec<JobRecord> {
+    let s = StreamName::new(stream).unwrap();
+    let mut out = Vec::new();
+    let mut after = None;
+    loop {
+        let page = rt.block_on(c.jobs(Some(&s), None, after, 1000)).unwrap();
+        let Some(last) = page.last() else { break };
+        after = Some(last.id);
+        out.extend(page);
+    }
+    out
+}
+
+#[test]
+fn submit_wait_returns_the_square() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = PeerProc::start(&dir.path().join("p"), &[]).unwrap();
+    p.ok(&["stream", "create", "s1"]);
+    let square = wasm("square");
+    let out = p.ok(&["submit", square.to_str().unwrap(), "--stream", "s1", "--input", "7", "--wait"]);
+    assert_eq!(out.trim(), "49");
+    // Arguments after `--` reach the module as its argv.
+    let out = p.ok(&["submit", square.to_str().unwrap(), "--stream", "s1", "--wait", "--", "12"]);
+    assert_eq!(out.trim(), "144");
+}
+
+#[test]
+fn acknowledged_jobs_survive_kill_9_and_each_ends_with_one_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = PeerProc::start(&dir.path().join("p"), &["--capacity", "4"]).unwrap();
+    p.ok(&["stream", "create", "durable", "--lease-ttl", "3s", "--max-attempts", "5"]);
+    // 1,000 jobs of ~10 ms each on 4 slots: a few seconds of work.
+    let inputs = dir.path().join("inputs.txt");
+    std::fs::write(&inputs, (0..1000).map(|_| "10\n").collect::<String>()).unwrap();
+    let out = p.ok(&[
+        "submit",
+        wasm("sleep").to_str().unwrap(),
+        "--stream",
+        "durable",
+        "--inputs",
+        inputs.to_str().unwrap(),
+        "--json",
+    ]);
+    let acked: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(acked.len(), 1000, "every submit acknowledged");
+    let acked: Vec<u64> = acked.iter().map(|v| v["id"].as_u64().unwrap()).collect();
+
+    // Kill part-way: some jobs done, some running, most queued.
+    {
+        let (rt, c) = client(&p);
+        let s = StreamName::new("durable").unwrap();
+        let progressed = wait_for(Duration::from_secs(30), || {
+            let st = rt.block_on(c.stream(&s)).ok()?.stats;
+            (st.succeeded >= 50).then_some(st)
+        });
+        assert!(progressed.is_some(), "no progress before the kill; log:\n{}", p.log_text());
+    }
+    p.kill9();
+    p.restart().unwrap();
+
+    let (rt, c) = client(&p);
+    let s = StreamName::new("durable").unwrap();
+    let done = wait_for(Duration::from_secs(60), || {
+        let st = rt.block_on(c.stream(&s)).ok()?.stats;
+        (st.live() == 0).then_some(st)
+    });
+    let stats = done.unwrap_or_else(|| panic!("jobs did not finish after the restart; log:\n{}", p.log_text()));
+    assert_eq!((stats.succeeded, stats.dead, stats.completed_total), (1000, 0, 1000), "{stats:?}");
+    let jobs = all_jobs(&rt, &c, "durable");
+    let by_id: BTreeMap<u64, &JobRecord> = jobs.iter().map(|j| (j.id.0, j)).collect();
+    for id in &acked {
+        let j = by_id.get(id).unwrap_or_else(|| panic!("acknowledged job {id} lost"));
+        assert_eq!(j.status, JobStatus::Succeeded);
+        assert_eq!(
+            j.result.as_deref().map(|r| String::from_utf8_lossy(r).trim().to_owned()),
+            Some("slept 10".into()),
+            "job {id}"
+        );
+    }
+    assert_eq!(jobs.len(), 1000, "no job created twice");
+}
+
+#[test]
+fn bad_input_is_refused_with_a_clear_message_and_failing_jobs_end_dead() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = PeerProc::start(&dir.path().join("p"), &[]).unwrap();
+    let square = wasm("square");
+    let square = square.to_str().unwrap();
+
+    // An unknown stream.
+    let out = p.cli(&["submit", square, "--stream", "nope", "--input", "1"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("stream nope does not exist"), "{err}");
+
+    p.ok(&["stream", "create", "s", "--max-attempts", "1", "--timeout", "500ms", "--memory", "32"]);
+    // Not wasm at all.
+    let not_wasm = dir.path().join("job.wasm");
+    std::fs::write(&not_wasm, b"#!/bin/sh\necho hi\n").unwrap();
+    let out = p.cli(&["submit", not_wasm.to_str().unwrap(), "--stream", "s"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a WebAssembly module"), "{err}");
+    // Wasm, but not a WASI command (an empty module exports no `_start`).
+    let reactor = dir.path().join("reactor.wasm");
+    std::fs::write(&reactor, b"\0asm\x01\0\0\0").unwrap();
+    let out = p.cli(&["submit", reactor.to_str().unwrap(), "--stream", "s"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a WASI command"), "{err}");
+
+    // A trap, an endless loop, a memory hog, a non-zero exit.
+    let mut ids = BTreeMap::new();
+    for name in ["trap", "spin", "memhog", "exit"] {
+        let out = p.ok(&["submit", wasm(name).to_str().unwrap(), "--stream", "s", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        ids.insert(name, JobId(v[0]["id"].as_u64().unwrap()));
+    }
+    let (rt, c) = client(&p);
+    let finished = wait_for(Duration::from_secs(30), || {
+        let jobs: Vec<JobRecord> = ids.values().map(|id| rt.block_on(c.job(*id)).unwrap()).collect();
+        jobs.iter().all(|j| j.status.is_final()).then_some(jobs)
+    })
+    .expect("failing jobs did not finish");
+    let got: BTreeMap<&str, String> = ids
+        .keys()
+        .zip(&finished)
+        .map(|(name, j)| {
+            assert_eq!(j.status, JobStatus::Dead, "{name}: {j:?}");
+            (*name, format!("{:?}", j.error.as_ref().expect("an error record").kind))
+        })
+        .collect();
+    assert_eq!(got["trap"], "Trap");
+    assert_eq!(got["spin"], "Timeout");
+    assert_eq!(got["memhog"], "OutOfMemory");
+    assert_eq!(got["exit"], "Exit(3)");
+
+    // The peer keeps serving.
+    let out = p.ok(&["submit", square, "--stream", "s", "--input", "5", "--wait"]);
+    assert_eq!(out.trim(), "25");
+}
+
+#[test]
+fn results_files_and_status_show_what_happened() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = PeerProc::start(&dir.path().join("p"), &[]).unwrap();
+    p.ok(&["stream", "create", "r", "--max-attempts", "1"]);
+    let inputs = dir.path().join("in.txt");
+    std::fs::write(&inputs, "1\n2\nnot-a-number\n3\n").unwrap();
+    let out = p.cli(&[
+        "submit",
+        wasm("square").to_str().unwrap(),
+        "--stream",
+        "r",
+        "--inputs",
+        inputs.to_str().unwrap(),
+        "--wait",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "a Dead job makes --wait fail");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is not an integer"), "the error record is shown: {err}");
+    let out_dir = dir.path().join("results");
+    p.ok(&["results", "r", "--out", out_dir.to_str().unwrap()]);
+    let ok = std::fs::read_to_string(out_dir.join("r.ok")).unwrap();
+    let err = std::fs::read_to_string(out_dir.join("r.err")).unwrap();
+    let results: Vec<String> = ok
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["result"].as_str().unwrap().trim().to_owned())
+        .collect();
+    assert_eq!(results, ["1", "4", "9"]);
+    let errs: Vec<serde_json::Value> = err.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(errs.len(), 1);
+    assert_eq!((&errs[0]["error"]["kind"], &errs[0]["error"]["exit_code"]), (&"exit".into(), &2.into()));
+    assert_eq!(errs[0]["input"], "not-a-number");
+
+    let status = p.ok(&["status"]);
+    assert!(
+        status.contains(" r ") || status.contains("\nr ") || status.contains("r\t") || status.contains("│ r"),
+        "{status}"
+    );
+    let pid = p.pid().unwrap().to_string();
+    assert!(status.contains(&pid), "status shows the peer's pid {pid}:\n{status}");
+}
+
+#[test]
+fn sigterm_stops_the_peer_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = PeerProc::start(&dir.path().join("p"), &[]).unwrap();
+    p.ok(&["stream", "create", "s"]);
+    assert!(p.stop().unwrap(), "exit code 0 after SIGTERM; log:\n{}", p.log_text());
+    // And it starts again on the same data, with the stream still there.
+    p.restart().unwrap();
+    let out = p.ok(&["stream", "list"]);
+    assert!(out.contains('s'), "{out}");
+}
