@@ -21,11 +21,14 @@ jobs: setup
 demo: jobs
     cargo run --release -p impetus-node --bin impetus -- demo
 
-# Everything CI checks: formatting, lints, then every test.
+# Everything CI checks: formatting, lints, every test, then a simulation sweep
+# with the determinism check.
 test: jobs
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
     cargo test --workspace
+    cargo run --release -p impetus-simulation -- --seeds 300
+    cargo run --release -p impetus-simulation -- --seeds 20 --check-determinism
 
 # Benchmarks: `just bench` runs all; `just bench queue|exec|net|peer` one of them.
 bench which="all": jobs
