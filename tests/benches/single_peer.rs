@@ -120,6 +120,10 @@ async fn run(addr: &str, pid: u32, noop: Vec<u8>, quick: bool) -> Result<()> {
     wait_drained(&c, &s, Duration::from_secs(600)).await?;
     let total = t.elapsed();
     let loaded_rss = rss_of(pid);
+    let st = c.stream(&s).await?.stats;
+    if st.succeeded != n as u64 {
+        bail!("only {} of {n} jobs succeeded: {st:?}", st.succeeded);
+    }
 
     // Latency at a paced 200 jobs/s.
     let paced = StreamName::new("paced")?;
