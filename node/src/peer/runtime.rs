@@ -2,7 +2,7 @@
 //!
 //! Production plugs in [`crate::rt::TokioRuntime`]; the simulator plugs in a
 //! runtime of its own with a virtual clock, so the same peer code runs under
-//! one seed. Nothing in `peer/` calls `tokio::spawn` or `tokio::time`.
+//! one seed. Nothing in `peer/` spawns tokio tasks or reads tokio timers directly.
 
 use std::future::Future;
 use std::time::Duration;
