@@ -132,8 +132,12 @@ fn bad_input_is_refused_with_a_clear_message_and_failing_jobs_end_dead() {
 
     // A trap, an endless loop, a memory hog, a non-zero exit.
     let mut ids = BTreeMap::new();
+    // The memory hog gets its own stream with a generous timeout: it must
+    // reach its memory limit, not the clock, however loaded the machine is.
+    p.ok(&["stream", "create", "m", "--max-attempts", "1", "--timeout", "60s", "--memory", "32"]);
     for name in ["trap", "spin", "memhog", "exit"] {
-        let out = p.ok(&["submit", wasm(name).to_str().unwrap(), "--stream", "s", "--json"]);
+        let stream = if name == "memhog" { "m" } else { "s" };
+        let out = p.ok(&["submit", wasm(name).to_str().unwrap(), "--stream", stream, "--json"]);
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         ids.insert(name, JobId(v[0]["id"].as_u64().unwrap()));
     }
