@@ -104,14 +104,14 @@ fn new_job(input: &str) -> NewJob {
 
 /// Wait (bounded) until every job is final; return them.
 async fn wait_final(p: &TestPeer, n: usize) -> Vec<JobRecord> {
-    for _ in 0..500 {
+    for _ in 0..1500 {
         let jobs = p.read(|s| s.jobs(&impetus_queue::JobFilter { limit: usize::MAX, ..Default::default() }));
         if jobs.len() == n && jobs.iter().all(|j| j.status.is_final()) {
             return jobs;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    panic!("jobs did not finish within 10 s");
+    panic!("jobs did not finish within 30 s");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -154,12 +154,12 @@ async fn a_module_that_cannot_run_is_refused_before_it_is_stored() {
 async fn the_worker_respects_its_capacity_and_renews_long_jobs() {
     let cfg = PeerConfig { capacity: 2, ..PeerConfig::default() };
     let p = peer(cfg).await;
-    // A 300 ms lease and 700 ms jobs: only renewals keep the leases alive.
-    let props = StreamProps { lease_ttl_ms: 300, max_attempts: 1, ..StreamProps::default() };
+    // A 1 s lease and 2.5 s jobs: only renewals keep the leases alive.
+    let props = StreamProps { lease_ttl_ms: 1_000, max_attempts: 1, ..StreamProps::default() };
     let s = setup(&p, props).await;
-    let jobs = (0..4).map(|_| new_job("sleep:700")).collect();
+    let jobs = (0..4).map(|_| new_job("sleep:2500")).collect();
     write(&p, Command::Submit { stream: s.clone(), jobs }).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(350)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let running = p.read(|st| st.stream_stats(&s).unwrap());
     assert_eq!(running.leased + running.running, 2, "capacity 2: {running:?}");
     let done = wait_final(&p, 4).await;
