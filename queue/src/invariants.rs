@@ -62,7 +62,12 @@ impl State {
                 return Err(format!("{id} is Dead without an error record"));
             }
             if let Some(e) = out.and_then(|o| o.error.as_ref()) {
-                if e.kind == ErrorKind::LeaseExpired && job.attempts == 0 && job.status != JobStatus::Queued {
+                // An expiry counts an attempt, so a job it sent back to the queue
+                // (Delayed for backoff, or Dead) has at least one. A retried job
+                // keeps its last error as history and starts again at zero, so
+                // Queued and Cancelled are exempt.
+                let sent_back = matches!(job.status, JobStatus::Delayed | JobStatus::Dead);
+                if e.kind == ErrorKind::LeaseExpired && job.attempts == 0 && sent_back {
                     return Err(format!("{id} expired a lease without counting an attempt"));
                 }
             }

@@ -360,6 +360,23 @@ fn an_expired_lease_is_rejected_and_its_job_returns_with_an_attempt_counted() {
     assert_eq!(h.stats("s").expired_leases_total, 1);
 }
 
+/// Regression (found by the model proptest in CI): a retried job keeps its last
+/// error as history while its attempts restart at zero; cancelling it then is fine.
+#[test]
+fn a_retried_job_that_expired_before_can_be_cancelled() {
+    let mut h = Harness::with_stream(StreamProps { max_attempts: 1, ..props() });
+    let id = h.submit("s", vec![job("1")])[0];
+    h.lease(PeerId(1), 1);
+    h.advance(10_000);
+    h.ok(Command::Tick);
+    assert_eq!(h.status(id), JobStatus::Dead);
+    h.ok(Command::Retry { job: id });
+    assert_eq!(h.ok(Command::Cancel { job: id }), Outcome::Cancelled);
+    let r = h.state.job(id).unwrap();
+    assert_eq!((r.status, r.attempts), (JobStatus::Cancelled, 0));
+    assert_eq!(r.error.unwrap().kind, ErrorKind::LeaseExpired, "the last error stays as history");
+}
+
 #[test]
 fn leases_that_keep_expiring_end_dead() {
     let mut h = Harness::with_stream(StreamProps { max_attempts: 2, ..props() });
