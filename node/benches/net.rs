@@ -33,8 +33,8 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 async fn run(authkey: Option<&str>) {
     let cfg = NetConfig {
         listen: "/ip4/127.0.0.1/tcp/0".parse().expect("multiaddr"),
-        keypair: None,
         authkey: authkey.map(str::to_owned),
+        ..NetConfig::default()
     };
     let server = Server::bind(cfg).await.expect("bind");
     let addr = server.listen_addr().to_string();

@@ -1,6 +1,10 @@
 //! impetus-node: the peer and the `impetus` binary. See ARCHITECTURE.md.
+#[cfg(feature = "net")]
+pub mod cluster;
 #[cfg(feature = "wasm")]
 pub mod exec;
+#[cfg(feature = "net")]
+pub mod metrics;
 #[cfg(feature = "net")]
 pub mod net;
 pub mod peer;

@@ -1,12 +1,19 @@
-//! [`Consensus`] on openraft: writes go through `client_write`, reads come
-//! from the applied state handle.
+//! [`Consensus`] and [`Membership`] on openraft: writes go through
+//! `client_write`, reads come from the applied state handle, membership
+//! changes through `add_learner`/`change_membership`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+use std::time::Duration;
 
 use impetus_proto::{ApplyResult, Command, Timestamp};
 use impetus_queue::State;
 use impetus_raft::openraft::async_runtime::WatchReceiver;
-use impetus_raft::openraft::error::{ClientWriteError, RaftError};
-use impetus_raft::{ImpetusConfig, ImpetusRaft, Request, StateHandle};
+use impetus_raft::openraft::error::{ClientWriteError, LinearizableReadError, RaftError};
+use impetus_raft::openraft::{AsyncRuntime, ChangeMembers, Instant, RaftTypeConfig, ReadPolicy};
+use impetus_raft::{ImpetusConfig, ImpetusRaft, PeerNode, Request, StateHandle};
 
+use crate::peer::membership::{Change, Membership, View};
 use crate::peer::{Consensus, ConsensusError, RaftStatus};
 
 /// One Raft member and its applied state.
@@ -14,7 +21,19 @@ pub struct RaftConsensus<C: ImpetusConfig> {
     raft: ImpetusRaft<C>,
     state: StateHandle,
     node: u64,
+    /// When this leader first saw each follower without an acknowledgement
+    /// (per term): a follower that never answers is silent since then.
+    unacked_since: Mutex<BTreeMap<(u64, u64), Instant_<C>>>,
+    /// One membership change at a time from this peer (joins, promotions,
+    /// departures): openraft refuses a change while another is in flight.
+    changing: tokio::sync::Mutex<()>,
 }
+
+/// How long a linearizable read waits for a quorum to confirm the leader.
+const READ_INDEX_WAIT: Duration = Duration::from_secs(3);
+
+/// How long a membership change waits for the one in flight to finish.
+const CHANGE_WAIT: Duration = Duration::from_secs(10);
 
 impl<C: ImpetusConfig> std::fmt::Debug for RaftConsensus<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -22,25 +41,145 @@ impl<C: ImpetusConfig> std::fmt::Debug for RaftConsensus<C> {
     }
 }
 
+/// The openraft runtime's instant type of `C`.
+type Instant_<C> = <<C as RaftTypeConfig>::AsyncRuntime as AsyncRuntime>::Instant;
+
+fn write_error<C: ImpetusConfig>(e: RaftError<C, ClientWriteError<C>>) -> ConsensusError {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+            ConsensusError::NotLeader { leader: f.leader_node.map(|n| n.addr.clone()), leader_id: f.leader_id }
+        }
+        e => ConsensusError::Unavailable(e.to_string()),
+    }
+}
+
 impl<C: ImpetusConfig> RaftConsensus<C> {
     pub fn new(raft: ImpetusRaft<C>, state: StateHandle, node: u64) -> RaftConsensus<C> {
-        RaftConsensus { raft, state, node }
+        RaftConsensus {
+            raft,
+            state,
+            node,
+            unacked_since: Mutex::new(BTreeMap::new()),
+            changing: tokio::sync::Mutex::new(()),
+        }
     }
 
     pub fn raft(&self) -> &ImpetusRaft<C> {
         &self.raft
     }
+
+    pub fn state(&self) -> &StateHandle {
+        &self.state
+    }
+
+    /// The address membership records for node `id`.
+    pub fn member_addr(&self, id: u64) -> Option<String> {
+        self.raft.metrics().borrow_watched().membership_config.membership().get_node(&id).map(|n| n.addr.clone())
+    }
+
+    /// [`Consensus::write`], also returning the entry's log index.
+    pub async fn write_indexed(&self, now: Timestamp, cmd: Command) -> Result<(u64, ApplyResult), ConsensusError> {
+        let resp = self.raft.client_write(Request { now, cmd }).await.map_err(write_error)?;
+        Ok((resp.log_id.index(), resp.data))
+    }
+
+    /// Run one membership change, after any other from this peer, retrying
+    /// (bounded) while one from an earlier leader is still in flight.
+    async fn changing<T, F, Fut>(&self, what: &str, f: F) -> Result<T, ConsensusError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, RaftError<C, ClientWriteError<C>>>>,
+    {
+        let _one_at_a_time = self.changing.lock().await;
+        let deadline = tokio::time::Instant::now() + CHANGE_WAIT;
+        loop {
+            match f().await {
+                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    tracing::debug!(what, error = %e, "membership change must wait");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                other => return other.map_err(write_error),
+            }
+        }
+    }
+
+    /// Add `id` at `addr` as a learner (does not wait for it to catch up).
+    pub async fn add_learner(&self, id: u64, addr: String) -> Result<(), ConsensusError> {
+        let node = PeerNode { addr };
+        self.changing("add learner", || self.raft.add_learner(id, node.clone(), false)).await?;
+        Ok(())
+    }
+
+    /// Take `id` out of membership: out of the voters (a caught-up learner
+    /// takes its place if there is one), then out of the nodes.
+    pub async fn remove_member(&self, id: u64) -> Result<(), ConsensusError> {
+        let view = self.view();
+        if view.voters.contains(&id) {
+            let mut voters = view.voters.clone();
+            voters.remove(&id);
+            if voters.is_empty() {
+                return Err(ConsensusError::Unavailable("the last voter cannot leave".into()));
+            }
+            if let Some(with) = view.learners.iter().find(|l| view.matched.contains_key(l)) {
+                voters.insert(*with);
+            }
+            let change = ChangeMembers::ReplaceAllVoters(voters);
+            self.changing("remove voter", || self.raft.change_membership(change.clone(), false)).await?;
+        }
+        let still_there = self.raft.metrics().borrow_watched().membership_config.membership().get_node(&id).is_some();
+        if still_there {
+            let change = ChangeMembers::RemoveNodes(BTreeSet::from([id]));
+            self.changing("remove node", || self.raft.change_membership(change.clone(), false)).await?;
+        }
+        Ok(())
+    }
+
+    /// The leader's linearizable read index: everything committed before
+    /// this call is at or below it.
+    pub async fn read_index(&self) -> Result<u64, ConsensusError> {
+        let deadline = tokio::time::Instant::now() + READ_INDEX_WAIT;
+        let res = loop {
+            match self.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
+                // No quorum answered this round (a slow follower): ask again.
+                Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(e)))
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    tracing::debug!(error = %e, "read index: no quorum yet");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                other => break other,
+            }
+        };
+        match res {
+            Ok(read) => Ok(read.index()),
+            Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f))) => {
+                Err(ConsensusError::NotLeader { leader: f.leader_node.map(|n| n.addr.clone()), leader_id: f.leader_id })
+            }
+            Err(e) => Err(ConsensusError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// Wait (at most `timeout`) until this replica has applied `index`.
+    pub async fn wait_applied(&self, index: u64, timeout: Duration) -> Result<(), ConsensusError> {
+        self.raft
+            .wait(Some(timeout))
+            .applied_index_at_least(Some(index), "read your writes")
+            .await
+            .map(|_| ())
+            .map_err(|e| ConsensusError::Unavailable(format!("this replica did not apply index {index}: {e}")))
+    }
+
+    /// The applied index and a BLAKE3 digest of the applied state.
+    pub fn digest(&self) -> (u64, String) {
+        self.state.read(|s| (s.applied_index(), blake3::hash(&s.snapshot()).to_hex().to_string()))
+    }
 }
 
 impl<C: ImpetusConfig> Consensus for RaftConsensus<C> {
     async fn write(&self, now: Timestamp, cmd: Command) -> Result<ApplyResult, ConsensusError> {
-        match self.raft.client_write(Request { now, cmd }).await {
-            Ok(resp) => Ok(resp.data),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                Err(ConsensusError::NotLeader { leader: f.leader_node.map(|n| n.addr.clone()) })
-            }
-            Err(e) => Err(ConsensusError::Unavailable(e.to_string())),
-        }
+        self.write_indexed(now, cmd).await.map(|(_, r)| r)
     }
 
     fn read<T>(&self, f: impl FnOnce(&State) -> T) -> T {
@@ -49,12 +188,68 @@ impl<C: ImpetusConfig> Consensus for RaftConsensus<C> {
 
     fn status(&self) -> RaftStatus {
         let m = self.raft.metrics().borrow_watched().clone();
+        let membership = m.membership_config.membership();
         RaftStatus {
             node: self.node,
             leader: m.current_leader,
             term: m.current_term,
             commit_index: m.cluster_committed.map(|l| l.index()).unwrap_or(0),
             applied_index: m.last_applied.map(|l| l.index()).unwrap_or(0),
+            voters: membership.voter_ids().collect(),
+            learners: membership.learner_ids().collect(),
         }
+    }
+}
+
+impl<C: ImpetusConfig> Membership for RaftConsensus<C> {
+    fn view(&self) -> View {
+        let m = self.raft.metrics().borrow_watched().clone();
+        let membership = m.membership_config.membership();
+        let mut v = View {
+            me: self.node,
+            is_leader: m.current_leader == Some(self.node) && m.state.is_leader(),
+            voters: membership.voter_ids().collect(),
+            learners: membership.learner_ids().collect(),
+            last_log: m.last_log_index.unwrap_or(0),
+            ..View::default()
+        };
+        if !v.is_leader {
+            return v;
+        }
+        for (id, matched) in m.replication.iter().flatten() {
+            v.matched.insert(*id, matched.as_ref().map(|l| l.index()).unwrap_or(0));
+        }
+        let now = Instant_::<C>::now();
+        let term: u64 = m.current_term;
+        let Ok(mut unacked) = self.unacked_since.lock() else { return v };
+        for (id, acked) in m.heartbeat.iter().flatten() {
+            let since = match acked {
+                Some(at) => {
+                    unacked.remove(&(term, *id));
+                    **at
+                }
+                None => *unacked.entry((term, *id)).or_insert(now),
+            };
+            v.silent_ms.insert(*id, (now - since).as_millis() as u64);
+        }
+        unacked.retain(|(t, _), _| *t == term);
+        v
+    }
+
+    async fn change(&self, c: Change) -> Result<(), ConsensusError> {
+        let members = match c {
+            Change::Promote(id) => ChangeMembers::AddVoterIds(BTreeSet::from([id])),
+            Change::Replace { dead, with } => {
+                let mut voters = self.view().voters;
+                voters.remove(&dead);
+                voters.insert(with);
+                ChangeMembers::ReplaceAllVoters(voters)
+            }
+        };
+        // `retain = true`: a replaced voter stays a learner, so it catches up
+        // and can serve again if it was only slow; the policy replaces it
+        // again only if it is needed.
+        self.changing("membership policy", || self.raft.change_membership(members.clone(), true)).await?;
+        Ok(())
     }
 }

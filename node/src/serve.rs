@@ -3,14 +3,24 @@
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
+
+use impetus_raft::{PeerNode, TypeConfig};
+use libp2p::identity::Keypair;
+use tokio::sync::Notify;
 
 use impetus_proto::api::{ClientRequest, ClientResponse};
 use impetus_proto::{LeaseGrant, ModuleHash, PeerId, PeerInfo};
 
+use crate::cluster::{ClusterConsensus, ClusterService};
 use crate::exec::{ExecConfig, ExecError, Executor, RunSpec};
-use crate::net::{ClientService, NetConfig, Server};
-use crate::peer::{JobRunner, Peer, PeerConfig, RunReport};
+use crate::metrics::Metrics;
+use crate::net::raft_rpc::P2pRaftNetwork;
+use crate::net::{Handlers, NetConfig, Server};
+use crate::peer::membership::{self, Membership, Policy};
+use crate::peer::{Consensus, JobRunner, Peer, PeerConfig, RunReport};
 use crate::raft_consensus::RaftConsensus;
 use crate::rt::TokioRuntime;
 
@@ -26,21 +36,54 @@ pub struct PeerOptions {
     pub authkey: Option<String>,
     /// Jobs run at once on this peer.
     pub capacity: u32,
-    /// Peers to join. Joining arrives with the cluster issue.
+    /// Peers to join (any member will do). Empty: found a cluster, or find
+    /// one by mDNS.
     pub join: Vec<String>,
+    /// Voters the cluster grows to (3, or 5 to survive two failures).
+    pub voters: usize,
+    /// A voter silent this long is replaced by a caught-up learner.
+    pub voter_timeout: Duration,
+    /// mDNS discovery; `None`: on unless the listen address is loopback
+    /// (libp2p's mDNS never runs on loopback).
+    pub mdns: Option<bool>,
+    /// Serve Prometheus `/metrics` on this `host:port`.
+    pub metrics: Option<String>,
 }
 
 impl PeerOptions {
     pub fn default_capacity() -> u32 {
         std::thread::available_parallelism().map(|n| n.get() as u32 * 2).unwrap_or(4)
     }
+
+    /// Options for a peer on `listen` with data in `data_dir`, everything
+    /// else at its default.
+    pub fn new(listen: impl Into<String>, data_dir: impl Into<PathBuf>) -> PeerOptions {
+        PeerOptions {
+            listen: listen.into(),
+            data_dir: data_dir.into(),
+            authkey: None,
+            capacity: PeerOptions::default_capacity(),
+            join: vec![],
+            voters: DEFAULT_VOTERS,
+            voter_timeout: DEFAULT_VOTER_TIMEOUT,
+            mdns: None,
+            metrics: None,
+        }
+    }
 }
+
+/// Voters a cluster grows to by default.
+pub const DEFAULT_VOTERS: usize = 3;
+/// A voter silent this long is replaced, by default.
+pub const DEFAULT_VOTER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a peer could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("joining other peers (--join) is not available yet: this build runs a single peer")]
-    JoinUnsupported,
+    #[error("could not join the cluster through {tried} (last error: {last}); is a peer running there, with the same --authkey?")]
+    Join { tried: String, last: String },
+    #[error("this peer is node {raft} in Raft but {registry} in the registry; its data directory is inconsistent")]
+    Identity { raft: u64, registry: u64 },
     #[error("invalid listen address {addr:?}: {reason}")]
     Listen { addr: String, reason: String },
     #[error("data directory {}: {source}", path.display())]
@@ -55,22 +98,36 @@ pub enum ServeError {
     Net(#[from] crate::net::NetError),
 }
 
-/// The wasm executor as the peer's [`JobRunner`].
-#[derive(Clone, Debug)]
-pub struct WasmRunner(pub Executor);
+/// The wasm executor as the peer's [`JobRunner`], counting what it runs.
+#[derive(Clone)]
+pub struct WasmRunner {
+    pub exec: Executor,
+    pub metrics: Option<Arc<Metrics>>,
+}
+
+impl std::fmt::Debug for WasmRunner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WasmRunner").field("exec", &self.exec).finish_non_exhaustive()
+    }
+}
 
 impl JobRunner for WasmRunner {
     fn prepare(&self, hash: ModuleHash, bytes: &[u8]) -> Result<(), String> {
-        self.0.prepare(hash, bytes).map_err(|e| e.to_string())
+        self.exec.prepare(hash, bytes).map_err(|e| e.to_string())
     }
 
     fn is_prepared(&self, hash: &ModuleHash) -> bool {
-        self.0.is_cached(hash)
+        self.exec.is_cached(hash)
     }
 
     fn run(&self, g: LeaseGrant) -> impl Future<Output = RunReport> + Send + 'static {
-        let exec = self.0.clone();
+        let exec = self.exec.clone();
+        let metrics = self.metrics.clone();
         async move {
+            let started = std::time::Instant::now();
+            if let Some(m) = &metrics {
+                m.leases_granted(1);
+            }
             let out = exec
                 .run(RunSpec {
                     module: g.module,
@@ -82,39 +139,35 @@ impl JobRunner for WasmRunner {
                     memory_limit_bytes: g.memory_limit_bytes,
                 })
                 .await;
+            if let Some(m) = &metrics {
+                let outcome = if out.result.is_ok() { "succeeded" } else { "failed" };
+                m.job_finished(outcome, started.elapsed().as_secs_f64());
+            }
             RunReport { result: out.result, stdout_tail: out.stdout_tail, stderr_tail: out.stderr_tail }
         }
     }
 }
 
-type RealPeer = Peer<TokioRuntime, RaftConsensus<impetus_raft::TypeConfig>, WasmRunner>;
+/// How long a joiner keeps asking the `--join` peers to let it in.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a new member waits for its replica to learn its registration.
+const CATCH_UP_ON_JOIN: Duration = Duration::from_secs(120);
+/// How long a fresh peer with mDNS listens for a cluster before founding one.
+const MDNS_WINDOW: Duration = Duration::from_secs(3);
+/// How long leaving the cluster may take on shutdown.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(15);
 
-struct Service(RealPeer);
-
-impl ClientService for Service {
-    fn handle(&self, req: ClientRequest) -> impl Future<Output = ClientResponse> + Send {
-        let peer = self.0.clone();
-        async move { peer.handle(req).await }
-    }
-}
-
-/// Run a peer until `shutdown` resolves, then drain it: no new leases,
-/// running jobs finish (bounded by the grace period), results are committed,
-/// Raft shuts down.
+/// Run a peer until `shutdown` resolves (or a client asks it to leave), then
+/// drain it: no new leases, running jobs finish (bounded by the grace
+/// period), results are committed, it leaves the cluster's membership if
+/// others remain, Raft shuts down.
 pub async fn run_peer(
     opts: PeerOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    if !opts.join.is_empty() {
-        return Err(ServeError::JoinUnsupported);
-    }
     let listen = impetus_sdk::transport::resolve_addr(&opts.listen)
         .await
         .map_err(|reason| ServeError::Listen { addr: opts.listen.clone(), reason })?;
-    let data_err = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| ServeError::DataDir { path, source }
-    };
     std::fs::create_dir_all(&opts.data_dir).map_err(data_err(&opts.data_dir))?;
 
     // Bind first: a busy port is the most common mistake; say so before
@@ -128,49 +181,317 @@ pub async fn run_peer(
             });
         }
     }
-    let server = Server::bind(NetConfig { listen, keypair: None, authkey: opts.authkey.clone() }).await?;
-    let addr = server.listen_addr().to_string();
+    let keypair = load_or_create_identity(&opts.data_dir.join("identity"))?;
+    let mdns = opts.mdns.unwrap_or_else(|| !crate::net::is_loopback(&listen));
+    let server =
+        Server::bind(NetConfig { listen, keypair: Some(keypair), authkey: opts.authkey.clone(), mdns }).await?;
+    let handlers = Arc::new(Handlers::default());
+    let net = server.start(handlers.clone());
+    let addr = net.handle.local_addr().to_string();
 
-    let (raft, state) = impetus_raft::start_single(&opts.data_dir.join("raft"), 1, addr.clone()).await?;
-    let executor = Executor::new(ExecConfig::default())?;
     let id_file = opts.data_dir.join("peer-id");
+    let raft_dir = opts.data_dir.join("raft");
     let known_id = read_peer_id(&id_file);
-    let cfg = PeerConfig {
-        capacity: opts.capacity.max(1),
-        info: PeerInfo {
-            host: hostname(),
-            pid: std::process::id(),
-            addresses: vec![addr.clone()],
-            capacity: opts.capacity,
-            labels: vec![],
-        },
-        ..PeerConfig::default()
+    let info = PeerInfo {
+        host: hostname(),
+        pid: std::process::id(),
+        addresses: vec![addr.clone()],
+        capacity: opts.capacity,
+        labels: vec![],
     };
-    let consensus = RaftConsensus::new(raft.clone(), state, 1);
-    let peer = Peer::start(TokioRuntime, consensus, WasmRunner(executor), cfg, known_id).await?;
+    // Who am I in Raft? A restarted member keeps its id; a new peer either
+    // joins (the leader gives it a fresh id) or founds the cluster as node 1.
+    let (node_id, founder) = match known_id {
+        Some(id) => (id.0, false),
+        None => {
+            let mut join = opts.join.clone();
+            if join.is_empty() && mdns {
+                join = mdns_cluster(&net.handle, opts.authkey.as_deref()).await;
+            }
+            if join.is_empty() {
+                (FOUNDER, true)
+            } else {
+                let id = join_cluster(&join, opts.authkey.as_deref(), &info).await?;
+                std::fs::write(&id_file, id.0.to_string()).map_err(data_err(&id_file))?;
+                (id.0, false)
+            }
+        }
+    };
+    let (log, sm) = impetus_raft::open_sled::<TypeConfig>(&raft_dir).await?;
+    let init = founder.then(|| PeerNode { addr: addr.clone() });
+    let network = P2pRaftNetwork::new(net.handle.clone());
+    let (raft, state) =
+        impetus_raft::start_node(node_id, impetus_raft::default_raft_config(), network, log, sm, init).await?;
+    handlers.set_raft(raft.clone());
+    let local = Arc::new(RaftConsensus::new(raft.clone(), state.clone(), node_id));
+    let consensus = ClusterConsensus { local: local.clone(), net: net.handle.clone() };
+    if !founder {
+        // The registry entry arrives with the log: wait for it so the peer
+        // does not register twice.
+        wait_for_registration(&local, PeerId(node_id)).await;
+    }
+
+    let executor = Executor::new(ExecConfig::default())?;
+    let cfg = PeerConfig { capacity: opts.capacity.max(1), info, ..PeerConfig::default() };
+    let metrics = Arc::new(Metrics::new());
+    let runner = WasmRunner { exec: executor, metrics: Some(metrics.clone()) };
+    let peer = Peer::start(TokioRuntime, consensus.clone(), runner, cfg, Some(PeerId(node_id))).await?;
+    if peer.id().0 != node_id {
+        tracing::error!(peer = %peer.id(), node_id, "the registry and Raft disagree on this peer's id");
+        return Err(ServeError::Identity { raft: node_id, registry: peer.id().0 });
+    }
     if known_id != Some(peer.id()) {
         std::fs::write(&id_file, peer.id().0.to_string()).map_err(data_err(&id_file))?;
     }
+    let leave = Arc::new(Notify::new());
+    let service = Arc::new(ClusterService { peer: peer.clone(), consensus: consensus.clone(), leave: leave.clone() });
+    handlers.set_client(service.clone());
     tracing::info!(peer = %peer.id(), %addr, data_dir = %opts.data_dir.display(), "impetus peer ready");
 
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let service = Arc::new(Service(peer.clone()));
-    let net = tokio::spawn(server.run(service, async move {
-        let _ = stop_rx.await;
-    }));
-    shutdown.await;
+    let stopping = Arc::new(AtomicBool::new(false));
+    let policy = Policy {
+        target_voters: opts.voters.max(1),
+        dead_after_ms: opts.voter_timeout.as_millis() as u64,
+        ..Policy::default()
+    };
+    let manager = {
+        let (local, stopping) = (local.clone(), stopping.clone());
+        tokio::spawn(membership::manage(TokioRuntime, ArcMembership(local), policy, MANAGE_EVERY, move || {
+            stopping.load(Ordering::SeqCst)
+        }))
+    };
+    let metrics_server = match &opts.metrics {
+        Some(maddr) => Some(start_metrics(maddr, metrics.clone(), local.clone(), peer.id()).await?),
+        None => None,
+    };
+
+    tokio::select! {
+        () = shutdown => {}
+        () = leave.notified() => {}
+    }
     tracing::info!(peer = %peer.id(), "shutting down: draining running jobs");
+    stopping.store(true, Ordering::SeqCst);
     peer.shutdown().await;
-    let _ = stop_tx.send(());
-    match net.await {
-        Ok(r) => r?,
-        Err(e) => tracing::error!(error = %e, "network task failed"),
+    let left = leave_cluster(&service).await;
+    manager.abort();
+    if let Some((stop, task)) = metrics_server {
+        let _ = stop.send(());
+        let _ = task.await;
     }
     if let Err(e) = raft.shutdown().await {
         tracing::warn!(error = %e, "raft shutdown");
     }
-    tracing::info!(peer = %peer.id(), "peer stopped");
+    drop((raft, state, local, consensus, service, peer.clone()));
+    net.stop().await?;
+    if left {
+        // This peer's Raft state belongs to a membership it is no longer
+        // in: a later start joins afresh with a new id.
+        forget_membership(&opts.data_dir);
+    }
+    tracing::info!(peer = %peer.id(), left, "peer stopped");
     Ok(())
+}
+
+/// The node id of the peer that founds a cluster: the registry's first id.
+const FOUNDER: u64 = 1;
+/// How often the membership manager looks at the cluster.
+const MANAGE_EVERY: Duration = Duration::from_millis(500);
+
+/// [`Membership`] through an `Arc`.
+struct ArcMembership(Arc<RaftConsensus<TypeConfig>>);
+
+impl Membership for ArcMembership {
+    fn view(&self) -> membership::View {
+        self.0.view()
+    }
+
+    fn change(&self, c: membership::Change) -> impl Future<Output = Result<(), crate::peer::ConsensusError>> + Send {
+        let m = self.0.clone();
+        async move { m.change(c).await }
+    }
+}
+
+fn data_err(path: &Path) -> impl FnOnce(std::io::Error) -> ServeError {
+    let path = path.to_path_buf();
+    move |source| ServeError::DataDir { path, source }
+}
+
+/// The peer's libp2p identity, kept in `path` so its address (`/p2p/ID`)
+/// stays the same across restarts.
+fn load_or_create_identity(path: &Path) -> Result<Keypair, ServeError> {
+    match std::fs::read(path) {
+        Ok(bytes) => Keypair::from_protobuf_encoding(&bytes).map_err(|e| ServeError::DataDir {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, format!("not a peer identity: {e}")),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let k = Keypair::generate_ed25519();
+            let bytes = k.to_protobuf_encoding().map_err(|e| ServeError::DataDir {
+                path: path.to_path_buf(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+            std::fs::write(path, bytes).map_err(data_err(path))?;
+            Ok(k)
+        }
+        Err(e) => Err(ServeError::DataDir { path: path.to_path_buf(), source: e }),
+    }
+}
+
+/// Ask the `--join` peers, in turn, to let this peer in; returns its id.
+async fn join_cluster(join: &[String], authkey: Option<&str>, info: &PeerInfo) -> Result<PeerId, ServeError> {
+    let deadline = tokio::time::Instant::now() + JOIN_TIMEOUT;
+    let mut last = String::new();
+    while tokio::time::Instant::now() < deadline {
+        for target in join {
+            match join_once(target, authkey, info).await {
+                Ok(id) => {
+                    tracing::info!(via = %target, peer = %id, "joined the cluster");
+                    return Ok(id);
+                }
+                Err(e) => {
+                    tracing::info!(via = %target, error = %e, "could not join yet; retrying");
+                    last = format!("{target}: {e}");
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Err(ServeError::Join { tried: join.join(", "), last })
+}
+
+async fn join_once(target: &str, authkey: Option<&str>, info: &PeerInfo) -> Result<PeerId, String> {
+    let client = impetus_sdk::Client::connect(target, authkey).await.map_err(|e| e.to_string())?;
+    match client.request(ClientRequest::Join { info: info.clone() }).await.map_err(|e| e.to_string())? {
+        ClientResponse::Joined { peer } => Ok(peer),
+        ClientResponse::Error(e) => Err(e.to_string()),
+        other => Err(format!("unexpected answer {}", other.kind())),
+    }
+}
+
+/// With mDNS and no `--join`: listen for peers for [`MDNS_WINDOW`]. If one
+/// of them belongs to a cluster, join through it. If none does, the peer
+/// with the lowest libp2p id founds the cluster and the others join it.
+async fn mdns_cluster(net: &crate::net::NetHandle, authkey: Option<&str>) -> Vec<String> {
+    tokio::time::sleep(MDNS_WINDOW).await;
+    let found = net.discovered();
+    if found.is_empty() {
+        return vec![];
+    }
+    let me = net.local_addr().to_string();
+    let mut in_cluster = vec![];
+    for addr in &found {
+        let target = addr.to_string();
+        if let Ok(client) = impetus_sdk::Client::connect(&strip_p2p(&target), authkey).await {
+            if client.status().await.is_ok_and(|s| s.leader.is_some()) {
+                in_cluster.push(strip_p2p(&target));
+            }
+        }
+    }
+    if !in_cluster.is_empty() {
+        return in_cluster;
+    }
+    let lowest = found.iter().map(|a| peer_id_of(&a.to_string())).min();
+    if lowest.is_some_and(|l| l < peer_id_of(&me)) {
+        // Someone else founds it: join it (it is starting, so retry).
+        found.iter().map(|a| strip_p2p(&a.to_string())).collect()
+    } else {
+        vec![]
+    }
+}
+
+fn strip_p2p(addr: &str) -> String {
+    addr.split("/p2p/").next().unwrap_or(addr).to_owned()
+}
+
+fn peer_id_of(addr: &str) -> String {
+    addr.rsplit("/p2p/").next().unwrap_or_default().to_owned()
+}
+
+async fn wait_for_registration(local: &RaftConsensus<TypeConfig>, id: PeerId) {
+    let deadline = tokio::time::Instant::now() + CATCH_UP_ON_JOIN;
+    while tokio::time::Instant::now() < deadline {
+        if local.read(|s| s.peer(id).is_some()) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tracing::warn!(peer = %id, "this peer's registration has not replicated here yet");
+}
+
+/// After draining: leave membership if other voters remain. Returns
+/// whether this peer left.
+async fn leave_cluster<R: crate::peer::Runtime, X: JobRunner>(service: &ClusterService<R, X>) -> bool {
+    let me = service.peer.id();
+    let status = service.consensus.local.status();
+    let member = status.voters.contains(&me.0) || status.learners.contains(&me.0);
+    let others = status.voters.iter().any(|v| *v != me.0);
+    if !member || !others {
+        return false;
+    }
+    let res = tokio::time::timeout(LEAVE_TIMEOUT, async {
+        if status.leader == Some(me.0) {
+            service.remove(me).await.map_err(|e| e.to_string())
+        } else {
+            match service.consensus.to_leader(ClientRequest::Leave { peer: me }).await {
+                Ok(ClientResponse::Left) => Ok(()),
+                Ok(ClientResponse::Error(e)) => Err(e.to_string()),
+                Ok(other) => Err(format!("unexpected answer {}", other.kind())),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+    })
+    .await;
+    match res {
+        Ok(Ok(())) => {
+            tracing::info!(peer = %me, "left the cluster");
+            true
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(peer = %me, error = %e, "could not leave the cluster; it keeps this peer as a member");
+            false
+        }
+        Err(_) => {
+            tracing::warn!(peer = %me, "leaving the cluster timed out");
+            false
+        }
+    }
+}
+
+fn forget_membership(data_dir: &Path) {
+    for p in [data_dir.join("raft"), data_dir.join("peer-id")] {
+        let r = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+        if let Err(e) = r {
+            tracing::warn!(path = %p.display(), error = %e, "could not remove state of a membership this peer left");
+        }
+    }
+}
+
+async fn start_metrics(
+    addr: &str,
+    metrics: Arc<Metrics>,
+    local: Arc<RaftConsensus<TypeConfig>>,
+    me: PeerId,
+) -> Result<(tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>), ServeError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| ServeError::Listen { addr: addr.to_owned(), reason: format!("metrics: {e}") })?;
+    tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving /metrics");
+    let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || {
+        let raft = local.status();
+        let streams = local.read(|s| s.streams());
+        metrics.render(&crate::metrics::Snapshot { peer: me.0, raft: &raft, streams: &streams })
+    });
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        if let Err(e) = crate::metrics::serve(listener, render, async move {
+            let _ = stopped.await;
+        })
+        .await
+        {
+            tracing::warn!(error = %e, "metrics server stopped");
+        }
+    });
+    Ok((stop, task))
 }
 
 /// The IP socket address of a `/ip4|ip6/../tcp/PORT` multiaddr with a fixed port.

@@ -138,7 +138,12 @@ impl ClientService for Fake {
                 applied_index: 2,
                 peers: vec![],
                 streams: self.streams.lock().unwrap().values().cloned().collect(),
+                voters: vec![PeerId(1)],
+                learners: vec![],
             }),
+            other => {
+                ClientResponse::Error(ServiceError::InvalidRequest(format!("the fake does not serve {}", other.kind())))
+            }
         }
     }
 }
@@ -162,7 +167,7 @@ impl Running {
 
 async fn start(authkey: Option<&str>) -> Running {
     let listen: Multiaddr = "/ip4/127.0.0.1/tcp/0".parse().unwrap();
-    let cfg = NetConfig { listen, keypair: None, authkey: authkey.map(str::to_owned) };
+    let cfg = NetConfig { listen, authkey: authkey.map(str::to_owned), ..NetConfig::default() };
     let server = Server::bind(cfg).await.unwrap();
     let addr = server.listen_addr().clone();
     assert!(!addr.to_string().ends_with("/tcp/0"), "{addr}");

@@ -13,7 +13,7 @@ use crate::command::{ApplyResult, Command};
 use crate::error::{DecodeError, InvalidInput};
 use crate::ids::{JobId, ModuleHash, PeerId, StreamName};
 use crate::limits;
-use crate::records::{JobRecord, JobStatus, PeerRecord, StreamInfo};
+use crate::records::{JobRecord, JobStatus, PeerInfo, PeerRecord, PeerRole, StreamInfo};
 use crate::wire;
 
 /// Version of the client protocol encoding. A peer refuses any other.
@@ -27,6 +27,9 @@ pub enum ClientRequest {
     Write(Command),
     /// Answer: `Job(Option<JobRecord>)`.
     GetJob(JobId),
+    /// The status of many jobs at once (what a waiting client polls).
+    /// Answer: `JobStatuses`, in the order asked.
+    JobStatuses(Vec<JobId>),
     /// Jobs ordered by id, those after `after` only, at most `limit`.
     /// Answer: `Jobs(Vec<JobRecord>)`.
     ListJobs { stream: Option<StreamName>, status: Option<JobStatus>, after: Option<JobId>, limit: u32 },
@@ -42,6 +45,23 @@ pub enum ClientRequest {
     DataGet { stream: StreamName, key: Vec<u8> },
     /// Answer: `Status(ClusterStatus)`.
     Status,
+    /// A new peer asks to join: the leader registers it (a fresh id, never
+    /// reused) and adds it to Raft as a learner at `info.addresses[0]`; the
+    /// membership manager promotes it to voter when more voters are needed.
+    /// Any peer accepts it and forwards it to the leader. Answer: `Joined`.
+    Join { info: PeerInfo },
+    /// A peer leaves: it is removed from Raft membership and drained in the
+    /// registry. Answer: `Left`.
+    Leave { peer: PeerId },
+    /// A write forwarded by a peer that is not the leader. Answer:
+    /// `Written`, with the log index so the forwarder can wait until its
+    /// own replica has applied it (read your writes).
+    Forward(Command),
+    /// The leader's linearizable read index (the leader confirms it still
+    /// leads first). Answer: `ReadIndex`.
+    ReadIndex,
+    /// A digest of the applied state, to compare replicas. Answer: `StateDigest`.
+    StateDigest,
 }
 
 impl ClientRequest {
@@ -50,6 +70,7 @@ impl ClientRequest {
         match self {
             ClientRequest::Write(_) => "write",
             ClientRequest::GetJob(_) => "get-job",
+            ClientRequest::JobStatuses(_) => "job-statuses",
             ClientRequest::ListJobs { .. } => "list-jobs",
             ClientRequest::GetStream(_) => "get-stream",
             ClientRequest::ListStreams => "list-streams",
@@ -57,6 +78,11 @@ impl ClientRequest {
             ClientRequest::GetModule(_) => "get-module",
             ClientRequest::DataGet { .. } => "data-get",
             ClientRequest::Status => "status",
+            ClientRequest::Join { .. } => "join",
+            ClientRequest::Leave { .. } => "leave",
+            ClientRequest::Forward(_) => "forward",
+            ClientRequest::ReadIndex => "read-index",
+            ClientRequest::StateDigest => "state-digest",
         }
     }
 
@@ -65,12 +91,28 @@ impl ClientRequest {
     /// a data-store key is non-empty and bounded.
     pub fn validate(&self) -> Result<(), InvalidInput> {
         match self {
-            ClientRequest::Write(cmd) => cmd.validate(),
+            ClientRequest::Write(cmd) | ClientRequest::Forward(cmd) => cmd.validate(),
+            ClientRequest::Join { info } => {
+                if info.addresses.is_empty() {
+                    return Err(InvalidInput::Empty { what: "joining peer's addresses" });
+                }
+                Command::RegisterPeer { info: info.clone(), role: PeerRole::Learner }.validate()
+            }
             ClientRequest::ListJobs { limit, .. } => {
                 if *limit as usize > limits::MAX_BATCH {
                     return Err(InvalidInput::TooLarge {
                         what: "job list limit",
                         len: *limit as usize,
+                        max: limits::MAX_BATCH,
+                    });
+                }
+                Ok(())
+            }
+            ClientRequest::JobStatuses(ids) => {
+                if ids.len() > limits::MAX_BATCH {
+                    return Err(InvalidInput::TooLarge {
+                        what: "job status list",
+                        len: ids.len(),
                         max: limits::MAX_BATCH,
                     });
                 }
@@ -94,7 +136,10 @@ impl ClientRequest {
             | ClientRequest::ListStreams
             | ClientRequest::HasModule(_)
             | ClientRequest::GetModule(_)
-            | ClientRequest::Status => Ok(()),
+            | ClientRequest::Status
+            | ClientRequest::Leave { .. }
+            | ClientRequest::ReadIndex
+            | ClientRequest::StateDigest => Ok(()),
         }
     }
 }
@@ -110,6 +155,23 @@ pub struct ClusterStatus {
     pub applied_index: u64,
     pub peers: Vec<PeerRecord>,
     pub streams: Vec<StreamInfo>,
+    /// Raft voters and learners, by peer id. A registered peer in neither is
+    /// a worker (or has left).
+    pub voters: Vec<PeerId>,
+    pub learners: Vec<PeerId>,
+}
+
+impl ClusterStatus {
+    /// The role a peer plays in Raft now.
+    pub fn role_of(&self, peer: PeerId) -> PeerRole {
+        if self.voters.contains(&peer) {
+            PeerRole::Voter
+        } else if self.learners.contains(&peer) {
+            PeerRole::Learner
+        } else {
+            PeerRole::Worker
+        }
+    }
 }
 
 /// A peer's answer to a [`ClientRequest`].
@@ -117,6 +179,7 @@ pub struct ClusterStatus {
 pub enum ClientResponse {
     Applied(ApplyResult),
     Job(Option<JobRecord>),
+    JobStatuses(Vec<Option<JobStatus>>),
     Jobs(Vec<JobRecord>),
     Stream(Option<StreamInfo>),
     Streams(Vec<StreamInfo>),
@@ -124,6 +187,11 @@ pub enum ClientResponse {
     Module(Option<Vec<u8>>),
     Data(Option<Vec<u8>>),
     Status(ClusterStatus),
+    Joined { peer: PeerId },
+    Left,
+    Written { index: u64, result: ApplyResult },
+    ReadIndex(u64),
+    StateDigest { applied_index: u64, digest: String },
     Error(ServiceError),
 }
 
@@ -133,6 +201,7 @@ impl ClientResponse {
         match self {
             ClientResponse::Applied(_) => "applied",
             ClientResponse::Job(_) => "job",
+            ClientResponse::JobStatuses(_) => "job-statuses",
             ClientResponse::Jobs(_) => "jobs",
             ClientResponse::Stream(_) => "stream",
             ClientResponse::Streams(_) => "streams",
@@ -140,6 +209,11 @@ impl ClientResponse {
             ClientResponse::Module(_) => "module",
             ClientResponse::Data(_) => "data",
             ClientResponse::Status(_) => "status",
+            ClientResponse::Joined { .. } => "joined",
+            ClientResponse::Left => "left",
+            ClientResponse::Written { .. } => "written",
+            ClientResponse::ReadIndex(_) => "read-index",
+            ClientResponse::StateDigest { .. } => "state-digest",
             ClientResponse::Error(_) => "error",
         }
     }
@@ -251,6 +325,7 @@ mod tests {
                 }],
             }),
             ClientRequest::GetJob(JobId(7)),
+            ClientRequest::JobStatuses(vec![JobId(7), JobId(9)]),
             ClientRequest::ListJobs {
                 stream: Some(stream()),
                 status: Some(JobStatus::Dead),
@@ -263,6 +338,19 @@ mod tests {
             ClientRequest::GetModule(ModuleHash::of(b"x")),
             ClientRequest::DataGet { stream: stream(), key: b"k".to_vec() },
             ClientRequest::Status,
+            ClientRequest::Join {
+                info: PeerInfo {
+                    host: "h".into(),
+                    pid: 7,
+                    addresses: vec!["/ip4/127.0.0.1/tcp/7421/p2p/12D3KooW".into()],
+                    capacity: 4,
+                    labels: vec![],
+                },
+            },
+            ClientRequest::Leave { peer: PeerId(3) },
+            ClientRequest::Forward(Command::Tick),
+            ClientRequest::ReadIndex,
+            ClientRequest::StateDigest,
         ]
     }
 
@@ -292,7 +380,15 @@ mod tests {
                 applied_index: 9,
                 peers: vec![],
                 streams: vec![info],
+                voters: vec![PeerId(1), PeerId(2)],
+                learners: vec![PeerId(3)],
             }),
+            ClientResponse::Joined { peer: PeerId(4) },
+            ClientResponse::JobStatuses(vec![Some(JobStatus::Dead), None]),
+            ClientResponse::Left,
+            ClientResponse::Written { index: 12, result: Ok(Outcome::Cancelled) },
+            ClientResponse::ReadIndex(11),
+            ClientResponse::StateDigest { applied_index: 9, digest: "ab".into() },
             ClientResponse::Error(ServiceError::NotLeader { leader: Some("/ip4/10.0.0.2/tcp/7420".into()) }),
         ]
     }

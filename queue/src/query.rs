@@ -1,7 +1,8 @@
 //! Read-only queries: what clients, `impetus status` and the peer read.
 
 use impetus_proto::{
-    FencingToken, JobId, JobRecord, JobSpec, Lease, ModuleHash, PeerId, PeerRecord, StreamInfo, StreamName, StreamStats,
+    FencingToken, JobId, JobRecord, JobSpec, JobStatus, Lease, ModuleHash, PeerId, PeerRecord, StreamInfo, StreamName,
+    StreamStats,
 };
 
 use crate::state::{Job, Stream};
@@ -10,6 +11,11 @@ use crate::{JobFilter, State};
 impl State {
     pub fn job(&self, id: JobId) -> Option<JobRecord> {
         self.data.jobs.get(&id).map(|j| self.record(id, j))
+    }
+
+    /// The status of each job in `ids` (`None`: no such job), in order.
+    pub fn job_statuses(&self, ids: &[JobId]) -> Vec<Option<JobStatus>> {
+        ids.iter().map(|id| self.data.jobs.get(id).map(|j| j.status)).collect()
     }
 
     /// Jobs in id order, filtered, at most `filter.limit`.

@@ -325,18 +325,34 @@ impl Client {
             after: timeout,
         };
         loop {
-            let poll = futures::stream::iter(pending.iter().copied().collect::<Vec<_>>())
+            // One status request per MAX_BATCH pending jobs; full records
+            // only once a job is final.
+            let ids: Vec<JobId> = pending.iter().copied().collect();
+            let poll = futures::stream::iter(ids.chunks(limits::MAX_BATCH).map(<[JobId]>::to_vec).collect::<Vec<_>>())
+                .map(|chunk| async move { self.job_statuses(&chunk).await.map(|st| chunk.into_iter().zip(st)) })
+                .buffer_unordered(4)
+                .collect::<Vec<_>>();
+            let polled = tokio::time::timeout_at(deadline, poll).await.map_err(|_| timed_out(pending.len()))?;
+            let mut finished = Vec::new();
+            for chunk in polled {
+                for (id, status) in chunk? {
+                    match status {
+                        Some(s) if s.is_final() => finished.push(id),
+                        Some(_) => {}
+                        None => return Err(ClientError::Protocol(format!("{id} vanished while waiting"))),
+                    }
+                }
+            }
+            let records = futures::stream::iter(finished)
                 .map(|id| self.job(id))
                 .buffer_unordered(MAX_IN_FLIGHT / 2)
                 .collect::<Vec<_>>();
-            let polled = tokio::time::timeout_at(deadline, poll).await.map_err(|_| timed_out(pending.len()))?;
+            let records = tokio::time::timeout_at(deadline, records).await.map_err(|_| timed_out(pending.len()))?;
             let before = pending.len();
-            for rec in polled {
+            for rec in records {
                 let rec = rec?;
-                if rec.status.is_final() {
-                    pending.remove(&rec.id);
-                    done.insert(rec.id, rec);
-                }
+                pending.remove(&rec.id);
+                done.insert(rec.id, rec);
             }
             progress(done.len(), total);
             if pending.is_empty() {
@@ -354,6 +370,16 @@ impl Client {
                 done.get(id).cloned().ok_or_else(|| ClientError::Protocol(format!("{id} vanished while waiting")))
             })
             .collect()
+    }
+
+    /// The status of each job in `ids` (at most `limits::MAX_BATCH`), in
+    /// order; `None` for a job the cluster does not know.
+    pub async fn job_statuses(&self, ids: &[JobId]) -> Result<Vec<Option<JobStatus>>, ClientError> {
+        self.query(ClientRequest::JobStatuses(ids.to_vec()), |r| match r {
+            ClientResponse::JobStatuses(s) => Some(s),
+            _ => None,
+        })
+        .await
     }
 
     pub async fn cancel(&self, id: JobId) -> Result<(), ClientError> {

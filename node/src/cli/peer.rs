@@ -25,18 +25,41 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 The peer runs until SIGINT (Ctrl-C) or SIGTERM, then drains: no new leases, running jobs \
 finish (bounded), their results are committed, then it exits. A second signal exits at once.
 
+The first peer started without --join founds a cluster. Peers started with --join (any \
+member's address) join it: the first ones become voters (3, or --voters), the rest learners \
+that run jobs. On a LAN, peers listening on a non-loopback address find each other by mDNS \
+with no --join. On SIGTERM a member of a larger cluster also leaves its membership (and \
+forgets its Raft state, so a later start joins afresh); a single-peer cluster keeps its data.
+
 Examples:
   impetus peer                                          127.0.0.1:7420, data in .impetus/peer
-  impetus peer --listen 0.0.0.0:7420 --data-dir /var/lib/impetus
+  impetus peer --listen 127.0.0.1:7421 --data-dir .impetus/p2 --join 127.0.0.1:7420
+  impetus peer --listen 0.0.0.0:7420 --data-dir /var/lib/impetus --metrics 0.0.0.0:9420
+  impetus peer leave --peer 127.0.0.1:7421               drain that peer and take it out
   impetus peer --daemon --pid-dir /run/impetus --log-dir /var/log/impetus
   impetus stop --pid-dir /run/impetus")]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct PeerArgs {
+    #[command(subcommand)]
+    pub action: Option<PeerAction>,
     /// Address to listen on: host:port or a multiaddr.
     #[arg(long, default_value = serve::DEFAULT_LISTEN, value_name = "ADDR")]
     pub listen: String,
-    /// A peer of the cluster to join (repeatable). Not available yet: single-peer clusters only.
+    /// A member of the cluster to join (repeatable; any one that answers will do).
     #[arg(long, value_name = "ADDR")]
     pub join: Vec<String>,
+    /// Voters the cluster grows to (odd: 3 survives one failure, 5 two).
+    #[arg(long, default_value_t = serve::DEFAULT_VOTERS, value_name = "N", value_parser = parse_voters)]
+    pub voters: usize,
+    /// Replace a voter that has not answered the leader for this many seconds.
+    #[arg(long, default_value_t = serve::DEFAULT_VOTER_TIMEOUT.as_secs(), value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub voter_timeout: u64,
+    /// mDNS discovery: on by default unless listening on loopback (where libp2p's mDNS cannot run).
+    #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
+    pub mdns: Option<bool>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (host:port).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
     /// Where the peer keeps its Raft log, snapshots and identity.
     #[arg(long, default_value = ".impetus/peer", value_name = "DIR")]
     pub data_dir: PathBuf,
@@ -60,6 +83,28 @@ pub struct PeerArgs {
     pub detached: bool,
 }
 
+#[derive(Debug, clap::Subcommand)]
+pub enum PeerAction {
+    /// Ask the peer at --peer to drain (finish or hand back its jobs) and leave the cluster, then exit.
+    Leave,
+}
+
+fn parse_voters(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n @ (1 | 3 | 5 | 7)) => Ok(n),
+        Ok(n) => Err(format!("{n} voters: use 1, 3, 5 or 7 (an odd number: an even one tolerates no more failures)")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(format!("{s:?}: expected on or off")),
+    }
+}
+
 #[derive(Debug, clap::Args)]
 pub struct StopArgs {
     /// The --pid-dir the peer was started with.
@@ -68,6 +113,11 @@ pub struct StopArgs {
 }
 
 pub fn run(g: &Global, args: PeerArgs) -> anyhow::Result<u8> {
+    if let Some(PeerAction::Leave) = args.action {
+        let rt =
+            tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")?;
+        return rt.block_on(leave(g));
+    }
     if args.daemon {
         return daemonize(g, &args);
     }
@@ -78,11 +128,14 @@ pub fn run(g: &Global, args: PeerArgs) -> anyhow::Result<u8> {
         }
     }
     let opts = PeerOptions {
-        listen: args.listen,
-        data_dir: args.data_dir,
         authkey: g.authkey.clone(),
         capacity: args.capacity.unwrap_or_else(PeerOptions::default_capacity),
         join: args.join,
+        voters: args.voters,
+        voter_timeout: Duration::from_secs(args.voter_timeout),
+        mdns: args.mdns,
+        metrics: args.metrics,
+        ..PeerOptions::new(args.listen, args.data_dir)
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
     rt.block_on(async move {
@@ -90,6 +143,25 @@ pub fn run(g: &Global, args: PeerArgs) -> anyhow::Result<u8> {
         serve::run_peer(opts, shutdown).await.context("the peer stopped with an error")
     })?;
     Ok(exit::OK)
+}
+
+/// `impetus peer leave`: the peer drains, leaves membership and exits.
+async fn leave(g: &Global) -> anyhow::Result<u8> {
+    use impetus_proto::api::{ClientRequest, ClientResponse};
+    let client = super::connect(g).await?;
+    let me = client.status().await.context("asking the peer who it is")?.peer;
+    match client.request(ClientRequest::Leave { peer: me }).await? {
+        ClientResponse::Left => {
+            if g.json {
+                super::print_json(&serde_json::json!({ "peer": me.0, "leaving": true }))?;
+            } else {
+                println!("{me} is draining and leaving the cluster; it exits when done");
+            }
+            Ok(exit::OK)
+        }
+        ClientResponse::Error(e) => bail!("{me} refused to leave: {e}"),
+        other => bail!("unexpected answer from {me}: {}", other.kind()),
+    }
 }
 
 /// A future that resolves on the first SIGINT or SIGTERM. A second one
@@ -159,6 +231,13 @@ fn daemonize(g: &Global, args: &PeerArgs) -> anyhow::Result<u8> {
     }
     for j in &args.join {
         cmd.arg("--join").arg(j);
+    }
+    cmd.arg("--voters").arg(args.voters.to_string()).arg("--voter-timeout").arg(args.voter_timeout.to_string());
+    if let Some(m) = args.mdns {
+        cmd.arg("--mdns").arg(if m { "on" } else { "off" });
+    }
+    if let Some(m) = &args.metrics {
+        cmd.arg("--metrics").arg(m);
     }
     // The key goes through the environment, not the command line (ps shows that).
     match &g.authkey {

@@ -79,9 +79,11 @@ pub fn render(st: &ClusterStatus, g: &Global, now: u64, rates: Option<&Rates>) -
         st.commit_index,
         st.applied_index,
     );
-    let mut peers = Table::new(&["PEER", "HOST", "PID", "RSS MB", "ROLE", "DRAINING", "HEARTBEAT", "RUNNING"]);
+    let mut peers =
+        Table::new(&["PEER", "ADDRESS", "HOST", "PID", "RSS MB", "ROLE", "DRAINING", "HEARTBEAT", "RUNNING"]);
     for p in &st.peers {
-        let mut role = format!("{:?}", p.role).to_lowercase();
+        // The role in Raft now (voter, learner), or worker.
+        let mut role = format!("{:?}", st.role_of(p.id)).to_lowercase();
         if Some(p.id) == st.leader {
             role.push_str(" (leader)");
         }
@@ -93,8 +95,10 @@ pub fn render(st: &ClusterStatus, g: &Global, now: u64, rates: Option<&Rates>) -
         } else {
             p.leased.iter().map(|(s, n)| format!("{s}:{n}")).collect::<Vec<_>>().join(" ")
         };
+        let addr = p.info.addresses.first().map(|a| a.split("/p2p/").next().unwrap_or(a)).unwrap_or("-");
         peers.row(vec![
             p.id.to_string(),
+            addr.to_owned(),
             p.info.host.clone(),
             p.info.pid.to_string(),
             format!("{:.1}", p.rss_bytes as f64 / (1 << 20) as f64),
@@ -157,7 +161,13 @@ mod tests {
             applied_index: 40,
             peers: vec![PeerRecord {
                 id: PeerId(1),
-                info: PeerInfo { host: "box".into(), pid: 4242, addresses: vec![], capacity: 8, labels: vec![] },
+                info: PeerInfo {
+                    host: "box".into(),
+                    pid: 4242,
+                    addresses: vec!["/ip4/127.0.0.1/tcp/7420/p2p/12D3KooW".into()],
+                    capacity: 8,
+                    labels: vec![],
+                },
                 role: PeerRole::Voter,
                 draining: false,
                 registered_at: Timestamp(1_000),
@@ -178,6 +188,8 @@ mod tests {
                     ..StreamStats::default()
                 },
             }],
+            voters: vec![PeerId(1)],
+            learners: vec![],
         }
     }
 

@@ -1,32 +1,42 @@
 //! The peer's network: one libp2p swarm (tokio) per peer.
 //!
-//! For now it serves the client protocol (`/impetus/client/1`) over TCP →
-//! optional pnet (`--authkey`) → noise → yamux. The codec and the transport
-//! are the SDK's ([`impetus_sdk::transport`]), so the server and the
-//! [`impetus_sdk::Client`] run the same code. The server is generic over
-//! [`ClientService`], which the peer implements.
+//! TCP → optional pnet (`--authkey`) → noise → yamux, carrying:
+//! - `/impetus/client/1`: the client protocol (the CLI, the SDK, and writes
+//!   other peers forward to the leader), served by a [`ClientService`];
+//! - `/impetus/raft/1`: Raft RPCs ([`raft_rpc`]);
+//! - identify, Kademlia (server mode) and, when enabled, mDNS: peers learn
+//!   each other's addresses; mDNS discoveries are reported to the joiner.
 //!
-//! Every inbound request is handled in its own task; its answer comes back
-//! to the swarm task over a channel. A handler that panics answers
-//! [`ServiceError::Internal`] instead of leaving the client waiting.
+//! The swarm runs in one task ([`Server::start`]); everything else talks to
+//! it through a cheap [`NetHandle`]. Every inbound request is handled in its
+//! own task; its answer comes back to the swarm task over a channel. A
+//! handler that panics answers [`ServiceError::Internal`] instead of leaving
+//! the caller waiting. The codec and the transport are the SDK's
+//! ([`impetus_sdk::transport`]), so servers and clients run the same code.
 
+pub mod raft_rpc;
+
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 use impetus_proto::api::{ClientRequest, ClientResponse, ServiceError};
-use impetus_sdk::transport::{self, ClientCodec, TransportConfig};
+use impetus_sdk::transport::{self, ClientCodec, RequestFrame, TransportConfig};
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
-use libp2p::request_response::{self, ProtocolSupport, ResponseChannel};
-use libp2p::swarm::SwarmEvent;
-use libp2p::{Multiaddr, PeerId, Swarm};
-use tokio::sync::mpsc;
+use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{identify, kad, mdns, Multiaddr, PeerId, StreamProtocol, Swarm};
+use tokio::sync::{mpsc, oneshot};
 
 pub use impetus_sdk::transport::{CLIENT_PROTOCOL, DEFAULT_PORT, REQUEST_TIMEOUT};
+use raft_rpc::{RaftCodec, RaftReply, RaftRpc, RAFT_PROTOCOL};
 
 /// Bound on an inbound connection's handshake (pnet, noise, yamux). Longer
 /// than the client's, for slow links; a stalled handshake (a wrong authkey)
@@ -36,9 +46,64 @@ pub const SERVER_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long [`Server::bind`] waits for the listener to report its address.
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Peer-to-peer connections stay open this long without traffic (Raft
+/// heartbeats keep members' connections busy anyway).
+const PEER_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The identify protocol version peers announce.
+const IDENTIFY_PROTOCOL: &str = "/impetus/id/1";
+
+/// The Kademlia protocol name: a private DHT, not the public IPFS one.
+const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/impetus/kad/1");
+
 /// What a peer does with client requests. Each call runs in its own task.
 pub trait ClientService: Send + Sync + 'static {
     fn handle(&self, req: ClientRequest) -> impl Future<Output = ClientResponse> + Send;
+}
+
+/// An inbound request handler installed after the swarm started.
+pub type Handler<Req, Resp> = Arc<dyn Fn(Req) -> BoxFuture<'static, Resp> + Send + Sync>;
+
+/// The handlers of inbound requests. Set once each, possibly after the swarm
+/// started (Raft needs the running network before it exists); until then
+/// requests are answered "starting".
+#[derive(Default)]
+pub struct Handlers {
+    client: OnceLock<Handler<ClientRequest, ClientResponse>>,
+    raft: OnceLock<Handler<RaftRpc, RaftReply>>,
+}
+
+impl fmt::Debug for Handlers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Handlers")
+            .field("client", &self.client.get().is_some())
+            .field("raft", &self.raft.get().is_some())
+            .finish()
+    }
+}
+
+impl Handlers {
+    /// Serve the client protocol with `service`. Only the first call counts.
+    pub fn set_client<S: ClientService>(&self, service: Arc<S>) {
+        let h: Handler<ClientRequest, ClientResponse> = Arc::new(move |req| {
+            let service = service.clone();
+            async move { service.handle(req).await }.boxed()
+        });
+        if self.client.set(h).is_err() {
+            tracing::warn!("the client handler was already set");
+        }
+    }
+
+    /// Answer Raft RPCs with `raft`. Only the first call counts.
+    pub fn set_raft(&self, raft: impetus_raft::Raft) {
+        let h: Handler<RaftRpc, RaftReply> = Arc::new(move |rpc| {
+            let raft = raft.clone();
+            async move { raft_rpc::answer(&raft, rpc).await }.boxed()
+        });
+        if self.raft.set(h).is_err() {
+            tracing::warn!("the raft handler was already set");
+        }
+    }
 }
 
 /// Where and how a peer listens.
@@ -51,11 +116,14 @@ pub struct NetConfig {
     pub keypair: Option<Keypair>,
     /// Pre-shared key (libp2p pnet): no peer or client without it connects.
     pub authkey: Option<String>,
+    /// Discover peers on the LAN by mDNS. libp2p's mDNS never runs on
+    /// loopback, so it is useful only with a non-loopback listen address.
+    pub mdns: bool,
 }
 
 impl Default for NetConfig {
     fn default() -> NetConfig {
-        NetConfig { listen: default_listen_addr(), keypair: None, authkey: None }
+        NetConfig { listen: default_listen_addr(), keypair: None, authkey: None, mdns: false }
     }
 }
 
@@ -65,6 +133,7 @@ impl fmt::Debug for NetConfig {
             .field("listen", &self.listen)
             .field("keypair", &self.keypair.as_ref().map(|k| k.public().to_peer_id()))
             .field("authkey", &self.authkey.as_ref().map(|_| "<redacted>"))
+            .field("mdns", &self.mdns)
             .finish()
     }
 }
@@ -74,18 +143,143 @@ pub fn default_listen_addr() -> Multiaddr {
     Multiaddr::empty().with(Protocol::Ip4([127, 0, 0, 1].into())).with(Protocol::Tcp(DEFAULT_PORT))
 }
 
-/// Why the network could not start or stopped.
+/// Whether every IP in `addr` is a loopback address.
+pub fn is_loopback(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| match p {
+        Protocol::Ip4(a) => a.is_loopback(),
+        Protocol::Ip6(a) => a.is_loopback(),
+        _ => false,
+    })
+}
+
+/// Split `/ip4/../tcp/../p2p/ID` into the peer id and the address without it.
+pub fn split_p2p(addr: &Multiaddr) -> Option<(PeerId, Multiaddr)> {
+    let mut base = addr.clone();
+    match base.pop() {
+        Some(Protocol::P2p(peer)) => Some((peer, base)),
+        _ => None,
+    }
+}
+
+/// Why the network could not start, stopped, or a request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
     #[error("could not start the network: {0}")]
     Build(String),
     #[error("cannot listen on {addr}: {reason}")]
     Listen { addr: Multiaddr, reason: String },
+    #[error("{addr} has no /p2p/ peer id")]
+    NoPeerId { addr: Multiaddr },
+    #[error("request to {peer} failed: {reason}")]
+    Request { peer: PeerId, reason: String },
+    #[error("the network task has stopped")]
+    Stopped,
 }
 
-type Swarm_ = Swarm<request_response::Behaviour<ClientCodec>>;
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    client: request_response::Behaviour<ClientCodec>,
+    raft: request_response::Behaviour<RaftCodec>,
+    identify: identify::Behaviour,
+    kad: kad::Behaviour<kad::store::MemoryStore>,
+    mdns: Toggle<mdns::tokio::Behaviour>,
+}
 
-/// A bound, not yet serving, client-protocol server.
+/// Why an outbound request failed.
+#[derive(Debug)]
+enum Failure {
+    /// No connection could be made: the request was never sent.
+    Dial(String),
+    Other(String),
+}
+
+impl From<request_response::OutboundFailure> for Failure {
+    fn from(e: request_response::OutboundFailure) -> Failure {
+        match e {
+            request_response::OutboundFailure::DialFailure => Failure::Dial(e.to_string()),
+            e => Failure::Other(e.to_string()),
+        }
+    }
+}
+
+type Reply<T> = oneshot::Sender<Result<T, Failure>>;
+
+/// What other tasks ask of the swarm task.
+enum Call {
+    Client { peer: PeerId, addr: Multiaddr, req: ClientRequest, reply: Reply<ClientResponse> },
+    Raft { peer: PeerId, addr: Multiaddr, rpc: RaftRpc, reply: Reply<RaftReply> },
+}
+
+/// Attempts at a request whose dial fails (nothing was sent, so it is safe).
+const DIAL_ATTEMPTS: u32 = 3;
+
+/// A cheap handle to the running swarm.
+#[derive(Clone)]
+pub struct NetHandle {
+    calls: mpsc::UnboundedSender<Call>,
+    local: Multiaddr,
+    discovered: Arc<Mutex<BTreeSet<Multiaddr>>>,
+}
+
+impl fmt::Debug for NetHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NetHandle").field("local", &self.local).finish_non_exhaustive()
+    }
+}
+
+impl NetHandle {
+    /// This peer's address, with `/p2p/ID`: what goes into Raft membership.
+    pub fn local_addr(&self) -> &Multiaddr {
+        &self.local
+    }
+
+    /// Peers found by mDNS so far (addresses with `/p2p/ID`), in order.
+    pub fn discovered(&self) -> Vec<Multiaddr> {
+        self.discovered.lock().map(|d| d.iter().cloned().collect()).unwrap_or_default()
+    }
+
+    /// Send a client-protocol request to the peer at `addr` (with `/p2p/ID`),
+    /// bounded by [`REQUEST_TIMEOUT`].
+    pub async fn client(&self, addr: &Multiaddr, req: ClientRequest) -> Result<ClientResponse, NetError> {
+        let (peer, base) = split_p2p(addr).ok_or_else(|| NetError::NoPeerId { addr: addr.clone() })?;
+        let mut attempt = 1;
+        loop {
+            let (reply, rx) = oneshot::channel();
+            let call = Call::Client { peer, addr: base.clone(), req: req.clone(), reply };
+            self.calls.send(call).map_err(|_| NetError::Stopped)?;
+            let res = tokio::time::timeout(REQUEST_TIMEOUT + Duration::from_secs(1), rx)
+                .await
+                .map_err(|_| NetError::Request { peer, reason: format!("no answer within {REQUEST_TIMEOUT:?}") })?;
+            match res.map_err(|_| NetError::Stopped)? {
+                Ok(resp) => return Ok(resp),
+                Err(Failure::Dial(reason)) if attempt < DIAL_ATTEMPTS => {
+                    tracing::debug!(%peer, attempt, %reason, "dial failed; trying again");
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(Failure::Dial(reason) | Failure::Other(reason)) => return Err(NetError::Request { peer, reason }),
+            }
+        }
+    }
+
+    /// Send a Raft RPC to the node at `addr` (with `/p2p/ID`), bounded by `ttl`.
+    pub async fn raft(&self, addr: &Multiaddr, rpc: RaftRpc, ttl: Duration) -> Result<RaftReply, NetError> {
+        let (peer, base) = split_p2p(addr).ok_or_else(|| NetError::NoPeerId { addr: addr.clone() })?;
+        let (reply, rx) = oneshot::channel();
+        self.calls.send(Call::Raft { peer, addr: base, rpc, reply }).map_err(|_| NetError::Stopped)?;
+        let res = tokio::time::timeout(ttl, rx)
+            .await
+            .map_err(|_| NetError::Request { peer, reason: format!("no answer within {ttl:?}") })?;
+        match res.map_err(|_| NetError::Stopped)? {
+            Ok(reply) => Ok(reply),
+            Err(Failure::Dial(reason) | Failure::Other(reason)) => Err(NetError::Request { peer, reason }),
+        }
+    }
+}
+
+type Swarm_ = Swarm<Behaviour>;
+
+/// A bound, not yet serving, peer network.
 pub struct Server {
     swarm: Swarm_,
     listen_addr: Multiaddr,
@@ -100,6 +294,28 @@ impl fmt::Debug for Server {
     }
 }
 
+/// The running swarm task.
+#[derive(Debug)]
+pub struct Running {
+    pub handle: NetHandle,
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), NetError>>,
+}
+
+impl Running {
+    /// Stop the swarm and wait for its task.
+    pub async fn stop(self) -> Result<(), NetError> {
+        let _ = self.stop.send(());
+        match self.task.await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "network task failed");
+                Ok(())
+            }
+        }
+    }
+}
+
 impl Server {
     /// Build the swarm and start listening; returns once the listen address
     /// is known.
@@ -108,9 +324,30 @@ impl Server {
         let tcfg = TransportConfig {
             authkey: cfg.authkey,
             handshake_timeout: SERVER_HANDSHAKE_TIMEOUT,
-            ..TransportConfig::default()
+            idle_timeout: PEER_IDLE_TIMEOUT,
         };
-        let behaviour = transport::client_protocol_behaviour(ProtocolSupport::Inbound);
+        let me = keypair.public().to_peer_id();
+        let mdns = if cfg.mdns {
+            Some(mdns::tokio::Behaviour::new(mdns::Config::default(), me).map_err(|e| NetError::Build(e.to_string()))?)
+        } else {
+            None
+        };
+        let mut kad = kad::Behaviour::with_config(me, kad::store::MemoryStore::new(me), kad::Config::new(KAD_PROTOCOL));
+        // A private LAN has no public address to autodetect server mode from.
+        kad.set_mode(Some(kad::Mode::Server));
+        let behaviour = Behaviour {
+            client: transport::client_protocol_behaviour(ProtocolSupport::Full),
+            raft: request_response::Behaviour::with_codec(
+                RaftCodec,
+                [(RAFT_PROTOCOL, ProtocolSupport::Full)],
+                request_response::Config::default()
+                    .with_request_timeout(Duration::from_secs(60))
+                    .with_max_concurrent_streams(transport::MAX_CONCURRENT_STREAMS),
+            ),
+            identify: identify::Behaviour::new(identify::Config::new(IDENTIFY_PROTOCOL.into(), keypair.public())),
+            kad,
+            mdns: Toggle::from(mdns),
+        };
         let mut swarm =
             transport::build_swarm(keypair, &tcfg, behaviour).map_err(|e| NetError::Build(e.to_string()))?;
         let listen_err = |reason: String| NetError::Listen { addr: cfg.listen.clone(), reason };
@@ -137,7 +374,7 @@ impl Server {
         .await
         .map_err(|_| listen_err(format!("no listen address after {LISTEN_TIMEOUT:?}")))?
         .map_err(listen_err)?;
-        tracing::info!(peer_id = %swarm.local_peer_id(), addr = %listen_addr, "listening for clients");
+        tracing::info!(peer_id = %swarm.local_peer_id(), addr = %listen_addr, "listening");
         Ok(Server { swarm, listen_addr })
     }
 
@@ -151,30 +388,40 @@ impl Server {
         *self.swarm.local_peer_id()
     }
 
-    /// Serve requests with `service` until `shutdown` completes.
+    /// Run the swarm in its own task, answering with `handlers` (which may be
+    /// filled in later).
+    pub fn start(self, handlers: Arc<Handlers>) -> Running {
+        let (calls, rx) = mpsc::unbounded_channel();
+        let (stop, stop_rx) = oneshot::channel();
+        let local = self.listen_addr.clone().with(Protocol::P2p(self.peer_id()));
+        let discovered = Arc::new(Mutex::new(BTreeSet::new()));
+        let handle = NetHandle { calls, local, discovered: discovered.clone() };
+        let task = tokio::spawn(
+            Driver {
+                swarm: self.swarm,
+                handlers,
+                discovered,
+                pending_client: HashMap::new(),
+                pending_raft: HashMap::new(),
+            }
+            .run(rx, async move {
+                let _ = stop_rx.await;
+            }),
+        );
+        Running { handle, stop, task }
+    }
+
+    /// Serve the client protocol with `service` until `shutdown` completes.
     pub async fn run<S: ClientService>(
         self,
         service: Arc<S>,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), NetError> {
-        let mut swarm = self.swarm;
-        let (answers, mut answered) = mpsc::unbounded_channel::<(ResponseChannel<ClientResponse>, ClientResponse)>();
-        let mut shutdown = std::pin::pin!(shutdown);
-        loop {
-            tokio::select! {
-                () = &mut shutdown => break,
-                Some((channel, resp)) = answered.recv() => {
-                    if swarm.behaviour_mut().send_response(channel, resp).is_err() {
-                        tracing::debug!("client went away before its answer was ready");
-                    }
-                }
-                event = swarm.select_next_some() => {
-                    handle_event(&mut swarm, event, &service, &answers)?;
-                }
-            }
-        }
-        tracing::info!(peer_id = %swarm.local_peer_id(), "client server stopped");
-        Ok(())
+        let handlers = Arc::new(Handlers::default());
+        handlers.set_client(service);
+        let running = self.start(handlers);
+        shutdown.await;
+        running.stop().await
     }
 }
 
@@ -187,74 +434,216 @@ pub async fn serve<S: ClientService>(
     Server::bind(cfg).await?.run(service, shutdown).await
 }
 
-fn handle_event<S: ClientService>(
-    swarm: &mut Swarm_,
-    event: SwarmEvent<request_response::Event<transport::RequestFrame, ClientResponse>>,
-    service: &Arc<S>,
-    answers: &mpsc::UnboundedSender<(ResponseChannel<ClientResponse>, ClientResponse)>,
-) -> Result<(), NetError> {
-    match event {
-        SwarmEvent::Behaviour(request_response::Event::Message {
-            peer,
-            message: request_response::Message::Request { request, channel, .. },
-            ..
-        }) => match request {
-            Ok(req) => {
-                let service = Arc::clone(service);
-                let answers = answers.clone();
-                tokio::spawn(async move {
-                    let kind = req.kind();
-                    let resp = match AssertUnwindSafe(service.handle(req)).catch_unwind().await {
-                        Ok(resp) => resp,
-                        Err(_) => {
-                            tracing::error!(%peer, kind, "client request handler panicked");
-                            ClientResponse::Error(ServiceError::Internal(format!("the {kind} handler panicked")))
-                        }
-                    };
-                    // The swarm task is gone only when the server stopped.
-                    let _ = answers.send((channel, resp));
-                });
+type ClientAnswer = (ResponseChannel<ClientResponse>, ClientResponse);
+type RaftAnswer = (ResponseChannel<RaftReply>, RaftReply);
+
+struct Driver {
+    swarm: Swarm_,
+    handlers: Arc<Handlers>,
+    discovered: Arc<Mutex<BTreeSet<Multiaddr>>>,
+    pending_client: HashMap<OutboundRequestId, Reply<ClientResponse>>,
+    pending_raft: HashMap<OutboundRequestId, Reply<RaftReply>>,
+}
+
+impl Driver {
+    async fn run(
+        mut self,
+        mut calls: mpsc::UnboundedReceiver<Call>,
+        stop: impl Future<Output = ()>,
+    ) -> Result<(), NetError> {
+        let (client_tx, mut client_rx) = mpsc::unbounded_channel::<ClientAnswer>();
+        let (raft_tx, mut raft_rx) = mpsc::unbounded_channel::<RaftAnswer>();
+        let mut stop = std::pin::pin!(stop);
+        loop {
+            tokio::select! {
+                () = &mut stop => break,
+                Some((channel, resp)) = client_rx.recv() => {
+                    if self.swarm.behaviour_mut().client.send_response(channel, resp).is_err() {
+                        tracing::debug!("client went away before its answer was ready");
+                    }
+                }
+                Some((channel, resp)) = raft_rx.recv() => {
+                    if self.swarm.behaviour_mut().raft.send_response(channel, resp).is_err() {
+                        tracing::debug!("raft peer went away before its answer was ready");
+                    }
+                }
+                Some(call) = calls.recv() => self.call(call),
+                event = self.swarm.select_next_some() => self.event(event, &client_tx, &raft_tx)?,
             }
-            Err(reason) => {
-                tracing::warn!(%peer, %reason, "invalid client request");
-                let resp = ClientResponse::Error(ServiceError::InvalidRequest(reason));
-                if swarm.behaviour_mut().send_response(channel, resp).is_err() {
-                    tracing::debug!(%peer, "client went away before its answer was ready");
+        }
+        tracing::info!(peer_id = %self.swarm.local_peer_id(), "network stopped");
+        Ok(())
+    }
+
+    fn call(&mut self, call: Call) {
+        let b = self.swarm.behaviour_mut();
+        match call {
+            Call::Client { peer, addr, req, reply } => {
+                let id = b.client.send_request_with_addresses(&peer, Ok(req), vec![addr]);
+                self.pending_client.insert(id, reply);
+            }
+            Call::Raft { peer, addr, rpc, reply } => {
+                let id = b.raft.send_request_with_addresses(&peer, rpc, vec![addr]);
+                self.pending_raft.insert(id, reply);
+            }
+        }
+    }
+
+    fn event(
+        &mut self,
+        event: SwarmEvent<BehaviourEvent>,
+        client_tx: &mpsc::UnboundedSender<ClientAnswer>,
+        raft_tx: &mpsc::UnboundedSender<RaftAnswer>,
+    ) -> Result<(), NetError> {
+        match event {
+            SwarmEvent::Behaviour(BehaviourEvent::Client(e)) => self.client_event(e, client_tx),
+            SwarmEvent::Behaviour(BehaviourEvent::Raft(e)) => self.raft_event(e, raft_tx),
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
+                // Feed Kademlia the addresses a peer listens on; a remote
+                // peer's loopback addresses are of no use to anyone else.
+                let remote_is_local =
+                    info.observed_addr.iter().next().is_some_and(|_| is_loopback(&info.observed_addr));
+                for addr in info.listen_addrs {
+                    if remote_is_local || !is_loopback(&addr) {
+                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                    }
                 }
             }
-        },
-        SwarmEvent::Behaviour(request_response::Event::InboundFailure { peer, error, .. }) => {
-            tracing::debug!(%peer, %error, "inbound client request failed");
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
+                for (peer, addr) in found {
+                    tracing::info!(%peer, %addr, "found a peer by mDNS");
+                    self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                    if let Ok(mut d) = self.discovered.lock() {
+                        d.insert(addr.with(Protocol::P2p(peer)));
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Expired(gone))) => {
+                if let Ok(mut d) = self.discovered.lock() {
+                    for (peer, addr) in gone {
+                        d.remove(&addr.with(Protocol::P2p(peer)));
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(other) => tracing::trace!(event = ?other, "swarm behaviour event"),
+            SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
+                tracing::debug!(peer = %peer_id, remote = %endpoint.get_remote_address(), "connected");
+            }
+            SwarmEvent::ConnectionClosed { peer_id, cause, .. } => {
+                tracing::debug!(peer = %peer_id, cause = ?cause, "disconnected");
+            }
+            SwarmEvent::IncomingConnectionError { send_back_addr, error, .. } => {
+                tracing::debug!(remote = %send_back_addr, %error, "inbound connection failed (wrong authkey or not an Impetus peer?)");
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                tracing::debug!(peer = ?peer_id, %error, "outbound connection failed (peer down, or a wrong authkey?)");
+            }
+            SwarmEvent::NewListenAddr { address, .. } => tracing::info!(addr = %address, "listening"),
+            SwarmEvent::ExpiredListenAddr { address, .. } => tracing::info!(addr = %address, "no longer listening"),
+            SwarmEvent::ListenerError { error, .. } => tracing::warn!(%error, "listener error"),
+            SwarmEvent::ListenerClosed { addresses, reason, .. } => {
+                let reason = match reason {
+                    Ok(()) => "the listener closed".to_owned(),
+                    Err(e) => e.to_string(),
+                };
+                tracing::error!(%reason, "listener closed");
+                let addr = addresses.into_iter().next().unwrap_or_else(Multiaddr::empty);
+                return Err(NetError::Listen { addr, reason });
+            }
+            other => tracing::trace!(event = ?other, "swarm event"),
         }
-        SwarmEvent::Behaviour(_) => {}
-        SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
-            tracing::debug!(peer = %peer_id, remote = %endpoint.get_remote_address(), "client connected");
-        }
-        SwarmEvent::ConnectionClosed { peer_id, cause, .. } => {
-            tracing::debug!(peer = %peer_id, cause = ?cause, "client disconnected");
-        }
-        SwarmEvent::IncomingConnectionError { send_back_addr, error, .. } => {
-            tracing::debug!(remote = %send_back_addr, %error, "inbound connection failed (wrong authkey or not an Impetus client?)");
-        }
-        SwarmEvent::NewListenAddr { address, .. } => {
-            tracing::info!(addr = %address, "listening for clients");
-        }
-        SwarmEvent::ExpiredListenAddr { address, .. } => {
-            tracing::info!(addr = %address, "no longer listening");
-        }
-        SwarmEvent::ListenerError { error, .. } => {
-            tracing::warn!(%error, "listener error");
-        }
-        SwarmEvent::ListenerClosed { addresses, reason, .. } => {
-            let reason = match reason {
-                Ok(()) => "the listener closed".to_owned(),
-                Err(e) => e.to_string(),
-            };
-            tracing::error!(%reason, "client listener closed");
-            let addr = addresses.into_iter().next().unwrap_or_else(Multiaddr::empty);
-            return Err(NetError::Listen { addr, reason });
-        }
-        other => tracing::trace!(event = ?other, "swarm event"),
+        Ok(())
     }
-    Ok(())
+
+    fn client_event(
+        &mut self,
+        event: request_response::Event<RequestFrame, ClientResponse>,
+        answers: &mpsc::UnboundedSender<ClientAnswer>,
+    ) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request { request: Ok(req), channel, .. } => {
+                    let kind = req.kind();
+                    let fut = match self.handlers.client.get() {
+                        Some(h) => h(req),
+                        None => {
+                            async { ClientResponse::Error(ServiceError::Unavailable("the peer is starting".into())) }
+                                .boxed()
+                        }
+                    };
+                    let answers = answers.clone();
+                    tokio::spawn(async move {
+                        let resp = AssertUnwindSafe(fut).catch_unwind().await.unwrap_or_else(|_| {
+                            tracing::error!(%peer, kind, "client request handler panicked");
+                            ClientResponse::Error(ServiceError::Internal(format!("the {kind} handler panicked")))
+                        });
+                        // The swarm task is gone only when the network stopped.
+                        let _ = answers.send((channel, resp));
+                    });
+                }
+                request_response::Message::Request { request: Err(reason), channel, .. } => {
+                    tracing::warn!(%peer, %reason, "invalid client request");
+                    let resp = ClientResponse::Error(ServiceError::InvalidRequest(reason));
+                    if self.swarm.behaviour_mut().client.send_response(channel, resp).is_err() {
+                        tracing::debug!(%peer, "client went away before its answer was ready");
+                    }
+                }
+                request_response::Message::Response { request_id, response } => {
+                    if let Some(reply) = self.pending_client.remove(&request_id) {
+                        let _ = reply.send(Ok(response));
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure { request_id, error, peer, .. } => {
+                tracing::debug!(%peer, %error, "outbound client request failed");
+                if let Some(reply) = self.pending_client.remove(&request_id) {
+                    let _ = reply.send(Err(error.into()));
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, %error, "inbound client request failed");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+
+    fn raft_event(
+        &mut self,
+        event: request_response::Event<RaftRpc, RaftReply>,
+        answers: &mpsc::UnboundedSender<RaftAnswer>,
+    ) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request { request, channel, .. } => {
+                    let kind = request.kind();
+                    let fut = match self.handlers.raft.get() {
+                        Some(h) => h(request),
+                        None => async { RaftReply::Error("raft is not running on this peer yet".into()) }.boxed(),
+                    };
+                    let answers = answers.clone();
+                    tokio::spawn(async move {
+                        let resp = AssertUnwindSafe(fut).catch_unwind().await.unwrap_or_else(|_| {
+                            tracing::error!(%peer, kind, "raft handler panicked");
+                            RaftReply::Error(format!("the {kind} handler panicked"))
+                        });
+                        let _ = answers.send((channel, resp));
+                    });
+                }
+                request_response::Message::Response { request_id, response } => {
+                    if let Some(reply) = self.pending_raft.remove(&request_id) {
+                        let _ = reply.send(Ok(response));
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure { request_id, error, .. } => {
+                if let Some(reply) = self.pending_raft.remove(&request_id) {
+                    let _ = reply.send(Err(error.into()));
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, %error, "inbound raft request failed");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
 }

@@ -2,14 +2,14 @@
 
 use std::future::Future;
 
-use impetus_proto::{ApplyResult, Command, Timestamp};
+use impetus_proto::{ApplyResult, Command, ModuleHash, Timestamp};
 use impetus_queue::State;
 
 /// Why a write did not commit.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ConsensusError {
     #[error("this peer is not the leader (leader: {})", leader.as_deref().unwrap_or("unknown"))]
-    NotLeader { leader: Option<String> },
+    NotLeader { leader: Option<String>, leader_id: Option<u64> },
     #[error("consensus unavailable: {0}")]
     Unavailable(String),
 }
@@ -22,6 +22,9 @@ pub struct RaftStatus {
     pub term: u64,
     pub commit_index: u64,
     pub applied_index: u64,
+    /// Raft voters and learners (node ids are peer ids).
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
 }
 
 pub trait Consensus: Send + Sync + 'static {
@@ -31,4 +34,10 @@ pub trait Consensus: Send + Sync + 'static {
     /// Read this peer's applied state.
     fn read<T>(&self, f: impl FnOnce(&State) -> T) -> T;
     fn status(&self) -> RaftStatus;
+    /// A module's bytes by hash, from this peer's replica; an implementation
+    /// whose replica may lag (a follower) asks the cluster when it is missing.
+    fn module(&self, hash: ModuleHash) -> impl Future<Output = Option<Vec<u8>>> + Send {
+        let bytes = self.read(|s| s.module(&hash).map(<[u8]>::to_vec));
+        async move { bytes }
+    }
 }

@@ -8,6 +8,7 @@
 //!   and reports results, batching everything it has to say into one command.
 
 pub mod consensus;
+pub mod membership;
 pub mod runner;
 pub mod runtime;
 mod service;
@@ -146,6 +147,16 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
 
     pub fn id(&self) -> PeerId {
         self.inner.id
+    }
+
+    /// The runtime's clock, as the peer stamps commands.
+    pub fn now(&self) -> impetus_proto::Timestamp {
+        self.inner.rt.now()
+    }
+
+    /// Wake the worker loop (new work may be ready).
+    pub fn wake(&self) {
+        self.inner.wake.notify_one();
     }
 
     /// Read the applied state.

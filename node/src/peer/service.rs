@@ -9,7 +9,7 @@ use super::{Consensus, ConsensusError, JobRunner, Peer, Runtime};
 impl From<ConsensusError> for ServiceError {
     fn from(e: ConsensusError) -> ServiceError {
         match e {
-            ConsensusError::NotLeader { leader } => ServiceError::NotLeader { leader },
+            ConsensusError::NotLeader { leader, .. } => ServiceError::NotLeader { leader },
             ConsensusError::Unavailable(why) => ServiceError::Unavailable(why),
         }
     }
@@ -45,6 +45,7 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
                 }
             }
             ClientRequest::GetJob(id) => ClientResponse::Job(c.read(|s| s.job(id))),
+            ClientRequest::JobStatuses(ids) => ClientResponse::JobStatuses(c.read(|s| s.job_statuses(&ids))),
             ClientRequest::ListJobs { stream, status, after, limit } => ClientResponse::Jobs(
                 c.read(|s| s.jobs(&JobFilter { stream: stream.as_ref(), status, after, limit: limit as usize })),
             ),
@@ -55,19 +56,32 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
             ClientRequest::DataGet { stream, key } => {
                 ClientResponse::Data(c.read(|s| s.data_get(&stream, &key).map(<[u8]>::to_vec)))
             }
+            ClientRequest::StateDigest => {
+                let (applied_index, digest) =
+                    c.read(|s| (s.applied_index(), blake3::hash(&s.snapshot()).to_hex().to_string()));
+                ClientResponse::StateDigest { applied_index, digest }
+            }
+            req @ (ClientRequest::Join { .. }
+            | ClientRequest::Leave { .. }
+            | ClientRequest::Forward(_)
+            | ClientRequest::ReadIndex) => ClientResponse::Error(ServiceError::InvalidRequest(format!(
+                "{} is served by the cluster layer (impetus_node::cluster), not by a bare peer",
+                req.kind()
+            ))),
             ClientRequest::Status => {
                 let raft = c.status();
                 let (peers, streams) = c.read(|s| (s.peers(), s.streams()));
                 ClientResponse::Status(ClusterStatus {
                     peer: inner.id,
-                    // Raft node ids and peer ids coincide only for this peer
-                    // until the cluster issue unifies them.
-                    leader: raft.leader.map(|l| if l == raft.node { inner.id } else { PeerId(l) }),
+                    // Raft node ids are peer ids.
+                    leader: raft.leader.map(PeerId),
                     term: raft.term,
                     commit_index: raft.commit_index,
                     applied_index: raft.applied_index,
                     peers,
                     streams,
+                    voters: raft.voters.into_iter().map(PeerId).collect(),
+                    learners: raft.learners.into_iter().map(PeerId).collect(),
                 })
             }
         }

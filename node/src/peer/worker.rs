@@ -266,22 +266,23 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
             job,
             Running { stream: g.stream.clone(), token, expires_at: g.expires_at, ttl_ms: g.lease_ttl_ms, lost: false },
         );
-        if !inner.runner.is_prepared(&g.module) {
-            let prepared = match inner.consensus.read(|s| s.module(&g.module).map(<[u8]>::to_vec)) {
-                Some(bytes) => inner.runner.prepare(g.module, &bytes),
-                None => Err(format!("module {} is not stored", g.module)),
-            };
-            if let Err(why) = prepared {
-                let error = ErrorRecord::new(ErrorKind::Module, why);
-                let report = RunReport { result: Err(error), stdout_tail: vec![], stderr_tail: vec![] };
-                self.finished((job, token, report));
-                return;
-            }
-        }
-        let fut = inner.runner.run(g);
         let Some(tx) = self.tx.clone() else { return };
-        inner.rt.spawn(async move {
-            let report = fut.await;
+        let inner = inner.clone();
+        self.inner.rt.spawn(async move {
+            if !inner.runner.is_prepared(&g.module) {
+                // Compile once per peer; a replica that lags fetches the bytes.
+                let prepared = match inner.consensus.module(g.module).await {
+                    Some(bytes) => inner.runner.prepare(g.module, &bytes),
+                    None => Err(format!("module {} is not stored", g.module)),
+                };
+                if let Err(why) = prepared {
+                    let error = ErrorRecord::new(ErrorKind::Module, why);
+                    let report = RunReport { result: Err(error), stdout_tail: vec![], stderr_tail: vec![] };
+                    let _ = tx.send((job, token, report));
+                    return;
+                }
+            }
+            let report = inner.runner.run(g).await;
             // The loop may have stopped (grace period over); then the lease was released.
             let _ = tx.send((job, token, report));
         });

@@ -1,0 +1,298 @@
+//! The cluster glue of a real peer: Raft over the swarm, writes forwarded to
+//! the leader, fresh reads, joining and leaving.
+//!
+//! - [`ClusterConsensus`]: the peer's [`Consensus`]. A write goes to the local
+//!   Raft; on a follower it is forwarded to the leader
+//!   ([`ClientRequest::Forward`]), which stamps its own time, commits it and
+//!   answers with the outcome and log index. A module missing from a
+//!   lagging replica is fetched from the leader.
+//! - [`ClusterService`]: the client protocol of a cluster peer. Membership
+//!   requests (`Join`, `Leave`) are served by the leader (any peer forwards
+//!   them); reads of the queue are linearizable: the leader confirms it
+//!   still leads (read index) and answers, a follower passes them on;
+//!   everything else is [`Peer::handle`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use impetus_proto::api::{ClientRequest, ClientResponse, ServiceError};
+use impetus_proto::{ApplyResult, Command, ModuleHash, Outcome, PeerId, PeerRole, Timestamp};
+use impetus_queue::State;
+use impetus_raft::TypeConfig;
+use libp2p::Multiaddr;
+use tokio::sync::Notify;
+
+use crate::net::{ClientService, NetHandle};
+use crate::peer::{Consensus, ConsensusError, JobRunner, Peer, RaftStatus, Runtime};
+use crate::raft_consensus::RaftConsensus;
+
+/// How long a follower waits for its replica to apply a forwarded write
+/// or a read index before answering from what it has.
+pub const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a write waits for an election when no leader is known.
+pub const NO_LEADER_WAIT: Duration = Duration::from_secs(5);
+
+/// The peer's Raft member plus the network to reach the leader.
+#[derive(Clone, Debug)]
+pub struct ClusterConsensus {
+    pub local: Arc<RaftConsensus<TypeConfig>>,
+    pub net: NetHandle,
+}
+
+fn leader_addr(addr: &str) -> Result<Multiaddr, ConsensusError> {
+    addr.parse().map_err(|e| ConsensusError::Unavailable(format!("the leader's address {addr:?} is invalid: {e}")))
+}
+
+fn service_error(e: ServiceError) -> ConsensusError {
+    match e {
+        ServiceError::NotLeader { leader } => ConsensusError::NotLeader { leader, leader_id: None },
+        other => ConsensusError::Unavailable(other.to_string()),
+    }
+}
+
+impl ClusterConsensus {
+    /// Send `req` to the leader and return its answer. A local refusal with
+    /// no known leader (an election) is retried for up to [`NO_LEADER_WAIT`]:
+    /// nothing was proposed, so retrying cannot apply anything twice.
+    pub async fn to_leader(&self, req: ClientRequest) -> Result<ClientResponse, ConsensusError> {
+        let deadline = tokio::time::Instant::now() + NO_LEADER_WAIT;
+        loop {
+            let status = self.local.status();
+            let leader = status.leader.and_then(|l| self.local.member_addr(l));
+            match leader {
+                Some(addr) => {
+                    let addr = leader_addr(&addr)?;
+                    return self
+                        .net
+                        .client(&addr, req)
+                        .await
+                        .map_err(|e| ConsensusError::Unavailable(format!("forwarding to the leader: {e}")));
+                }
+                None if tokio::time::Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
+                None => return Err(ConsensusError::NotLeader { leader: None, leader_id: None }),
+            }
+        }
+    }
+
+    /// Commit `cmd` on the leader (locally if this peer leads) and return
+    /// its log index and outcome.
+    pub async fn write_indexed(&self, now: Timestamp, cmd: Command) -> Result<(u64, ApplyResult), ConsensusError> {
+        let deadline = tokio::time::Instant::now() + NO_LEADER_WAIT;
+        loop {
+            match self.local.write_indexed(now, cmd.clone()).await {
+                Err(ConsensusError::NotLeader { leader: Some(addr), .. }) => {
+                    let resp = self
+                        .net
+                        .client(&leader_addr(&addr)?, ClientRequest::Forward(cmd))
+                        .await
+                        .map_err(|e| ConsensusError::Unavailable(format!("forwarding to the leader: {e}")))?;
+                    // Committed: acknowledge now. This replica learns of the
+                    // commit with the leader's next message; fresh reads go
+                    // to the leader, so they see it already.
+                    return match resp {
+                        ClientResponse::Written { index, result } => Ok((index, result)),
+                        ClientResponse::Error(e) => Err(service_error(e)),
+                        other => Err(ConsensusError::Unavailable(format!("unexpected answer {}", other.kind()))),
+                    };
+                }
+                Err(ConsensusError::NotLeader { leader: None, .. }) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Make this replica at least as fresh as the leader's commit point at
+    /// the time of the call (a linearizable read follows).
+    pub async fn fresh(&self) -> Result<(), ConsensusError> {
+        let index = match self.local.read_index().await {
+            Ok(i) => return self.local.wait_applied(i, CATCH_UP_TIMEOUT).await,
+            Err(ConsensusError::NotLeader { .. }) => match self.to_leader(ClientRequest::ReadIndex).await? {
+                ClientResponse::ReadIndex(i) => i,
+                ClientResponse::Error(e) => return Err(service_error(e)),
+                other => return Err(ConsensusError::Unavailable(format!("unexpected answer {}", other.kind()))),
+            },
+            Err(e) => return Err(e),
+        };
+        self.local.wait_applied(index, CATCH_UP_TIMEOUT).await
+    }
+}
+
+impl Consensus for ClusterConsensus {
+    async fn write(&self, now: Timestamp, cmd: Command) -> Result<ApplyResult, ConsensusError> {
+        self.write_indexed(now, cmd).await.map(|(_, r)| r)
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&State) -> T) -> T {
+        self.local.read(f)
+    }
+
+    fn status(&self) -> RaftStatus {
+        self.local.status()
+    }
+
+    async fn module(&self, hash: ModuleHash) -> Option<Vec<u8>> {
+        if let Some(bytes) = self.local.read(|s| s.module(&hash).map(<[u8]>::to_vec)) {
+            return Some(bytes);
+        }
+        match self.to_leader(ClientRequest::GetModule(hash)).await {
+            Ok(ClientResponse::Module(bytes)) => bytes,
+            Ok(other) => {
+                tracing::warn!(module = %hash, answer = other.kind(), "could not fetch a module from the leader");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(module = %hash, error = %e, "could not fetch a module from the leader");
+                None
+            }
+        }
+    }
+}
+
+/// The client protocol of a cluster peer.
+pub struct ClusterService<R, X> {
+    pub peer: Peer<R, ClusterConsensus, X>,
+    pub consensus: ClusterConsensus,
+    /// Notified when a client asks this peer to leave the cluster.
+    pub leave: Arc<Notify>,
+}
+
+impl<R, X> std::fmt::Debug for ClusterService<R, X> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterService").field("peer", &self.peer).finish_non_exhaustive()
+    }
+}
+
+fn error(e: ConsensusError) -> ClientResponse {
+    ClientResponse::Error(e.into())
+}
+
+impl<R: Runtime, X: JobRunner> ClusterService<R, X> {
+    async fn serve(&self, req: ClientRequest) -> ClientResponse {
+        let c = &self.consensus;
+        let is_leader = || {
+            let s = c.local.status();
+            s.leader == Some(s.node)
+        };
+        match req {
+            ClientRequest::Forward(cmd) => {
+                if !is_leader() {
+                    return error(ConsensusError::NotLeader { leader: None, leader_id: None });
+                }
+                let wakes = matches!(cmd, Command::Submit { .. } | Command::Retry { .. } | Command::Batch(_));
+                match c.local.write_indexed(self.peer.now(), cmd).await {
+                    Ok((index, result)) => {
+                        if wakes {
+                            self.peer.wake();
+                        }
+                        ClientResponse::Written { index, result }
+                    }
+                    Err(e) => error(e),
+                }
+            }
+            ClientRequest::ReadIndex => match c.local.read_index().await {
+                Ok(i) => ClientResponse::ReadIndex(i),
+                Err(e) => error(e),
+            },
+            ClientRequest::StateDigest => {
+                let (applied_index, digest) = c.local.digest();
+                ClientResponse::StateDigest { applied_index, digest }
+            }
+            ClientRequest::Join { info } if is_leader() => self.join(info).await,
+            ClientRequest::Leave { peer } if peer == self.peer.id() => {
+                tracing::info!(peer = %peer, "asked to leave the cluster");
+                self.leave.notify_one();
+                ClientResponse::Left
+            }
+            ClientRequest::Leave { peer } if is_leader() => match self.remove(peer).await {
+                Ok(()) => ClientResponse::Left,
+                Err(e) => error(e),
+            },
+            req @ (ClientRequest::Join { .. } | ClientRequest::Leave { .. }) => {
+                c.to_leader(req).await.unwrap_or_else(error)
+            }
+            req @ (ClientRequest::GetJob(_)
+            | ClientRequest::JobStatuses(_)
+            | ClientRequest::ListJobs { .. }
+            | ClientRequest::GetStream(_)
+            | ClientRequest::ListStreams
+            | ClientRequest::HasModule(_)
+            | ClientRequest::GetModule(_)
+            | ClientRequest::DataGet { .. }) => {
+                // Linearizable: the leader confirms it still leads and
+                // answers from a state that includes every acknowledged
+                // write; a follower passes the read on to it.
+                if is_leader() {
+                    match c.fresh().await {
+                        Ok(()) => self.peer.handle(req).await,
+                        Err(e) => error(e),
+                    }
+                } else {
+                    c.to_leader(req).await.unwrap_or_else(error)
+                }
+            }
+            req @ (ClientRequest::Write(_) | ClientRequest::Status) => self.peer.handle(req).await,
+        }
+    }
+
+    /// On the leader: register the joiner (a new id, never reused) and add
+    /// it as a learner; the membership manager promotes it if voters are
+    /// needed.
+    async fn join(&self, info: impetus_proto::PeerInfo) -> ClientResponse {
+        let c = &self.consensus;
+        let Some(addr) = info.addresses.first().cloned() else {
+            return ClientResponse::Error(ServiceError::InvalidRequest("a joining peer must give its address".into()));
+        };
+        if let Err(e) = addr.parse::<Multiaddr>() {
+            return ClientResponse::Error(ServiceError::InvalidRequest(format!("bad address {addr:?}: {e}")));
+        }
+        // A joiner that asks again (its first answer was lost, or adding it
+        // failed) keeps the id it was given: one registry entry per identity.
+        let again = c.local.read(|s| s.peers().into_iter().find(|p| p.info.addresses.first() == Some(&addr)));
+        let peer = match again {
+            Some(p) => p.id,
+            None => {
+                let cmd = Command::RegisterPeer { info, role: PeerRole::Learner };
+                match c.local.write_indexed(self.peer.now(), cmd).await {
+                    Ok((_, Ok(Outcome::PeerRegistered { peer }))) => peer,
+                    Ok((_, other)) => {
+                        return ClientResponse::Error(ServiceError::Internal(format!(
+                            "registering the joiner: {other:?}"
+                        )))
+                    }
+                    Err(e) => return error(e),
+                }
+            }
+        };
+        if c.local.status().voters.contains(&peer.0) || c.local.status().learners.contains(&peer.0) {
+            return ClientResponse::Joined { peer };
+        }
+        match c.local.add_learner(peer.0, addr.clone()).await {
+            Ok(()) => {
+                tracing::info!(%peer, %addr, "a peer joined as a learner");
+                ClientResponse::Joined { peer }
+            }
+            Err(e) => error(e),
+        }
+    }
+
+    /// On the leader: take `peer` out of the registry and of membership.
+    pub async fn remove(&self, peer: PeerId) -> Result<(), ConsensusError> {
+        let c = &self.consensus;
+        if c.local.read(|s| s.peer(peer).is_some()) {
+            // Its leases go back to the queue; it has drained already.
+            c.local.write_indexed(self.peer.now(), Command::RemovePeer { peer }).await?.1.ok();
+        }
+        c.local.remove_member(peer.0).await?;
+        tracing::info!(%peer, "a peer left the cluster");
+        Ok(())
+    }
+}
+
+impl<R: Runtime, X: JobRunner> ClientService for ClusterService<R, X> {
+    fn handle(&self, req: ClientRequest) -> impl std::future::Future<Output = ClientResponse> + Send {
+        self.serve(req)
+    }
+}

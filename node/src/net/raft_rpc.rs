@@ -1,0 +1,250 @@
+//! Raft RPCs over the swarm: `/impetus/raft/1`.
+//!
+//! [`RaftRpc`] and [`RaftReply`] are openraft's own messages (serde) framed
+//! like the client protocol: `[u32 length][RAFT_RPC_VERSION][postcard...]`.
+//! [`P2pRaftNetwork`] is openraft's network factory on a [`NetHandle`];
+//! [`answer`] is the receiving side, calling into the local Raft.
+
+use std::future::Future;
+use std::io;
+use std::time::Duration;
+
+use futures::{AsyncRead, AsyncWrite};
+use impetus_raft::openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use impetus_raft::openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
+use impetus_raft::openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+};
+use impetus_raft::openraft::OptionalSend;
+use impetus_raft::{NodeId, PeerNode, Raft, Snapshot, SnapshotData, SnapshotMeta, TypeConfig, Vote};
+use impetus_sdk::transport::{read_frame, write_frame};
+use libp2p::{Multiaddr, StreamProtocol};
+use serde::{Deserialize, Serialize};
+
+use super::NetHandle;
+
+/// The protocol name of Raft RPCs.
+pub const RAFT_PROTOCOL: StreamProtocol = StreamProtocol::new("/impetus/raft/1");
+
+/// Version byte of a Raft RPC frame.
+pub const RAFT_RPC_VERSION: u8 = 1;
+
+/// Largest Raft frame: a full snapshot travels in one.
+pub const MAX_RAFT_FRAME: usize = 1 << 30;
+
+/// The least time a Raft RPC gets before it counts as lost.
+pub const MIN_RPC_TTL: Duration = Duration::from_secs(1);
+
+/// A Raft RPC, as one node sends it to another.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum RaftRpc {
+    Append(AppendEntriesRequest<TypeConfig>),
+    Vote(VoteRequest<TypeConfig>),
+    PreVote(VoteRequest<TypeConfig>),
+    Snapshot { vote: Vote, meta: SnapshotMeta, data: Vec<u8> },
+}
+
+impl RaftRpc {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RaftRpc::Append(_) => "append-entries",
+            RaftRpc::Vote(_) => "vote",
+            RaftRpc::PreVote(_) => "pre-vote",
+            RaftRpc::Snapshot { .. } => "snapshot",
+        }
+    }
+}
+
+/// The answer to a [`RaftRpc`].
+#[derive(Debug, Serialize, Deserialize)]
+pub enum RaftReply {
+    Append(AppendEntriesResponse<TypeConfig>),
+    Vote(VoteResponse<TypeConfig>),
+    Snapshot(SnapshotResponse<TypeConfig>),
+    /// The receiver could not handle it (not started yet, stopped, fatal).
+    Error(String),
+}
+
+fn encode<T: Serialize>(v: &T) -> io::Result<Vec<u8>> {
+    postcard::to_extend(v, vec![RAFT_RPC_VERSION])
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(what: &str, frame: &[u8]) -> io::Result<T> {
+    let bad = |m: String| io::Error::new(io::ErrorKind::InvalidData, m);
+    match frame.split_first() {
+        Some((&RAFT_RPC_VERSION, body)) => {
+            postcard::from_bytes(body).map_err(|e| bad(format!("malformed {what}: {e}")))
+        }
+        Some((v, _)) => Err(bad(format!("unsupported {what} version {v} (this build speaks {RAFT_RPC_VERSION})"))),
+        None => Err(bad(format!("empty {what}"))),
+    }
+}
+
+/// The request-response codec of `/impetus/raft/1`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RaftCodec;
+
+impl libp2p::request_response::Codec for RaftCodec {
+    type Protocol = StreamProtocol;
+    type Request = RaftRpc;
+    type Response = RaftReply;
+
+    async fn read_request<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<RaftRpc> {
+        decode("raft request", &read_frame(io, MAX_RAFT_FRAME).await?)
+    }
+
+    async fn read_response<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<RaftReply> {
+        decode("raft reply", &read_frame(io, MAX_RAFT_FRAME).await?)
+    }
+
+    async fn write_request<T: AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: RaftRpc,
+    ) -> io::Result<()> {
+        write_frame(io, &encode(&req)?, MAX_RAFT_FRAME).await
+    }
+
+    async fn write_response<T: AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        resp: RaftReply,
+    ) -> io::Result<()> {
+        write_frame(io, &encode(&resp)?, MAX_RAFT_FRAME).await
+    }
+}
+
+/// Handle one inbound RPC with the local Raft.
+pub async fn answer(raft: &Raft, rpc: RaftRpc) -> RaftReply {
+    fn fatal(e: impl std::fmt::Display) -> RaftReply {
+        RaftReply::Error(e.to_string())
+    }
+    match rpc {
+        RaftRpc::Append(r) => raft.append_entries(r).await.map_or_else(fatal, RaftReply::Append),
+        RaftRpc::Vote(r) => raft.vote(r).await.map_or_else(fatal, RaftReply::Vote),
+        RaftRpc::PreVote(r) => raft.pre_vote(r).await.map_or_else(fatal, RaftReply::Vote),
+        RaftRpc::Snapshot { vote, meta, data } => {
+            let snapshot = Snapshot { meta, snapshot: SnapshotData::new(data) };
+            raft.install_full_snapshot(vote, snapshot).await.map_or_else(fatal, RaftReply::Snapshot)
+        }
+    }
+}
+
+/// openraft's network on the swarm: one [`P2pConnection`] per target node,
+/// addressed by the multiaddr (with `/p2p/ID`) its membership entry holds.
+#[derive(Clone, Debug)]
+pub struct P2pRaftNetwork {
+    net: NetHandle,
+}
+
+impl P2pRaftNetwork {
+    pub fn new(net: NetHandle) -> P2pRaftNetwork {
+        P2pRaftNetwork { net }
+    }
+}
+
+/// A Raft connection to one node.
+#[derive(Debug)]
+pub struct P2pConnection {
+    net: NetHandle,
+    target: NodeId,
+    addr: Result<Multiaddr, String>,
+}
+
+impl RaftNetworkFactory<TypeConfig> for P2pRaftNetwork {
+    type Network = P2pConnection;
+
+    async fn new_client(&mut self, target: NodeId, node: &PeerNode) -> P2pConnection {
+        let addr = node.addr.parse::<Multiaddr>().map_err(|e| format!("node {target} has a bad address {node}: {e}"));
+        P2pConnection { net: self.net.clone(), target, addr }
+    }
+}
+
+impl P2pConnection {
+    async fn call(&self, rpc: RaftRpc, ttl: Duration) -> Result<RaftReply, RPCError<TypeConfig>> {
+        let addr = self.addr.as_ref().map_err(|e| RPCError::Unreachable(Unreachable::from_string(e.clone())))?;
+        let kind = rpc.kind();
+        // openraft asks for one heartbeat interval (100 ms). A loaded
+        // machine (a debug build, a flush behind a busy disk) can take
+        // longer, and cutting the RPC then only makes it send it again.
+        let ttl = ttl.max(MIN_RPC_TTL);
+        match self.net.raft(addr, rpc, ttl).await {
+            // Not started yet, or stopping: back off as from an unreachable node.
+            Ok(RaftReply::Error(e)) => Err(RPCError::Unreachable(Unreachable::from_string(format!(
+                "node {} refused {kind}: {e}",
+                self.target
+            )))),
+            Ok(reply) => Ok(reply),
+            Err(e) => Err(RPCError::Unreachable(Unreachable::from_string(format!("node {}: {e}", self.target)))),
+        }
+    }
+}
+
+fn unexpected(kind: &str, reply: RaftReply) -> RPCError<TypeConfig> {
+    RPCError::Network(NetworkError::from_string(format!("unexpected answer to {kind}: {reply:?}")))
+}
+
+impl RaftNetworkV2<TypeConfig> for P2pConnection {
+    type SnapshotData = SnapshotData;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        match self.call(RaftRpc::Append(rpc), option.hard_ttl()).await? {
+            RaftReply::Append(r) => Ok(r),
+            other => Err(unexpected("append-entries", other)),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        match self.call(RaftRpc::Vote(rpc), option.hard_ttl()).await? {
+            RaftReply::Vote(r) => Ok(r),
+            other => Err(unexpected("vote", other)),
+        }
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        match self.call(RaftRpc::PreVote(rpc), option.hard_ttl()).await? {
+            RaftReply::Vote(r) => Ok(r),
+            other => Err(unexpected("pre-vote", other)),
+        }
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        _cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let rpc = RaftRpc::Snapshot { vote, meta: snapshot.meta, data: snapshot.snapshot.into_inner() };
+        // A snapshot may be large: give it more than one heartbeat's TTL.
+        let ttl = option.hard_ttl().max(Duration::from_secs(30));
+        match self.call(rpc, ttl).await {
+            Ok(RaftReply::Snapshot(r)) => Ok(r),
+            Ok(other) => Err(StreamingError::from(unexpected("snapshot", other))),
+            Err(e) => Err(StreamingError::from(e)),
+        }
+    }
+}

@@ -1,0 +1,164 @@
+//! Membership without an operator: the leader grows the voter set to its
+//! target from caught-up learners and replaces voters that stopped
+//! answering.
+//!
+//! [`plan`] is the whole policy, pure (sans-I/O): it looks at a [`View`] of
+//! the cluster and returns at most one [`Change`]. [`manage`] is the thin
+//! loop that builds the view from a [`Membership`], applies the change and
+//! sleeps, through the [`Runtime`] so the simulator can run it.
+//!
+//! Rules, in order:
+//! 1. Only the leader changes membership, one change at a time.
+//! 2. Fewer voters than the target: promote the caught-up, answering learner
+//!    with the lowest id.
+//! 3. A voter silent for `dead_after_ms` (never the leader itself) is
+//!    replaced by such a learner; with no learner to take its place it stays
+//!    (removing it would shrink the quorum's fault tolerance for nothing).
+//!
+//! Node ids are peer ids from the registry, so they are never reused.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::time::Duration;
+
+use super::{ConsensusError, Runtime};
+
+/// What the leader knows about membership and its followers.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct View {
+    pub me: u64,
+    pub is_leader: bool,
+    pub voters: BTreeSet<u64>,
+    pub learners: BTreeSet<u64>,
+    /// The leader's last log index.
+    pub last_log: u64,
+    /// Per follower: the highest log index it has acknowledged.
+    pub matched: BTreeMap<u64, u64>,
+    /// Per follower: milliseconds since it last answered the leader.
+    pub silent_ms: BTreeMap<u64, u64>,
+}
+
+/// A membership change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// Make this learner a voter.
+    Promote(u64),
+    /// Swap a silent voter for a learner: `voters - dead + with`.
+    Replace { dead: u64, with: u64 },
+}
+
+/// The knobs of [`plan`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    /// Voters wanted (3 by default; 5 survives two failures).
+    pub target_voters: usize,
+    /// A voter silent this long is replaced.
+    pub dead_after_ms: u64,
+    /// A follower within this many entries of the leader's log is caught up.
+    pub caught_up_lag: u64,
+}
+
+impl Default for Policy {
+    fn default() -> Policy {
+        Policy { target_voters: 3, dead_after_ms: 10_000, caught_up_lag: 1_000 }
+    }
+}
+
+/// The one membership change to make now, if any.
+pub fn plan(v: &View, p: &Policy) -> Option<Change> {
+    if !v.is_leader {
+        return None;
+    }
+    let answering = |id: &u64| *id == v.me || v.silent_ms.get(id).is_some_and(|ms| *ms < p.dead_after_ms);
+    let caught_up = |id: &u64| v.matched.get(id).is_some_and(|m| v.last_log.saturating_sub(*m) <= p.caught_up_lag);
+    let candidate = v.learners.iter().find(|id| answering(id) && caught_up(id)).copied();
+    if v.voters.len() < p.target_voters {
+        return candidate.map(Change::Promote);
+    }
+    let dead = v.voters.iter().find(|id| **id != v.me && !answering(id)).copied();
+    match (dead, candidate) {
+        (Some(dead), Some(with)) => Some(Change::Replace { dead, with }),
+        _ => None,
+    }
+}
+
+/// Raft membership as the manager drives it.
+pub trait Membership: Send + Sync + 'static {
+    /// The current view; `silent_ms` measured by the implementation.
+    fn view(&self) -> View;
+    /// Apply a change (waits until it is committed).
+    fn change(&self, c: Change) -> impl Future<Output = Result<(), ConsensusError>> + Send;
+}
+
+/// Run [`plan`] every `every` until `stop()` says so.
+pub async fn manage<R: Runtime, M: Membership>(rt: R, m: M, policy: Policy, every: Duration, stop: impl Fn() -> bool) {
+    while !stop() {
+        let view = m.view();
+        if let Some(change) = plan(&view, &policy) {
+            tracing::info!(?change, voters = ?view.voters, learners = ?view.learners, "membership change");
+            if let Err(e) = m.change(change.clone()).await {
+                tracing::warn!(?change, error = %e, "membership change failed; will retry");
+            }
+        }
+        rt.sleep(every).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(voters: &[u64], learners: &[u64]) -> View {
+        let all = voters.iter().chain(learners).copied();
+        View {
+            me: 1,
+            is_leader: true,
+            voters: voters.iter().copied().collect(),
+            learners: learners.iter().copied().collect(),
+            last_log: 5_000,
+            matched: all.clone().map(|id| (id, 5_000)).collect(),
+            silent_ms: all.map(|id| (id, 50)).collect(),
+        }
+    }
+
+    #[test]
+    fn only_the_leader_changes_membership() {
+        let v = View { is_leader: false, ..view(&[1], &[2, 3]) };
+        assert_eq!(plan(&v, &Policy::default()), None);
+    }
+
+    #[test]
+    fn learners_are_promoted_lowest_id_first_until_the_target() {
+        assert_eq!(plan(&view(&[1], &[3, 2]), &Policy::default()), Some(Change::Promote(2)));
+        assert_eq!(plan(&view(&[1, 2], &[3, 4]), &Policy::default()), Some(Change::Promote(3)));
+        assert_eq!(plan(&view(&[1, 2, 3], &[4, 5]), &Policy::default()), None, "3 voters is the default target");
+        let five = Policy { target_voters: 5, ..Policy::default() };
+        assert_eq!(plan(&view(&[1, 2, 3], &[4, 5]), &five), Some(Change::Promote(4)));
+    }
+
+    #[test]
+    fn a_lagging_or_silent_learner_is_not_promoted() {
+        let mut v = view(&[1], &[2, 3]);
+        v.matched.insert(2, 10);
+        v.silent_ms.insert(3, 60_000);
+        assert_eq!(plan(&v, &Policy::default()), None);
+        v.silent_ms.remove(&3);
+        assert_eq!(plan(&v, &Policy::default()), None, "a learner that never answered is not promoted");
+    }
+
+    #[test]
+    fn a_silent_voter_is_replaced_by_a_healthy_learner() {
+        let mut v = view(&[1, 2, 3], &[4]);
+        v.silent_ms.insert(2, 10_000);
+        assert_eq!(plan(&v, &Policy::default()), Some(Change::Replace { dead: 2, with: 4 }));
+        v.learners.clear();
+        assert_eq!(plan(&v, &Policy::default()), None, "no one to take its place: keep it");
+    }
+
+    #[test]
+    fn the_leader_never_replaces_itself() {
+        let mut v = view(&[1, 2, 3], &[4]);
+        v.silent_ms.remove(&1);
+        assert_eq!(plan(&v, &Policy::default()), None);
+    }
+}
