@@ -22,7 +22,7 @@ use impetus_raft::TypeConfig;
 use libp2p::Multiaddr;
 use tokio::sync::Notify;
 
-use crate::net::{ClientService, NetHandle};
+use crate::net::{ClientService, NetError, NetHandle};
 use crate::peer::{Consensus, ConsensusError, JobRunner, Peer, RaftStatus, Runtime};
 use crate::raft_consensus::RaftConsensus;
 
@@ -58,18 +58,22 @@ impl ClusterConsensus {
     pub async fn to_leader(&self, req: ClientRequest) -> Result<ClientResponse, ConsensusError> {
         let deadline = tokio::time::Instant::now() + NO_LEADER_WAIT;
         loop {
+            // Metrics may still name this peer for a moment after it lost
+            // the lead: that is no leader to forward to.
             let status = self.local.status();
-            let leader = status.leader.and_then(|l| self.local.member_addr(l));
+            let leader = status.leader.filter(|l| *l != status.node).and_then(|l| self.local.member_addr(l));
+            let waited = tokio::time::Instant::now() >= deadline;
             match leader {
-                Some(addr) => {
-                    let addr = leader_addr(&addr)?;
-                    return self
-                        .net
-                        .client(&addr, req)
-                        .await
-                        .map_err(|e| ConsensusError::Unavailable(format!("forwarding to the leader: {e}")));
-                }
-                None if tokio::time::Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
+                Some(addr) => match self.net.client(&leader_addr(&addr)?, req.clone()).await {
+                    // The leader we knew is gone and nothing was sent: wait
+                    // for the election and ask the next one.
+                    Err(NetError::Unreachable { .. }) if !waited => {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    Ok(resp) => return Ok(resp),
+                    Err(e) => return Err(ConsensusError::Unavailable(format!("forwarding to the leader: {e}"))),
+                },
+                None if !waited => tokio::time::sleep(Duration::from_millis(50)).await,
                 None => return Err(ConsensusError::NotLeader { leader: None, leader_id: None }),
             }
         }
@@ -81,12 +85,21 @@ impl ClusterConsensus {
         let deadline = tokio::time::Instant::now() + NO_LEADER_WAIT;
         loop {
             match self.local.write_indexed(now, cmd.clone()).await {
+                Err(ConsensusError::NotLeader { leader: Some(addr), .. })
+                    if addr == self.net.local_addr().to_string() && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
                 Err(ConsensusError::NotLeader { leader: Some(addr), .. }) => {
-                    let resp = self
-                        .net
-                        .client(&leader_addr(&addr)?, ClientRequest::Forward(cmd))
-                        .await
-                        .map_err(|e| ConsensusError::Unavailable(format!("forwarding to the leader: {e}")))?;
+                    let resp = match self.net.client(&leader_addr(&addr)?, ClientRequest::Forward(cmd.clone())).await {
+                        Ok(resp) => resp,
+                        // Not sent (the leader we knew is gone): safe to retry.
+                        Err(NetError::Unreachable { .. }) if tokio::time::Instant::now() < deadline => {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                        Err(e) => return Err(ConsensusError::Unavailable(format!("forwarding to the leader: {e}"))),
+                    };
                     // Committed: acknowledge now. This replica learns of the
                     // commit with the leader's next message; fresh reads go
                     // to the leader, so they see it already.

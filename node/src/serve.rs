@@ -112,8 +112,16 @@ impl std::fmt::Debug for WasmRunner {
 }
 
 impl JobRunner for WasmRunner {
-    fn prepare(&self, hash: ModuleHash, bytes: &[u8]) -> Result<(), String> {
-        self.exec.prepare(hash, bytes).map_err(|e| e.to_string())
+    fn prepare(&self, hash: ModuleHash, bytes: Vec<u8>) -> impl Future<Output = Result<(), String>> + Send + 'static {
+        let exec = self.exec.clone();
+        async move {
+            // Cranelift compiles for a while: off the async threads, which
+            // also carry Raft heartbeats.
+            match tokio::task::spawn_blocking(move || exec.prepare(hash, &bytes)).await {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(e) => Err(format!("compiling the module failed: {e}")),
+            }
+        }
     }
 
     fn is_prepared(&self, hash: &ModuleHash) -> bool {
@@ -165,6 +173,7 @@ pub async fn run_peer(
     opts: PeerOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    let mut shutdown = Box::pin(shutdown);
     let listen = impetus_sdk::transport::resolve_addr(&opts.listen)
         .await
         .map_err(|reason| ServeError::Listen { addr: opts.listen.clone(), reason })?;
@@ -204,16 +213,21 @@ pub async fn run_peer(
     let (node_id, founder) = match known_id {
         Some(id) => (id.0, false),
         None => {
-            let mut join = opts.join.clone();
-            if join.is_empty() && mdns {
-                join = mdns_cluster(&net.handle, opts.authkey.as_deref()).await;
-            }
-            if join.is_empty() {
-                (FOUNDER, true)
-            } else {
-                let id = join_cluster(&join, opts.authkey.as_deref(), &info).await?;
-                std::fs::write(&id_file, id.0.to_string()).map_err(data_err(&id_file))?;
-                (id.0, false)
+            // A signal while looking for the cluster stops the peer at once.
+            let joined = tokio::select! {
+                r = find_and_join(&net.handle, &opts, &info, mdns) => r?,
+                () = &mut shutdown => {
+                    tracing::info!("stopped before joining a cluster");
+                    net.stop().await?;
+                    return Ok(());
+                }
+            };
+            match joined {
+                None => (FOUNDER, true),
+                Some(id) => {
+                    std::fs::write(&id_file, id.0.to_string()).map_err(data_err(&id_file))?;
+                    (id.0, false)
+                }
             }
         }
     };
@@ -228,7 +242,15 @@ pub async fn run_peer(
     if !founder {
         // The registry entry arrives with the log: wait for it so the peer
         // does not register twice.
-        wait_for_registration(&local, PeerId(node_id)).await;
+        tokio::select! {
+            () = wait_for_registration(&local, PeerId(node_id)) => {}
+            () = &mut shutdown => {
+                tracing::info!("stopped while catching up with the cluster");
+                let _ = raft.shutdown().await;
+                net.stop().await?;
+                return Ok(());
+            }
+        }
     }
 
     let executor = Executor::new(ExecConfig::default())?;
@@ -266,7 +288,7 @@ pub async fn run_peer(
     };
 
     tokio::select! {
-        () = shutdown => {}
+        () = &mut shutdown => {}
         () = leave.notified() => {}
     }
     tracing::info!(peer = %peer.id(), "shutting down: draining running jobs");
@@ -335,6 +357,24 @@ fn load_or_create_identity(path: &Path) -> Result<Keypair, ServeError> {
         }
         Err(e) => Err(ServeError::DataDir { path: path.to_path_buf(), source: e }),
     }
+}
+
+/// No `--join` and no cluster found by mDNS: `None` (found one). Otherwise
+/// join it and return the id the leader gave this peer.
+async fn find_and_join(
+    net: &crate::net::NetHandle,
+    opts: &PeerOptions,
+    info: &PeerInfo,
+    mdns: bool,
+) -> Result<Option<PeerId>, ServeError> {
+    let mut join = opts.join.clone();
+    if join.is_empty() && mdns {
+        join = mdns_cluster(net, opts.authkey.as_deref()).await;
+    }
+    if join.is_empty() {
+        return Ok(None);
+    }
+    join_cluster(&join, opts.authkey.as_deref(), info).await.map(Some)
 }
 
 /// Ask the `--join` peers, in turn, to let this peer in; returns its id.

@@ -24,12 +24,18 @@ struct FakeRunner {
 }
 
 impl JobRunner for FakeRunner {
-    fn prepare(&self, hash: ModuleHash, bytes: &[u8]) -> Result<(), String> {
-        if !bytes.starts_with(b"\0asm") {
-            return Err("not a WebAssembly module (bad magic)".into());
-        }
-        self.prepared.lock().unwrap().insert(hash);
-        Ok(())
+    fn prepare(
+        &self,
+        hash: ModuleHash,
+        bytes: Vec<u8>,
+    ) -> impl std::future::Future<Output = Result<(), String>> + Send + 'static {
+        let r = if bytes.starts_with(b"\0asm") {
+            self.prepared.lock().unwrap().insert(hash);
+            Ok(())
+        } else {
+            Err("not a WebAssembly module (bad magic)".into())
+        };
+        std::future::ready(r)
     }
 
     fn is_prepared(&self, hash: &ModuleHash) -> bool {

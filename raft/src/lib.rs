@@ -213,9 +213,9 @@ pub type Raft = ImpetusRaft<TypeConfig>;
 
 /// The openraft configuration Impetus runs with.
 ///
-/// - heartbeat every 100 ms, election timeout drawn from 300–600 ms: a
-///   leader that stops heartbeating is replaced within about half a second,
-///   and a heartbeat lost once does not start an election;
+/// - heartbeat every 100 ms, election timeout drawn from 500–1000 ms: a
+///   leader that stops heartbeating is replaced within about a second, and
+///   a few heartbeats lost or late (a loaded machine) start no election;
 /// - a snapshot after `snapshot_every` applied entries
 ///   ([`DEFAULT_SNAPSHOT_EVERY`] in production), and the log behind a
 ///   snapshot purged except the last `logs_to_keep`
@@ -227,8 +227,8 @@ pub fn raft_config(snapshot_every: u64, logs_to_keep: u64) -> openraft::Config {
     openraft::Config {
         cluster_name: "impetus".to_string(),
         heartbeat_interval: 100,
-        election_timeout_min: 300,
-        election_timeout_max: 600,
+        election_timeout_min: 500,
+        election_timeout_max: 1000,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_every.max(1)),
         max_in_snapshot_log_to_keep: logs_to_keep,
         purge_batch_size: 1,

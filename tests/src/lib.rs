@@ -73,6 +73,8 @@ pub struct PeerProc {
     pub data_dir: PathBuf,
     pub log: PathBuf,
     extra: Vec<String>,
+    /// The `--authkey` among the extra arguments, for this peer's CLI calls.
+    authkey: Option<String>,
 }
 
 impl PeerProc {
@@ -85,6 +87,7 @@ impl PeerProc {
             data_dir: data_dir.to_path_buf(),
             log: data_dir.with_extension("log"),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            authkey: extra.windows(2).find(|w| w[0] == "--authkey").map(|w| w[1].to_owned()),
         };
         p.spawn()?;
         Ok(p)
@@ -125,12 +128,11 @@ impl PeerProc {
 
     /// Run `impetus --peer ADDR ARGS...`.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(impetus_bin())
-            .args(["--peer", &self.addr])
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("running the impetus CLI")
+        let mut cmd = Command::new(impetus_bin());
+        if let Some(k) = &self.authkey {
+            cmd.env("IMPETUS_AUTHKEY", k);
+        }
+        cmd.args(["--peer", &self.addr]).args(args).stdin(Stdio::null()).output().expect("running the impetus CLI")
     }
 
     /// Run a CLI command that must succeed; return its stdout.
@@ -175,6 +177,15 @@ impl PeerProc {
     pub fn restart(&mut self) -> Result<()> {
         assert!(self.child.is_none(), "restart of a running peer");
         self.spawn()
+    }
+
+    /// Send `sig` (`STOP`, `CONT`, ...) to the process.
+    pub fn signal(&self, sig: &str) {
+        if let Some(pid) = self.pid() {
+            let ok =
+                Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status().is_ok_and(|s| s.success());
+            assert!(ok, "kill -{sig} {pid} failed");
+        }
     }
 
     pub fn pid(&self) -> Option<u32> {

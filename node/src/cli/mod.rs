@@ -35,7 +35,7 @@ Exit codes: 0 ok, 1 the command failed (a job ended Dead, a refusal), 2 bad usag
 3 no peer could be reached.
 
 Start here:
-  impetus demo                                   run the helloworld on a local peer
+  impetus demo                                   run the helloworld on a local 3-peer cluster
   impetus peer &                                 start a peer on 127.0.0.1:7420
   impetus stream create s1                       create a stream
   impetus submit job.wasm --stream s1 --input 7 --wait
@@ -119,7 +119,7 @@ pub enum Command {
     Results(results::ResultsArgs),
     /// The cluster console: peers, leader, streams, depths and rates.
     Status(status::StatusArgs),
-    /// Run the helloworld: a local peer, 100 jobs square(i), their total.
+    /// Run the helloworld: a local cluster of 3 peer processes, 100 jobs square(i), their total.
     Demo(demo::DemoArgs),
 }
 

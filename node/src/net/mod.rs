@@ -172,6 +172,9 @@ pub enum NetError {
     NoPeerId { addr: Multiaddr },
     #[error("request to {peer} failed: {reason}")]
     Request { peer: PeerId, reason: String },
+    /// No connection to the peer could be made: nothing was sent.
+    #[error("cannot reach {peer}: {reason}")]
+    Unreachable { peer: PeerId, reason: String },
     #[error("the network task has stopped")]
     Stopped,
 }
@@ -257,7 +260,8 @@ impl NetHandle {
                     attempt += 1;
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-                Err(Failure::Dial(reason) | Failure::Other(reason)) => return Err(NetError::Request { peer, reason }),
+                Err(Failure::Dial(reason)) => return Err(NetError::Unreachable { peer, reason }),
+                Err(Failure::Other(reason)) => return Err(NetError::Request { peer, reason }),
             }
         }
     }

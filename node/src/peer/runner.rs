@@ -16,7 +16,9 @@ pub struct RunReport {
 pub trait JobRunner: Send + Sync + 'static {
     /// Check that `bytes` can run here (a WASI command whose imports are all
     /// provided) and cache it compiled. The error names the problem.
-    fn prepare(&self, hash: ModuleHash, bytes: &[u8]) -> Result<(), String>;
+    /// Compiling takes a while: an implementation must not block the async
+    /// runtime meanwhile (Raft heartbeats share it).
+    fn prepare(&self, hash: ModuleHash, bytes: Vec<u8>) -> impl Future<Output = Result<(), String>> + Send + 'static;
     fn is_prepared(&self, hash: &ModuleHash) -> bool;
     /// Run one leased job. Never panics: every failure is a `RunReport`.
     fn run(&self, grant: LeaseGrant) -> impl Future<Output = RunReport> + Send + 'static;

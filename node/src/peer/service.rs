@@ -28,7 +28,7 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
                 if let Command::PutModule { hash, bytes } = &cmd {
                     // Refuse what cannot run before it is stored: not wasm,
                     // not a WASI command, imports we do not provide.
-                    if let Err(why) = inner.runner.prepare(*hash, bytes) {
+                    if let Err(why) = inner.runner.prepare(*hash, bytes.clone()).await {
                         return ClientResponse::Error(ServiceError::ModuleRejected(why));
                     }
                 }

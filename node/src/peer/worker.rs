@@ -25,7 +25,8 @@ struct Running {
     token: FencingToken,
     expires_at: Timestamp,
     ttl_ms: u64,
-    /// The lease was lost (renewal refused): the result will be rejected.
+    /// The lease was lost (renewal refused): no more renewals; the result
+    /// is still reported and the state machine refuses its stale token.
     lost: bool,
 }
 
@@ -116,8 +117,10 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
         }
         let Some(r) = self.running.remove(&job) else { return };
         if r.lost {
-            tracing::warn!(%job, "job finished after its lease was lost; result dropped");
-            return;
+            // Report it all the same: the fencing token, not this peer's
+            // guess, decides; the cluster refuses it unless the lease is
+            // still this one.
+            tracing::info!(%job, %token, "job finished after its lease was lost; reporting it with its old token");
         }
         match report.result {
             Ok(result) => self.completions.push(Completion { job, token, result, stderr_tail: report.stderr_tail }),
@@ -272,7 +275,7 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
             if !inner.runner.is_prepared(&g.module) {
                 // Compile once per peer; a replica that lags fetches the bytes.
                 let prepared = match inner.consensus.module(g.module).await {
-                    Some(bytes) => inner.runner.prepare(g.module, &bytes),
+                    Some(bytes) => inner.runner.prepare(g.module, bytes).await,
                     None => Err(format!("module {} is not stored", g.module)),
                 };
                 if let Err(why) = prepared {

@@ -1,0 +1,321 @@
+//! Real `impetus peer` processes on 127.0.0.1 forming a cluster: joining,
+//! roles, work shared by lease, losing the leader, losing a worker, a voter
+//! catching up, and the private network. Every wait is bounded; every
+//! process is killed when its `PeerProc` drops.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use impetus_proto::api::{ClientRequest, ClientResponse, ClusterStatus};
+use impetus_proto::{JobId, JobRecord, JobSpec, JobStatus, ModuleHash, NewJob, PeerId, StreamName, StreamProps};
+use impetus_sdk::Client;
+use impetus_tests::{wait_for, wasm, PeerProc};
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+/// A founder and `n - 1` peers that join it, started one after the other.
+fn cluster(dir: &Path, n: usize, extra: &[&str]) -> Vec<PeerProc> {
+    let first = PeerProc::start(&dir.join("p1"), extra).unwrap();
+    let join = first.addr.clone();
+    let mut peers = vec![first];
+    for i in 2..=n {
+        let mut args = vec!["--join", join.as_str()];
+        args.extend_from_slice(extra);
+        peers.push(PeerProc::start(&dir.join(format!("p{i}")), &args).unwrap());
+    }
+    peers
+}
+
+fn status(rt: &tokio::runtime::Runtime, p: &PeerProc) -> Option<ClusterStatus> {
+    rt.block_on(async {
+        let c = Client::connect(&p.addr, None).await.ok()?;
+        c.status().await.ok()
+    })
+}
+
+/// The registry id of the peer listening at `p.addr`.
+fn id_of(st: &ClusterStatus, p: &PeerProc) -> PeerId {
+    let port = format!("/tcp/{}/", p.addr.rsplit(':').next().unwrap());
+    st.peers
+        .iter()
+        .find(|r| r.info.addresses.iter().any(|a| a.contains(&port)))
+        .unwrap_or_else(|| panic!("{} is not registered: {st:?}", p.addr))
+        .id
+}
+
+fn logs(peers: &[PeerProc]) -> String {
+    peers.iter().map(|p| format!("--- {} ---\n{}\n", p.addr, tail(&p.log_text(), 40))).collect()
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn noop_jobs(module: ModuleHash, inputs: impl IntoIterator<Item = String>) -> Vec<NewJob> {
+    inputs
+        .into_iter()
+        .map(|input| NewJob {
+            module,
+            spec: JobSpec { args: vec![], env: vec![], input: input.into_bytes() },
+            priority: None,
+            delay_ms: 0,
+            key: None,
+        })
+        .collect()
+}
+
+/// Create `stream` and submit one `module` job per input through `c`.
+async fn submit(c: &Client, stream: &str, props: StreamProps, module: &str, inputs: Vec<String>) -> Vec<JobId> {
+    let s = StreamName::new(stream).unwrap();
+    if c.stream(&s).await.is_err() {
+        c.create_stream(&s, props).await.unwrap();
+    }
+    let hash = c.put_module(std::fs::read(wasm(module)).unwrap()).await.unwrap();
+    let mut ids = Vec::new();
+    for chunk in inputs.chunks(500) {
+        let done = c.submit(&s, noop_jobs(hash, chunk.to_vec())).await.unwrap();
+        ids.extend(done.into_iter().map(|d| d.job));
+    }
+    ids
+}
+
+async fn wait_all(c: &Client, ids: &[JobId], limit: Duration) -> Vec<JobRecord> {
+    c.wait(ids, limit, |_, _| {}).await.unwrap()
+}
+
+#[test]
+fn three_peers_become_voters_and_later_peers_workers_that_run_jobs() {
+    let rt = rt();
+    let dir = tempfile::tempdir().unwrap();
+    let mut peers = cluster(dir.path(), 3, &["--capacity", "2"]);
+    let st = wait_for(Duration::from_secs(30), || status(&rt, &peers[0]).filter(|s| s.voters.len() == 3))
+        .unwrap_or_else(|| panic!("no 3 voters; logs:\n{}", logs(&peers)));
+    assert!(st.learners.is_empty(), "{st:?}");
+    let join = peers[0].addr.clone();
+    for i in 4..=5 {
+        peers.push(PeerProc::start(&dir.path().join(format!("p{i}")), &["--join", &join, "--capacity", "2"]).unwrap());
+    }
+    let st = wait_for(Duration::from_secs(30), || status(&rt, &peers[1]).filter(|s| s.learners.len() == 2))
+        .unwrap_or_else(|| panic!("no 2 workers; logs:\n{}", logs(&peers)));
+    assert_eq!(st.voters.len(), 3, "the voter set stays at its target: {st:?}");
+    assert_eq!(st.peers.len(), 5, "each peer registered once: {:?}", st.peers);
+    let workers = [id_of(&st, &peers[3]), id_of(&st, &peers[4])];
+    for w in workers {
+        assert!(st.learners.contains(&w), "{w} should be a worker: {st:?}");
+    }
+
+    // 40 jobs of 300 ms on 10 slots: every peer takes part, workers included.
+    let c = rt.block_on(Client::connect(&peers[4].addr, None)).unwrap();
+    let ids = rt.block_on(submit(&c, "shared", StreamProps::default(), "sleep", vec!["300".into(); 40]));
+    let records = rt.block_on(wait_all(&c, &ids, Duration::from_secs(120)));
+    let mut ran: BTreeMap<PeerId, usize> = BTreeMap::new();
+    for r in &records {
+        assert_eq!(r.status, JobStatus::Succeeded, "{r:?}");
+        *ran.entry(r.peer.unwrap()).or_default() += 1;
+    }
+    for w in workers {
+        assert!(ran.get(&w).copied().unwrap_or(0) > 0, "worker {w} ran no job: {ran:?}");
+    }
+    // `impetus status` names every peer and its role.
+    let out = peers[2].ok(&["status"]);
+    assert_eq!(out.matches("voter").count(), 3, "{out}");
+    assert_eq!(out.matches("learner").count(), 2, "{out}");
+}
+
+#[test]
+fn killing_the_leader_with_2000_jobs_in_flight_loses_nothing() {
+    let rt = rt();
+    let dir = tempfile::tempdir().unwrap();
+    let mut peers = cluster(dir.path(), 3, &["--capacity", "8"]);
+    wait_for(Duration::from_secs(30), || status(&rt, &peers[0]).filter(|s| s.voters.len() == 3))
+        .unwrap_or_else(|| panic!("no 3 voters; logs:\n{}", logs(&peers)));
+    let c = rt.block_on(Client::connect(&peers[1].addr, None)).unwrap();
+    let props = StreamProps { lease_ttl_ms: 2_000, max_attempts: 10, mpps: 8, ..StreamProps::default() };
+    let ids = rt.block_on(submit(&c, "inflight", props, "sleep", vec!["5".into(); 2000]));
+    assert_eq!(ids.len(), 2000, "every job acknowledged");
+    let s = StreamName::new("inflight").unwrap();
+    // Wait until work is under way, then kill the leader (the founder).
+    wait_for(Duration::from_secs(60), || rt.block_on(c.stream(&s)).ok().filter(|i| i.stats.succeeded >= 100))
+        .unwrap_or_else(|| panic!("no progress; logs:\n{}", logs(&peers)));
+    let before = status(&rt, &peers[1]).unwrap();
+    assert_eq!(before.leader, Some(PeerId(1)), "the founder leads: {before:?}");
+    let commit_before = before.commit_index;
+    peers[0].kill9();
+    let killed = Instant::now();
+    let survivors: Vec<Client> =
+        peers[1..].iter().map(|p| rt.block_on(Client::connect(&p.addr, None)).unwrap()).collect();
+    let failover = wait_for(Duration::from_secs(30), || {
+        survivors.iter().find_map(|sc| {
+            let st = rt.block_on(sc.status()).ok()?;
+            (st.leader.is_some_and(|l| l != PeerId(1)) && st.commit_index > commit_before).then(|| killed.elapsed())
+        })
+    })
+    .unwrap_or_else(|| panic!("no new leader committed; logs:\n{}", logs(&peers)));
+    eprintln!("failover: leader killed -> first commit under the new leader in {failover:?}");
+    assert!(failover < Duration::from_secs(15), "failover took {failover:?}");
+
+    let records = rt.block_on(wait_all(&c, &ids, Duration::from_secs(180)));
+    assert!(records.iter().all(|r| r.status == JobStatus::Succeeded && r.result.is_some()), "a job did not succeed");
+    let stats = rt.block_on(c.stream(&s)).unwrap().stats;
+    assert_eq!(
+        (stats.succeeded, stats.completed_total),
+        (2000, 2000),
+        "every acknowledged job has exactly one committed result: {stats:?}"
+    );
+}
+
+#[test]
+fn a_dead_workers_jobs_run_elsewhere_and_a_late_completion_is_refused() {
+    let rt = rt();
+    let dir = tempfile::tempdir().unwrap();
+    let mut peers = cluster(dir.path(), 3, &["--capacity", "2"]);
+    let join = peers[0].addr.clone();
+    for i in 4..=5 {
+        peers.push(PeerProc::start(&dir.path().join(format!("p{i}")), &["--join", &join, "--capacity", "4"]).unwrap());
+    }
+    let st = wait_for(Duration::from_secs(30), || {
+        status(&rt, &peers[0]).filter(|s| s.voters.len() == 3 && s.learners.len() == 2)
+    })
+    .unwrap_or_else(|| panic!("cluster not formed; logs:\n{}", logs(&peers)));
+    let (w4, w5) = (id_of(&st, &peers[3]), id_of(&st, &peers[4]));
+    let voters: Vec<PeerId> = st.voters.clone();
+
+    // Eight 4-second jobs, only the two workers may take them.
+    let c = rt.block_on(Client::connect(&peers[0].addr, None)).unwrap();
+    let props = StreamProps {
+        lease_ttl_ms: 1_500,
+        max_attempts: 5,
+        pin: [w4, w5].into_iter().collect(),
+        ..StreamProps::default()
+    };
+    let ids = rt.block_on(submit(&c, "long", props, "sleep", vec!["4000".into(); 8]));
+    let held = |peer: PeerId| {
+        ids.iter()
+            .filter(|id| {
+                let r = rt.block_on(c.job(**id)).unwrap();
+                matches!(r.status, JobStatus::Leased | JobStatus::Running) && r.lease.is_some_and(|l| l.peer == peer)
+            })
+            .count()
+    };
+    wait_for(Duration::from_secs(30), || (held(w4) == 4 && held(w5) == 4).then_some(()))
+        .unwrap_or_else(|| panic!("the workers did not take the jobs; logs:\n{}", logs(&peers)));
+
+    // Worker 4 freezes (it will wake up late), worker 5 dies.
+    peers[3].signal("STOP");
+    peers[4].kill9();
+    let s = StreamName::new("long").unwrap();
+    let patch = impetus_proto::StreamPatch { pin: Some(voters.iter().copied().collect()), ..Default::default() };
+    rt.block_on(c.update_stream(&s, patch)).unwrap();
+    let records = rt.block_on(wait_all(&c, &ids, Duration::from_secs(90)));
+    for r in &records {
+        assert_eq!(r.status, JobStatus::Succeeded, "{r:?}");
+        assert!(voters.contains(&r.peer.unwrap()), "ran again on a voter after the lease TTL: {r:?}");
+        assert!(r.attempts >= 2, "the expired attempt was counted: {r:?}");
+    }
+
+    // Worker 4 wakes up: its jobs finish and it reports them with the old
+    // fencing tokens. The cluster refuses every one of them.
+    peers[3].signal("CONT");
+    let refused = wait_for(Duration::from_secs(30), || {
+        let log = peers[3].log_text();
+        (log.matches("result rejected").count() > 0).then_some(log)
+    })
+    .unwrap_or_else(|| panic!("the late worker reported nothing; log:\n{}", tail(&peers[3].log_text(), 60)));
+    assert!(refused.contains("stale") || refused.contains("not leased") || refused.contains("lease"), "{refused}");
+    let stats = rt.block_on(c.stream(&s)).unwrap().stats;
+    assert_eq!((stats.succeeded, stats.completed_total), (8, 8), "no late completion was accepted: {stats:?}");
+    let after = rt.block_on(wait_all(&c, &ids, Duration::from_secs(5)));
+    assert_eq!(after, records, "the committed results did not change");
+}
+
+fn digest(rt: &tokio::runtime::Runtime, p: &PeerProc) -> Option<(u64, String)> {
+    rt.block_on(async {
+        let c = Client::connect(&p.addr, None).await.ok()?;
+        match c.request(ClientRequest::StateDigest).await.ok()? {
+            ClientResponse::StateDigest { applied_index, digest } => Some((applied_index, digest)),
+            _ => None,
+        }
+    })
+}
+
+#[test]
+fn a_voter_killed_and_restarted_catches_up_to_the_same_state() {
+    let rt = rt();
+    let dir = tempfile::tempdir().unwrap();
+    let mut peers = cluster(dir.path(), 3, &["--capacity", "4"]);
+    wait_for(Duration::from_secs(30), || status(&rt, &peers[0]).filter(|s| s.voters.len() == 3))
+        .unwrap_or_else(|| panic!("no 3 voters; logs:\n{}", logs(&peers)));
+    let c = rt.block_on(Client::connect(&peers[0].addr, None)).unwrap();
+    let first =
+        rt.block_on(submit(&c, "catchup", StreamProps::default(), "square", (0..200).map(|i| i.to_string()).collect()));
+    rt.block_on(wait_all(&c, &first, Duration::from_secs(120)));
+    peers[2].kill9();
+    let second =
+        rt.block_on(submit(&c, "catchup", StreamProps::default(), "square", (0..200).map(|i| i.to_string()).collect()));
+    rt.block_on(wait_all(&c, &second, Duration::from_secs(120)));
+    let leader_applied = status(&rt, &peers[0]).unwrap().applied_index;
+    peers[2].restart().unwrap();
+    // Equal applied index, equal state (heartbeats keep the log moving, so
+    // compare only answers taken at the same index).
+    let agreed = wait_for(Duration::from_secs(60), || {
+        let ds: Vec<(u64, String)> = peers.iter().filter_map(|p| digest(&rt, p)).collect();
+        (ds.len() == 3 && ds.iter().all(|d| *d == ds[0]) && ds[0].0 >= leader_applied).then(|| ds[0].clone())
+    })
+    .unwrap_or_else(|| {
+        let ds: Vec<_> = peers.iter().map(|p| digest(&rt, p)).collect();
+        panic!("replicas never agreed: {ds:?}; logs:\n{}", logs(&peers))
+    });
+    eprintln!("replicas agree at index {} (digest {})", agreed.0, &agreed.1[..16]);
+    let st = status(&rt, &peers[2]).unwrap();
+    assert_eq!(st.voters.len(), 3, "the restarted peer is still a voter: {st:?}");
+}
+
+#[test]
+fn without_the_authkey_no_peer_or_client_gets_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let p1 = PeerProc::start(&dir.path().join("p1"), &["--authkey", "right-key"]).unwrap();
+    p1.ok(&["stream", "create", "private"]);
+
+    // A peer with the wrong key cannot join.
+    let wrong_log = dir.path().join("wrong.log");
+    let mut wrong = std::process::Command::new(impetus_tests::impetus_bin())
+        .args(["peer", "--listen", &format!("127.0.0.1:{}", impetus_tests::free_port()), "--data-dir"])
+        .arg(dir.path().join("wrong"))
+        .args(["--join", &p1.addr, "--authkey", "wrong-key"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&wrong_log).unwrap())
+        .spawn()
+        .unwrap();
+    let tried = wait_for(Duration::from_secs(30), || {
+        let log = std::fs::read_to_string(&wrong_log).unwrap_or_default();
+        log.contains("could not join yet").then_some(log)
+    });
+    let _ = wrong.kill();
+    let _ = wrong.wait();
+    let tried = tried.expect("the wrong-key peer never tried to join");
+    assert!(tried.contains("authkey") || tried.contains("handshake"), "the error names the likely cause:\n{tried}");
+    let st = p1.ok(&["status", "--json"]);
+    let st: ClusterStatus = serde_json::from_str(&st).unwrap();
+    assert_eq!(st.peers.len(), 1, "the wrong-key peer did not register: {st:?}");
+
+    // Clients: no key, a wrong key: refused; the right key: served.
+    for args in [vec!["--peer", p1.addr.as_str()], vec!["--peer", p1.addr.as_str(), "--authkey", "wrong-key"]] {
+        for cmd in [vec!["stream", "list"], vec!["submit", wasm("noop").to_str().unwrap(), "--stream", "private"]] {
+            let out = std::process::Command::new(impetus_tests::impetus_bin())
+                .env_remove("IMPETUS_AUTHKEY")
+                .args(&args)
+                .args(&cmd)
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{args:?} {cmd:?} got in: {}", String::from_utf8_lossy(&out.stdout));
+            assert!(err.contains("authkey"), "the error suggests the authkey: {err}");
+        }
+    }
+    let out = p1.ok(&["stream", "list"]);
+    assert!(out.contains("private"), "{out}");
+}
