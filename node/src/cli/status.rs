@@ -199,8 +199,8 @@ mod tests {
         expect_test::expect![[r#"
             cluster via 127.0.0.1:7420 (peer-1): leader peer-1, term 2, commit 40, applied 40
 
-            PEER    HOST   PID  RSS MB  ROLE                 DRAINING  HEARTBEAT  RUNNING
-            peer-1  box   4242    50.0  voter (leader) (me)  no           1s ago  s1:3
+            PEER    ADDRESS                  HOST   PID  RSS MB  ROLE                 DRAINING  HEARTBEAT  RUNNING
+            peer-1  /ip4/127.0.0.1/tcp/7420  box   4242    50.0  voter (leader) (me)  no           1s ago  s1:3
 
             STREAM  DEPTH  RUNNING  SUCCEEDED  DEAD  OLDEST PENDING  COMPLETED
             s1          6        3         10     0               -         10
