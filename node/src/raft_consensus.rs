@@ -41,8 +41,10 @@ impl<C: ImpetusConfig> std::fmt::Debug for RaftConsensus<C> {
     }
 }
 
-/// The openraft runtime's instant type of `C`.
-type Instant_<C> = <<C as RaftTypeConfig>::AsyncRuntime as AsyncRuntime>::Instant;
+/// The openraft runtime of `C` and its instant type: time and sleeps go
+/// through it, so the simulator runs this code on its own clock.
+type Rt<C> = <C as RaftTypeConfig>::AsyncRuntime;
+type Instant_<C> = <Rt<C> as AsyncRuntime>::Instant;
 
 fn write_error<C: ImpetusConfig>(e: RaftError<C, ClientWriteError<C>>) -> ConsensusError {
     match e {
@@ -91,14 +93,14 @@ impl<C: ImpetusConfig> RaftConsensus<C> {
         Fut: std::future::Future<Output = Result<T, RaftError<C, ClientWriteError<C>>>>,
     {
         let _one_at_a_time = self.changing.lock().await;
-        let deadline = tokio::time::Instant::now() + CHANGE_WAIT;
+        let deadline = Instant_::<C>::now() + CHANGE_WAIT;
         loop {
             match f().await {
                 Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))
-                    if tokio::time::Instant::now() < deadline =>
+                    if Instant_::<C>::now() < deadline =>
                 {
                     tracing::debug!(what, error = %e, "membership change must wait");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    Rt::<C>::sleep(Duration::from_millis(50)).await;
                 }
                 other => return other.map_err(write_error),
             }
@@ -139,15 +141,15 @@ impl<C: ImpetusConfig> RaftConsensus<C> {
     /// The leader's linearizable read index: everything committed before
     /// this call is at or below it.
     pub async fn read_index(&self) -> Result<u64, ConsensusError> {
-        let deadline = tokio::time::Instant::now() + READ_INDEX_WAIT;
+        let deadline = Instant_::<C>::now() + READ_INDEX_WAIT;
         let res = loop {
             match self.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
                 // No quorum answered this round (a slow follower): ask again.
                 Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(e)))
-                    if tokio::time::Instant::now() < deadline =>
+                    if Instant_::<C>::now() < deadline =>
                 {
                     tracing::debug!(error = %e, "read index: no quorum yet");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    Rt::<C>::sleep(Duration::from_millis(20)).await;
                 }
                 other => break other,
             }

@@ -319,3 +319,50 @@ fn without_the_authkey_no_peer_or_client_gets_in() {
     let out = p1.ok(&["stream", "list"]);
     assert!(out.contains("private"), "{out}");
 }
+
+#[test]
+fn a_voter_gone_past_the_timeout_is_replaced_by_a_worker() {
+    let rt = rt();
+    let dir = tempfile::tempdir().unwrap();
+    let mut peers = cluster(dir.path(), 4, &["--voter-timeout", "2"]);
+    let st = wait_for(Duration::from_secs(30), || {
+        status(&rt, &peers[0]).filter(|s| s.voters.len() == 3 && s.learners.len() == 1)
+    })
+    .unwrap_or_else(|| panic!("cluster not formed; logs:\n{}", logs(&peers)));
+    let (gone, spare) = (id_of(&st, &peers[2]), id_of(&st, &peers[3]));
+    assert!(st.voters.contains(&gone) && st.learners.contains(&spare), "{st:?}");
+    peers[2].kill9();
+    let st = wait_for(Duration::from_secs(30), || {
+        status(&rt, &peers[0]).filter(|s| s.voters.contains(&spare) && !s.voters.contains(&gone))
+    })
+    .unwrap_or_else(|| panic!("the dead voter was not replaced; logs:\n{}", logs(&peers)));
+    assert_eq!(st.voters.len(), 3, "{st:?}");
+    // The cluster still commits with the new voter set.
+    let c = rt.block_on(Client::connect(&peers[3].addr, None)).unwrap();
+    let ids = rt.block_on(submit(&c, "after", StreamProps::default(), "square", vec!["9".into()]));
+    let done = rt.block_on(wait_all(&c, &ids, Duration::from_secs(60)));
+    assert_eq!(String::from_utf8_lossy(done[0].result.as_deref().unwrap()).trim(), "81");
+}
+
+#[test]
+fn peer_leave_drains_a_peer_and_takes_it_out_of_the_cluster() {
+    let rt = rt();
+    let dir = tempfile::tempdir().unwrap();
+    let peers = cluster(dir.path(), 4, &[]);
+    let st = wait_for(Duration::from_secs(30), || {
+        status(&rt, &peers[0]).filter(|s| s.voters.len() == 3 && s.learners.len() == 1)
+    })
+    .unwrap_or_else(|| panic!("cluster not formed; logs:\n{}", logs(&peers)));
+    let leaving = id_of(&st, &peers[3]);
+    let out = peers[3].ok(&["peer", "leave"]);
+    assert!(out.contains("leaving"), "{out}");
+    let st = wait_for(Duration::from_secs(30), || {
+        status(&rt, &peers[0]).filter(|s| !s.learners.contains(&leaving) && s.peers.iter().all(|p| p.id != leaving))
+    })
+    .unwrap_or_else(|| panic!("the peer did not leave; logs:\n{}", logs(&peers)));
+    assert_eq!(st.voters.len(), 3, "{st:?}");
+    let exited = wait_for(Duration::from_secs(30), || (!peers[3].cli(&["status"]).status.success()).then_some(()));
+    assert!(exited.is_some(), "the peer that left still answers");
+    assert!(peers[3].log_text().contains("left the cluster"), "{}", tail(&peers[3].log_text(), 20));
+    assert!(!peers[3].data_dir.join("raft").exists(), "a peer that left forgets its Raft state");
+}
