@@ -12,6 +12,14 @@ use impetus_proto::{JobId, JobRecord, JobSpec, JobStatus, ModuleHash, NewJob, Pe
 use impetus_sdk::Client;
 use impetus_tests::{wait_for, wasm, PeerProc};
 
+/// These tests start 3 to 5 debug-build peers each: run them one at a time,
+/// or on 2 cores they starve each other's heartbeats.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
@@ -89,6 +97,7 @@ async fn wait_all(c: &Client, ids: &[JobId], limit: Duration) -> Vec<JobRecord> 
 
 #[test]
 fn three_peers_become_voters_and_later_peers_workers_that_run_jobs() {
+    let _serial = serial();
     let rt = rt();
     let dir = tempfile::tempdir().unwrap();
     let mut peers = cluster(dir.path(), 3, &["--capacity", "2"]);
@@ -128,6 +137,7 @@ fn three_peers_become_voters_and_later_peers_workers_that_run_jobs() {
 
 #[test]
 fn killing_the_leader_with_2000_jobs_in_flight_loses_nothing() {
+    let _serial = serial();
     let rt = rt();
     let dir = tempfile::tempdir().unwrap();
     let mut peers = cluster(dir.path(), 3, &["--capacity", "8"]);
@@ -170,6 +180,7 @@ fn killing_the_leader_with_2000_jobs_in_flight_loses_nothing() {
 
 #[test]
 fn a_dead_workers_jobs_run_elsewhere_and_a_late_completion_is_refused() {
+    let _serial = serial();
     let rt = rt();
     let dir = tempfile::tempdir().unwrap();
     let mut peers = cluster(dir.path(), 3, &["--capacity", "2"]);
@@ -244,6 +255,7 @@ fn digest(rt: &tokio::runtime::Runtime, p: &PeerProc) -> Option<(u64, String)> {
 
 #[test]
 fn a_voter_killed_and_restarted_catches_up_to_the_same_state() {
+    let _serial = serial();
     let rt = rt();
     let dir = tempfile::tempdir().unwrap();
     let mut peers = cluster(dir.path(), 3, &["--capacity", "4"]);
@@ -276,6 +288,7 @@ fn a_voter_killed_and_restarted_catches_up_to_the_same_state() {
 
 #[test]
 fn without_the_authkey_no_peer_or_client_gets_in() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let p1 = PeerProc::start(&dir.path().join("p1"), &["--authkey", "right-key"]).unwrap();
     p1.ok(&["stream", "create", "private"]);
@@ -322,6 +335,7 @@ fn without_the_authkey_no_peer_or_client_gets_in() {
 
 #[test]
 fn a_voter_gone_past_the_timeout_is_replaced_by_a_worker() {
+    let _serial = serial();
     let rt = rt();
     let dir = tempfile::tempdir().unwrap();
     let mut peers = cluster(dir.path(), 4, &["--voter-timeout", "2"]);
@@ -346,6 +360,7 @@ fn a_voter_gone_past_the_timeout_is_replaced_by_a_worker() {
 
 #[test]
 fn peer_leave_drains_a_peer_and_takes_it_out_of_the_cluster() {
+    let _serial = serial();
     let rt = rt();
     let dir = tempfile::tempdir().unwrap();
     let peers = cluster(dir.path(), 4, &[]);
