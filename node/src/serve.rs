@@ -19,7 +19,7 @@ use crate::exec::{ExecConfig, ExecError, Executor, RunSpec};
 use crate::metrics::Metrics;
 use crate::net::raft_rpc::P2pRaftNetwork;
 use crate::net::{Handlers, NetConfig, Server};
-use crate::peer::membership::{self, Membership, Policy};
+use crate::peer::membership::{self, Policy};
 use crate::peer::{Consensus, JobRunner, Peer, PeerConfig, RunReport};
 use crate::raft_consensus::RaftConsensus;
 use crate::rt::TokioRuntime;
@@ -278,7 +278,7 @@ pub async fn run_peer(
     };
     let manager = {
         let (local, stopping) = (local.clone(), stopping.clone());
-        tokio::spawn(membership::manage(TokioRuntime, ArcMembership(local), policy, MANAGE_EVERY, move || {
+        tokio::spawn(membership::manage(TokioRuntime, local, policy, MANAGE_EVERY, move || {
             stopping.load(Ordering::SeqCst)
         }))
     };
@@ -318,20 +318,6 @@ pub async fn run_peer(
 const FOUNDER: u64 = 1;
 /// How often the membership manager looks at the cluster.
 const MANAGE_EVERY: Duration = Duration::from_millis(500);
-
-/// [`Membership`] through an `Arc`.
-struct ArcMembership(Arc<RaftConsensus<TypeConfig>>);
-
-impl Membership for ArcMembership {
-    fn view(&self) -> membership::View {
-        self.0.view()
-    }
-
-    fn change(&self, c: membership::Change) -> impl Future<Output = Result<(), crate::peer::ConsensusError>> + Send {
-        let m = self.0.clone();
-        async move { m.change(c).await }
-    }
-}
 
 fn data_err(path: &Path) -> impl FnOnce(std::io::Error) -> ServeError {
     let path = path.to_path_buf();

@@ -175,7 +175,7 @@ impl<C> ImpetusConfig for C where
 
 /// Declare an Impetus type config on a given openraft `AsyncRuntime`:
 ///
-/// ```ignore
+/// ```text
 /// impetus_raft::declare_impetus_types!(pub SimTypeConfig, openraft_rt_sim::SimRuntime);
 /// ```
 ///
@@ -220,7 +220,8 @@ pub type Raft = ImpetusRaft<TypeConfig>;
 ///   ([`DEFAULT_SNAPSHOT_EVERY`] in production), and the log behind a
 ///   snapshot purged except the last `logs_to_keep`
 ///   ([`DEFAULT_LOGS_TO_KEEP`]), so the log on disk stays bounded;
-/// - up to 4096 entries per append-entries RPC (batching).
+/// - up to 4096 entries per append-entries RPC (batching);
+/// - no leader restore: a restarted leader is elected again, in a new term.
 ///
 /// Validate with [`openraft::Config::validate`] (the `start_*` functions do).
 pub fn raft_config(snapshot_every: u64, logs_to_keep: u64) -> openraft::Config {
@@ -233,6 +234,13 @@ pub fn raft_config(snapshot_every: u64, logs_to_keep: u64) -> openraft::Config {
         max_in_snapshot_log_to_keep: logs_to_keep,
         purge_batch_size: 1,
         max_payload_entries: 4096,
+        // A leader that restarts must win a new election (a new term).
+        // openraft's default restores leadership in the old term, and a
+        // leader that lost unflushed entries it had already sent to a
+        // learner then writes different entries under the same log ids: the
+        // learner keeps its copies (same id, "same entry") and diverges.
+        // Found by the simulator (seed 10 with `--faults crash,disk`).
+        enable_leader_restore: Some(false),
         ..Default::default()
     }
 }

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use impetus_node::peer::membership::{self, Policy};
 use impetus_node::peer::{Consensus, Peer, PeerConfig};
 use impetus_node::raft_consensus::RaftConsensus;
 use impetus_proto::PeerInfo;
@@ -87,6 +88,11 @@ impl Node {
                 }
             });
         }
+        let (rt, m, a) = (SimRt::new(world.clone(), id, alive.clone()), consensus.clone(), alive.clone());
+        let policy = Policy { target_voters: world.opts.peers.min(3), ..Policy::default() };
+        spawn_killable(&alive, async move {
+            membership::manage(rt, m, policy, Duration::from_millis(500), move || !a.load(Ordering::SeqCst)).await
+        });
         let (w, a) = (world.clone(), alive.clone());
         spawn_killable(&alive, async move { start_peer(w, id, consensus, a).await });
         world.event(format_args!("n{id} started"));

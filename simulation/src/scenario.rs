@@ -55,9 +55,22 @@ pub(crate) async fn run(world: Arc<World>) -> Result<(), Failure> {
     for node in &mut nodes {
         node.start(&world).await.map_err(|e| fail("startup", e))?;
     }
-    let members: BTreeMap<NodeId, PeerNode> = (1..=n).map(|id| (id, PeerNode::new(format!("sim-{id}")))).collect();
+    // As in production: the first peer founds a one-voter cluster, the
+    // others join as learners, and the real membership manager (running on
+    // every node, acting on the leader) promotes them under the faults.
     let first = nodes[0].running.as_ref().map(|r| r.raft.clone()).ok_or_else(|| fail("startup", "n1 not running"))?;
-    first.initialize(members).await.map_err(|e| fail("startup", format!("initialize: {e}")))?;
+    let founder = BTreeMap::from([(1, PeerNode::new("sim-1"))]);
+    first.initialize(founder).await.map_err(|e| fail("startup", format!("initialize: {e}")))?;
+    for id in 2..=n {
+        let mut tries = 0;
+        while let Err(e) = first.add_learner(id, PeerNode::new(format!("sim-{id}")), false).await {
+            tries += 1;
+            if tries > 100 {
+                return Err(fail("startup", format!("add learner n{id}: {e}")));
+            }
+            sleep_ms(50).await;
+        }
+    }
     lock(&world.net).faulty = true;
     world.event("cluster initialized; faults on");
 

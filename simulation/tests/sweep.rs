@@ -59,3 +59,23 @@ fn the_same_seed_gives_the_same_trace_hash() {
     }
     assert_ne!(by_seed(3)[0], by_seed(11)[0], "different seeds should give different traces");
 }
+
+/// Regression: a single voter with learners (the founder before its joiners
+/// are promoted) crashed and lost log entries it had not flushed but had
+/// already sent to a learner. openraft restored its leadership in the same
+/// term, it wrote different entries under the same log ids, and the learner,
+/// taking them for the entries it had, diverged. Fixed by turning openraft's
+/// leader restore off (`impetus_raft::raft_config`): a restarted leader is
+/// elected again, in a new term.
+#[test]
+fn a_restarted_leader_never_reuses_its_term_regression_seeds() {
+    let crash_disk = Faults::parse("crash,disk").expect("valid faults");
+    let reports = run_all(vec![
+        Options { seed: 10, faults: crash_disk, ..Options::default() },
+        Options { seed: 55, ..Options::default() },
+    ]);
+    for r in &reports {
+        assert!(r.failure.is_none(), "seed {} failed: {}", r.options.seed, explain(r));
+        assert!(r.stats.crashes > 0, "seed {}: the regression needs its crashes", r.options.seed);
+    }
+}

@@ -90,6 +90,16 @@ pub trait Membership: Send + Sync + 'static {
     fn change(&self, c: Change) -> impl Future<Output = Result<(), ConsensusError>> + Send;
 }
 
+impl<M: Membership> Membership for std::sync::Arc<M> {
+    fn view(&self) -> View {
+        (**self).view()
+    }
+
+    fn change(&self, c: Change) -> impl Future<Output = Result<(), ConsensusError>> + Send {
+        (**self).change(c)
+    }
+}
+
 /// Run [`plan`] every `every` until `stop()` says so.
 pub async fn manage<R: Runtime, M: Membership>(rt: R, m: M, policy: Policy, every: Duration, stop: impl Fn() -> bool) {
     while !stop() {
