@@ -31,7 +31,7 @@ struct Args {
     /// Faults: `all`, `none`, or a comma list (delay,drop,dup,reorder,partition,oneway,crash,clock,disk,trap,hang,slow,client).
     #[arg(long, default_value = "all")]
     faults: String,
-    /// Raft voters (each also runs a worker).
+    /// Peers: the first founds the cluster, the others join as learners and are promoted up to 3 voters; each runs a worker.
     #[arg(long, default_value_t = 3)]
     peers: usize,
     /// Nemesis steps (each 100–700 virtual ms, one fault).
