@@ -30,12 +30,13 @@ test: jobs
     cargo run --release -p impetus-simulation -- --seeds 300
     cargo run --release -p impetus-simulation -- --seeds 20 --check-determinism
 
-# Benchmarks: `just bench` runs all; `just bench queue|exec|net|peer` one of them.
+# Benchmarks: `just bench` runs all; `just bench queue|exec|net|peer|cluster` one of them.
 bench which="all": jobs
     if [ "{{which}}" = all ] || [ "{{which}}" = queue ]; then cargo bench -p impetus-queue --bench queue; fi
     if [ "{{which}}" = all ] || [ "{{which}}" = exec ]; then cargo bench -p impetus-node --bench exec; fi
     if [ "{{which}}" = all ] || [ "{{which}}" = net ]; then cargo bench -p impetus-node --bench net; fi
     if [ "{{which}}" = all ] || [ "{{which}}" = peer ]; then cargo bench -p impetus-tests --bench single_peer; fi
+    if [ "{{which}}" = all ] || [ "{{which}}" = cluster ]; then cargo bench -p impetus-tests --bench cluster; fi
 
 # Format the code.
 fmt:

@@ -13,31 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use impetus_proto::{JobSpec, JobStatus, ModuleHash, NewJob, StreamName, StreamProps};
 use impetus_sdk::Client;
-use impetus_tests::{free_port, root, wasm};
-
-fn release_bin() -> Result<std::path::PathBuf> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let ok = Command::new(cargo)
-        .args(["build", "--quiet", "--release", "-p", "impetus-node", "--bin", "impetus"])
-        .current_dir(root())
-        .status()?
-        .success();
-    if !ok {
-        bail!("building the release binary failed");
-    }
-    let dir =
-        std::env::var_os("CARGO_TARGET_DIR").map(std::path::PathBuf::from).unwrap_or_else(|| root().join("target"));
-    Ok(dir.join("release/impetus"))
-}
-
-fn rss_of(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .unwrap_or(0)
-        * 1024
-}
+use impetus_tests::{free_port, release_bin, rss_of, wasm};
 
 fn job(module: ModuleHash) -> NewJob {
     NewJob { module, spec: JobSpec::default(), priority: None, delay_ms: 0, key: None }

@@ -41,6 +41,30 @@ pub fn impetus_bin() -> &'static Path {
     })
 }
 
+/// The release `impetus` binary, built first (for the benchmarks).
+pub fn release_bin() -> Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let ok = Command::new(cargo)
+        .args(["build", "--quiet", "--release", "-p", "impetus-node", "--bin", "impetus"])
+        .current_dir(root())
+        .status()?
+        .success();
+    if !ok {
+        bail!("building the release binary failed");
+    }
+    Ok(target_dir().join("release/impetus"))
+}
+
+/// Resident memory of process `pid`, in bytes (0 if it is gone).
+pub fn rss_of(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024
+}
+
 /// An example job's wasm file, building the examples once if needed.
 pub fn wasm(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
