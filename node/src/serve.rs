@@ -101,8 +101,18 @@ pub enum ServeError {
 /// The wasm executor as the peer's [`JobRunner`], counting what it runs.
 #[derive(Clone)]
 pub struct WasmRunner {
-    pub exec: Executor,
-    pub metrics: Option<Arc<Metrics>>,
+    exec: Executor,
+    metrics: Option<Arc<Metrics>>,
+    /// One compile at a time: the jobs of a module this peer has not seen
+    /// yet all wait for its first compile instead of each compiling it
+    /// (64 concurrent compiles starved Raft heartbeats in `just bench cluster`).
+    compiling: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl WasmRunner {
+    pub fn new(exec: Executor, metrics: Option<Arc<Metrics>>) -> WasmRunner {
+        WasmRunner { exec, metrics, compiling: Arc::new(tokio::sync::Mutex::new(())) }
+    }
 }
 
 impl std::fmt::Debug for WasmRunner {
@@ -113,8 +123,12 @@ impl std::fmt::Debug for WasmRunner {
 
 impl JobRunner for WasmRunner {
     fn prepare(&self, hash: ModuleHash, bytes: Vec<u8>) -> impl Future<Output = Result<(), String>> + Send + 'static {
-        let exec = self.exec.clone();
+        let (exec, compiling) = (self.exec.clone(), self.compiling.clone());
         async move {
+            let _one_at_a_time = compiling.lock().await;
+            if exec.is_cached(&hash) {
+                return Ok(());
+            }
             // Cranelift compiles for a while: off the async threads, which
             // also carry Raft heartbeats.
             match tokio::task::spawn_blocking(move || exec.prepare(hash, &bytes)).await {
@@ -256,7 +270,7 @@ pub async fn run_peer(
     let executor = Executor::new(ExecConfig::default())?;
     let cfg = PeerConfig { capacity: opts.capacity.max(1), info, ..PeerConfig::default() };
     let metrics = Arc::new(Metrics::new());
-    let runner = WasmRunner { exec: executor, metrics: Some(metrics.clone()) };
+    let runner = WasmRunner::new(executor, Some(metrics.clone()));
     let peer = Peer::start(TokioRuntime, consensus.clone(), runner, cfg, Some(PeerId(node_id))).await?;
     if peer.id().0 != node_id {
         tracing::error!(peer = %peer.id(), node_id, "the registry and Raft disagree on this peer's id");
