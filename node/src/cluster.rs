@@ -279,7 +279,8 @@ impl<R: Runtime, X: JobRunner> ClusterService<R, X> {
                 }
             }
         };
-        if c.local.status().voters.contains(&peer.0) || c.local.status().learners.contains(&peer.0) {
+        let members = c.local.status();
+        if members.voters.contains(&peer.0) || members.learners.contains(&peer.0) {
             return ClientResponse::Joined { peer };
         }
         match c.local.add_learner(peer.0, addr.clone()).await {
