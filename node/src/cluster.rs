@@ -12,10 +12,10 @@
 //!   still leads (read index) and answers, a follower passes them on;
 //!   everything else is [`Peer::handle`].
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use impetus_proto::api::{ClientRequest, ClientResponse, ServiceError};
+use impetus_proto::api::{ClientRequest, ClientResponse, ServiceError, WorkReply, WorkRequest};
 use impetus_proto::{ApplyResult, Command, ModuleHash, Outcome, PeerId, PeerRole, Timestamp};
 use impetus_queue::State;
 use impetus_raft::TypeConfig;
@@ -23,7 +23,7 @@ use libp2p::Multiaddr;
 use tokio::sync::Notify;
 
 use crate::net::{ClientService, NetError, NetHandle};
-use crate::peer::{Consensus, ConsensusError, JobRunner, Peer, RaftStatus, Runtime};
+use crate::peer::{serve_work, Consensus, ConsensusError, JobRunner, Peer, RaftStatus, Runtime};
 use crate::raft_consensus::RaftConsensus;
 
 /// How long a follower waits for its replica to apply a forwarded write
@@ -34,10 +34,20 @@ pub const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(5);
 pub const NO_LEADER_WAIT: Duration = Duration::from_secs(5);
 
 /// The peer's Raft member plus the network to reach the leader.
+///
+/// A voter works on its own replica. A peer outside the voters (a worker,
+/// which holds no Raft state, or a learner catching up) sends its writes,
+/// reads and worker turns to the leader: the one its Raft knows, else the
+/// one the cluster's members name (asked through `contacts`: the addresses
+/// it joined through and the members it has learned since).
 #[derive(Clone, Debug)]
 pub struct ClusterConsensus {
     pub local: Arc<RaftConsensus<TypeConfig>>,
     pub net: NetHandle,
+    /// Where this peer last found the leader (a worker's Raft knows none).
+    leader_hint: Arc<Mutex<Option<String>>>,
+    /// Members to ask who leads.
+    contacts: Arc<Mutex<Vec<String>>>,
 }
 
 fn leader_addr(addr: &str) -> Result<Multiaddr, ConsensusError> {
@@ -51,30 +61,95 @@ fn service_error(e: ServiceError) -> ConsensusError {
     }
 }
 
+fn unexpected(resp: &ClientResponse) -> ConsensusError {
+    ConsensusError::Unavailable(format!("unexpected answer {}", resp.kind()))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 impl ClusterConsensus {
-    /// Send `req` to the leader and return its answer. A local refusal with
-    /// no known leader (an election) is retried for up to [`NO_LEADER_WAIT`]:
+    /// `contacts`: members to ask who leads when this peer's Raft does not
+    /// know (the `--join` addresses of a worker).
+    pub fn new(local: Arc<RaftConsensus<TypeConfig>>, net: NetHandle, contacts: Vec<String>) -> ClusterConsensus {
+        ClusterConsensus {
+            local,
+            net,
+            leader_hint: Arc::new(Mutex::new(None)),
+            contacts: Arc::new(Mutex::new(contacts)),
+        }
+    }
+
+    /// Whether this peer is a voter: it works on its own replica.
+    pub fn is_voter(&self) -> bool {
+        let s = self.local.status();
+        s.voters.contains(&s.node)
+    }
+
+    /// The leader's address as far as this peer knows, never itself.
+    fn known_leader(&self) -> Option<String> {
+        let status = self.local.status();
+        // Metrics may still name this peer for a moment after it lost the
+        // lead: that is no leader to forward to.
+        let from_raft = status.leader.filter(|l| *l != status.node).and_then(|l| self.local.member_addr(l));
+        from_raft.or_else(|| lock(&self.leader_hint).clone())
+    }
+
+    /// Ask the contacts who leads; remember the answer and the members.
+    async fn find_leader(&self) -> Option<String> {
+        let contacts = lock(&self.contacts).clone();
+        for contact in contacts {
+            let Ok(addr) = contact.parse::<Multiaddr>() else { continue };
+            let Ok(ClientResponse::Status(st)) = self.net.client(&addr, ClientRequest::Status).await else { continue };
+            let addr_of =
+                |id: PeerId| st.peers.iter().find(|p| p.id == id).and_then(|p| p.info.addresses.first().cloned());
+            let members: Vec<String> = st.voters.iter().filter_map(|v| addr_of(*v)).collect();
+            let leader = st.leader.and_then(addr_of);
+            {
+                let mut c = lock(&self.contacts);
+                for m in members {
+                    if !c.contains(&m) {
+                        c.push(m);
+                    }
+                }
+            }
+            if let Some(l) = leader {
+                *lock(&self.leader_hint) = Some(l.clone());
+                return Some(l);
+            }
+        }
+        None
+    }
+
+    /// Send `req` to the leader and return its answer. While no leader is
+    /// known (an election), or the one known is gone or no longer leads,
+    /// ask again for up to [`NO_LEADER_WAIT`]: in each of those cases
     /// nothing was proposed, so retrying cannot apply anything twice.
     pub async fn to_leader(&self, req: ClientRequest) -> Result<ClientResponse, ConsensusError> {
         let deadline = tokio::time::Instant::now() + NO_LEADER_WAIT;
         loop {
-            // Metrics may still name this peer for a moment after it lost
-            // the lead: that is no leader to forward to.
-            let status = self.local.status();
-            let leader = status.leader.filter(|l| *l != status.node).and_then(|l| self.local.member_addr(l));
             let waited = tokio::time::Instant::now() >= deadline;
-            match leader {
-                Some(addr) => match self.net.client(&leader_addr(&addr)?, req.clone()).await {
-                    // The leader we knew is gone and nothing was sent: wait
-                    // for the election and ask the next one.
-                    Err(NetError::Unreachable { .. }) if !waited => {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                    Ok(resp) => return Ok(resp),
-                    Err(e) => return Err(ConsensusError::Unavailable(format!("forwarding to the leader: {e}"))),
-                },
-                None if !waited => tokio::time::sleep(Duration::from_millis(50)).await,
-                None => return Err(ConsensusError::NotLeader { leader: None, leader_id: None }),
+            let leader = match self.known_leader() {
+                Some(l) => Some(l),
+                None => self.find_leader().await,
+            };
+            let Some(addr) = leader else {
+                if waited {
+                    return Err(ConsensusError::NotLeader { leader: None, leader_id: None });
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            match self.net.client(&leader_addr(&addr)?, req.clone()).await {
+                Ok(ClientResponse::Error(ServiceError::NotLeader { .. })) | Err(NetError::Unreachable { .. })
+                    if !waited =>
+                {
+                    lock(&self.leader_hint).take();
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Ok(resp) => return Ok(resp),
+                Err(e) => return Err(ConsensusError::Unavailable(format!("forwarding to the leader: {e}"))),
             }
         }
     }
@@ -83,37 +158,27 @@ impl ClusterConsensus {
     /// its log index and outcome.
     pub async fn write_indexed(&self, now: Timestamp, cmd: Command) -> Result<(u64, ApplyResult), ConsensusError> {
         let deadline = tokio::time::Instant::now() + NO_LEADER_WAIT;
-        loop {
-            match self.local.write_indexed(now, cmd.clone()).await {
-                Err(ConsensusError::NotLeader { leader: Some(addr), .. })
-                    if addr == self.net.local_addr().to_string() && tokio::time::Instant::now() < deadline =>
-                {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+        if self.is_voter() {
+            loop {
+                match self.local.write_indexed(now, cmd.clone()).await {
+                    // This peer just lost or is about to win the lead: wait.
+                    Err(ConsensusError::NotLeader { leader: Some(addr), .. })
+                        if addr == self.net.local_addr().to_string() && tokio::time::Instant::now() < deadline =>
+                    {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    Err(ConsensusError::NotLeader { .. }) => break,
+                    other => return other,
                 }
-                Err(ConsensusError::NotLeader { leader: Some(addr), .. }) => {
-                    let resp = match self.net.client(&leader_addr(&addr)?, ClientRequest::Forward(cmd.clone())).await {
-                        Ok(resp) => resp,
-                        // Not sent (the leader we knew is gone): safe to retry.
-                        Err(NetError::Unreachable { .. }) if tokio::time::Instant::now() < deadline => {
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                        Err(e) => return Err(ConsensusError::Unavailable(format!("forwarding to the leader: {e}"))),
-                    };
-                    // Committed: acknowledge now. This replica learns of the
-                    // commit with the leader's next message; fresh reads go
-                    // to the leader, so they see it already.
-                    return match resp {
-                        ClientResponse::Written { index, result } => Ok((index, result)),
-                        ClientResponse::Error(e) => Err(service_error(e)),
-                        other => Err(ConsensusError::Unavailable(format!("unexpected answer {}", other.kind()))),
-                    };
-                }
-                Err(ConsensusError::NotLeader { leader: None, .. }) if tokio::time::Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                other => return other,
             }
+        }
+        // Committed by the leader: acknowledge now. This replica (if any)
+        // learns of the commit with the leader's next message; fresh reads
+        // go to the leader, so they see it already.
+        match self.to_leader(ClientRequest::Forward(cmd)).await? {
+            ClientResponse::Written { index, result } => Ok((index, result)),
+            ClientResponse::Error(e) => Err(service_error(e)),
+            other => Err(unexpected(&other)),
         }
     }
 
@@ -125,7 +190,7 @@ impl ClusterConsensus {
             Err(ConsensusError::NotLeader { .. }) => match self.to_leader(ClientRequest::ReadIndex).await? {
                 ClientResponse::ReadIndex(i) => i,
                 ClientResponse::Error(e) => return Err(service_error(e)),
-                other => return Err(ConsensusError::Unavailable(format!("unexpected answer {}", other.kind()))),
+                other => return Err(unexpected(&other)),
             },
             Err(e) => return Err(e),
         };
@@ -160,6 +225,17 @@ impl Consensus for ClusterConsensus {
                 tracing::warn!(module = %hash, error = %e, "could not fetch a module from the leader");
                 None
             }
+        }
+    }
+
+    async fn work(&self, now: Timestamp, req: WorkRequest) -> Result<WorkReply, ConsensusError> {
+        if self.is_voter() {
+            return serve_work(self, now, req).await;
+        }
+        match self.to_leader(ClientRequest::Work(req)).await? {
+            ClientResponse::Work(reply) => Ok(reply),
+            ClientResponse::Error(e) => Err(service_error(e)),
+            other => Err(unexpected(&other)),
         }
     }
 }
@@ -246,13 +322,27 @@ impl<R: Runtime, X: JobRunner> ClusterService<R, X> {
                     c.to_leader(req).await.unwrap_or_else(error)
                 }
             }
+            ClientRequest::Work(req) if is_leader() => match serve_work(&*c.local, self.peer.now(), req).await {
+                Ok(reply) => ClientResponse::Work(reply),
+                Err(e) => error(e),
+            },
+            req @ ClientRequest::Work(_) => c.to_leader(req).await.unwrap_or_else(error),
+            // A peer without a replica of its own shows the leader's view.
+            ClientRequest::Status if !c.is_voter() => match c.to_leader(ClientRequest::Status).await {
+                Ok(ClientResponse::Status(mut st)) => {
+                    st.peer = self.peer.id();
+                    ClientResponse::Status(st)
+                }
+                Ok(other) => other,
+                Err(e) => error(e),
+            },
             req @ (ClientRequest::Write(_) | ClientRequest::Status) => self.peer.handle(req).await,
         }
     }
 
-    /// On the leader: register the joiner (a new id, never reused) and add
-    /// it as a learner; the membership manager promotes it if voters are
-    /// needed.
+    /// On the leader: register the joiner as a worker (a new id, never
+    /// reused; the same id again for the same address). The membership
+    /// manager makes it a learner, then a voter, if voters are needed.
     async fn join(&self, info: impetus_proto::PeerInfo) -> ClientResponse {
         let c = &self.consensus;
         let Some(addr) = info.addresses.first().cloned() else {
@@ -261,32 +351,21 @@ impl<R: Runtime, X: JobRunner> ClusterService<R, X> {
         if let Err(e) = addr.parse::<Multiaddr>() {
             return ClientResponse::Error(ServiceError::InvalidRequest(format!("bad address {addr:?}: {e}")));
         }
-        // A joiner that asks again (its first answer was lost, or adding it
-        // failed) keeps the id it was given: one registry entry per identity.
+        // A joiner that asks again (its first answer was lost, or it
+        // restarted) keeps the id it was given: one registry entry per
+        // identity.
         let again = c.local.read(|s| s.peers().into_iter().find(|p| p.info.addresses.first() == Some(&addr)));
-        let peer = match again {
-            Some(p) => p.id,
-            None => {
-                let cmd = Command::RegisterPeer { info, role: PeerRole::Learner };
-                match c.local.write_indexed(self.peer.now(), cmd).await {
-                    Ok((_, Ok(Outcome::PeerRegistered { peer }))) => peer,
-                    Ok((_, other)) => {
-                        return ClientResponse::Error(ServiceError::Internal(format!(
-                            "registering the joiner: {other:?}"
-                        )))
-                    }
-                    Err(e) => return error(e),
-                }
-            }
-        };
-        let members = c.local.status();
-        if members.voters.contains(&peer.0) || members.learners.contains(&peer.0) {
-            return ClientResponse::Joined { peer };
+        if let Some(p) = again {
+            return ClientResponse::Joined { peer: p.id };
         }
-        match c.local.add_learner(peer.0, addr.clone()).await {
-            Ok(()) => {
-                tracing::info!(%peer, %addr, "a peer joined as a learner");
+        let cmd = Command::RegisterPeer { info, role: PeerRole::Worker };
+        match c.local.write_indexed(self.peer.now(), cmd).await {
+            Ok((_, Ok(Outcome::PeerRegistered { peer }))) => {
+                tracing::info!(%peer, %addr, "a peer joined as a worker");
                 ClientResponse::Joined { peer }
+            }
+            Ok((_, other)) => {
+                ClientResponse::Error(ServiceError::Internal(format!("registering the joiner: {other:?}")))
             }
             Err(e) => error(e),
         }

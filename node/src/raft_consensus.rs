@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use impetus_proto::{ApplyResult, Command, Timestamp};
+use impetus_proto::{ApplyResult, Command, PeerId, Timestamp};
 use impetus_queue::State;
 use impetus_raft::openraft::async_runtime::WatchReceiver;
 use impetus_raft::openraft::error::{ClientWriteError, LinearizableReadError, RaftError};
@@ -218,6 +218,14 @@ impl<C: ImpetusConfig> Membership for RaftConsensus<C> {
         if !v.is_leader {
             return v;
         }
+        v.workers = self.state.read(|s| {
+            let now = s.now();
+            s.peers()
+                .into_iter()
+                .filter(|p| !p.draining && !v.voters.contains(&p.id.0) && !v.learners.contains(&p.id.0))
+                .map(|p| (p.id.0, now.since(p.last_heartbeat)))
+                .collect()
+        });
         for (id, matched) in m.replication.iter().flatten() {
             v.matched.insert(*id, matched.as_ref().map(|l| l.index()).unwrap_or(0));
         }
@@ -246,6 +254,13 @@ impl<C: ImpetusConfig> Membership for RaftConsensus<C> {
                 voters.remove(&dead);
                 voters.insert(with);
                 ChangeMembers::ReplaceAllVoters(voters)
+            }
+            Change::AddLearner(id) => {
+                let addr = self.state.read(|s| s.peer(PeerId(id)).and_then(|p| p.info.addresses.first().cloned()));
+                let Some(addr) = addr else {
+                    return Err(ConsensusError::Unavailable(format!("worker {id} has no address to reach it at")));
+                };
+                return self.add_learner(id, addr).await;
             }
         };
         // `retain = true`: a replaced voter stays a learner, so it catches up

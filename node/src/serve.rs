@@ -172,8 +172,6 @@ impl JobRunner for WasmRunner {
 
 /// How long a joiner keeps asking the `--join` peers to let it in.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long a new member waits for its replica to learn its registration.
-const CATCH_UP_ON_JOIN: Duration = Duration::from_secs(120);
 /// How long a fresh peer with mDNS listens for a cluster before founding one.
 const MDNS_WINDOW: Duration = Duration::from_secs(3);
 /// How long leaving the cluster may take on shutdown.
@@ -222,11 +220,18 @@ pub async fn run_peer(
         capacity: opts.capacity,
         labels: vec![],
     };
-    // Who am I in Raft? A restarted member keeps its id; a new peer either
-    // joins (the leader gives it a fresh id) or founds the cluster as node 1.
+    // Who am I in Raft? A restarted member keeps its id and its replica. A
+    // new peer joins (the leader registers it as a worker) or founds the
+    // cluster as node 1. A worker holds no Raft state: after a restart it
+    // joins again through its `--join` peers and gets its id back.
+    let (log, sm) = impetus_raft::open_sled::<TypeConfig>(&raft_dir).await?;
+    let holds_state = log.index_range().map_err(data_err(&raft_dir))?.is_some()
+        || log.purged().map_err(data_err(&raft_dir))?.is_some()
+        || sm.handle().last_applied().is_some();
+    let mut contacts = Vec::new();
     let (node_id, founder) = match known_id {
-        Some(id) => (id.0, false),
-        None => {
+        Some(id) if holds_state => (id.0, false),
+        _ => {
             // A signal while looking for the cluster stops the peer at once.
             let joined = tokio::select! {
                 r = find_and_join(&net.handle, &opts, &info, mdns) => r?,
@@ -236,36 +241,31 @@ pub async fn run_peer(
                     return Ok(());
                 }
             };
-            match joined {
-                None => (FOUNDER, true),
-                Some(id) => {
-                    std::fs::write(&id_file, id.0.to_string()).map_err(data_err(&id_file))?;
+            match (joined, known_id) {
+                (None, None) => (FOUNDER, true),
+                (None, Some(id)) => {
+                    return Err(ServeError::Join {
+                        tried: "no --join address and no peer found by mDNS".into(),
+                        last: format!("this peer was worker {id} of a cluster; start it with --join ADDR of a member"),
+                    })
+                }
+                (Some((id, members)), _) => {
+                    if known_id != Some(id) {
+                        std::fs::write(&id_file, id.0.to_string()).map_err(data_err(&id_file))?;
+                    }
+                    contacts = members;
                     (id.0, false)
                 }
             }
         }
     };
-    let (log, sm) = impetus_raft::open_sled::<TypeConfig>(&raft_dir).await?;
     let init = founder.then(|| PeerNode { addr: addr.clone() });
     let network = P2pRaftNetwork::new(net.handle.clone());
     let (raft, state) =
         impetus_raft::start_node(node_id, impetus_raft::default_raft_config(), network, log, sm, init).await?;
     handlers.set_raft(raft.clone());
     let local = Arc::new(RaftConsensus::new(raft.clone(), state.clone(), node_id));
-    let consensus = ClusterConsensus { local: local.clone(), net: net.handle.clone() };
-    if !founder {
-        // The registry entry arrives with the log: wait for it so the peer
-        // does not register twice.
-        tokio::select! {
-            () = wait_for_registration(&local, PeerId(node_id)) => {}
-            () = &mut shutdown => {
-                tracing::info!("stopped while catching up with the cluster");
-                let _ = raft.shutdown().await;
-                net.stop().await?;
-                return Ok(());
-            }
-        }
-    }
+    let consensus = ClusterConsensus::new(local.clone(), net.handle.clone(), contacts);
 
     let executor = Executor::new(ExecConfig::default())?;
     let cfg = PeerConfig { capacity: opts.capacity.max(1), info, ..PeerConfig::default() };
@@ -360,13 +360,14 @@ fn load_or_create_identity(path: &Path) -> Result<Keypair, ServeError> {
 }
 
 /// No `--join` and no cluster found by mDNS: `None` (found one). Otherwise
-/// join it and return the id the leader gave this peer.
+/// join it and return the id the leader gave this peer and the addresses
+/// of the cluster's voters.
 async fn find_and_join(
     net: &crate::net::NetHandle,
     opts: &PeerOptions,
     info: &PeerInfo,
     mdns: bool,
-) -> Result<Option<PeerId>, ServeError> {
+) -> Result<Option<(PeerId, Vec<String>)>, ServeError> {
     let mut join = opts.join.clone();
     if join.is_empty() && mdns {
         join = mdns_cluster(net, opts.authkey.as_deref()).await;
@@ -377,16 +378,21 @@ async fn find_and_join(
     join_cluster(&join, opts.authkey.as_deref(), info).await.map(Some)
 }
 
-/// Ask the `--join` peers, in turn, to let this peer in; returns its id.
-async fn join_cluster(join: &[String], authkey: Option<&str>, info: &PeerInfo) -> Result<PeerId, ServeError> {
+/// Ask the `--join` peers, in turn, to let this peer in; returns its id
+/// and the voters' addresses.
+async fn join_cluster(
+    join: &[String],
+    authkey: Option<&str>,
+    info: &PeerInfo,
+) -> Result<(PeerId, Vec<String>), ServeError> {
     let deadline = tokio::time::Instant::now() + JOIN_TIMEOUT;
     let mut last = String::new();
     while tokio::time::Instant::now() < deadline {
         for target in join {
             match join_once(target, authkey, info).await {
-                Ok(id) => {
+                Ok((id, members)) => {
                     tracing::info!(via = %target, peer = %id, "joined the cluster");
-                    return Ok(id);
+                    return Ok((id, members));
                 }
                 Err(e) => {
                     tracing::info!(via = %target, error = %e, "could not join yet; retrying");
@@ -399,13 +405,17 @@ async fn join_cluster(join: &[String], authkey: Option<&str>, info: &PeerInfo) -
     Err(ServeError::Join { tried: join.join(", "), last })
 }
 
-async fn join_once(target: &str, authkey: Option<&str>, info: &PeerInfo) -> Result<PeerId, String> {
+async fn join_once(target: &str, authkey: Option<&str>, info: &PeerInfo) -> Result<(PeerId, Vec<String>), String> {
     let client = impetus_sdk::Client::connect(target, authkey).await.map_err(|e| e.to_string())?;
-    match client.request(ClientRequest::Join { info: info.clone() }).await.map_err(|e| e.to_string())? {
-        ClientResponse::Joined { peer } => Ok(peer),
-        ClientResponse::Error(e) => Err(e.to_string()),
-        other => Err(format!("unexpected answer {}", other.kind())),
-    }
+    let peer = match client.request(ClientRequest::Join { info: info.clone() }).await.map_err(|e| e.to_string())? {
+        ClientResponse::Joined { peer } => peer,
+        ClientResponse::Error(e) => return Err(e.to_string()),
+        other => return Err(format!("unexpected answer {}", other.kind())),
+    };
+    // Whom to ask who leads, later: the voters, by their full addresses.
+    let st = client.status().await.map_err(|e| e.to_string())?;
+    let voters = st.peers.iter().filter(|p| st.voters.contains(&p.id));
+    Ok((peer, voters.filter_map(|p| p.info.addresses.first().cloned()).collect()))
 }
 
 /// With mDNS and no `--join`: listen for peers for [`MDNS_WINDOW`]. If one
@@ -447,17 +457,6 @@ fn peer_id_of(addr: &str) -> String {
     addr.rsplit("/p2p/").next().unwrap_or_default().to_owned()
 }
 
-async fn wait_for_registration(local: &RaftConsensus<TypeConfig>, id: PeerId) {
-    let deadline = tokio::time::Instant::now() + CATCH_UP_ON_JOIN;
-    while tokio::time::Instant::now() < deadline {
-        if local.read(|s| s.peer(id).is_some()) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    tracing::warn!(peer = %id, "this peer's registration has not replicated here yet");
-}
-
 /// After draining: leave membership if other voters remain. Returns
 /// whether this peer left.
 async fn leave_cluster<R: crate::peer::Runtime, X: JobRunner>(service: &ClusterService<R, X>) -> bool {
@@ -465,7 +464,9 @@ async fn leave_cluster<R: crate::peer::Runtime, X: JobRunner>(service: &ClusterS
     let status = service.consensus.local.status();
     let member = status.voters.contains(&me.0) || status.learners.contains(&me.0);
     let others = status.voters.iter().any(|v| *v != me.0);
-    if !member || !others {
+    // A worker (no Raft membership) leaves the registry; the last voter
+    // stays: it holds the cluster's data.
+    if member && !others {
         return false;
     }
     let res = tokio::time::timeout(LEAVE_TIMEOUT, async {

@@ -45,10 +45,11 @@ pub enum ClientRequest {
     DataGet { stream: StreamName, key: Vec<u8> },
     /// Answer: `Status(ClusterStatus)`.
     Status,
-    /// A new peer asks to join: the leader registers it (a fresh id, never
-    /// reused) and adds it to Raft as a learner at `info.addresses[0]`; the
-    /// membership manager promotes it to voter when more voters are needed.
-    /// Any peer accepts it and forwards it to the leader. Answer: `Joined`.
+    /// A new peer asks to join: the leader registers it as a worker (a fresh
+    /// id, never reused; the same id again for the same address). A worker
+    /// holds no Raft state; the membership manager adds it to Raft as a
+    /// learner at `info.addresses[0]` when more voters are needed. Any peer
+    /// accepts it and forwards it to the leader. Answer: `Joined`.
     Join { info: PeerInfo },
     /// A peer leaves: it is removed from Raft membership and drained in the
     /// registry. Answer: `Left`.
@@ -62,6 +63,39 @@ pub enum ClientRequest {
     ReadIndex,
     /// A digest of the applied state, to compare replicas. Answer: `StateDigest`.
     StateDigest,
+    /// The worker protocol: one turn of a worker's loop, served by the
+    /// leader from its state (a peer without Raft state has none). Answer:
+    /// `Work`.
+    Work(WorkRequest),
+}
+
+/// One turn of a worker: what it reports, and how many jobs it can take.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkRequest {
+    pub peer: PeerId,
+    /// Results, failures, renewals, heartbeats, releases: committed as one
+    /// entry, in order, before any lease.
+    pub cmds: Vec<Command>,
+    /// Lease at most this many jobs from the streams this peer may lease
+    /// from (the server picks them from its state).
+    pub lease_max: u32,
+    /// Hand back every lease `peer` holds first (a restarted peer's orphans).
+    pub release_orphans: bool,
+}
+
+/// The answer to a [`WorkRequest`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkReply {
+    /// Whether the registry knows the peer.
+    pub registered: bool,
+    /// Leases handed back (with `release_orphans`).
+    pub released: u32,
+    /// One outcome per command sent, in order.
+    pub outcomes: Vec<ApplyResult>,
+    /// The outcome of the lease, if one was asked for and there was work.
+    pub leased: Option<ApplyResult>,
+    /// The streams the peer could lease from, with their idle timeouts (ms).
+    pub streams: Vec<(StreamName, u64)>,
 }
 
 impl ClientRequest {
@@ -83,6 +117,7 @@ impl ClientRequest {
             ClientRequest::Forward(_) => "forward",
             ClientRequest::ReadIndex => "read-index",
             ClientRequest::StateDigest => "state-digest",
+            ClientRequest::Work(_) => "work",
         }
     }
 
@@ -92,6 +127,16 @@ impl ClientRequest {
     pub fn validate(&self) -> Result<(), InvalidInput> {
         match self {
             ClientRequest::Write(cmd) | ClientRequest::Forward(cmd) => cmd.validate(),
+            ClientRequest::Work(w) => {
+                if w.cmds.len() > limits::MAX_BATCH {
+                    return Err(InvalidInput::TooLarge {
+                        what: "worker commands",
+                        len: w.cmds.len(),
+                        max: limits::MAX_BATCH,
+                    });
+                }
+                w.cmds.iter().try_for_each(Command::validate)
+            }
             ClientRequest::Join { info } => {
                 if info.addresses.is_empty() {
                     return Err(InvalidInput::Empty { what: "joining peer's addresses" });
@@ -192,6 +237,7 @@ pub enum ClientResponse {
     Written { index: u64, result: ApplyResult },
     ReadIndex(u64),
     StateDigest { applied_index: u64, digest: String },
+    Work(WorkReply),
     Error(ServiceError),
 }
 
@@ -214,6 +260,7 @@ impl ClientResponse {
             ClientResponse::Written { .. } => "written",
             ClientResponse::ReadIndex(_) => "read-index",
             ClientResponse::StateDigest { .. } => "state-digest",
+            ClientResponse::Work(_) => "work",
             ClientResponse::Error(_) => "error",
         }
     }
@@ -351,6 +398,12 @@ mod tests {
             ClientRequest::Forward(Command::Tick),
             ClientRequest::ReadIndex,
             ClientRequest::StateDigest,
+            ClientRequest::Work(WorkRequest {
+                peer: PeerId(4),
+                cmds: vec![Command::Tick],
+                lease_max: 16,
+                release_orphans: true,
+            }),
         ]
     }
 
@@ -389,6 +442,13 @@ mod tests {
             ClientResponse::Written { index: 12, result: Ok(Outcome::Cancelled) },
             ClientResponse::ReadIndex(11),
             ClientResponse::StateDigest { applied_index: 9, digest: "ab".into() },
+            ClientResponse::Work(WorkReply {
+                registered: true,
+                released: 2,
+                outcomes: vec![Ok(Outcome::Cancelled)],
+                leased: Some(Ok(Outcome::Leased(vec![]))),
+                streams: vec![(stream(), 60_000)],
+            }),
             ClientResponse::Error(ServiceError::NotLeader { leader: Some("/ip4/10.0.0.2/tcp/7420".into()) }),
         ]
     }

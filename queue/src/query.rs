@@ -99,6 +99,12 @@ impl State {
     /// Queued jobs, the peer allowed by pin/ignore and below the stream's mpps.
     /// (The spawn frequency is checked by the lease itself.)
     pub fn leasable_streams(&self, peer: PeerId) -> Vec<StreamName> {
+        self.leasable_streams_idle(peer).into_iter().map(|(name, _)| name).collect()
+    }
+
+    /// [`State::leasable_streams`], each with its idle timeout in ms (how
+    /// long a worker keeps tracking it).
+    pub fn leasable_streams_idle(&self, peer: PeerId) -> Vec<(StreamName, u64)> {
         if self.data.peers.get(&peer).is_none_or(|p| p.draining) {
             return Vec::new();
         }
@@ -114,8 +120,13 @@ impl State {
                     && (p.pin.is_empty() || p.pin.contains(&peer))
                     && s.leased_by_peer.get(&peer).copied().unwrap_or(0) < p.mpps
             })
-            .map(|s| s.name.clone())
+            .map(|s| (s.name.clone(), s.props.idle_timeout_ms))
             .collect()
+    }
+
+    /// Whether the registry knows `peer` (cheaper than [`State::peer`]).
+    pub fn has_peer(&self, peer: PeerId) -> bool {
+        self.data.peers.contains_key(&peer)
     }
 
     pub fn peers(&self) -> Vec<PeerRecord> {

@@ -8,7 +8,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use impetus_proto::api::{ClientRequest, ClientResponse, ClusterStatus};
-use impetus_proto::{JobId, JobRecord, JobSpec, JobStatus, ModuleHash, NewJob, PeerId, StreamName, StreamProps};
+use impetus_proto::{
+    JobId, JobRecord, JobSpec, JobStatus, ModuleHash, NewJob, PeerId, PeerRole, StreamName, StreamProps,
+};
 use impetus_sdk::Client;
 use impetus_tests::{wait_for, wasm, PeerProc};
 
@@ -52,6 +54,21 @@ fn id_of(st: &ClusterStatus, p: &PeerProc) -> PeerId {
         .find(|r| r.info.addresses.iter().any(|a| a.contains(&port)))
         .unwrap_or_else(|| panic!("{} is not registered: {st:?}", p.addr))
         .id
+}
+
+/// Registered peers outside Raft membership.
+fn workers_of(st: &ClusterStatus) -> Vec<PeerId> {
+    st.peers.iter().map(|p| p.id).filter(|id| st.role_of(*id) == PeerRole::Worker).collect()
+}
+
+/// Wait until `peers[0]` sees `voters` voters, no learner and `workers`
+/// workers.
+fn formed(rt: &tokio::runtime::Runtime, peers: &[PeerProc], voters: usize, workers: usize) -> ClusterStatus {
+    wait_for(Duration::from_secs(30), || {
+        status(rt, &peers[0])
+            .filter(|s| s.voters.len() == voters && s.learners.is_empty() && workers_of(s).len() == workers)
+    })
+    .unwrap_or_else(|| panic!("no {voters} voters and {workers} workers; logs:\n{}", logs(peers)))
 }
 
 fn logs(peers: &[PeerProc]) -> String {
@@ -101,20 +118,18 @@ fn three_peers_become_voters_and_later_peers_workers_that_run_jobs() {
     let rt = rt();
     let dir = tempfile::tempdir().unwrap();
     let mut peers = cluster(dir.path(), 3, &["--capacity", "2"]);
-    let st = wait_for(Duration::from_secs(30), || status(&rt, &peers[0]).filter(|s| s.voters.len() == 3))
-        .unwrap_or_else(|| panic!("no 3 voters; logs:\n{}", logs(&peers)));
-    assert!(st.learners.is_empty(), "{st:?}");
+    formed(&rt, &peers, 3, 0);
     let join = peers[0].addr.clone();
     for i in 4..=5 {
         peers.push(PeerProc::start(&dir.path().join(format!("p{i}")), &["--join", &join, "--capacity", "2"]).unwrap());
     }
-    let st = wait_for(Duration::from_secs(30), || status(&rt, &peers[1]).filter(|s| s.learners.len() == 2))
-        .unwrap_or_else(|| panic!("no 2 workers; logs:\n{}", logs(&peers)));
-    assert_eq!(st.voters.len(), 3, "the voter set stays at its target: {st:?}");
+    let st = formed(&rt, &peers, 3, 2);
     assert_eq!(st.peers.len(), 5, "each peer registered once: {:?}", st.peers);
     let workers = [id_of(&st, &peers[3]), id_of(&st, &peers[4])];
-    for w in workers {
-        assert!(st.learners.contains(&w), "{w} should be a worker: {st:?}");
+    assert_eq!(workers_of(&st), workers.to_vec(), "{st:?}");
+    // Workers hold no Raft state: their replicas never applied an entry.
+    for w in &peers[3..] {
+        assert_eq!(digest(&rt, w).map(|(applied, _)| applied), Some(0), "a worker applied entries");
     }
 
     // 40 jobs of 300 ms on 10 slots: every peer takes part, workers included.
@@ -132,7 +147,7 @@ fn three_peers_become_voters_and_later_peers_workers_that_run_jobs() {
     // `impetus status` names every peer and its role.
     let out = peers[2].ok(&["status"]);
     assert_eq!(out.matches("voter").count(), 3, "{out}");
-    assert_eq!(out.matches("learner").count(), 2, "{out}");
+    assert_eq!(out.matches("worker").count(), 2, "{out}");
 }
 
 #[test]
@@ -141,8 +156,7 @@ fn killing_the_leader_with_2000_jobs_in_flight_loses_nothing() {
     let rt = rt();
     let dir = tempfile::tempdir().unwrap();
     let mut peers = cluster(dir.path(), 3, &["--capacity", "8"]);
-    wait_for(Duration::from_secs(30), || status(&rt, &peers[0]).filter(|s| s.voters.len() == 3))
-        .unwrap_or_else(|| panic!("no 3 voters; logs:\n{}", logs(&peers)));
+    formed(&rt, &peers, 3, 0);
     let c = rt.block_on(Client::connect(&peers[1].addr, None)).unwrap();
     let props = StreamProps { lease_ttl_ms: 2_000, max_attempts: 10, mpps: 8, ..StreamProps::default() };
     let ids = rt.block_on(submit(&c, "inflight", props, "sleep", vec!["5".into(); 2000]));
@@ -188,10 +202,7 @@ fn a_dead_workers_jobs_run_elsewhere_and_a_late_completion_is_refused() {
     for i in 4..=5 {
         peers.push(PeerProc::start(&dir.path().join(format!("p{i}")), &["--join", &join, "--capacity", "4"]).unwrap());
     }
-    let st = wait_for(Duration::from_secs(30), || {
-        status(&rt, &peers[0]).filter(|s| s.voters.len() == 3 && s.learners.len() == 2)
-    })
-    .unwrap_or_else(|| panic!("cluster not formed; logs:\n{}", logs(&peers)));
+    let st = formed(&rt, &peers, 3, 2);
     let (w4, w5) = (id_of(&st, &peers[3]), id_of(&st, &peers[4]));
     let voters: Vec<PeerId> = st.voters.clone();
 
@@ -241,6 +252,17 @@ fn a_dead_workers_jobs_run_elsewhere_and_a_late_completion_is_refused() {
     assert_eq!((stats.succeeded, stats.completed_total), (8, 8), "no late completion was accepted: {stats:?}");
     let after = rt.block_on(wait_all(&c, &ids, Duration::from_secs(5)));
     assert_eq!(after, records, "the committed results did not change");
+
+    // The dead worker comes back on its data directory: with no Raft state
+    // to recover, it joins again and keeps its id (one registry entry).
+    peers[4].restart().unwrap();
+    let pid = peers[4].pid().unwrap();
+    let st = wait_for(Duration::from_secs(30), || {
+        status(&rt, &peers[0]).filter(|s| s.peers.iter().any(|p| p.id == w5 && p.info.pid == pid))
+    })
+    .unwrap_or_else(|| panic!("the restarted worker is not back as {w5}; logs:\n{}", logs(&peers)));
+    assert_eq!(st.peers.len(), 5, "{:?}", st.peers);
+    assert!(workers_of(&st).contains(&w5), "{st:?}");
 }
 
 fn digest(rt: &tokio::runtime::Runtime, p: &PeerProc) -> Option<(u64, String)> {
@@ -259,8 +281,7 @@ fn a_voter_killed_and_restarted_catches_up_to_the_same_state() {
     let rt = rt();
     let dir = tempfile::tempdir().unwrap();
     let mut peers = cluster(dir.path(), 3, &["--capacity", "4"]);
-    wait_for(Duration::from_secs(30), || status(&rt, &peers[0]).filter(|s| s.voters.len() == 3))
-        .unwrap_or_else(|| panic!("no 3 voters; logs:\n{}", logs(&peers)));
+    formed(&rt, &peers, 3, 0);
     let c = rt.block_on(Client::connect(&peers[0].addr, None)).unwrap();
     let first =
         rt.block_on(submit(&c, "catchup", StreamProps::default(), "square", (0..200).map(|i| i.to_string()).collect()));
@@ -339,12 +360,9 @@ fn a_voter_gone_past_the_timeout_is_replaced_by_a_worker() {
     let rt = rt();
     let dir = tempfile::tempdir().unwrap();
     let mut peers = cluster(dir.path(), 4, &["--voter-timeout", "2"]);
-    let st = wait_for(Duration::from_secs(30), || {
-        status(&rt, &peers[0]).filter(|s| s.voters.len() == 3 && s.learners.len() == 1)
-    })
-    .unwrap_or_else(|| panic!("cluster not formed; logs:\n{}", logs(&peers)));
+    let st = formed(&rt, &peers, 3, 1);
     let (gone, spare) = (id_of(&st, &peers[2]), id_of(&st, &peers[3]));
-    assert!(st.voters.contains(&gone) && st.learners.contains(&spare), "{st:?}");
+    assert!(st.voters.contains(&gone) && workers_of(&st) == [spare], "{st:?}");
     peers[2].kill9();
     let st = wait_for(Duration::from_secs(30), || {
         status(&rt, &peers[0]).filter(|s| s.voters.contains(&spare) && !s.voters.contains(&gone))
@@ -364,15 +382,12 @@ fn peer_leave_drains_a_peer_and_takes_it_out_of_the_cluster() {
     let rt = rt();
     let dir = tempfile::tempdir().unwrap();
     let peers = cluster(dir.path(), 4, &[]);
-    let st = wait_for(Duration::from_secs(30), || {
-        status(&rt, &peers[0]).filter(|s| s.voters.len() == 3 && s.learners.len() == 1)
-    })
-    .unwrap_or_else(|| panic!("cluster not formed; logs:\n{}", logs(&peers)));
+    let st = formed(&rt, &peers, 3, 1);
     let leaving = id_of(&st, &peers[3]);
     let out = peers[3].ok(&["peer", "leave"]);
     assert!(out.contains("leaving"), "{out}");
     let st = wait_for(Duration::from_secs(30), || {
-        status(&rt, &peers[0]).filter(|s| !s.learners.contains(&leaving) && s.peers.iter().all(|p| p.id != leaving))
+        status(&rt, &peers[0]).filter(|s| s.peers.iter().all(|p| p.id != leaving))
     })
     .unwrap_or_else(|| panic!("the peer did not leave; logs:\n{}", logs(&peers)));
     assert_eq!(st.voters.len(), 3, "{st:?}");

@@ -26,8 +26,8 @@ The peer runs until SIGINT (Ctrl-C) or SIGTERM, then drains: no new leases, runn
 finish (bounded), their results are committed, then it exits. A second signal exits at once.
 
 The first peer started without --join founds a cluster. Peers started with --join (any \
-member's address) join it: the first ones become voters (3, or --voters), the rest learners \
-that run jobs. On a LAN, peers listening on a non-loopback address find each other by mDNS \
+member's address) join it as workers: they run jobs and hold no Raft state. While there are \
+fewer voters than --voters (3), the leader makes workers learners, then voters. On a LAN, peers listening on a non-loopback address find each other by mDNS \
 with no --join. On SIGTERM a member of a larger cluster also leaves its membership (and \
 forgets its Raft state, so a later start joins afresh); a single-peer cluster keeps its data.
 

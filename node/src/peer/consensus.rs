@@ -2,7 +2,8 @@
 
 use std::future::Future;
 
-use impetus_proto::{ApplyResult, Command, ModuleHash, Timestamp};
+use impetus_proto::api::{WorkReply, WorkRequest};
+use impetus_proto::{ApplyError, ApplyResult, Command, ModuleHash, Outcome, Timestamp};
 use impetus_queue::State;
 
 /// Why a write did not commit.
@@ -40,4 +41,65 @@ pub trait Consensus: Send + Sync + 'static {
         let bytes = self.read(|s| s.module(&hash).map(<[u8]>::to_vec));
         async move { bytes }
     }
+    /// One turn of a worker ([`serve_work`] on this peer's state). A peer
+    /// that holds no Raft state sends it to the leader instead.
+    fn work(&self, now: Timestamp, req: WorkRequest) -> impl Future<Output = Result<WorkReply, ConsensusError>> + Send {
+        serve_work(self, now, req)
+    }
+}
+
+/// One turn of a worker, against `c`'s state: hand back orphaned leases if
+/// asked, commit the worker's commands, lease up to `lease_max` jobs from
+/// the streams it may lease from — all as one entry (group commit). On an
+/// idle leader with a deadline due (a delayed job, an expiring lease) a bare
+/// `Tick` advances time.
+pub async fn serve_work<C: Consensus + ?Sized>(
+    c: &C,
+    now: Timestamp,
+    req: WorkRequest,
+) -> Result<WorkReply, ConsensusError> {
+    let WorkRequest { peer, cmds, lease_max, release_orphans } = req;
+    let (registered, held, streams, due) = c.read(|s| {
+        let held = if release_orphans { s.leases_held_by(peer) } else { Vec::new() };
+        (s.has_peer(peer), held, s.leasable_streams_idle(peer), s.poll_timeout().is_some_and(|t| t <= now))
+    });
+    let released = held.len() as u32;
+    let lease = lease_max > 0 && !streams.is_empty();
+    let status = c.status();
+    let tick = cmds.is_empty() && !lease && held.is_empty() && due && status.leader == Some(status.node);
+    let sent = cmds.len();
+    let mut all = Vec::with_capacity(sent + 3);
+    if !held.is_empty() {
+        all.push(Command::Release { peer, leases: held });
+    }
+    all.extend(cmds);
+    if lease {
+        all.push(Command::Lease { peer, streams: streams.iter().map(|(n, _)| n.clone()).collect(), max: lease_max });
+    }
+    if tick {
+        all.push(Command::Tick);
+    }
+    let mut reply = WorkReply { registered, released, outcomes: Vec::new(), leased: None, streams };
+    let parts = all.len();
+    let mut outcomes: Vec<ApplyResult> = match parts {
+        0 => return Ok(reply),
+        1 => vec![c.write(now, all.remove(0)).await?],
+        _ => match c.write(now, Command::Batch(all)).await? {
+            Ok(Outcome::Batch(v)) => v,
+            Ok(other) => vec![Err(ApplyError::Invalid(format!("a batch answered {other:?}"))); parts],
+            Err(e) => vec![Err(e); parts],
+        },
+    };
+    if released > 0 && !outcomes.is_empty() {
+        if let Err(e) = outcomes.remove(0) {
+            tracing::warn!(%peer, error = %e, "handing back orphaned leases refused");
+            reply.released = 0;
+        }
+    }
+    let rest = outcomes.split_off(sent.min(outcomes.len()));
+    reply.outcomes = outcomes;
+    if lease {
+        reply.leased = rest.into_iter().next();
+    }
+    Ok(reply)
 }

@@ -1,6 +1,6 @@
 //! Membership without an operator: the leader grows the voter set to its
-//! target from caught-up learners and replaces voters that stopped
-//! answering.
+//! target — a worker becomes a learner, a caught-up learner a voter — and
+//! replaces voters that stopped answering.
 //!
 //! [`plan`] is the whole policy, pure (sans-I/O): it looks at a [`View`] of
 //! the cluster and returns at most one [`Change`]. [`manage`] is the thin
@@ -14,6 +14,10 @@
 //! 3. A voter silent for `dead_after_ms` (never the leader itself) is
 //!    replaced by such a learner; with no learner to take its place it stays
 //!    (removing it would shrink the quorum's fault tolerance for nothing).
+//! 4. Fewer answering learners than voters missing (below the target, or
+//!    silent): the answering worker with the lowest id becomes a learner, so
+//!    it catches up and rule 2 or 3 applies. Other workers hold no Raft
+//!    state.
 //!
 //! Node ids are peer ids from the registry, so they are never reused.
 
@@ -36,6 +40,9 @@ pub struct View {
     pub matched: BTreeMap<u64, u64>,
     /// Per follower: milliseconds since it last answered the leader.
     pub silent_ms: BTreeMap<u64, u64>,
+    /// Registered peers outside membership (not draining): milliseconds
+    /// since their last heartbeat, by the state machine's clock.
+    pub workers: BTreeMap<u64, u64>,
 }
 
 /// A membership change.
@@ -45,6 +52,8 @@ pub enum Change {
     Promote(u64),
     /// Swap a silent voter for a learner: `voters - dead + with`.
     Replace { dead: u64, with: u64 },
+    /// Add this worker as a learner (it starts to hold Raft state).
+    AddLearner(u64),
 }
 
 /// The knobs of [`plan`].
@@ -72,14 +81,20 @@ pub fn plan(v: &View, p: &Policy) -> Option<Change> {
     let answering = |id: &u64| *id == v.me || v.silent_ms.get(id).is_some_and(|ms| *ms < p.dead_after_ms);
     let caught_up = |id: &u64| v.matched.get(id).is_some_and(|m| v.last_log.saturating_sub(*m) <= p.caught_up_lag);
     let candidate = v.learners.iter().find(|id| answering(id) && caught_up(id)).copied();
+    let dead = v.voters.iter().filter(|id| **id != v.me && !answering(id)).count();
     if v.voters.len() < p.target_voters {
-        return candidate.map(Change::Promote);
+        if let Some(id) = candidate {
+            return Some(Change::Promote(id));
+        }
+    } else if let (Some(dead), Some(with)) = (v.voters.iter().find(|id| **id != v.me && !answering(id)), candidate) {
+        return Some(Change::Replace { dead: *dead, with });
     }
-    let dead = v.voters.iter().find(|id| **id != v.me && !answering(id)).copied();
-    match (dead, candidate) {
-        (Some(dead), Some(with)) => Some(Change::Replace { dead, with }),
-        _ => None,
+    let missing = p.target_voters.saturating_sub(v.voters.len()) + dead;
+    let standing_by = v.learners.iter().filter(|id| answering(id)).count();
+    if standing_by >= missing {
+        return None;
     }
+    v.workers.iter().find(|(_, silent)| **silent < p.dead_after_ms).map(|(id, _)| Change::AddLearner(*id))
 }
 
 /// Raft membership as the manager drives it.
@@ -128,6 +143,7 @@ mod tests {
             last_log: 5_000,
             matched: all.clone().map(|id| (id, 5_000)).collect(),
             silent_ms: all.map(|id| (id, 50)).collect(),
+            workers: BTreeMap::new(),
         }
     }
 
@@ -163,6 +179,38 @@ mod tests {
         assert_eq!(plan(&v, &Policy::default()), Some(Change::Replace { dead: 2, with: 4 }));
         v.learners.clear();
         assert_eq!(plan(&v, &Policy::default()), None, "no one to take its place: keep it");
+    }
+
+    #[test]
+    fn workers_become_learners_only_while_voters_are_missing() {
+        let mut v = view(&[1], &[]);
+        v.workers = BTreeMap::from([(5, 100), (2, 60_000), (4, 100)]);
+        assert_eq!(plan(&v, &Policy::default()), Some(Change::AddLearner(4)), "lowest answering worker");
+        v.learners.insert(4);
+        v.matched.insert(4, 0);
+        v.silent_ms.insert(4, 50);
+        v.workers.remove(&4);
+        assert_eq!(plan(&v, &Policy::default()), Some(Change::AddLearner(5)), "two voters missing, one learner");
+        v.learners.insert(5);
+        v.silent_ms.insert(5, 50);
+        v.workers.remove(&5);
+        assert_eq!(plan(&v, &Policy::default()), None, "both catching up: wait");
+        v.matched.insert(4, 5_000);
+        assert_eq!(plan(&v, &Policy::default()), Some(Change::Promote(4)));
+        let full = View { workers: BTreeMap::from([(7, 10)]), ..view(&[1, 2, 3], &[]) };
+        assert_eq!(plan(&full, &Policy::default()), None, "three voters: the rest stay workers");
+    }
+
+    #[test]
+    fn a_silent_voter_with_no_learner_brings_in_a_worker() {
+        let mut v = view(&[1, 2, 3], &[]);
+        v.silent_ms.insert(3, 20_000);
+        v.workers = BTreeMap::from([(6, 100)]);
+        assert_eq!(plan(&v, &Policy::default()), Some(Change::AddLearner(6)));
+        v.learners.insert(6);
+        v.matched.insert(6, 5_000);
+        v.silent_ms.insert(6, 10);
+        assert_eq!(plan(&v, &Policy::default()), Some(Change::Replace { dead: 3, with: 6 }));
     }
 
     #[test]

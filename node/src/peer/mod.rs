@@ -18,10 +18,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use impetus_proto::api::WorkRequest;
 use impetus_proto::{Command, Outcome, PeerId, PeerInfo, PeerRole};
 use tokio::sync::Notify;
 
-pub use consensus::{Consensus, ConsensusError, RaftStatus};
+pub use consensus::{serve_work, Consensus, ConsensusError, RaftStatus};
 pub use runner::{JobRunner, RunReport};
 pub use runtime::Runtime;
 
@@ -116,7 +117,20 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
                 rt.sleep(Duration::from_millis(100)).await;
             }
         }
-        let known = id.filter(|id| consensus.read(|s| s.peer(*id).is_some()));
+        // Is this id still registered? Then hand back the leases an earlier
+        // run left behind (disbatch's "cleanup of orphaned work at start"):
+        // their jobs go back to the queue without counting an attempt.
+        let known = match id {
+            Some(id) => {
+                let hello = WorkRequest { peer: id, cmds: Vec::new(), lease_max: 0, release_orphans: true };
+                let reply = consensus.work(rt.now(), hello).await?;
+                if reply.released > 0 {
+                    tracing::info!(peer = %id, released = reply.released, "handed back leases left by an earlier run");
+                }
+                reply.registered.then_some(id)
+            }
+            None => None,
+        };
         let id = match known {
             Some(id) => id,
             None => {
@@ -138,7 +152,6 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
             stopped: Notify::new(),
             stopped_flag: AtomicBool::new(false),
         });
-        worker::release_orphans(&inner).await?;
         tracing::info!(peer = %id, "peer started");
         let w = inner.clone();
         inner.rt.spawn(async move { worker::run(w).await });

@@ -61,6 +61,10 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
                     c.read(|s| (s.applied_index(), blake3::hash(&s.snapshot()).to_hex().to_string()));
                 ClientResponse::StateDigest { applied_index, digest }
             }
+            ClientRequest::Work(req) => match c.work(inner.rt.now(), req).await {
+                Ok(reply) => ClientResponse::Work(reply),
+                Err(e) => ClientResponse::Error(e.into()),
+            },
             req @ (ClientRequest::Join { .. }
             | ClientRequest::Leave { .. }
             | ClientRequest::Forward(_)

@@ -12,12 +12,13 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use impetus_proto::api::WorkRequest;
 use impetus_proto::{
     Command, Completion, ErrorKind, ErrorRecord, Failure, FencingToken, JobId, LeaseGrant, Outcome, StreamName,
     Timestamp,
 };
 
-use super::{Consensus, ConsensusError, Inner, JobRunner, RunReport, Runtime};
+use super::{Consensus, Inner, JobRunner, RunReport, Runtime};
 
 /// A job this peer is running.
 struct Running {
@@ -35,27 +36,10 @@ enum Sent {
     Complete,
     Fail,
     Renew(Vec<JobId>),
-    Lease { asked: u32 },
     Other,
 }
 
 type Done = (JobId, FencingToken, RunReport);
-
-/// Hand back the leases an earlier run of this peer left behind (disbatch's
-/// "cleanup of orphaned work at start"): their jobs go back to the queue
-/// without counting an attempt.
-pub(super) async fn release_orphans<R: Runtime, C: Consensus, X: JobRunner>(
-    inner: &Inner<R, C, X>,
-) -> Result<(), ConsensusError> {
-    let held = inner.consensus.read(|s| s.leases_held_by(inner.id));
-    if held.is_empty() {
-        return Ok(());
-    }
-    let n = held.len();
-    inner.consensus.write(inner.rt.now(), Command::Release { peer: inner.id, leases: held }).await?.ok();
-    tracing::info!(peer = %inner.id, released = n, "handed back leases left by an earlier run");
-    Ok(())
-}
 
 pub(super) async fn run<R: Runtime, C: Consensus, X: JobRunner>(inner: Arc<Inner<R, C, X>>) {
     let mut w = Worker {
@@ -100,8 +84,9 @@ struct Worker<R, C, X> {
     running: BTreeMap<JobId, Running>,
     completions: Vec<Completion>,
     failures: Vec<Failure>,
-    /// Streams this peer works on, with when they last had work for it.
-    tracked: BTreeMap<StreamName, Timestamp>,
+    /// Streams this peer works on: when they last had work for it, and
+    /// their idle timeout (ms).
+    tracked: BTreeMap<StreamName, (Timestamp, u64)>,
     last_heartbeat: Timestamp,
     grace_deadline: Option<Timestamp>,
     tx: Option<tokio::sync::mpsc::UnboundedSender<Done>>,
@@ -167,28 +152,10 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
             sent.push(Sent::Renew(renew.iter().map(|(id, _)| *id).collect()));
             cmds.push(Command::Renew { peer: me, leases: renew });
         }
-        let free = inner.cfg.capacity.saturating_sub(self.running.len() as u32);
-        if !stopping && free > 0 {
-            let streams = inner.consensus.read(|s| s.leasable_streams(me));
-            self.track(now, &streams);
-            if !streams.is_empty() {
-                let asked = free.min(inner.cfg.max_lease_batch);
-                cmds.push(Command::Lease { peer: me, streams, max: asked });
-                sent.push(Sent::Lease { asked });
-            }
-        }
         if now.since(self.last_heartbeat) >= inner.cfg.heartbeat_interval.as_millis() as u64 {
             self.last_heartbeat = now;
             let cmd = Command::Heartbeat { peer: me, info: inner.cfg.info.clone(), rss_bytes: inner.rt.rss_bytes() };
             cmds.push(cmd);
-            sent.push(Sent::Other);
-        }
-        let status = inner.consensus.status();
-        let is_leader = status.leader == Some(status.node);
-        let due = inner.consensus.read(|s| s.poll_timeout()).is_some_and(|t| t <= now);
-        if cmds.is_empty() && is_leader && due {
-            // Any command advances time; send a bare tick only when idle.
-            cmds.push(Command::Tick);
             sent.push(Sent::Other);
         }
         let finishing =
@@ -200,16 +167,17 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
             sent.push(Sent::Other);
             self.running.clear();
         }
-        if cmds.is_empty() {
+        let free = inner.cfg.capacity.saturating_sub(self.running.len() as u32);
+        let lease_max = if stopping { 0 } else { free.min(inner.cfg.max_lease_batch) };
+        let status = inner.consensus.status();
+        if cmds.is_empty() && lease_max == 0 && status.leader != Some(status.node) {
+            // Nothing to say and no room: only a leader has a reason to
+            // look (a deadline may be due).
             return (finishing, false);
         }
-        let cmd = if cmds.len() == 1 { cmds.remove(0) } else { Command::Batch(cmds) };
-        let outcome = match inner.consensus.write(now, cmd).await {
-            Ok(Ok(outcome)) => outcome,
-            Ok(Err(e)) => {
-                tracing::error!(peer = %me, error = %e, "worker command refused");
-                return (finishing, false);
-            }
+        let req = WorkRequest { peer: me, cmds, lease_max, release_orphans: false };
+        let reply = match inner.consensus.work(now, req).await {
+            Ok(reply) => reply,
             Err(e) => {
                 // Nothing is lost: results are kept and sent again next turn.
                 tracing::warn!(peer = %me, error = %e, "could not reach consensus; will retry");
@@ -219,10 +187,8 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
                 return (finishing, false);
             }
         };
-        let outcomes = match outcome {
-            Outcome::Batch(v) => v,
-            single => vec![Ok(single)],
-        };
+        self.track(now, &reply.streams);
+        let outcomes = reply.outcomes;
         let mut again = false;
         for (kind, result) in sent.into_iter().zip(outcomes) {
             match (kind, result) {
@@ -248,15 +214,19 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
                         }
                     }
                 }
-                (Sent::Lease { asked }, Ok(Outcome::Leased(grants))) => {
-                    again = grants.len() as u32 == asked;
-                    for g in grants {
-                        self.start(g);
-                    }
-                }
                 (_, Err(e)) => tracing::warn!(peer = %me, error = %e, "part of a worker command refused"),
                 (_, Ok(_)) => {}
             }
+        }
+        match reply.leased {
+            Some(Ok(Outcome::Leased(grants))) => {
+                again = grants.len() as u32 == lease_max;
+                for g in grants {
+                    self.start(g);
+                }
+            }
+            Some(Err(e)) => tracing::warn!(peer = %me, error = %e, "lease refused"),
+            Some(Ok(_)) | None => {}
         }
         (finishing, again)
     }
@@ -293,23 +263,25 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
 
     /// Follow which streams have work for this peer; forget a stream after
     /// its idle timeout (as impetus v2's Node did).
-    fn track(&mut self, now: Timestamp, leasable: &[StreamName]) {
-        for name in leasable.iter().chain(self.running.values().map(|r| &r.stream)) {
-            if self.tracked.insert(name.clone(), now).is_none() {
+    fn track(&mut self, now: Timestamp, leasable: &[(StreamName, u64)]) {
+        for (name, idle_ms) in leasable {
+            if self.tracked.insert(name.clone(), (now, *idle_ms)).is_none() {
                 tracing::info!(peer = %self.inner.id, stream = %name, "tracking stream");
             }
         }
-        let idle: Vec<StreamName> = self.inner.consensus.read(|s| {
-            self.tracked
-                .iter()
-                .filter(|(name, last)| s.stream(name).is_none_or(|info| now.since(**last) > info.props.idle_timeout_ms))
-                .map(|(name, _)| name.clone())
-                .collect()
-        });
-        for name in idle {
-            self.tracked.remove(&name);
-            tracing::info!(peer = %self.inner.id, stream = %name, "stream idle: no longer tracked");
+        for r in self.running.values() {
+            if let Some(t) = self.tracked.get_mut(&r.stream) {
+                t.0 = now;
+            }
         }
+        let id = self.inner.id;
+        self.tracked.retain(|name, (last, idle_ms)| {
+            let keep = now.since(*last) <= *idle_ms;
+            if !keep {
+                tracing::info!(peer = %id, stream = %name, "stream idle: no longer tracked");
+            }
+            keep
+        });
     }
 
     /// How long to sleep: until the next renewal is due, at most `poll`.
