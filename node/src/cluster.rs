@@ -271,8 +271,11 @@ impl<R: Runtime, X: JobRunner> ClusterService<R, X> {
                     return error(ConsensusError::NotLeader { leader: None, leader_id: None });
                 }
                 let wakes = matches!(cmd, Command::Submit { .. } | Command::Retry { .. } | Command::Batch(_));
-                match c.local.write_indexed(self.peer.now(), cmd).await {
-                    Ok((index, result)) => {
+                let (cmd, fused) = self.peer.fuse(cmd);
+                let written = c.local.write_indexed(self.peer.now(), cmd).await;
+                let index = written.as_ref().map_or(0, |(index, _)| *index);
+                match self.peer.unfuse(fused, written.map(|(_, result)| result)) {
+                    Ok(result) => {
                         if wakes {
                             self.peer.wake();
                         }

@@ -187,3 +187,28 @@ async fn shutdown_lets_running_jobs_finish_and_reports_them() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(p.read(|st| st.job(JobId(1)).unwrap().status), JobStatus::Queued);
 }
+
+/// On the leader, a submit also leases its jobs to this peer's free slots
+/// in the same entry: when the submit is acknowledged they are already
+/// leased here (one replicated write before a job starts, not two), never
+/// more than the capacity, and the slots come back when the jobs finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submit_on_the_leader_leases_its_jobs_in_the_same_entry() {
+    let cfg = PeerConfig { capacity: 2, poll_interval: Duration::from_secs(5), ..PeerConfig::default() };
+    let p = peer(cfg).await;
+    let s = setup(&p, StreamProps::default()).await;
+    for round in 0..2 {
+        let jobs = (0..3).map(|_| new_job("sleep:200")).collect();
+        let Outcome::Submitted(ids) = write(&p, Command::Submit { stream: s.clone(), jobs }).await.unwrap() else {
+            panic!("not submitted")
+        };
+        let recs: Vec<JobRecord> = p.read(|st| ids.iter().map(|s| st.job(s.job).unwrap()).collect());
+        let leased: Vec<&Lease> = recs.iter().filter_map(|r| r.lease.as_ref()).collect();
+        assert_eq!(leased.len(), 2, "round {round}: leased with the submit, up to the capacity: {recs:#?}");
+        assert!(leased.iter().all(|l| l.peer == p.id() && l.token == leased[0].token), "one entry: {leased:?}");
+        assert_eq!(recs[2].status, JobStatus::Queued, "no slot left for the third");
+        let done = wait_final(&p, 3 * (round + 1)).await;
+        assert!(done.iter().all(|j| j.status == JobStatus::Succeeded), "{done:#?}");
+    }
+    p.read(|st| st.check_invariants());
+}

@@ -234,6 +234,10 @@ pub fn raft_config(snapshot_every: u64, logs_to_keep: u64) -> openraft::Config {
         max_in_snapshot_log_to_keep: logs_to_keep,
         purge_batch_size: 1,
         max_payload_entries: 4096,
+        // Replicate entries as soon as they are appended (the flush runs in
+        // the background): the leader's flush overlaps the round trip to the
+        // followers. Its own copy counts for the quorum only once flushed.
+        broadcast_submitted_on_append: Some(true),
         // A leader that restarts must win a new election (a new term).
         // openraft's default restores leadership in the old term, and a
         // leader that lost unflushed entries it had already sent to a

@@ -50,16 +50,94 @@ fn sled_io(e: sled::Error) -> io::Error {
 /// purge (entries and pointer) is one atomic batch.
 ///
 /// Invariants:
-/// - `append` writes the whole batch of entries, flushes once (group
-///   commit), and only then acknowledges it (`callback.io_completed`): a
-///   write is acknowledged only after it is on disk.
-/// - `save_vote` and `truncate_after` flush before they return.
+/// - `append` writes the whole batch of entries and returns at once (they
+///   are readable); a flusher thread flushes and only then acknowledges
+///   the batch (`callback.io_completed`): a write is acknowledged only
+///   after it is on disk. One flush covers every batch queued meanwhile
+///   (group commit), and acknowledgements keep the order of the appends.
+/// - `save_vote` and `truncate_after` return once flushed; `purge` runs on
+///   the flusher thread, so a large purge does not stall Raft.
 /// - no sled error is unwrapped: each becomes an `io::Error` for openraft.
 pub struct SledLogStore<C: ImpetusConfig = TypeConfig> {
     tree: sled::Tree,
     flushes: Arc<AtomicU64>,
     durable_index: Arc<AtomicU64>,
+    flusher: std::sync::mpsc::Sender<Job<C>>,
     _config: PhantomData<fn() -> C>,
+}
+
+/// Work for the flusher thread. Each job carries the tree, so the thread
+/// holds the database only while it has work (a closed store releases
+/// sled's directory lock).
+enum Job<C: ImpetusConfig> {
+    /// Acknowledge an appended batch (up to `last`) once flushed.
+    Append { tree: sled::Tree, last: Option<u64>, done: IOFlushed<C> },
+    /// Flush and answer.
+    Sync { tree: sled::Tree, done: tokio::sync::oneshot::Sender<io::Result<()>> },
+    /// Remove the entries up to this log id, set the purged pointer.
+    Purge { tree: sled::Tree, upto: LogId },
+}
+
+/// The flusher: take every job queued, do the purges, flush once, then
+/// acknowledge in order. Ends when every store handle is dropped.
+fn flusher<C: ImpetusConfig>(
+    jobs: std::sync::mpsc::Receiver<Job<C>>,
+    flushes: Arc<AtomicU64>,
+    durable_index: Arc<AtomicU64>,
+) {
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        batch.extend(jobs.try_iter());
+        let mut tree = None;
+        for job in &batch {
+            match job {
+                Job::Purge { tree: t, upto } => {
+                    if let Err(e) = purge_upto(t, *upto) {
+                        tracing::error!(upto = upto.index, error = %e, "purging the raft log failed");
+                    }
+                    tree = Some(t.clone());
+                }
+                Job::Append { tree: t, .. } | Job::Sync { tree: t, .. } => tree = Some(t.clone()),
+            }
+        }
+        let Some(tree) = tree else { continue };
+        let flushed = tree.flush().map(|_| ()).map_err(sled_io);
+        drop(tree);
+        if flushed.is_ok() {
+            flushes.fetch_add(1, Ordering::SeqCst);
+        }
+        let result = || match &flushed {
+            Ok(()) => Ok(()),
+            Err(e) => Err(io::Error::new(e.kind(), format!("flushing the raft log: {e}"))),
+        };
+        for job in batch {
+            match job {
+                Job::Append { last, done, .. } => {
+                    if let (Some(last), true) = (last, flushed.is_ok()) {
+                        durable_index.fetch_max(last, Ordering::SeqCst);
+                    }
+                    done.io_completed(result());
+                }
+                Job::Sync { done, .. } => {
+                    let _ = done.send(result());
+                }
+                Job::Purge { .. } => {}
+            }
+        }
+    }
+}
+
+fn purge_upto(tree: &sled::Tree, upto: LogId) -> io::Result<()> {
+    let mut batch = sled::Batch::default();
+    let mut removed = 0u64;
+    for kv in tree.range(entry_key(0)..=entry_key(upto.index)) {
+        batch.remove(kv.map_err(sled_io)?.0);
+        removed += 1;
+    }
+    batch.insert(PURGED_KEY, impetus_proto::wire::encode(LOG_META_VERSION, &upto));
+    tree.apply_batch(batch).map_err(sled_io)?;
+    tracing::debug!(upto = upto.index, removed, "log purged");
+    Ok(())
 }
 
 impl<C: ImpetusConfig> Clone for SledLogStore<C> {
@@ -68,6 +146,7 @@ impl<C: ImpetusConfig> Clone for SledLogStore<C> {
             tree: self.tree.clone(),
             flushes: self.flushes.clone(),
             durable_index: self.durable_index.clone(),
+            flusher: self.flusher.clone(),
             _config: PhantomData,
         }
     }
@@ -83,12 +162,11 @@ impl<C: ImpetusConfig> SledLogStore<C> {
     /// Open (or create) the log tree of `db`.
     pub fn open(db: &sled::Db) -> io::Result<SledLogStore<C>> {
         let tree = db.open_tree(LOG_TREE).map_err(sled_io)?;
-        let store = SledLogStore {
-            tree,
-            flushes: Arc::new(AtomicU64::new(0)),
-            durable_index: Arc::new(AtomicU64::new(0)),
-            _config: PhantomData,
-        };
+        let (flushes, durable_index) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (f, d) = (flushes.clone(), durable_index.clone());
+        std::thread::Builder::new().name("raft-log-flush".into()).spawn(move || flusher::<C>(rx, f, d))?;
+        let store = SledLogStore { tree, flushes, durable_index, flusher: tx, _config: PhantomData };
         if let Some(last) = store.last_entry()? {
             store.durable_index.store(last.log_id.index, Ordering::SeqCst);
         }
@@ -142,11 +220,21 @@ impl<C: ImpetusConfig> SledLogStore<C> {
         Ok(())
     }
 
+    /// Flush everything written so far (on the flusher thread, after the
+    /// appends queued before) and wait for it.
     async fn flush(&self) -> io::Result<()> {
-        self.tree.flush_async().await.map_err(sled_io)?;
-        self.flushes.fetch_add(1, Ordering::SeqCst);
-        Ok(())
+        let (done, flushed) = tokio::sync::oneshot::channel();
+        self.send(Job::Sync { tree: self.tree.clone(), done })?;
+        flushed.await.map_err(|_| flusher_gone())?
     }
+
+    fn send(&self, job: Job<C>) -> io::Result<()> {
+        self.flusher.send(job).map_err(|_| flusher_gone())
+    }
+}
+
+fn flusher_gone() -> io::Error {
+    io::Error::other("the raft log's flusher thread has stopped")
 }
 
 fn decode_entry(bytes: &[u8]) -> io::Result<Entry> {
@@ -230,13 +318,8 @@ impl<C: ImpetusConfig> RaftLogStorage<C> for SledLogStore<C> {
             last = Some(index);
         }
         self.tree.apply_batch(batch).map_err(sled_io)?;
-        self.flush().await?;
-        if let Some(last) = last {
-            self.durable_index.store(last, Ordering::SeqCst);
-        }
-        tracing::trace!(count, last_index = ?last, "log batch flushed");
-        callback.io_completed(Ok(()));
-        Ok(())
+        tracing::trace!(count, last_index = ?last, "log batch written; flush queued");
+        self.send(Job::Append { tree: self.tree.clone(), last, done: callback })
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
@@ -260,19 +343,11 @@ impl<C: ImpetusConfig> RaftLogStorage<C> for SledLogStore<C> {
         Ok(())
     }
 
-    /// Entries and the purged pointer change in one atomic batch; flushed
-    /// with the next flush (a purge lost in a crash leaves no hole).
+    /// On the flusher thread: entries and the purged pointer change in one
+    /// atomic batch, flushed with the flush that follows (a purge lost in a
+    /// crash leaves no hole). Until then the entries are still readable.
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
-        let mut batch = sled::Batch::default();
-        let mut removed = 0u64;
-        for kv in self.tree.range(entry_key(0)..=entry_key(log_id.index)) {
-            batch.remove(kv.map_err(sled_io)?.0);
-            removed += 1;
-        }
-        batch.insert(PURGED_KEY, impetus_proto::wire::encode(LOG_META_VERSION, &log_id));
-        self.tree.apply_batch(batch).map_err(sled_io)?;
-        tracing::debug!(upto = log_id.index, removed, "log purged");
-        Ok(())
+        self.send(Job::Purge { tree: self.tree.clone(), upto: log_id })
     }
 }
 

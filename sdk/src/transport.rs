@@ -235,7 +235,13 @@ where
         .map_err(|e| BuildError(e.to_string()))?
         .with_behaviour(|_| behaviour)
         .map_err(|e| BuildError(e.to_string()))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+        // Every protocol we open a substream for is known to the other side
+        // (both run this code): send the request with the protocol proposal
+        // instead of waiting a round trip for its confirmation (V1Lazy).
+        .with_swarm_config(|c| {
+            c.with_idle_connection_timeout(idle)
+                .with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy)
+        })
         .build();
     Ok(swarm)
 }

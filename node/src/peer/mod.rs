@@ -14,12 +14,12 @@ pub mod runtime;
 mod service;
 mod worker;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use impetus_proto::api::WorkRequest;
-use impetus_proto::{Command, Outcome, PeerId, PeerInfo, PeerRole};
+use impetus_proto::{ApplyResult, Command, Outcome, PeerId, PeerInfo, PeerRole};
 use tokio::sync::Notify;
 
 pub use consensus::{serve_work, Consensus, ConsensusError, RaftStatus};
@@ -63,12 +63,50 @@ pub enum PeerError {
     Register(String),
 }
 
+/// This peer's job slots (`capacity` of them), taken by running jobs and by
+/// lease requests in flight, so the worker loop and fused submits together
+/// never lease more than the peer runs at once.
+pub(crate) struct Slots {
+    capacity: u32,
+    taken: AtomicU32,
+}
+
+impl Slots {
+    /// Take up to `want` free slots; returns how many were taken.
+    pub fn take(&self, want: u32) -> u32 {
+        let mut got = 0;
+        let _ = self.taken.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |t| {
+            got = want.min(self.capacity.saturating_sub(t));
+            Some(t + got)
+        });
+        got
+    }
+
+    /// Give back `n` slots.
+    pub fn give(&self, n: u32) {
+        let _ = self.taken.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |t| {
+            debug_assert!(t >= n, "gave back {n} of {t} slots taken");
+            Some(t.saturating_sub(n))
+        });
+    }
+}
+
+/// A submit fused with a lease for this peer ([`Peer::fuse`]): the slots it
+/// holds until [`Peer::unfuse`].
+#[derive(Debug)]
+pub struct Fused {
+    slots: u32,
+}
+
 pub(crate) struct Inner<R, C, X> {
     pub rt: R,
     pub consensus: C,
     pub runner: X,
     pub cfg: PeerConfig,
     pub id: PeerId,
+    pub slots: Slots,
+    /// To the worker loop: grants from fused submits, finished jobs.
+    pub events: tokio::sync::mpsc::UnboundedSender<worker::Event>,
     /// Wakes the worker (new jobs, shutdown).
     pub wake: Notify,
     pub stopping: AtomicBool,
@@ -141,12 +179,16 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
                 }
             }
         };
+        let (events, rx) = tokio::sync::mpsc::unbounded_channel();
+        let slots = Slots { capacity: cfg.capacity, taken: AtomicU32::new(0) };
         let inner = Arc::new(Inner {
             rt,
             consensus,
             runner,
             cfg,
             id,
+            slots,
+            events,
             wake: Notify::new(),
             stopping: AtomicBool::new(false),
             stopped: Notify::new(),
@@ -154,7 +196,7 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
         });
         tracing::info!(peer = %id, "peer started");
         let w = inner.clone();
-        inner.rt.spawn(async move { worker::run(w).await });
+        inner.rt.spawn(async move { worker::run(w, rx).await });
         Ok(Peer { inner })
     }
 
@@ -165,6 +207,51 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
     /// The runtime's clock, as the peer stamps commands.
     pub fn now(&self) -> impetus_proto::Timestamp {
         self.inner.rt.now()
+    }
+
+    /// On the leader, with free slots here, a submit also leases its jobs
+    /// to this peer in the same entry: a job starts one replicated write
+    /// after it was submitted, not two. Commit the command returned, then
+    /// pass its result to [`Peer::unfuse`].
+    pub fn fuse(&self, cmd: Command) -> (Command, Option<Fused>) {
+        let inner = &self.inner;
+        let Command::Submit { stream, jobs } = &cmd else { return (cmd, None) };
+        let status = inner.consensus.status();
+        if status.leader != Some(status.node) || inner.stopping.load(Ordering::SeqCst) {
+            return (cmd, None);
+        }
+        let slots = inner.slots.take((jobs.len() as u32).min(inner.cfg.max_lease_batch));
+        if slots == 0 {
+            return (cmd, None);
+        }
+        let lease = Command::Lease { peer: inner.id, streams: vec![stream.clone()], max: slots };
+        (Command::Batch(vec![cmd, lease]), Some(Fused { slots }))
+    }
+
+    /// The submit's own result from a write [`Peer::fuse`] made; the jobs
+    /// it leased to this peer start now, the slots it did not use are free.
+    pub fn unfuse<E>(&self, fused: Option<Fused>, written: Result<ApplyResult, E>) -> Result<ApplyResult, E> {
+        let Some(Fused { slots }) = fused else { return written };
+        let inner = &self.inner;
+        let (submit, grants) = match written {
+            Ok(Ok(Outcome::Batch(mut parts))) if parts.len() == 2 => {
+                let grants = match parts.pop() {
+                    Some(Ok(Outcome::Leased(grants))) => grants,
+                    _ => Vec::new(),
+                };
+                (parts.pop().unwrap_or(Ok(Outcome::Batch(Vec::new()))), grants)
+            }
+            other => {
+                inner.slots.give(slots);
+                return other;
+            }
+        };
+        debug_assert!(grants.len() as u32 <= slots, "leased more than asked");
+        inner.slots.give(slots.saturating_sub(grants.len() as u32));
+        for g in grants {
+            worker::run_granted(&self.inner, g);
+        }
+        Ok(submit)
     }
 
     /// Wake the worker loop (new work may be ready).

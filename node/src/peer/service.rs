@@ -34,7 +34,8 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
                 }
                 let wakes_worker =
                     matches!(cmd, Command::Submit { .. } | Command::Retry { .. } | Command::UpdateStream { .. });
-                match c.write(inner.rt.now(), cmd).await {
+                let (cmd, fused) = self.fuse(cmd);
+                match self.unfuse(fused, c.write(inner.rt.now(), cmd).await) {
                     Ok(result) => {
                         if wakes_worker {
                             inner.wake.notify_one();

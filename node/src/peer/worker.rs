@@ -41,7 +41,18 @@ enum Sent {
 
 type Done = (JobId, FencingToken, RunReport);
 
-pub(super) async fn run<R: Runtime, C: Consensus, X: JobRunner>(inner: Arc<Inner<R, C, X>>) {
+/// What reaches the worker loop from elsewhere, in order: a job granted by
+/// a fused submit ([`super::Peer::unfuse`]) and already started, before
+/// any report of it; a finished job.
+pub(crate) enum Event {
+    Granted(LeaseGrant),
+    Done(Done),
+}
+
+pub(super) async fn run<R: Runtime, C: Consensus, X: JobRunner>(
+    inner: Arc<Inner<R, C, X>>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>,
+) {
     let mut w = Worker {
         inner: inner.clone(),
         running: BTreeMap::new(),
@@ -50,14 +61,11 @@ pub(super) async fn run<R: Runtime, C: Consensus, X: JobRunner>(inner: Arc<Inner
         tracked: BTreeMap::new(),
         last_heartbeat: Timestamp::ZERO,
         grace_deadline: None,
-        tx: None,
     };
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Done>();
-    w.tx = Some(tx);
     let poll = inner.cfg.poll_interval;
     loop {
-        while let Ok(done) = rx.try_recv() {
-            w.finished(done);
+        while let Ok(event) = rx.try_recv() {
+            w.event(event);
         }
         let (finished, again) = w.turn().await;
         if finished {
@@ -69,7 +77,7 @@ pub(super) async fn run<R: Runtime, C: Consensus, X: JobRunner>(inner: Arc<Inner
         let wait = w.next_wait(poll);
         tokio::select! {
             biased;
-            Some(done) = rx.recv() => w.finished(done),
+            Some(event) = rx.recv() => w.event(event),
             () = inner.wake.notified() => {}
             () = inner.rt.sleep(wait) => {}
         }
@@ -89,10 +97,52 @@ struct Worker<R, C, X> {
     tracked: BTreeMap<StreamName, (Timestamp, u64)>,
     last_heartbeat: Timestamp,
     grace_deadline: Option<Timestamp>,
-    tx: Option<tokio::sync::mpsc::UnboundedSender<Done>>,
+}
+
+/// Run a job granted by a fused submit: the worker loop learns of it first
+/// (renewals, its report), then it starts. Its slot is already taken.
+pub(super) fn run_granted<R: Runtime, C: Consensus, X: JobRunner>(inner: &Arc<Inner<R, C, X>>, g: LeaseGrant) {
+    if inner.events.send(Event::Granted(g.clone())).is_err() {
+        // The worker loop has stopped: the lease expires and the job runs elsewhere.
+        inner.slots.give(1);
+        return;
+    }
+    spawn_run(inner.clone(), g);
+}
+
+/// Run a leased job (compiling its module first if this peer has not) and
+/// report it to the worker loop.
+fn spawn_run<R: Runtime, C: Consensus, X: JobRunner>(inner: Arc<Inner<R, C, X>>, g: LeaseGrant) {
+    let (job, token) = (g.job, g.token);
+    let rt = inner.rt.clone();
+    rt.spawn(async move {
+        if !inner.runner.is_prepared(&g.module) {
+            // Compile once per peer; a replica that lags fetches the bytes.
+            let prepared = match inner.consensus.module(g.module).await {
+                Some(bytes) => inner.runner.prepare(g.module, bytes).await,
+                None => Err(format!("module {} is not stored", g.module)),
+            };
+            if let Err(why) = prepared {
+                let error = ErrorRecord::new(ErrorKind::Module, why);
+                let report = RunReport { result: Err(error), stdout_tail: vec![], stderr_tail: vec![] };
+                let _ = inner.events.send(Event::Done((job, token, report)));
+                return;
+            }
+        }
+        let report = inner.runner.run(g).await;
+        // The loop may have stopped (grace period over); then the lease was released.
+        let _ = inner.events.send(Event::Done((job, token, report)));
+    });
 }
 
 impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
+    fn event(&mut self, event: Event) {
+        match event {
+            Event::Granted(g) => self.track_running(g),
+            Event::Done(done) => self.finished(done),
+        }
+    }
+
     fn finished(&mut self, (job, token, report): Done) {
         // A late report of an earlier attempt must not take the entry of a
         // newer lease on the same job.
@@ -101,6 +151,7 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
             return;
         }
         let Some(r) = self.running.remove(&job) else { return };
+        self.inner.slots.give(1);
         if r.lost {
             // Report it all the same: the fencing token, not this peer's
             // guess, decides; the cluster refuses it unless the lease is
@@ -165,10 +216,10 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
             tracing::warn!(peer = %me, released = leases.len(), "grace period over: handing back running jobs");
             cmds.push(Command::Release { peer: me, leases });
             sent.push(Sent::Other);
+            inner.slots.give(self.running.len() as u32);
             self.running.clear();
         }
-        let free = inner.cfg.capacity.saturating_sub(self.running.len() as u32);
-        let lease_max = if stopping { 0 } else { free.min(inner.cfg.max_lease_batch) };
+        let lease_max = if stopping { 0 } else { inner.slots.take(inner.cfg.max_lease_batch) };
         let status = inner.consensus.status();
         if cmds.is_empty() && lease_max == 0 && status.leader != Some(status.node) {
             // Nothing to say and no room: only a leader has a reason to
@@ -180,6 +231,7 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
             Ok(reply) => reply,
             Err(e) => {
                 // Nothing is lost: results are kept and sent again next turn.
+                inner.slots.give(lease_max);
                 tracing::warn!(peer = %me, error = %e, "could not reach consensus; will retry");
                 self.completions = completions;
                 self.failures = failures;
@@ -189,7 +241,6 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
         };
         self.track(now, &reply.streams);
         let outcomes = reply.outcomes;
-        let mut again = false;
         for (kind, result) in sent.into_iter().zip(outcomes) {
             match (kind, result) {
                 (Sent::Complete, Ok(Outcome::Completed(rs))) => {
@@ -218,47 +269,30 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
                 (_, Ok(_)) => {}
             }
         }
-        match reply.leased {
-            Some(Ok(Outcome::Leased(grants))) => {
-                again = grants.len() as u32 == lease_max;
-                for g in grants {
-                    self.start(g);
-                }
+        let grants = match reply.leased {
+            Some(Ok(Outcome::Leased(grants))) => grants,
+            Some(Err(e)) => {
+                tracing::warn!(peer = %me, error = %e, "lease refused");
+                Vec::new()
             }
-            Some(Err(e)) => tracing::warn!(peer = %me, error = %e, "lease refused"),
-            Some(Ok(_)) | None => {}
+            Some(Ok(_)) | None => Vec::new(),
+        };
+        let granted = grants.len() as u32;
+        debug_assert!(granted <= lease_max, "leased {granted}, asked {lease_max}");
+        inner.slots.give(lease_max.saturating_sub(granted));
+        let again = granted > 0 && granted == lease_max;
+        for g in grants {
+            self.track_running(g.clone());
+            spawn_run(self.inner.clone(), g);
         }
         (finishing, again)
     }
 
-    /// Start running a granted job.
-    fn start(&mut self, g: LeaseGrant) {
-        let inner = &self.inner;
-        let (job, token) = (g.job, g.token);
-        self.running.insert(
-            job,
-            Running { stream: g.stream.clone(), token, expires_at: g.expires_at, ttl_ms: g.lease_ttl_ms, lost: false },
-        );
-        let Some(tx) = self.tx.clone() else { return };
-        let inner = inner.clone();
-        self.inner.rt.spawn(async move {
-            if !inner.runner.is_prepared(&g.module) {
-                // Compile once per peer; a replica that lags fetches the bytes.
-                let prepared = match inner.consensus.module(g.module).await {
-                    Some(bytes) => inner.runner.prepare(g.module, bytes).await,
-                    None => Err(format!("module {} is not stored", g.module)),
-                };
-                if let Err(why) = prepared {
-                    let error = ErrorRecord::new(ErrorKind::Module, why);
-                    let report = RunReport { result: Err(error), stdout_tail: vec![], stderr_tail: vec![] };
-                    let _ = tx.send((job, token, report));
-                    return;
-                }
-            }
-            let report = inner.runner.run(g).await;
-            // The loop may have stopped (grace period over); then the lease was released.
-            let _ = tx.send((job, token, report));
-        });
+    /// Follow a job this peer was granted: renew its lease, await its report.
+    fn track_running(&mut self, g: LeaseGrant) {
+        let r =
+            Running { stream: g.stream, token: g.token, expires_at: g.expires_at, ttl_ms: g.lease_ttl_ms, lost: false };
+        self.running.insert(g.job, r);
     }
 
     /// Follow which streams have work for this peer; forget a stream after
