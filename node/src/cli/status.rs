@@ -79,8 +79,18 @@ pub fn render(st: &ClusterStatus, g: &Global, now: u64, rates: Option<&Rates>) -
         st.commit_index,
         st.applied_index,
     );
-    let mut peers =
-        Table::new(&["PEER", "ADDRESS", "HOST", "PID", "RSS MB", "ROLE", "DRAINING", "HEARTBEAT", "RUNNING"]);
+    let mut peers = Table::new(&[
+        "PEER",
+        "ADDRESS",
+        "HOST",
+        "PID",
+        "RSS MB",
+        "ROLE",
+        "DRAINING",
+        "HEARTBEAT",
+        "RUNNING",
+        "IDLE SLOTS",
+    ]);
     for p in &st.peers {
         // The role in Raft now (voter, learner), or worker.
         let mut role = format!("{:?}", st.role_of(p.id)).to_lowercase();
@@ -95,6 +105,7 @@ pub fn render(st: &ClusterStatus, g: &Global, now: u64, rates: Option<&Rates>) -
         } else {
             p.leased.iter().map(|(s, n)| format!("{s}:{n}")).collect::<Vec<_>>().join(" ")
         };
+        let busy: u32 = p.leased.iter().map(|(_, n)| *n).sum();
         let addr = p.info.addresses.first().map(|a| a.split("/p2p/").next().unwrap_or(a)).unwrap_or("-");
         peers.row(vec![
             p.id.to_string(),
@@ -106,6 +117,7 @@ pub fn render(st: &ClusterStatus, g: &Global, now: u64, rates: Option<&Rates>) -
             if p.draining { "yes" } else { "no" }.into(),
             format!("{} ago", age(p.last_heartbeat, now)),
             running,
+            p.info.capacity.saturating_sub(busy).to_string(),
         ]);
     }
     if peers.is_empty() {
@@ -199,8 +211,8 @@ mod tests {
         expect_test::expect![[r#"
             cluster via 127.0.0.1:7420 (peer-1): leader peer-1, term 2, commit 40, applied 40
 
-            PEER    ADDRESS                  HOST   PID  RSS MB  ROLE                 DRAINING  HEARTBEAT  RUNNING
-            peer-1  /ip4/127.0.0.1/tcp/7420  box   4242    50.0  voter (leader) (me)  no           1s ago  s1:3
+            PEER    ADDRESS                  HOST   PID  RSS MB  ROLE                 DRAINING  HEARTBEAT  RUNNING  IDLE SLOTS
+            peer-1  /ip4/127.0.0.1/tcp/7420  box   4242    50.0  voter (leader) (me)  no           1s ago  s1:3              5
 
             STREAM  DEPTH  RUNNING  SUCCEEDED  DEAD  OLDEST PENDING  COMPLETED
             s1          6        3         10     0               -         10
