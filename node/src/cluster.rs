@@ -167,6 +167,10 @@ impl ClusterConsensus {
                     {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
+                    // An election: this voter may win it.
+                    Err(ConsensusError::NotLeader { leader: None, .. }) if tokio::time::Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
                     Err(ConsensusError::NotLeader { .. }) => break,
                     other => return other,
                 }
