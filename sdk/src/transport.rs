@@ -202,23 +202,20 @@ pub fn build_transport(
     yamux.set_max_num_streams(MAX_CONCURRENT_STREAMS);
     let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
     let timeout = cfg.handshake_timeout;
-    let transport = match cfg.authkey.as_deref().map(psk_from_authkey) {
-        Some(psk) => tcp
-            .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
-            .upgrade(Version::V1Lazy)
-            .authenticate(noise)
-            .multiplex(yamux)
-            .timeout(timeout)
-            .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
-            .boxed(),
-        None => tcp
-            .upgrade(Version::V1Lazy)
-            .authenticate(noise)
-            .multiplex(yamux)
-            .timeout(timeout)
-            .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
-            .boxed(),
-    };
+    let psk = cfg.authkey.as_deref().map(psk_from_authkey);
+    let transport = tcp
+        .and_then(move |socket, _| async move {
+            match psk {
+                Some(psk) => PnetConfig::new(psk).handshake(socket).await.map(futures::future::Either::Left),
+                None => Ok(futures::future::Either::Right(socket)),
+            }
+        })
+        .upgrade(Version::V1Lazy)
+        .authenticate(noise)
+        .multiplex(yamux)
+        .timeout(timeout)
+        .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
+        .boxed();
     Ok(transport)
 }
 
