@@ -219,9 +219,14 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
             inner.slots.give(self.running.len() as u32);
             self.running.clear();
         }
-        let lease_max = if stopping { 0 } else { inner.slots.take(inner.cfg.max_lease_batch) };
         let status = inner.consensus.status();
-        if cmds.is_empty() && lease_max == 0 && status.leader != Some(status.node) {
+        let leader = status.leader == Some(status.node);
+        // A lease request holds its slots until answered. On the leader,
+        // where submits lease to this peer's free slots themselves
+        // (`Peer::fuse`), take them only when its (freshest) state has work.
+        let idle_leader = leader && inner.consensus.read(|s| s.leasable_streams(me).is_empty());
+        let lease_max = if stopping || idle_leader { 0 } else { inner.slots.take(inner.cfg.max_lease_batch) };
+        if cmds.is_empty() && lease_max == 0 && !leader {
             // Nothing to say and no room: only a leader has a reason to
             // look (a deadline may be due).
             return (finishing, false);
