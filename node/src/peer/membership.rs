@@ -81,15 +81,15 @@ pub fn plan(v: &View, p: &Policy) -> Option<Change> {
     let answering = |id: &u64| *id == v.me || v.silent_ms.get(id).is_some_and(|ms| *ms < p.dead_after_ms);
     let caught_up = |id: &u64| v.matched.get(id).is_some_and(|m| v.last_log.saturating_sub(*m) <= p.caught_up_lag);
     let candidate = v.learners.iter().find(|id| answering(id) && caught_up(id)).copied();
-    let dead = v.voters.iter().filter(|id| **id != v.me && !answering(id)).count();
+    let dead: Vec<u64> = v.voters.iter().copied().filter(|id| *id != v.me && !answering(id)).collect();
     if v.voters.len() < p.target_voters {
         if let Some(id) = candidate {
             return Some(Change::Promote(id));
         }
-    } else if let (Some(dead), Some(with)) = (v.voters.iter().find(|id| **id != v.me && !answering(id)), candidate) {
-        return Some(Change::Replace { dead: *dead, with });
+    } else if let (Some(&dead), Some(with)) = (dead.first(), candidate) {
+        return Some(Change::Replace { dead, with });
     }
-    let missing = p.target_voters.saturating_sub(v.voters.len()) + dead;
+    let missing = p.target_voters.saturating_sub(v.voters.len()) + dead.len();
     let standing_by = v.learners.iter().filter(|id| answering(id)).count();
     if standing_by >= missing {
         return None;

@@ -233,15 +233,14 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
     pub fn unfuse<E>(&self, fused: Option<Fused>, written: Result<ApplyResult, E>) -> Result<ApplyResult, E> {
         let Some(Fused { slots }) = fused else { return written };
         let inner = &self.inner;
-        let (submit, grants) = match written {
-            Ok(Ok(Outcome::Batch(mut parts))) if parts.len() == 2 => {
-                let grants = match parts.pop() {
-                    Some(Ok(Outcome::Leased(grants))) => grants,
-                    _ => Vec::new(),
-                };
-                (parts.pop().unwrap_or(Ok(Outcome::Batch(Vec::new()))), grants)
-            }
-            other => {
+        let parts = match written {
+            Ok(Ok(Outcome::Batch(parts))) => <[ApplyResult; 2]>::try_from(parts).map_err(|p| Ok(Ok(Outcome::Batch(p)))),
+            other => Err(other),
+        };
+        let (submit, grants) = match parts {
+            Ok([submit, Ok(Outcome::Leased(grants))]) => (submit, grants),
+            Ok([submit, _]) => (submit, Vec::new()),
+            Err(other) => {
                 inner.slots.give(slots);
                 return other;
             }
