@@ -11,7 +11,8 @@
 //!   what it had seen before the kill; every acknowledged job still finishes;
 //! - each peer's RSS idle and after the run.
 //!
-//! Flags (after `--`): `--quick` (small counts), `--capacity N` (per peer;
+//! Flags (after `--`): `--quick` (small counts), `--paced-only` (form the
+//! cluster and measure the paced latency only), `--capacity N` (per peer;
 //! default 256: on a 2-core machine throughput grew from ~12k jobs/s at 64
 //! to ~25k at 256 and no further at 512, where latency rose), `--keep-logs`
 //! (keep the peers' data and logs and print where; `RUST_LOG` sets their
@@ -430,6 +431,7 @@ async fn failover(
 async fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
+    let paced_only = args.iter().any(|a| a == "--paced-only");
     let keep_logs = args.iter().any(|a| a == "--keep-logs");
     let capacity: u32 = match args.iter().position(|a| a == "--capacity") {
         Some(i) => args.get(i + 1).context("--capacity N")?.parse()?,
@@ -438,7 +440,7 @@ async fn main() -> Result<()> {
     let bin = release_bin()?;
     let noop = std::fs::read(wasm("noop"))?;
     let dir = tempfile::tempdir()?;
-    let result = run(&bin, dir.path(), capacity, noop, quick).await;
+    let result = run(&bin, dir.path(), capacity, noop, quick, paced_only).await;
     if keep_logs || result.is_err() {
         let kept = dir.keep();
         println!("peer logs kept in {}", kept.display());
@@ -464,7 +466,7 @@ fn fsync_probe(dir: &Path) -> Result<(Duration, Duration)> {
     Ok((v[25], v[49]))
 }
 
-async fn run(bin: &Path, dir: &Path, capacity: u32, noop: Vec<u8>, quick: bool) -> Result<()> {
+async fn run(bin: &Path, dir: &Path, capacity: u32, noop: Vec<u8>, quick: bool, paced_only: bool) -> Result<()> {
     let fsync = fsync_probe(dir)?;
     let load_start = load_avg();
     // Form the cluster: the first peer founds it, the others join it.
@@ -538,7 +540,7 @@ async fn run(bin: &Path, dir: &Path, capacity: u32, noop: Vec<u8>, quick: bool) 
     // run starts from the same state.
     let n: usize = if quick { 5_000 } else { 50_000 };
     let (mut to_leader, mut spread) = (Vec::new(), Vec::new());
-    for round in 0..2 {
+    for round in 0..if paced_only { 0 } else { 2 } {
         let s = StreamName::new(format!("bench-leader-{round}"))?;
         to_leader.push(throughput(&peers, &[leader], &s, module, n).await?);
         clients[leader].delete_stream(&s, false).await?;
@@ -561,11 +563,16 @@ async fn run(bin: &Path, dir: &Path, capacity: u32, noop: Vec<u8>, quick: bool) 
             tokio::time::sleep(wait).await;
         }
         let (c, paced) = (c.clone(), paced.clone());
-        subs.push(tokio::spawn(async move { c.submit(&paced, vec![job(module)]).await }));
+        subs.push(tokio::spawn(async move {
+            let t = Instant::now();
+            c.submit(&paced, vec![job(module)]).await.map(|_| t.elapsed().as_micros() as u64)
+        }));
     }
+    let mut acks = Vec::with_capacity(count);
     for s in subs {
-        s.await??;
+        acks.push(s.await??);
     }
+    acks.sort_unstable();
     wait_drained(&c, &paced, Duration::from_secs(120)).await?;
     let paced_cpu = paced_meter.finish();
     let (mut lat, mut lat_leader, mut lat_followers) = (Vec::new(), Vec::new(), Vec::new());
@@ -591,6 +598,23 @@ async fn run(bin: &Path, dir: &Path, capacity: u32, noop: Vec<u8>, quick: bool) 
     }
     for l in [&mut lat, &mut lat_leader, &mut lat_followers] {
         l.sort_unstable();
+    }
+    if paced_only {
+        // `--paced-only`: the latency rows alone (for iterating on them).
+        println!("fsync p50/p99 {:.1}/{:.1} ms", fsync.0.as_secs_f64() * 1e3, fsync.1.as_secs_f64() * 1e3);
+        println!(
+            "submit→done at 200 jobs/s: p50 {} ms, p99 {} ms, max {} ms; CPU (cores) of p1/p2/p3 {}",
+            percentile(&lat, 0.50),
+            percentile(&lat, 0.99),
+            lat.last().copied().unwrap_or(0),
+            paced_cpu.peers.iter().map(|c| format!("{c:.2}")).collect::<Vec<_>>().join("/")
+        );
+        println!(
+            "submit acknowledged (client round trip): p50 {:.1} ms, p99 {:.1} ms",
+            percentile(&acks, 0.5) as f64 / 1e3,
+            percentile(&acks, 0.99) as f64 / 1e3
+        );
+        return Ok(());
     }
     let loaded_rss: Vec<u64> = pids.iter().map(|&p| rss_of(p)).collect();
 
