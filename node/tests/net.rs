@@ -7,11 +7,16 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use impetus_node::net::{ClientService, NetConfig, Server};
+use futures::FutureExt;
+use impetus_node::net::raft_rpc::{P2pRaftNetwork, RaftReply, RaftRpc};
+use impetus_node::net::{ClientService, Handlers, NetConfig, Server};
 use impetus_proto::api::{ClientRequest, ClientResponse, ClusterStatus, ServiceError};
 use impetus_proto::command::{ApplyError, Command, NewJob, Outcome, Submitted};
 use impetus_proto::ids::{JobId, ModuleHash, PeerId, StreamName, Timestamp};
 use impetus_proto::records::{JobRecord, JobSpec, JobStatus, StreamInfo, StreamProps, StreamStats};
+use impetus_raft::openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
+use impetus_raft::openraft::raft::{VoteRequest, VoteResponse};
+use impetus_raft::{PeerNode, Vote};
 use impetus_sdk::{Client, ClientError};
 use libp2p::Multiaddr;
 use tokio::sync::oneshot;
@@ -421,4 +426,40 @@ fn look((rec, reads): &mut (JobRecord, u32)) -> &JobRecord {
         rec.result = Some(rec.spec.input.clone());
     }
     rec
+}
+
+/// Raft RPCs to one peer ride one long-lived stream: five votes in turn,
+/// each answered by the remote handler in order, open a single stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raft_rpcs_to_one_peer_share_one_stream() {
+    let bind = || Server::bind(NetConfig { listen: "/ip4/127.0.0.1/tcp/0".parse().unwrap(), ..NetConfig::default() });
+    let (a, b) = (bind().await.unwrap(), bind().await.unwrap());
+    let b_addr = b.listen_addr().clone().with(libp2p::multiaddr::Protocol::P2p(b.peer_id()));
+    // B grants every vote and remembers the terms it was asked, in order.
+    let terms = Arc::new(Mutex::new(Vec::new()));
+    let handlers = Arc::new(Handlers::default());
+    let seen = terms.clone();
+    handlers.set_raft_handler(Arc::new(move |rpc| {
+        let reply = match rpc {
+            RaftRpc::Vote(req) => {
+                seen.lock().unwrap().push(req.vote.leader_id().term);
+                RaftReply::Vote(VoteResponse::new(req.vote, None, true))
+            }
+            other => RaftReply::Error(format!("unexpected {}", other.kind())),
+        };
+        async move { reply }.boxed()
+    }));
+    let rb = b.start(handlers);
+    let ra = a.start(Arc::new(Handlers::default()));
+    let mut conn = P2pRaftNetwork::new(ra.handle.clone()).new_client(2, &PeerNode::new(b_addr.to_string())).await;
+    for term in 1..=5 {
+        let req = VoteRequest::new(Vote::new(term, 1), None);
+        let resp = conn.vote(req, RPCOption::new(Duration::from_secs(5))).await.unwrap();
+        assert!(resp.vote_granted, "term {term}: {resp:?}");
+        assert_eq!(resp.vote.leader_id().term, term);
+    }
+    assert_eq!(*terms.lock().unwrap(), [1, 2, 3, 4, 5]);
+    assert_eq!(ra.handle.raft_streams_opened(), 1, "one stream carried all five");
+    ra.stop().await.unwrap();
+    rb.stop().await.unwrap();
 }

@@ -614,6 +614,9 @@ async fn run(bin: &Path, dir: &Path, capacity: u32, noop: Vec<u8>, quick: bool, 
             percentile(&acks, 0.5) as f64 / 1e3,
             percentile(&acks, 0.99) as f64 / 1e3
         );
+        if let (Some(first), Some(last)) = (slow.iter().min(), slow.iter().max()) {
+            println!("jobs over 50 ms: {}, submitted {}–{} (UTC)", slow.len(), utc(*first), utc(*last));
+        }
         return Ok(());
     }
     let loaded_rss: Vec<u64> = pids.iter().map(|&p| rss_of(p)).collect();

@@ -3,7 +3,10 @@
 //! TCP → optional pnet (`--authkey`) → noise → yamux, carrying:
 //! - `/impetus/client/1`: the client protocol (the CLI, the SDK, and writes
 //!   other peers forward to the leader), served by a [`ClientService`];
-//! - `/impetus/raft/1`: Raft RPCs ([`raft_rpc`]);
+//! - `/impetus/raft/1`: Raft RPCs ([`raft_rpc`]) as request-response (a
+//!   snapshot; the fallback), and `/impetus/raft-stream/1`: appends and votes
+//!   on one long-lived substream per leader→follower (libp2p-stream), which
+//!   spares each RPC a substream and two hops through the swarm task;
 //! - identify, Kademlia (server mode) and, when enabled, mDNS: peers learn
 //!   each other's addresses; mDNS discoveries are reported to the joiner.
 //!
@@ -20,6 +23,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -36,7 +40,7 @@ use libp2p::{identify, kad, mdns, Multiaddr, PeerId, StreamProtocol, Swarm};
 use tokio::sync::{mpsc, oneshot};
 
 pub use impetus_sdk::transport::{CLIENT_PROTOCOL, DEFAULT_PORT, REQUEST_TIMEOUT};
-use raft_rpc::{RaftCodec, RaftReply, RaftRpc, RAFT_PROTOCOL};
+use raft_rpc::{RaftCodec, RaftReply, RaftRpc, RAFT_PROTOCOL, RAFT_STREAM_PROTOCOL};
 
 /// Bound on an inbound connection's handshake (pnet, noise, yamux). Longer
 /// than the client's, for slow links; a stalled handshake (a wrong authkey)
@@ -96,10 +100,15 @@ impl Handlers {
 
     /// Answer Raft RPCs with `raft`. Only the first call counts.
     pub fn set_raft(&self, raft: impetus_raft::Raft) {
-        let h: Handler<RaftRpc, RaftReply> = Arc::new(move |rpc| {
+        self.set_raft_handler(Arc::new(move |rpc| {
             let raft = raft.clone();
             async move { raft_rpc::answer(&raft, rpc).await }.boxed()
-        });
+        }));
+    }
+
+    /// Answer Raft RPCs with `h` (a test's stand-in for a Raft node).
+    /// Only the first call counts.
+    pub fn set_raft_handler(&self, h: Handler<RaftRpc, RaftReply>) {
         if self.raft.set(h).is_err() {
             tracing::warn!("the raft handler was already set");
         }
@@ -183,6 +192,7 @@ pub enum NetError {
 struct Behaviour {
     client: request_response::Behaviour<ClientCodec>,
     raft: request_response::Behaviour<RaftCodec>,
+    streams: libp2p_stream::Behaviour,
     identify: identify::Behaviour,
     kad: kad::Behaviour<kad::store::MemoryStore>,
     mdns: Toggle<mdns::tokio::Behaviour>,
@@ -220,6 +230,9 @@ const DIAL_ATTEMPTS: u32 = 3;
 #[derive(Clone)]
 pub struct NetHandle {
     calls: mpsc::UnboundedSender<Call>,
+    streams: libp2p_stream::Control,
+    /// Raft streams this peer opened.
+    streams_opened: Arc<AtomicU64>,
     local: Multiaddr,
     discovered: Arc<Mutex<BTreeSet<Multiaddr>>>,
 }
@@ -266,6 +279,26 @@ impl NetHandle {
         }
     }
 
+    /// Open a Raft stream to `peer` (connected already, or reachable at an
+    /// address the swarm knows), bounded by `ttl`.
+    pub async fn open_raft_stream(&self, peer: PeerId, ttl: Duration) -> Result<libp2p::Stream, NetError> {
+        let mut control = self.streams.clone();
+        match tokio::time::timeout(ttl, control.open_stream(peer, RAFT_STREAM_PROTOCOL)).await {
+            Ok(Ok(stream)) => {
+                self.streams_opened.fetch_add(1, Ordering::Relaxed);
+                Ok(stream)
+            }
+            Ok(Err(e)) => Err(NetError::Unreachable { peer, reason: e.to_string() }),
+            Err(_) => Err(NetError::Unreachable { peer, reason: format!("no raft stream within {ttl:?}") }),
+        }
+    }
+
+    /// How many Raft streams this peer has opened (one per target while
+    /// they stay up).
+    pub fn raft_streams_opened(&self) -> u64 {
+        self.streams_opened.load(Ordering::Relaxed)
+    }
+
     /// Send a Raft RPC to the node at `addr` (with `/p2p/ID`), bounded by `ttl`.
     pub async fn raft(&self, addr: &Multiaddr, rpc: RaftRpc, ttl: Duration) -> Result<RaftReply, NetError> {
         let (peer, base) = split_p2p(addr).ok_or_else(|| NetError::NoPeerId { addr: addr.clone() })?;
@@ -287,6 +320,8 @@ type Swarm_ = Swarm<Behaviour>;
 pub struct Server {
     swarm: Swarm_,
     listen_addr: Multiaddr,
+    streams: libp2p_stream::Control,
+    incoming: libp2p_stream::IncomingStreams,
 }
 
 impl fmt::Debug for Server {
@@ -341,6 +376,7 @@ impl Server {
         kad.set_mode(Some(kad::Mode::Server));
         let behaviour = Behaviour {
             client: transport::client_protocol_behaviour(ProtocolSupport::Full),
+            streams: libp2p_stream::Behaviour::new(),
             raft: request_response::Behaviour::with_codec(
                 RaftCodec,
                 [(RAFT_PROTOCOL, ProtocolSupport::Full)],
@@ -379,7 +415,9 @@ impl Server {
         .map_err(|_| listen_err(format!("no listen address after {LISTEN_TIMEOUT:?}")))?
         .map_err(listen_err)?;
         tracing::info!(peer_id = %swarm.local_peer_id(), addr = %listen_addr, "listening");
-        Ok(Server { swarm, listen_addr })
+        let mut streams = swarm.behaviour().streams.new_control();
+        let incoming = streams.accept(RAFT_STREAM_PROTOCOL).map_err(|e| NetError::Build(e.to_string()))?;
+        Ok(Server { swarm, listen_addr, streams, incoming })
     }
 
     /// The first address the server listens on (with the real port).
@@ -399,7 +437,13 @@ impl Server {
         let (stop, stop_rx) = oneshot::channel();
         let local = self.listen_addr.clone().with(Protocol::P2p(self.peer_id()));
         let discovered = Arc::new(Mutex::new(BTreeSet::new()));
-        let handle = NetHandle { calls, local, discovered: discovered.clone() };
+        let handle = NetHandle {
+            calls,
+            streams: self.streams,
+            streams_opened: Arc::default(),
+            local,
+            discovered: discovered.clone(),
+        };
         let task = tokio::spawn(
             Driver {
                 swarm: self.swarm,
@@ -408,7 +452,7 @@ impl Server {
                 pending_client: HashMap::new(),
                 pending_raft: HashMap::new(),
             }
-            .run(rx, async move {
+            .run(rx, self.incoming, async move {
                 let _ = stop_rx.await;
             }),
         );
@@ -453,6 +497,7 @@ impl Driver {
     async fn run(
         mut self,
         mut calls: mpsc::UnboundedReceiver<Call>,
+        mut incoming: libp2p_stream::IncomingStreams,
         stop: impl Future<Output = ()>,
     ) -> Result<(), NetError> {
         let (client_tx, mut client_rx) = mpsc::unbounded_channel::<ClientAnswer>();
@@ -472,6 +517,9 @@ impl Driver {
                     }
                 }
                 Some(call) = calls.recv() => self.call(call),
+                Some((peer, stream)) = incoming.next() => {
+                    tokio::spawn(raft_rpc::serve_stream(peer, stream, self.handlers.clone()));
+                }
                 event = self.swarm.select_next_some() => self.event(event, &client_tx, &raft_tx)?,
             }
         }

@@ -4,12 +4,22 @@
 //! like the client protocol: `[u32 length][RAFT_RPC_VERSION][postcard...]`.
 //! [`P2pRaftNetwork`] is openraft's network factory on a [`NetHandle`];
 //! [`answer`] is the receiving side, calling into the local Raft.
+//!
+//! Appends and votes go over one long-lived substream per connection
+//! (`/impetus/raft-stream/1`, the same frames, one request then its reply,
+//! in turn): openraft sends one RPC at a time to each target, so nothing
+//! is lost by the order. A stream that fails or times out is dropped (a
+//! late reply must not answer the next request) and the RPC goes once over
+//! request-response instead, which also dials the target's address; the
+//! next RPC opens a new stream. Snapshots always use request-response.
 
 use std::future::Future;
 use std::io;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{AsyncRead, AsyncWrite};
+use futures::{AsyncRead, AsyncWrite, FutureExt};
 use impetus_raft::openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use impetus_raft::openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use impetus_raft::openraft::raft::{
@@ -18,13 +28,16 @@ use impetus_raft::openraft::raft::{
 use impetus_raft::openraft::OptionalSend;
 use impetus_raft::{NodeId, PeerNode, Raft, Snapshot, SnapshotData, SnapshotMeta, TypeConfig, Vote};
 use impetus_sdk::transport::{read_frame, write_frame};
-use libp2p::{Multiaddr, StreamProtocol};
+use libp2p::{Multiaddr, PeerId, StreamProtocol};
 use serde::{Deserialize, Serialize};
 
-use super::NetHandle;
+use super::{split_p2p, Handlers, NetHandle};
 
 /// The protocol name of Raft RPCs.
 pub const RAFT_PROTOCOL: StreamProtocol = StreamProtocol::new("/impetus/raft/1");
+
+/// The protocol name of the long-lived Raft stream.
+pub const RAFT_STREAM_PROTOCOL: StreamProtocol = StreamProtocol::new("/impetus/raft-stream/1");
 
 /// Version byte of a Raft RPC frame.
 pub const RAFT_RPC_VERSION: u8 = 1;
@@ -141,6 +154,48 @@ pub async fn answer(raft: &Raft, rpc: RaftRpc) -> RaftReply {
     }
 }
 
+/// Answer the RPCs that arrive on one Raft stream from `peer`, in order,
+/// until it closes or a frame is malformed.
+pub async fn serve_stream(peer: PeerId, mut stream: libp2p::Stream, handlers: Arc<Handlers>) {
+    loop {
+        let rpc = match read_frame(&mut stream, MAX_RAFT_FRAME).await {
+            Ok(frame) => match decode::<RaftRpc>("raft request", &frame) {
+                Ok(rpc) => rpc,
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "malformed raft request; closing its stream");
+                    return;
+                }
+            },
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "raft stream closed");
+                return;
+            }
+        };
+        let kind = rpc.kind();
+        let reply = match handlers.raft.get() {
+            Some(h) => AssertUnwindSafe(h(rpc)).catch_unwind().await.unwrap_or_else(|_| {
+                tracing::error!(%peer, kind, "raft handler panicked");
+                RaftReply::Error(format!("the {kind} handler panicked"))
+            }),
+            None => RaftReply::Error("raft is not running on this peer yet".into()),
+        };
+        let sent = match encode(&reply) {
+            Ok(frame) => write_frame(&mut stream, &frame, MAX_RAFT_FRAME).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = sent {
+            tracing::debug!(%peer, kind, error = %e, "raft reply not sent; closing its stream");
+            return;
+        }
+    }
+}
+
+/// One request and its reply on a Raft stream.
+async fn exchange(stream: &mut libp2p::Stream, rpc: &RaftRpc) -> io::Result<RaftReply> {
+    write_frame(stream, &encode(rpc)?, MAX_RAFT_FRAME).await?;
+    decode("raft reply", &read_frame(stream, MAX_RAFT_FRAME).await?)
+}
+
 /// openraft's network on the swarm: one [`P2pConnection`] per target node,
 /// addressed by the multiaddr (with `/p2p/ID`) its membership entry holds.
 #[derive(Clone, Debug)]
@@ -160,6 +215,10 @@ pub struct P2pConnection {
     net: NetHandle,
     target: NodeId,
     addr: Result<Multiaddr, String>,
+    /// The open Raft stream to the target, if any. Only ever reached
+    /// through `&mut self` (`Mutex::get_mut`, no lock): the mutex is there
+    /// because openraft wants a `Sync` network and a stream is not.
+    stream: std::sync::Mutex<Option<libp2p::Stream>>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for P2pRaftNetwork {
@@ -167,26 +226,70 @@ impl RaftNetworkFactory<TypeConfig> for P2pRaftNetwork {
 
     async fn new_client(&mut self, target: NodeId, node: &PeerNode) -> P2pConnection {
         let addr = node.addr.parse::<Multiaddr>().map_err(|e| format!("node {target} has a bad address {node}: {e}"));
-        P2pConnection { net: self.net.clone(), target, addr }
+        P2pConnection { net: self.net.clone(), target, addr, stream: std::sync::Mutex::new(None) }
     }
 }
 
 impl P2pConnection {
-    async fn call(&self, rpc: RaftRpc, ttl: Duration) -> Result<RaftReply, RPCError<TypeConfig>> {
-        let addr = self.addr.as_ref().map_err(|e| RPCError::Unreachable(Unreachable::from_string(e.clone())))?;
+    /// `rpc` over the Raft stream (opened first if needed); `Err` gives the
+    /// RPC back when the stream could not carry it.
+    async fn over_stream(&mut self, peer: PeerId, rpc: RaftRpc, ttl: Duration) -> Result<RaftReply, RaftRpc> {
+        let slot = self.stream.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut stream = match slot.take() {
+            Some(s) => s,
+            None => match self.net.open_raft_stream(peer, ttl).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(target = self.target, error = %e, "no raft stream; using request-response");
+                    return Err(rpc);
+                }
+            },
+        };
+        match tokio::time::timeout(ttl, exchange(&mut stream, &rpc)).await {
+            Ok(Ok(reply)) => {
+                *slot = Some(stream);
+                Ok(reply)
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(target = self.target, error = %e, "raft stream failed; dropped");
+                Err(rpc)
+            }
+            Err(_) => {
+                tracing::debug!(target = self.target, ?ttl, "raft stream timed out; dropped");
+                Err(rpc)
+            }
+        }
+    }
+
+    async fn call(&mut self, rpc: RaftRpc, ttl: Duration) -> Result<RaftReply, RPCError<TypeConfig>> {
+        let addr = self.addr.clone().map_err(|e| RPCError::Unreachable(Unreachable::from_string(e)))?;
         let kind = rpc.kind();
         // openraft asks for one heartbeat interval (100 ms). A loaded
         // machine (a debug build, a flush behind a busy disk) can take
         // longer, and cutting the RPC then only makes it send it again.
         let ttl = ttl.max(MIN_RPC_TTL);
-        match self.net.raft(addr, rpc, ttl).await {
-            // Not started yet, or stopping: back off as from an unreachable node.
-            Ok(RaftReply::Error(e)) => Err(RPCError::Unreachable(Unreachable::from_string(format!(
-                "node {} refused {kind}: {e}",
-                self.target
-            )))),
-            Ok(reply) => Ok(reply),
+        let rpc = match (split_p2p(&addr), &rpc) {
+            (Some((peer, _)), RaftRpc::Append(_) | RaftRpc::Vote(_) | RaftRpc::PreVote(_)) => {
+                match self.over_stream(peer, rpc, ttl).await {
+                    Ok(reply) => return Self::answered(self.target, kind, reply),
+                    Err(rpc) => rpc,
+                }
+            }
+            _ => rpc,
+        };
+        match self.net.raft(&addr, rpc, ttl).await {
+            Ok(reply) => Self::answered(self.target, kind, reply),
             Err(e) => Err(RPCError::Unreachable(Unreachable::from_string(format!("node {}: {e}", self.target)))),
+        }
+    }
+
+    fn answered(target: NodeId, kind: &str, reply: RaftReply) -> Result<RaftReply, RPCError<TypeConfig>> {
+        match reply {
+            // Not started yet, or stopping: back off as from an unreachable node.
+            RaftReply::Error(e) => {
+                Err(RPCError::Unreachable(Unreachable::from_string(format!("node {target} refused {kind}: {e}"))))
+            }
+            reply => Ok(reply),
         }
     }
 }
