@@ -30,7 +30,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use impetus_proto::{StreamInfo, StreamStats};
 use prometheus_client::encoding::text::{encode_eof, encode_registry};
 use prometheus_client::encoding::{EncodeCounterValue, EncodeGaugeValue, EncodeMetric, MetricEncoder, NoLabelSet};
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::MetricType;
@@ -126,6 +126,9 @@ pub struct Snapshot<'a> {
     pub raft: &'a RaftStatus,
     /// The streams and their job counts, in the order they are to be listed.
     pub streams: &'a [StreamInfo],
+    /// Raft streams this peer opened (one per target while they stay up;
+    /// a count that keeps climbing means they keep failing).
+    pub raft_streams_opened: u64,
 }
 
 fn encode_all(out: &mut String, live: &Registry, snapshot: &Registry) -> std::fmt::Result {
@@ -156,6 +159,11 @@ fn snapshot_registry(snap: &Snapshot<'_>) -> Registry {
         "impetus_raft_applied_index",
         "The last Raft log index this peer applied",
         ConstGauge::new(raft.applied_index),
+    );
+    r.register(
+        "impetus_raft_streams_opened",
+        "Raft streams this peer opened to other peers",
+        ConstCounter::new(snap.raft_streams_opened),
     );
 
     let streams = snap.streams;
@@ -451,7 +459,7 @@ mod tests {
         metrics.leases_granted(3);
         metrics.leases_granted(2);
         let (raft, streams) = (leader(), streams());
-        let out = metrics.render(&Snapshot { peer: 2, raft: &raft, streams: &streams });
+        let out = metrics.render(&Snapshot { peer: 2, raft: &raft, streams: &streams, raft_streams_opened: 2 });
 
         assert!(out.ends_with("\n# EOF\n"), "{out}");
         assert_eq!(out.matches("# EOF").count(), 1, "{out}");
@@ -488,6 +496,9 @@ mod tests {
             # HELP impetus_raft_applied_index The last Raft log index this peer applied.
             # TYPE impetus_raft_applied_index gauge
             impetus_raft_applied_index 118
+            # HELP impetus_raft_streams_opened Raft streams this peer opened to other peers.
+            # TYPE impetus_raft_streams_opened counter
+            impetus_raft_streams_opened_total 2
             # HELP impetus_stream_jobs Jobs in a stream, by status.
             # TYPE impetus_stream_jobs gauge
             impetus_stream_jobs{stream="emails",status="queued"} 3
@@ -530,11 +541,12 @@ mod tests {
         assert!(out.contains("impetus_job_run_seconds_bucket{le=\"0.05\"} 1\n"), "{out}");
         assert!(out.contains("impetus_job_run_seconds_bucket{le=\"5.0\"} 3\n"), "{out}");
         assert!(out.contains("impetus_job_run_seconds_bucket{le=\"+Inf\"} 3\n"), "{out}");
-        assert_eq!(out, metrics.render(&Snapshot { peer: 2, raft: &raft, streams: &streams }));
+        assert_eq!(out, metrics.render(&Snapshot { peer: 2, raft: &raft, streams: &streams, raft_streams_opened: 2 }));
 
         // A stream gone from the snapshot is gone from the output; a follower is not the leader.
         let follower = RaftStatus { node: 3, leader: None, ..leader() };
-        let out = metrics.render(&Snapshot { peer: 3, raft: &follower, streams: &streams[1..] });
+        let out =
+            metrics.render(&Snapshot { peer: 3, raft: &follower, streams: &streams[1..], raft_streams_opened: 2 });
         assert!(!out.contains("emails"), "{out}");
         assert!(out.contains("impetus_stream_jobs{stream=\"thumbs.v2\",status=\"succeeded\"} 7\n"), "{out}");
         assert!(out.contains("impetus_raft_is_leader 0\n"), "{out}");
@@ -567,7 +579,7 @@ mod tests {
         metrics.leases_granted(1);
         let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || {
             let (raft, streams) = (leader(), streams());
-            metrics.render(&Snapshot { peer: 2, raft: &raft, streams: &streams })
+            metrics.render(&Snapshot { peer: 2, raft: &raft, streams: &streams, raft_streams_opened: 2 })
         });
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(serve(listener, render, async {

@@ -297,7 +297,7 @@ pub async fn run_peer(
         }))
     };
     let metrics_server = match &opts.metrics {
-        Some(maddr) => Some(start_metrics(maddr, metrics.clone(), local.clone(), peer.id()).await?),
+        Some(maddr) => Some(start_metrics(maddr, metrics.clone(), local.clone(), net.handle.clone(), peer.id()).await?),
         None => None,
     };
 
@@ -511,6 +511,7 @@ async fn start_metrics(
     addr: &str,
     metrics: Arc<Metrics>,
     local: Arc<RaftConsensus<TypeConfig>>,
+    net: crate::net::NetHandle,
     me: PeerId,
 ) -> Result<(tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>), ServeError> {
     let listener = tokio::net::TcpListener::bind(addr)
@@ -520,7 +521,8 @@ async fn start_metrics(
     let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || {
         let raft = local.status();
         let streams = local.read(|s| s.streams());
-        metrics.render(&crate::metrics::Snapshot { peer: me.0, raft: &raft, streams: &streams })
+        let raft_streams_opened = net.raft_streams_opened();
+        metrics.render(&crate::metrics::Snapshot { peer: me.0, raft: &raft, streams: &streams, raft_streams_opened })
     });
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
