@@ -80,6 +80,12 @@ enum Job<C: ImpetusConfig> {
 
 /// The flusher: take every job queued, do the purges, flush once, then
 /// acknowledge in order. Ends when every store handle is dropped.
+/// What the flusher answers once a flush is done (the jobs without their trees).
+enum Ack<C: ImpetusConfig> {
+    Append { last: Option<u64>, done: IOFlushed<C> },
+    Sync(tokio::sync::oneshot::Sender<io::Result<()>>),
+}
+
 fn flusher<C: ImpetusConfig>(
     jobs: std::sync::mpsc::Receiver<Job<C>>,
     flushes: Arc<AtomicU64>,
@@ -110,18 +116,27 @@ fn flusher<C: ImpetusConfig>(
             Ok(()) => Ok(()),
             Err(e) => Err(io::Error::new(e.kind(), format!("flushing the raft log: {e}"))),
         };
-        for job in batch {
-            match job {
-                Job::Append { last, done, .. } => {
+        // Let go of every tree before the first acknowledgement: a store
+        // closed once its writes are acknowledged finds sled's lock free.
+        let acks: Vec<Ack<C>> = batch
+            .into_iter()
+            .filter_map(|job| match job {
+                Job::Append { last, done, .. } => Some(Ack::Append { last, done }),
+                Job::Sync { done, .. } => Some(Ack::Sync(done)),
+                Job::Purge { .. } => None,
+            })
+            .collect();
+        for ack in acks {
+            match ack {
+                Ack::Append { last, done } => {
                     if let (Some(last), true) = (last, flushed.is_ok()) {
                         durable_index.fetch_max(last, Ordering::SeqCst);
                     }
                     done.io_completed(result());
                 }
-                Job::Sync { done, .. } => {
+                Ack::Sync(done) => {
                     let _ = done.send(result());
                 }
-                Job::Purge { .. } => {}
             }
         }
     }
