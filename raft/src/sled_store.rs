@@ -78,14 +78,14 @@ enum Job<C: ImpetusConfig> {
     Purge { tree: sled::Tree, upto: LogId },
 }
 
-/// The flusher: take every job queued, do the purges, flush once, then
-/// acknowledge in order. Ends when every store handle is dropped.
 /// What the flusher answers once a flush is done (the jobs without their trees).
 enum Ack<C: ImpetusConfig> {
     Append { last: Option<u64>, done: IOFlushed<C> },
     Sync(tokio::sync::oneshot::Sender<io::Result<()>>),
 }
 
+/// The flusher: take every job queued, do the purges, flush once, then
+/// acknowledge in order. Ends when every store handle is dropped.
 fn flusher<C: ImpetusConfig>(
     jobs: std::sync::mpsc::Receiver<Job<C>>,
     flushes: Arc<AtomicU64>,

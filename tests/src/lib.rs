@@ -28,7 +28,7 @@ fn target_dir() -> PathBuf {
 pub fn impetus_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        let status = cargo_build(&["build", "--quiet", "-p", "impetus-node", "--bin", "impetus"])
+        let status = cargo_build(&["--quiet", "-p", "impetus-node", "--bin", "impetus"])
             .status()
             .expect("running cargo build for the impetus binary");
         assert!(status.success(), "building the impetus binary failed");
@@ -38,14 +38,14 @@ pub fn impetus_bin() -> &'static Path {
     })
 }
 
-/// `cargo ARGS` in the workspace, without the variables cargo sets for the
+/// `cargo build ARGS` in the workspace, without the variables cargo sets for the
 /// test or bench running it (`CARGO_PKG_*`, `CARGO_MANIFEST_*`,
 /// `LD_LIBRARY_PATH`, ...): build scripts that watch them would run again,
 /// and the outer build would then rebuild everything above them.
 fn cargo_build(args: &[&str]) -> Command {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.args(args).current_dir(root());
+    cmd.arg("build").args(args).current_dir(root());
     for (key, _) in std::env::vars_os() {
         let Some(key) = key.to_str() else { continue };
         let ours = key.starts_with("CARGO_") && !matches!(key, "CARGO_HOME" | "CARGO_TARGET_DIR");
@@ -58,8 +58,7 @@ fn cargo_build(args: &[&str]) -> Command {
 
 /// The release `impetus` binary, built first (for the benchmarks).
 pub fn release_bin() -> Result<PathBuf> {
-    let ok =
-        cargo_build(&["build", "--quiet", "--release", "-p", "impetus-node", "--bin", "impetus"]).status()?.success();
+    let ok = cargo_build(&["--quiet", "--release", "-p", "impetus-node", "--bin", "impetus"]).status()?.success();
     if !ok {
         bail!("building the release binary failed");
     }

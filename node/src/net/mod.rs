@@ -106,6 +106,24 @@ impl Handlers {
         }));
     }
 
+    /// The answer to `rpc` from `peer`: the Raft handler's, "not running
+    /// yet" before it is set, an error naming the RPC if the handler panics.
+    fn answer_raft(&self, peer: PeerId, rpc: RaftRpc) -> BoxFuture<'static, RaftReply> {
+        let kind = rpc.kind();
+        let Some(h) = self.raft.get() else {
+            return async { RaftReply::Error("raft is not running on this peer yet".into()) }.boxed();
+        };
+        AssertUnwindSafe(h(rpc))
+            .catch_unwind()
+            .map(move |r| {
+                r.unwrap_or_else(|_| {
+                    tracing::error!(%peer, kind, "raft handler panicked");
+                    RaftReply::Error(format!("the {kind} handler panicked"))
+                })
+            })
+            .boxed()
+    }
+
     /// Answer Raft RPCs with `h` (a test's stand-in for a Raft node).
     /// Only the first call counts.
     pub fn set_raft_handler(&self, h: Handler<RaftRpc, RaftReply>) {
@@ -667,17 +685,10 @@ impl Driver {
         match event {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request { request, channel, .. } => {
-                    let kind = request.kind();
-                    let fut = match self.handlers.raft.get() {
-                        Some(h) => h(request),
-                        None => async { RaftReply::Error("raft is not running on this peer yet".into()) }.boxed(),
-                    };
+                    let fut = self.handlers.answer_raft(peer, request);
                     let answers = answers.clone();
                     tokio::spawn(async move {
-                        let resp = AssertUnwindSafe(fut).catch_unwind().await.unwrap_or_else(|_| {
-                            tracing::error!(%peer, kind, "raft handler panicked");
-                            RaftReply::Error(format!("the {kind} handler panicked"))
-                        });
+                        let resp = fut.await;
                         let _ = answers.send((channel, resp));
                     });
                 }

@@ -15,11 +15,10 @@
 
 use std::future::Future;
 use std::io;
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{AsyncRead, AsyncWrite, FutureExt};
+use futures::{AsyncRead, AsyncWrite};
 use impetus_raft::openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use impetus_raft::openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use impetus_raft::openraft::raft::{
@@ -172,13 +171,7 @@ pub async fn serve_stream(peer: PeerId, mut stream: libp2p::Stream, handlers: Ar
             }
         };
         let kind = rpc.kind();
-        let reply = match handlers.raft.get() {
-            Some(h) => AssertUnwindSafe(h(rpc)).catch_unwind().await.unwrap_or_else(|_| {
-                tracing::error!(%peer, kind, "raft handler panicked");
-                RaftReply::Error(format!("the {kind} handler panicked"))
-            }),
-            None => RaftReply::Error("raft is not running on this peer yet".into()),
-        };
+        let reply = handlers.answer_raft(peer, rpc).await;
         let sent = match encode(&reply) {
             Ok(frame) => write_frame(&mut stream, &frame, MAX_RAFT_FRAME).await,
             Err(e) => Err(e),
