@@ -211,6 +211,10 @@ impl Consensus for ClusterConsensus {
         self.local.read(f)
     }
 
+    async fn holds_state(&self) -> bool {
+        self.local.holds_state().await
+    }
+
     fn status(&self) -> RaftStatus {
         self.local.status()
     }

@@ -188,6 +188,12 @@ impl<C: ImpetusConfig> Consensus for RaftConsensus<C> {
         self.state.read(f)
     }
 
+    async fn holds_state(&self) -> bool {
+        // Asks the Raft core, so the answer reflects the loaded storage (its
+        // metrics may not have been published yet right after a start).
+        self.raft.is_initialized().await.unwrap_or(false)
+    }
+
     fn status(&self) -> RaftStatus {
         let m = self.raft.metrics().borrow_watched().clone();
         let membership = m.membership_config.membership();

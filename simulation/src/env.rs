@@ -131,6 +131,11 @@ impl Consensus for SimConsensus {
     fn status(&self) -> RaftStatus {
         self.local.status()
     }
+
+    fn holds_state(&self) -> impl Future<Output = bool> + Send {
+        let local = self.local.clone();
+        async move { local.holds_state().await }
+    }
 }
 
 /// Runs "jobs" natively: input `n` → `n*n`. Whether an attempt succeeds,

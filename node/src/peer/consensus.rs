@@ -35,6 +35,9 @@ pub trait Consensus: Send + Sync + 'static {
     /// Read this peer's applied state.
     fn read<T>(&self, f: impl FnOnce(&State) -> T) -> T;
     fn status(&self) -> RaftStatus;
+    /// Whether this peer holds Raft state (a vote, a log or a membership):
+    /// a voter or learner, or one restarted on its data. A worker holds none.
+    fn holds_state(&self) -> impl Future<Output = bool> + Send;
     /// A module's bytes by hash, from this peer's replica; an implementation
     /// whose replica may lag (a follower) asks the cluster when it is missing.
     fn module(&self, hash: ModuleHash) -> impl Future<Output = Option<Vec<u8>>> + Send {

@@ -22,6 +22,12 @@ use impetus_proto::api::WorkRequest;
 use impetus_proto::{ApplyResult, Command, Outcome, PeerId, PeerInfo, PeerRole};
 use tokio::sync::Notify;
 
+/// How often, and how many times, a restarted peer looks whether its
+/// replica knows it yet (see [`Peer::start`]): 10 s in all, longer than
+/// a few elections on a loaded machine.
+const START_WAIT_STEP: Duration = Duration::from_millis(100);
+const START_WAIT_ROUNDS: u32 = 100;
+
 pub use consensus::{serve_work, Consensus, ConsensusError, RaftStatus};
 pub use runner::{JobRunner, RunReport};
 pub use runtime::Runtime;
@@ -144,15 +150,23 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
         id: Option<PeerId>,
     ) -> Result<Peer<R, C, X>, PeerError> {
         if let Some(id) = id {
-            // After a restart the log may not be re-applied yet: wait (bounded)
-            // until the applied state has caught up before deciding that this
-            // peer is unknown and registering a new id.
-            for _ in 0..50 {
+            // After a restart the log may not be re-applied yet, and the
+            // commit index this replica restored may lag (it is not flushed
+            // on its own): before deciding that this peer is unknown and
+            // registering a new id, wait (bounded) until it is known, or
+            // until a leader is known and the applied state has caught up
+            // with the commit index it reported. A peer with no Raft state
+            // (a worker) has nothing to wait for.
+            let stateless = !consensus.holds_state().await;
+            for _ in 0..START_WAIT_ROUNDS {
                 let st = consensus.status();
-                if consensus.read(|s| s.peer(id).is_some()) || st.applied_index >= st.commit_index {
+                if stateless
+                    || consensus.read(|s| s.peer(id).is_some())
+                    || (st.leader.is_some() && st.applied_index >= st.commit_index)
+                {
                     break;
                 }
-                rt.sleep(Duration::from_millis(100)).await;
+                rt.sleep(START_WAIT_STEP).await;
             }
         }
         // Is this id still registered? Then hand back the leases an earlier
