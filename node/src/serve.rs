@@ -224,10 +224,8 @@ pub async fn run_peer(
     // new peer joins (the leader registers it as a worker) or founds the
     // cluster as node 1. A worker holds no Raft state: after a restart it
     // joins again through its `--join` peers and gets its id back.
-    let (log, sm) = impetus_raft::open_sled::<TypeConfig>(&raft_dir).await?;
-    let holds_state = log.index_range().map_err(data_err(&raft_dir))?.is_some()
-        || log.purged().map_err(data_err(&raft_dir))?.is_some()
-        || sm.handle().last_applied().is_some();
+    let (log, sm) = impetus_raft::open_stores::<TypeConfig>(&raft_dir).await?;
+    let holds_state = log.index_range().is_some() || log.purged().is_some() || sm.handle().last_applied().is_some();
     let mut contacts = Vec::new();
     let (node_id, founder) = match known_id {
         Some(id) if holds_state => (id.0, false),

@@ -1,5 +1,5 @@
-//! impetus-raft: openraft type config, log and state-machine storage (sled on
-//! disk, in memory for tests and the simulator), snapshots.
+//! impetus-raft: openraft type config, log and state-machine storage (on
+//! disk: a WAL and sled; in memory for tests and the simulator), snapshots.
 //!
 //! The pieces:
 //! - [`ImpetusConfig`]: every openraft type config Impetus runs with; the
@@ -9,8 +9,9 @@
 //!   `openraft_rt_sim::SimRuntime`).
 //! - [`StateMachineStore`]: the replicated [`impetus_queue::State`] plus the
 //!   last applied log id and membership; snapshots go to a [`SnapshotStore`].
-//! - [`MemLogStore`] (tests, simulator) and `SledLogStore` (feature `sled`):
-//!   the Raft log. A write is acknowledged only after it is flushed.
+//! - [`MemLogStore`] (tests, simulator) and `WalLogStore` (feature `sled`:
+//!   append-only segment files): the Raft log. A write is acknowledged only
+//!   after it is flushed.
 //! - [`testing::Router`]: an in-process network between Raft instances.
 //! - `start_single` (feature `sled`): one peer on a data directory.
 //!
@@ -26,21 +27,25 @@ pub use impetus_proto::ApplyResult;
 use impetus_proto::{Command, Timestamp};
 use serde::{Deserialize, Serialize};
 
+#[cfg(feature = "sled")]
+mod disk;
 mod error;
 mod mem_log;
-#[cfg(feature = "sled")]
-mod sled_store;
 mod snapshot_store;
 mod state_machine;
 pub mod testing;
+#[cfg(feature = "sled")]
+pub mod wal_log;
 
+#[cfg(feature = "sled")]
+pub use disk::{open_stores, start_single, start_single_with, SNAPSHOT_TREE, WAL_DIR};
 pub use error::RaftError;
 pub use mem_log::MemLogStore;
 pub use openraft;
-#[cfg(feature = "sled")]
-pub use sled_store::{open_sled, start_single, start_single_with, SledLogStore};
 pub use snapshot_store::{MemSnapshotStore, SnapshotStore, StoredSnapshot};
 pub use state_machine::{Applied, StateHandle, StateMachineStore};
+#[cfg(feature = "sled")]
+pub use wal_log::WalLogStore;
 
 /// Version byte of a log entry as written to disk.
 pub const LOG_ENTRY_VERSION: u8 = 1;

@@ -7,10 +7,10 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use impetus_raft::{open_sled, raft_config, start_node, PeerNode, TypeConfig};
+use impetus_raft::{open_stores, raft_config, start_node, PeerNode, TypeConfig};
 
-async fn start(dir: &std::path::Path) -> (impetus_raft::Raft, impetus_raft::StateHandle, impetus_raft::SledLogStore) {
-    let (log, sm) = open_sled::<TypeConfig>(dir).await.unwrap();
+async fn start(dir: &std::path::Path) -> (impetus_raft::Raft, impetus_raft::StateHandle, impetus_raft::WalLogStore) {
+    let (log, sm) = open_stores::<TypeConfig>(dir).await.unwrap();
     let probe = log.clone();
     let sm = sm.with_invariant_checks(true);
     // A snapshot every 20 entries, keep 5 entries behind it.
@@ -45,10 +45,10 @@ async fn snapshot_purges_log_and_restart_recovers_identical_state() {
     let jobs = state.read(job_count);
     assert_eq!(jobs, 60);
     raft.shutdown().await.unwrap();
-    let (first, last_on_disk) = log.index_range().unwrap().expect("log not empty");
+    let (first, last_on_disk) = log.index_range().expect("log not empty");
     assert!(first > 1, "log was not purged: first index {first}");
     assert_eq!(last_on_disk, last.max(last_on_disk));
-    assert!(log.purged().unwrap().is_some());
+    assert!(log.purged().is_some());
     drop((raft, state, log));
 
     // Restart: snapshot + remaining log give the identical state.

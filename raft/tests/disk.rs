@@ -1,4 +1,5 @@
-//! One peer on sled: writes, reads, restart, durability of acknowledged writes.
+//! One peer on its data directory: writes, reads, restart, durability of
+//! acknowledged writes, moving an old sled log into the WAL.
 #![cfg(feature = "sled")]
 
 mod common;
@@ -7,11 +8,8 @@ use std::time::Duration;
 
 use common::*;
 use impetus_raft::openraft::async_runtime::WatchReceiver;
-use impetus_raft::openraft::storage::{IOFlushed, RaftLogReader, RaftLogStorage};
-use impetus_raft::openraft::type_config::TypeConfigExt;
 use impetus_raft::{
-    open_sled, raft_config, start_node, start_single, start_single_with, Entry, LeaderId, LogId, PeerNode,
-    SledLogStore, TypeConfig,
+    open_stores, raft_config, start_node, start_single, start_single_with, PeerNode, TypeConfig, WalLogStore,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -41,8 +39,8 @@ async fn single_node_survives_restart_with_identical_state() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn write_is_acknowledged_only_after_flush() {
     let dir = tempfile::tempdir().unwrap();
-    let (log, sm) = open_sled::<TypeConfig>(dir.path()).await.unwrap();
-    let probe: SledLogStore = log.clone();
+    let (log, sm) = open_stores::<TypeConfig>(dir.path()).await.unwrap();
+    let probe: WalLogStore = log.clone();
     let (raft, _state) = start_node(
         7,
         raft_config(10_000, 100),
@@ -62,41 +60,6 @@ async fn write_is_acknowledged_only_after_flush() {
         assert!(probe.flush_count() > flushes, "no flush between two acknowledged writes");
     }
     raft.shutdown().await.unwrap();
-}
-
-fn blank(index: u64) -> Entry {
-    Entry { log_id: LogId::new(LeaderId { term: 1, node_id: 1 }, index), payload: impetus_raft::Payload::Blank }
-}
-
-/// `append` writes the whole batch, flushes once, then signals; the entries
-/// are on disk for a fresh open of the database.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn append_flushes_once_per_batch_then_acknowledges() {
-    let dir = tempfile::tempdir().unwrap();
-    {
-        let db = sled::open(dir.path()).unwrap();
-        let mut log = SledLogStore::<TypeConfig>::open(&db).unwrap();
-        let (tx, rx) = TypeConfig::oneshot();
-        log.append((1..=100).map(blank), IOFlushed::signal(tx)).await.unwrap();
-        rx.await.unwrap().unwrap();
-        assert_eq!(log.flush_count(), 1, "one flush for a batch of 100");
-        assert_eq!(log.durable_index(), 100);
-
-        log.truncate_after(Some(blank(90).log_id)).await.unwrap();
-        log.purge(blank(10).log_id).await.unwrap();
-        let (tx, rx) = TypeConfig::oneshot();
-        log.append((91..=95).map(blank), IOFlushed::signal(tx)).await.unwrap();
-        rx.await.unwrap().unwrap();
-    }
-    let db = sled::open(dir.path()).unwrap();
-    let mut log = SledLogStore::<TypeConfig>::open(&db).unwrap();
-    assert_eq!(log.index_range().unwrap(), Some((11, 95)));
-    assert_eq!(log.purged().unwrap(), Some(blank(10).log_id));
-    let got = log.try_get_log_entries(20..=22).await.unwrap();
-    assert_eq!(got.iter().map(|e| e.log_id.index).collect::<Vec<_>>(), vec![20, 21, 22]);
-    let state = log.get_log_state().await.unwrap();
-    assert_eq!(state.last_log_id.map(|l| l.index), Some(95));
-    assert_eq!(state.last_purged_log_id.map(|l| l.index), Some(10));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,689 @@
+//! The Raft log in append-only segment files (a write-ahead log).
+//!
+//! Layout: a directory of segments named `{seq:016x}.wal`, `seq` counting up.
+//! A segment is a sequence of records, each `[len: u32 LE][crc32: u32 LE]`
+//! then `len` payload bytes (a versioned [`Record`]). Nothing is ever
+//! rewritten in place: an append, a truncation, a purge, a vote and a commit
+//! pointer are each a record at the end of the newest segment, and the log's
+//! state is the replay of every record in order ([`Index::apply`] is the one
+//! function both the live store and the replay use).
+//!
+//! Invariants:
+//! - every segment begins with a [`Record::Meta`] carrying the vote, commit
+//!   pointer and purge pointer at its creation, so an older segment can be
+//!   deleted without losing them;
+//! - a segment is deleted only once every entry ever written to it is
+//!   purged, and only after the record of that purge is on disk;
+//! - a segment is synced before the next one is created, so only the newest
+//!   segment can end in a torn record (a write cut by a crash, never
+//!   acknowledged): on open it is cut off there; damage anywhere else is an
+//!   error that names the segment and the offset;
+//! - an append is acknowledged only after `fdatasync` covered it; one sync
+//!   covers every append queued meanwhile (group commit), on the flusher
+//!   thread, and acknowledgements keep the order of the appends.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fmt::Debug;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::marker::PhantomData;
+use std::ops::{Bound, RangeBounds};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
+use openraft::OptionalSend;
+use serde::{Deserialize, Serialize};
+
+use crate::{invalid_data, Entry, ImpetusConfig, LogId, TypeConfig, Vote};
+
+/// Version byte of a WAL record's payload.
+pub const WAL_RECORD_VERSION: u8 = 1;
+/// A segment is closed and a new one begun once it passes this size.
+pub const SEGMENT_BYTES: u64 = 32 << 20;
+/// Bytes before each record's payload: its length and its CRC-32.
+const HEADER: usize = 8;
+const SUFFIX: &str = ".wal";
+
+/// One record of the log.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Record {
+    /// The state at the start of a segment.
+    Meta {
+        vote: Option<Vote>,
+        committed: Option<LogId>,
+        purged: Option<LogId>,
+    },
+    Entry(Entry),
+    /// Remove every entry at or after `from`.
+    Truncate {
+        from: u64,
+    },
+    /// Remove every entry up to and including this log id.
+    Purge(LogId),
+    Vote(Vote),
+    Committed(Option<LogId>),
+}
+
+/// Where an entry's record is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Loc {
+    seg: u64,
+    /// Offset of the record's header in its segment.
+    pos: u64,
+    /// Payload length.
+    len: u32,
+    log_id: LogId,
+}
+
+impl Loc {
+    fn end(&self) -> u64 {
+        self.pos + HEADER as u64 + u64::from(self.len)
+    }
+}
+
+/// The log's state: what replaying the records gives.
+#[derive(Debug, Default)]
+struct Index {
+    entries: BTreeMap<u64, Loc>,
+    vote: Option<Vote>,
+    committed: Option<LogId>,
+    purged: Option<LogId>,
+}
+
+impl Index {
+    /// Apply one record found at `loc` (its log id is filled in for entries).
+    fn apply(&mut self, record: &Record, seg: u64, pos: u64, len: u32) {
+        match record {
+            Record::Meta { vote, committed, purged } => {
+                self.vote = *vote;
+                self.committed = *committed;
+                if let Some(p) = purged {
+                    self.purge(*p);
+                }
+            }
+            Record::Entry(e) => {
+                let index = e.log_id.index;
+                // A re-appended index replaces it and everything after it
+                // (openraft truncates first; this keeps the index exact anyway).
+                self.entries.split_off(&index);
+                self.entries.insert(index, Loc { seg, pos, len, log_id: e.log_id });
+            }
+            Record::Truncate { from } => {
+                self.entries.split_off(from);
+            }
+            Record::Purge(upto) => self.purge(*upto),
+            Record::Vote(v) => self.vote = Some(*v),
+            Record::Committed(c) => self.committed = *c,
+        }
+    }
+
+    fn purge(&mut self, upto: LogId) {
+        if self.purged.is_some_and(|p| p.index >= upto.index) {
+            return;
+        }
+        self.purged = Some(upto);
+        self.entries = self.entries.split_off(&(upto.index + 1));
+    }
+
+    fn meta(&self) -> Record {
+        Record::Meta { vote: self.vote, committed: self.committed, purged: self.purged }
+    }
+
+    /// The entries follow each other without a gap, right after the purge pointer.
+    fn check(&self) -> Result<(), String> {
+        let mut expect = self.purged.map(|p| p.index + 1);
+        for (&index, loc) in &self.entries {
+            if index != loc.log_id.index {
+                return Err(format!("entry {} is filed under index {index}", loc.log_id.index));
+            }
+            if let Some(e) = expect {
+                if index != e {
+                    return Err(format!("entry {e} is missing (the next one is {index})"));
+                }
+            }
+            expect = Some(index + 1);
+        }
+        Ok(())
+    }
+}
+
+/// One segment file.
+#[derive(Debug)]
+struct Segment {
+    file: Arc<File>,
+    path: PathBuf,
+    /// Bytes written (the offset of the next record).
+    len: u64,
+    /// The highest entry index ever written to it (0: none).
+    max_index: u64,
+}
+
+#[derive(Debug)]
+struct Inner {
+    dir: PathBuf,
+    segment_bytes: u64,
+    index: Index,
+    segments: BTreeMap<u64, Segment>,
+}
+
+/// The Raft log in segment files; see the module doc for the format and
+/// the invariants. Clones share the log (openraft reads through a clone
+/// while it appends).
+pub struct WalLogStore<C: ImpetusConfig = TypeConfig> {
+    inner: Arc<Mutex<Inner>>,
+    flushes: Arc<AtomicU64>,
+    durable_index: Arc<AtomicU64>,
+    flusher: std::sync::mpsc::Sender<Job<C>>,
+    _config: PhantomData<fn() -> C>,
+}
+
+impl<C: ImpetusConfig> Clone for WalLogStore<C> {
+    fn clone(&self) -> Self {
+        WalLogStore {
+            inner: self.inner.clone(),
+            flushes: self.flushes.clone(),
+            durable_index: self.durable_index.clone(),
+            flusher: self.flusher.clone(),
+            _config: PhantomData,
+        }
+    }
+}
+
+impl<C: ImpetusConfig> Debug for WalLogStore<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let g = self.lock();
+        f.debug_struct("WalLogStore")
+            .field("dir", &g.dir)
+            .field("entries", &g.index.entries.len())
+            .field("segments", &g.segments.len())
+            .field("flushes", &self.flush_count())
+            .finish()
+    }
+}
+
+/// Work for the flusher thread.
+enum Job<C: ImpetusConfig> {
+    /// Acknowledge an appended batch (up to `last`) once synced.
+    Append { file: Arc<File>, last: Option<u64>, done: IOFlushed<C> },
+    /// Sync and answer.
+    Sync { file: Arc<File>, done: tokio::sync::oneshot::Sender<io::Result<()>> },
+    /// Sync (the purge record is in `file`), then delete these segments.
+    Purge { file: Arc<File>, delete: Vec<PathBuf> },
+}
+
+impl<C: ImpetusConfig> Job<C> {
+    fn file(&self) -> &Arc<File> {
+        match self {
+            Job::Append { file, .. } | Job::Sync { file, .. } | Job::Purge { file, .. } => file,
+        }
+    }
+}
+
+/// The flusher: take every job queued, sync each file they wrote to once,
+/// delete the purged segments, then acknowledge in order. Ends when every
+/// store handle is dropped.
+fn flusher<C: ImpetusConfig>(
+    jobs: std::sync::mpsc::Receiver<Job<C>>,
+    flushes: Arc<AtomicU64>,
+    durable_index: Arc<AtomicU64>,
+) {
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        batch.extend(jobs.try_iter());
+        let mut files: Vec<&Arc<File>> = Vec::new();
+        for job in &batch {
+            if !files.iter().any(|f| Arc::ptr_eq(f, job.file())) {
+                files.push(job.file());
+            }
+        }
+        let synced: io::Result<()> = files.iter().try_for_each(|f| f.sync_data());
+        if synced.is_ok() {
+            flushes.fetch_add(1, Ordering::SeqCst);
+        }
+        let result = || match &synced {
+            Ok(()) => Ok(()),
+            Err(e) => Err(io::Error::new(e.kind(), format!("syncing the raft log: {e}"))),
+        };
+        for job in batch {
+            match job {
+                Job::Append { last, done, .. } => {
+                    if let (Some(last), true) = (last, synced.is_ok()) {
+                        durable_index.fetch_max(last, Ordering::SeqCst);
+                    }
+                    done.io_completed(result());
+                }
+                Job::Sync { done, .. } => {
+                    let _ = done.send(result());
+                }
+                // Delete only what a synced purge record covers.
+                Job::Purge { delete, .. } if synced.is_ok() => {
+                    for path in delete {
+                        match std::fs::remove_file(&path) {
+                            Ok(()) => tracing::debug!(segment = %path.display(), "purged raft log segment deleted"),
+                            Err(e) => {
+                                tracing::warn!(segment = %path.display(), error = %e, "could not delete a purged raft log segment")
+                            }
+                        }
+                    }
+                }
+                Job::Purge { .. } => {}
+            }
+        }
+    }
+}
+
+fn segment_path(dir: &Path, seq: u64) -> PathBuf {
+    dir.join(format!("{seq:016x}{SUFFIX}"))
+}
+
+fn frame(record: &Record, out: &mut Vec<u8>) -> u32 {
+    let payload = impetus_proto::wire::encode(WAL_RECORD_VERSION, record);
+    let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
+    assert_eq!(len as usize, payload.len(), "a raft log record over 4 GiB");
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+    out.extend_from_slice(&payload);
+    len
+}
+
+fn decode_record(payload: &[u8]) -> Result<Record, String> {
+    impetus_proto::wire::decode("raft log record", WAL_RECORD_VERSION, payload, usize::MAX).map_err(|e| e.to_string())
+}
+
+/// Parse the record at `pos` of `buf`: `Ok(None)` at a clean end,
+/// `Err` (with the reason) at a torn or damaged record.
+fn parse_at(buf: &[u8], pos: usize) -> Result<Option<(Record, u32)>, String> {
+    let rest = &buf[pos..];
+    if rest.is_empty() {
+        return Ok(None);
+    }
+    if rest.len() < HEADER {
+        return Err(format!("{} bytes left, less than a record header", rest.len()));
+    }
+    let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
+    let crc = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
+    let Some(payload) = rest.get(HEADER..HEADER + len as usize) else {
+        return Err(format!("a record of {len} bytes runs past the end"));
+    };
+    if crc32fast::hash(payload) != crc {
+        return Err(format!("the checksum of a {len}-byte record does not match"));
+    }
+    decode_record(payload).map(|r| Some((r, len)))
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+fn with_path(path: &Path, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+}
+
+impl<C: ImpetusConfig> WalLogStore<C> {
+    /// Open (or create) the log in `dir`: replay every segment, cut a torn
+    /// record off the newest one, and begin a new segment.
+    pub fn open(dir: &Path) -> io::Result<WalLogStore<C>> {
+        WalLogStore::open_with(dir, SEGMENT_BYTES)
+    }
+
+    /// [`WalLogStore::open`], beginning a new segment once one passes
+    /// `segment_bytes` (tests use small segments).
+    pub fn open_with(dir: &Path, segment_bytes: u64) -> io::Result<WalLogStore<C>> {
+        std::fs::create_dir_all(dir).map_err(|e| with_path(dir, e))?;
+        let mut seqs = Vec::new();
+        for item in std::fs::read_dir(dir).map_err(|e| with_path(dir, e))? {
+            let name = item?.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if let Some(seq) = name.strip_suffix(SUFFIX).and_then(|s| u64::from_str_radix(s, 16).ok()) {
+                seqs.push(seq);
+            }
+        }
+        seqs.sort_unstable();
+        let mut index = Index::default();
+        let mut segments = BTreeMap::new();
+        for (i, &seq) in seqs.iter().enumerate() {
+            let newest = i + 1 == seqs.len();
+            let seg = replay_segment(dir, seq, newest, &mut index)?;
+            segments.insert(seq, seg);
+        }
+        index.check().map_err(|e| invalid_data(&format!("raft log in {}", dir.display()), e))?;
+        let mut inner = Inner { dir: dir.to_path_buf(), segment_bytes: segment_bytes.max(1), index, segments };
+        let next = seqs.last().map_or(0, |s| s + 1);
+        inner.begin_segment(next)?;
+
+        let (flushes, durable_index) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        if let Some(last) = inner.index.entries.keys().next_back() {
+            durable_index.store(*last, Ordering::SeqCst);
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (f, d) = (flushes.clone(), durable_index.clone());
+        std::thread::Builder::new().name("raft-log-flush".into()).spawn(move || flusher::<C>(rx, f, d))?;
+        tracing::debug!(dir = %dir.display(), segments = inner.segments.len(), entries = inner.index.entries.len(), "raft log opened");
+        Ok(WalLogStore {
+            inner: Arc::new(Mutex::new(inner)),
+            flushes,
+            durable_index,
+            flusher: tx,
+            _config: PhantomData,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Syncs of the log so far (each covers every append queued before it).
+    pub fn flush_count(&self) -> u64 {
+        self.flushes.load(Ordering::SeqCst)
+    }
+
+    /// Index of the last appended entry known to be on disk.
+    pub fn durable_index(&self) -> u64 {
+        self.durable_index.load(Ordering::SeqCst)
+    }
+
+    /// `(first index, last index)` of the entries in the log, if any.
+    pub fn index_range(&self) -> Option<(u64, u64)> {
+        let g = self.lock();
+        let first = *g.index.entries.keys().next()?;
+        let last = *g.index.entries.keys().next_back()?;
+        Some((first, last))
+    }
+
+    /// The last purged log id.
+    pub fn purged(&self) -> Option<LogId> {
+        self.lock().index.purged
+    }
+
+    /// The segment files on disk, oldest first.
+    pub fn segment_paths(&self) -> Vec<PathBuf> {
+        self.lock().segments.values().map(|s| s.path.clone()).collect()
+    }
+
+    /// Sync everything written so far (on the flusher thread, after the
+    /// appends queued before) and wait for it.
+    async fn sync(&self, file: Arc<File>) -> io::Result<()> {
+        let (done, synced) = tokio::sync::oneshot::channel();
+        self.send(Job::Sync { file, done })?;
+        synced.await.map_err(|_| flusher_gone())?
+    }
+
+    fn send(&self, job: Job<C>) -> io::Result<()> {
+        self.flusher.send(job).map_err(|_| flusher_gone())
+    }
+
+    /// Write one record (not synced); return the file to sync.
+    fn write_one(&self, record: Record) -> io::Result<Arc<File>> {
+        let mut g = self.lock();
+        g.write(std::slice::from_ref(&record))?;
+        Ok(g.current().file.clone())
+    }
+}
+
+/// Replay one segment into `index`; cut a torn tail off the newest.
+fn replay_segment(dir: &Path, seq: u64, newest: bool, index: &mut Index) -> io::Result<Segment> {
+    let path = segment_path(dir, seq);
+    let file = OpenOptions::new().read(true).write(true).open(&path).map_err(|e| with_path(&path, e))?;
+    let mut buf = Vec::new();
+    io::Read::read_to_end(&mut &file, &mut buf).map_err(|e| with_path(&path, e))?;
+    let mut pos = 0usize;
+    let mut max_index = 0;
+    loop {
+        match parse_at(&buf, pos) {
+            Ok(None) => break,
+            Ok(Some((record, len))) => {
+                if let Record::Entry(e) = &record {
+                    max_index = max_index.max(e.log_id.index);
+                }
+                index.apply(&record, seq, pos as u64, len);
+                pos += HEADER + len as usize;
+            }
+            Err(why) if newest => {
+                tracing::warn!(segment = %path.display(), offset = pos, dropped_bytes = buf.len() - pos, reason = %why,
+                    "the raft log ends in a torn record (a write cut by a crash, never acknowledged); cutting it off");
+                file.set_len(pos as u64).map_err(|e| with_path(&path, e))?;
+                file.sync_all().map_err(|e| with_path(&path, e))?;
+                break;
+            }
+            Err(why) => {
+                return Err(invalid_data(&format!("raft log segment {} is damaged at byte {pos}", path.display()), why))
+            }
+        }
+    }
+    Ok(Segment { file: Arc::new(file), path, len: pos as u64, max_index })
+}
+
+impl Inner {
+    fn current(&self) -> &Segment {
+        match self.segments.values().next_back() {
+            Some(s) => s,
+            None => unreachable!("the raft log always has a current segment once open"),
+        }
+    }
+
+    /// Create segment `seq` beginning with the current meta record, synced
+    /// with its directory entry.
+    fn begin_segment(&mut self, seq: u64) -> io::Result<()> {
+        let path = segment_path(&self.dir, seq);
+        let file =
+            OpenOptions::new().read(true).write(true).create_new(true).open(&path).map_err(|e| with_path(&path, e))?;
+        let mut buf = Vec::new();
+        frame(&self.index.meta(), &mut buf);
+        file.write_all_at(&buf, 0).map_err(|e| with_path(&path, e))?;
+        file.sync_data().map_err(|e| with_path(&path, e))?;
+        sync_dir(&self.dir).map_err(|e| with_path(&self.dir, e))?;
+        self.segments.insert(seq, Segment { file: Arc::new(file), path, len: buf.len() as u64, max_index: 0 });
+        Ok(())
+    }
+
+    /// Append `records` to the current segment (one write), apply them, and
+    /// begin a new segment first if the current one is full (syncing it).
+    fn write(&mut self, records: &[Record]) -> io::Result<()> {
+        let (seq, full) = match self.segments.iter().next_back() {
+            Some((seq, s)) => (*seq, s.len >= self.segment_bytes),
+            None => unreachable!("the raft log always has a current segment once open"),
+        };
+        let seq = if full {
+            self.current().file.sync_data().map_err(|e| with_path(&self.current().path, e))?;
+            self.begin_segment(seq + 1)?;
+            seq + 1
+        } else {
+            seq
+        };
+        let mut buf = Vec::new();
+        let mut framed = Vec::with_capacity(records.len());
+        for r in records {
+            let pos = buf.len() as u64;
+            framed.push((pos, frame(r, &mut buf)));
+        }
+        let seg = match self.segments.get_mut(&seq) {
+            Some(s) => s,
+            None => unreachable!("segment {seq} was just looked up"),
+        };
+        let base = seg.len;
+        seg.file.write_all_at(&buf, base).map_err(|e| with_path(&seg.path, e))?;
+        seg.len += buf.len() as u64;
+        for (r, (pos, len)) in records.iter().zip(framed) {
+            if let Record::Entry(e) = r {
+                seg.max_index = seg.max_index.max(e.log_id.index);
+            }
+            self.index.apply(r, seq, base + pos, len);
+        }
+        Ok(())
+    }
+
+    /// Segments every entry of which is purged, but not the current one.
+    fn purgeable(&mut self) -> Vec<PathBuf> {
+        let Some(purged) = self.index.purged else { return Vec::new() };
+        let current = self.segments.keys().next_back().copied();
+        let gone: Vec<u64> = self
+            .segments
+            .iter()
+            .filter(|(seq, s)| Some(**seq) != current && s.max_index <= purged.index)
+            .map(|(seq, _)| *seq)
+            .collect();
+        gone.iter().filter_map(|seq| self.segments.remove(seq)).map(|s| s.path).collect()
+    }
+}
+
+/// Create the log at `dir` (which must not exist) holding `meta` then
+/// `entries`, synced (moving a log from elsewhere into a WAL).
+pub(crate) fn write_initial(dir: &Path, meta: Record, entries: Vec<Entry>) -> io::Result<()> {
+    assert!(matches!(meta, Record::Meta { .. }), "a segment begins with a meta record");
+    std::fs::create_dir(dir).map_err(|e| with_path(dir, e))?;
+    let path = segment_path(dir, 0);
+    let file = OpenOptions::new().write(true).create_new(true).open(&path).map_err(|e| with_path(&path, e))?;
+    let mut buf = Vec::new();
+    frame(&meta, &mut buf);
+    for e in entries {
+        frame(&Record::Entry(e), &mut buf);
+    }
+    file.write_all_at(&buf, 0).map_err(|e| with_path(&path, e))?;
+    file.sync_all().map_err(|e| with_path(&path, e))?;
+    sync_dir(dir).map_err(|e| with_path(dir, e))
+}
+
+fn flusher_gone() -> io::Error {
+    io::Error::other("the raft log's flusher thread has stopped")
+}
+
+/// Read the entries at `locs` (ascending): each run of records that follow
+/// each other in one segment is one read.
+fn read_entries(locs: &[(Arc<File>, Loc)]) -> io::Result<Vec<Entry>> {
+    let mut out = Vec::with_capacity(locs.len());
+    let mut i = 0;
+    while i < locs.len() {
+        let (file, first) = &locs[i];
+        let mut j = i + 1;
+        while j < locs.len() && locs[j].1.seg == first.seg && locs[j].1.pos == locs[j - 1].1.end() {
+            j += 1;
+        }
+        let end = locs[j - 1].1.end();
+        let mut buf = vec![0u8; (end - first.pos) as usize];
+        file.read_exact_at(&mut buf, first.pos)?;
+        let mut pos = 0;
+        for (_, loc) in &locs[i..j] {
+            match parse_at(&buf, pos) {
+                Ok(Some((Record::Entry(e), len))) if e.log_id == loc.log_id => {
+                    out.push(e);
+                    pos += HEADER + len as usize;
+                }
+                other => {
+                    let why = match other {
+                        Err(why) => why,
+                        Ok(r) => format!("expected entry {:?}, found {r:?}", loc.log_id),
+                    };
+                    return Err(invalid_data(&format!("raft log segment {:016x} at byte {}", loc.seg, loc.pos), why));
+                }
+            }
+        }
+        i = j;
+    }
+    Ok(out)
+}
+
+impl<C: ImpetusConfig> RaftLogReader<C> for WalLogStore<C> {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, io::Error> {
+        let locs: Vec<(Arc<File>, Loc)> = {
+            let g = self.lock();
+            let range = (range.start_bound().cloned(), range.end_bound().cloned());
+            if matches!(range, (Bound::Included(s) | Bound::Excluded(s), Bound::Included(e) | Bound::Excluded(e)) if s > e)
+            {
+                return Ok(Vec::new());
+            }
+            g.index
+                .entries
+                .range(range)
+                .filter_map(|(_, loc)| g.segments.get(&loc.seg).map(|s| (s.file.clone(), *loc)))
+                .collect()
+        };
+        read_entries(&locs)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
+        Ok(self.lock().index.vote)
+    }
+}
+
+impl<C: ImpetusConfig> RaftLogStorage<C> for WalLogStore<C> {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<C>, io::Error> {
+        let g = self.lock();
+        let last_purged_log_id = g.index.purged;
+        let last_log_id = g.index.entries.values().next_back().map(|l| l.log_id).or(last_purged_log_id);
+        Ok(LogState { last_purged_log_id, last_log_id })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
+        let file = self.write_one(Record::Vote(*vote))?;
+        self.sync(file).await
+    }
+
+    /// Not synced by itself: a commit pointer that lags after a crash is
+    /// learned again from the leader.
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
+        self.write_one(Record::Committed(committed)).map(|_| ())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
+        Ok(self.lock().index.committed)
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: IOFlushed<C>) -> Result<(), io::Error>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let records: Vec<Record> = entries.into_iter().map(Record::Entry).collect();
+        let last = records.iter().rev().find_map(|r| match r {
+            Record::Entry(e) => Some(e.log_id.index),
+            _ => None,
+        });
+        let file = {
+            let mut g = self.lock();
+            g.write(&records)?;
+            g.current().file.clone()
+        };
+        tracing::trace!(count = records.len(), last_index = ?last, "log batch written; sync queued");
+        self.send(Job::Append { file, last, done: callback })
+    }
+
+    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
+        let from = match last_log_id {
+            Some(l) => match l.index.checked_add(1) {
+                Some(i) => i,
+                None => return Ok(()),
+            },
+            None => 0,
+        };
+        let file = self.write_one(Record::Truncate { from })?;
+        self.sync(file).await?;
+        self.durable_index.fetch_min(from.saturating_sub(1), Ordering::SeqCst);
+        tracing::debug!(from, "log truncated");
+        Ok(())
+    }
+
+    /// The entries go at once; the segments they filled are deleted on the
+    /// flusher thread once the purge record is synced.
+    async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
+        let (file, delete) = {
+            let mut g = self.lock();
+            g.write(&[Record::Purge(log_id)])?;
+            (g.current().file.clone(), g.purgeable())
+        };
+        tracing::debug!(upto = log_id.index, segments = delete.len(), "log purged");
+        self.send(Job::Purge { file, delete })
+    }
+}

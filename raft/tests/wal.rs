@@ -1,0 +1,226 @@
+//! The Raft log in segment files: group commit, replay, torn tails, damage,
+//! segment rotation and deletion, moving an old sled log in, and openraft's
+//! own storage conformance suite.
+#![cfg(feature = "sled")]
+
+use std::io::Write;
+use std::path::Path;
+
+use impetus_raft::openraft::storage::{IOFlushed, RaftLogReader, RaftLogStorage};
+use impetus_raft::openraft::testing::log::{StoreBuilder, Suite};
+use impetus_raft::openraft::type_config::TypeConfigExt;
+use impetus_raft::openraft::{ErrorSubject, ErrorVerb, StorageError};
+use impetus_raft::{
+    open_stores, Entry, LeaderId, LogId, MemSnapshotStore, Payload, SnapshotStore, StateMachineStore, TypeConfig, Vote,
+    WalLogStore, LOG_ENTRY_VERSION, LOG_META_VERSION, WAL_DIR,
+};
+
+fn log_id(term: u64, index: u64) -> LogId {
+    LogId::new(LeaderId { term, node_id: 1 }, index)
+}
+
+fn blank_at(term: u64, index: u64) -> Entry {
+    Entry { log_id: log_id(term, index), payload: Payload::Blank }
+}
+
+fn blank(index: u64) -> Entry {
+    blank_at(1, index)
+}
+
+async fn append(log: &mut WalLogStore, entries: impl IntoIterator<Item = Entry>) {
+    let (tx, rx) = TypeConfig::oneshot();
+    log.append(entries.into_iter().collect::<Vec<_>>(), IOFlushed::signal(tx)).await.unwrap();
+    rx.await.unwrap().unwrap();
+}
+
+async fn indexes(log: &mut WalLogStore, range: std::ops::RangeInclusive<u64>) -> Vec<(u64, u64)> {
+    let got = log.try_get_log_entries(range).await.unwrap();
+    got.iter().map(|e| (e.log_id.leader_id.term, e.log_id.index)).collect()
+}
+
+/// `append` writes the whole batch, syncs once, then signals; truncation,
+/// purge, vote and commit pointer all survive a reopen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn append_syncs_once_per_batch_and_everything_survives_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let vote = Vote::new_committed(3, 1);
+    {
+        let mut log = WalLogStore::<TypeConfig>::open(dir.path()).unwrap();
+        append(&mut log, (1..=100).map(blank)).await;
+        assert_eq!(log.flush_count(), 1, "one sync for a batch of 100");
+        assert_eq!(log.durable_index(), 100);
+
+        log.truncate_after(Some(log_id(1, 90))).await.unwrap();
+        assert_eq!(log.durable_index(), 90);
+        log.purge(log_id(1, 10)).await.unwrap();
+        append(&mut log, (91..=95).map(|i| blank_at(2, i))).await;
+        log.save_vote(&vote).await.unwrap();
+        log.save_committed(Some(log_id(2, 93))).await.unwrap();
+        // The commit pointer is not synced on its own; the next append is.
+        append(&mut log, [blank_at(2, 96)]).await;
+    }
+    let mut log = WalLogStore::<TypeConfig>::open(dir.path()).unwrap();
+    assert_eq!(log.index_range(), Some((11, 96)));
+    assert_eq!(log.purged(), Some(log_id(1, 10)));
+    assert_eq!(indexes(&mut log, 89..=92).await, vec![(1, 89), (1, 90), (2, 91), (2, 92)]);
+    assert_eq!(log.read_vote().await.unwrap(), Some(vote));
+    assert_eq!(log.read_committed().await.unwrap(), Some(log_id(2, 93)));
+    let state = log.get_log_state().await.unwrap();
+    assert_eq!(state.last_log_id, Some(log_id(2, 96)));
+    assert_eq!(state.last_purged_log_id, Some(log_id(1, 10)));
+    assert_eq!(log.durable_index(), 96);
+}
+
+/// A record cut by a crash at the end of the newest segment was never
+/// acknowledged: reopening cuts it off, keeps everything before it, and the
+/// log goes on from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_record_at_the_end_is_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let newest = {
+        let mut log = WalLogStore::<TypeConfig>::open(dir.path()).unwrap();
+        append(&mut log, (1..=10).map(blank)).await;
+        log.segment_paths().pop().unwrap()
+    };
+    // Half a record: a header that promises more bytes than follow.
+    let mut f = std::fs::OpenOptions::new().append(true).open(&newest).unwrap();
+    f.write_all(&[200, 0, 0, 0, 1, 2, 3, 4, 9, 9]).unwrap();
+    drop(f);
+    let size = std::fs::metadata(&newest).unwrap().len();
+
+    let mut log = WalLogStore::<TypeConfig>::open(dir.path()).unwrap();
+    assert_eq!(log.index_range(), Some((1, 10)));
+    assert_eq!(std::fs::metadata(&newest).unwrap().len(), size - 10, "the torn bytes are gone");
+    append(&mut log, (11..=12).map(blank)).await;
+    drop(log);
+    let mut log = WalLogStore::<TypeConfig>::open(dir.path()).unwrap();
+    assert_eq!(indexes(&mut log, 9..=12).await, vec![(1, 9), (1, 10), (1, 11), (1, 12)]);
+}
+
+/// A damaged record anywhere but the end of the newest segment is not a
+/// torn write: opening fails and names the segment and the offset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damage_inside_an_older_segment_is_an_error_that_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = {
+        let mut log = WalLogStore::<TypeConfig>::open(dir.path()).unwrap();
+        append(&mut log, (1..=10).map(blank)).await;
+        log.segment_paths()[0].clone()
+    };
+    // Reopened, so `first` is no longer the newest segment.
+    drop(WalLogStore::<TypeConfig>::open(dir.path()).unwrap());
+    let mut bytes = std::fs::read(&first).unwrap();
+    let at = bytes.len() - 3;
+    bytes[at] ^= 0xff;
+    std::fs::write(&first, &bytes).unwrap();
+
+    let err = WalLogStore::<TypeConfig>::open(dir.path()).unwrap_err();
+    let msg = err.to_string();
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidData, "{msg}");
+    assert!(msg.contains(&first.display().to_string()) && msg.contains("checksum"), "{msg}");
+}
+
+/// Full segments are closed and new ones begun; a purge deletes every
+/// segment whose entries are all purged, and the vote written in a deleted
+/// segment survives (each segment begins with the state).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_segments_rotate_and_purged_ones_are_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let vote = Vote::new(4, 1);
+    {
+        let mut log = WalLogStore::<TypeConfig>::open_with(dir.path(), 300).unwrap();
+        log.save_vote(&vote).await.unwrap();
+        for i in 1..=200 {
+            append(&mut log, [blank(i)]).await;
+        }
+        let before = log.segment_paths();
+        assert!(before.len() >= 5, "200 entries in 300-byte segments: {} segments", before.len());
+        log.purge(log_id(1, 150)).await.unwrap();
+        // Deleted on the flusher thread, after the purge is synced: a sync
+        // queued behind it has seen the deletion done.
+        log.save_vote(&vote).await.unwrap();
+        let after = log.segment_paths();
+        assert!(after.len() < before.len(), "{} segments before the purge, {} after", before.len(), after.len());
+        let on_disk = std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(on_disk, after.len(), "deleted from disk, not only forgotten");
+        assert_eq!(log.index_range(), Some((151, 200)));
+    }
+    let mut log = WalLogStore::<TypeConfig>::open_with(dir.path(), 300).unwrap();
+    assert_eq!(log.index_range(), Some((151, 200)));
+    assert_eq!(log.purged(), Some(log_id(1, 150)));
+    assert_eq!(log.read_vote().await.unwrap(), Some(vote));
+    assert_eq!(indexes(&mut log, 150..=152).await, vec![(1, 151), (1, 152)]);
+}
+
+/// A data directory written by a version that kept the Raft log in sled:
+/// opening it moves the log into the WAL, whole, and drops the sled tree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_sled_log_is_moved_into_the_wal() {
+    let dir = tempfile::tempdir().unwrap();
+    let vote = Vote::new_committed(2, 1);
+    {
+        // The old layout: entries under b'e' + big-endian index, the pointers under m/.
+        let db = sled::open(dir.path()).unwrap();
+        let tree = db.open_tree("raft-log").unwrap();
+        for i in 6..=20u64 {
+            let mut key = vec![b'e'];
+            key.extend_from_slice(&i.to_be_bytes());
+            tree.insert(key, impetus_proto::wire::encode(LOG_ENTRY_VERSION, &blank(i))).unwrap();
+        }
+        tree.insert(b"m/vote", impetus_proto::wire::encode(LOG_META_VERSION, &vote)).unwrap();
+        tree.insert(b"m/committed", impetus_proto::wire::encode(LOG_META_VERSION, &log_id(1, 18))).unwrap();
+        tree.insert(b"m/purged", impetus_proto::wire::encode(LOG_META_VERSION, &log_id(1, 5))).unwrap();
+        db.flush().unwrap();
+    }
+    let (mut log, _sm) = open_stores::<TypeConfig>(dir.path()).await.unwrap();
+    assert_eq!(log.index_range(), Some((6, 20)));
+    assert_eq!(log.purged(), Some(log_id(1, 5)));
+    assert_eq!(log.read_vote().await.unwrap(), Some(vote));
+    assert_eq!(log.read_committed().await.unwrap(), Some(log_id(1, 18)));
+    assert_eq!(indexes(&mut log, 19..=25).await, vec![(1, 19), (1, 20)]);
+    assert!(dir.path().join(WAL_DIR).is_dir());
+    drop((log, _sm));
+
+    // The tree is gone; a second open reads the WAL alone.
+    wait_for_unlock(dir.path()).await;
+    {
+        let db = sled::open(dir.path()).unwrap();
+        assert!(!db.tree_names().iter().any(|n| n.as_ref() == b"raft-log"), "the old log tree is dropped");
+    }
+    let (log, _sm) = open_stores::<TypeConfig>(dir.path()).await.unwrap();
+    assert_eq!(log.index_range(), Some((6, 20)));
+}
+
+/// sled releases its directory lock a moment after the last handle drops.
+async fn wait_for_unlock(dir: &Path) {
+    for _ in 0..250 {
+        match sled::open(dir) {
+            Ok(db) => {
+                drop(db);
+                return;
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+        }
+    }
+    panic!("sled kept {} locked for 5 s", dir.display());
+}
+
+/// openraft's storage conformance suite, on a fresh WAL each time.
+struct Builder;
+
+impl StoreBuilder<TypeConfig, WalLogStore, StateMachineStore<TypeConfig>, tempfile::TempDir> for Builder {
+    async fn build(
+        &self,
+    ) -> Result<(tempfile::TempDir, WalLogStore, StateMachineStore<TypeConfig>), StorageError<TypeConfig>> {
+        let err = |e| StorageError::from_io_error(ErrorSubject::Store, ErrorVerb::Read, e);
+        let dir = tempfile::tempdir().map_err(err)?;
+        let log = WalLogStore::open(dir.path()).map_err(err)?;
+        let sm = StateMachineStore::open(SnapshotStore::Memory(MemSnapshotStore::new())).map_err(err)?;
+        Ok((dir, log, sm))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passes_openraft_storage_suite() {
+    Suite::test_all(Builder).await.unwrap();
+}
