@@ -81,7 +81,9 @@ impl<C: ImpetusConfig> RaftConsensus<C> {
 
     /// [`Consensus::write`], also returning the entry's log index.
     pub async fn write_indexed(&self, now: Timestamp, cmd: Command) -> Result<(u64, ApplyResult), ConsensusError> {
+        tracing::trace!(target: crate::LATENCY, "write proposed");
         let resp = self.raft.client_write(Request { now, cmd }).await.map_err(write_error)?;
+        tracing::trace!(target: crate::LATENCY, index = resp.log_id.index(), "write applied");
         Ok((resp.log_id.index(), resp.data))
     }
 

@@ -12,7 +12,7 @@ use libp2p::identity::Keypair;
 use tokio::sync::Notify;
 
 use impetus_proto::api::{ClientRequest, ClientResponse};
-use impetus_proto::{LeaseGrant, ModuleHash, PeerId, PeerInfo};
+use impetus_proto::{ErrorKind, ErrorRecord, LeaseGrant, ModuleHash, PeerId, PeerInfo};
 
 use crate::cluster::{ClusterConsensus, ClusterService};
 use crate::exec::{ExecConfig, ExecError, Executor, RunSpec};
@@ -96,13 +96,61 @@ pub enum ServeError {
     Peer(#[from] crate::peer::PeerError),
     #[error("network: {0}")]
     Net(#[from] crate::net::NetError),
+    #[error("starting the threads jobs run on: {0}")]
+    JobThreads(std::io::Error),
+}
+
+/// The threads jobs run on: a runtime of their own, so a job starts at
+/// once on an idle thread instead of waiting behind the Raft and network
+/// work of the peer's runtime (and a busy job never delays a heartbeat).
+/// Shut down without waiting when dropped: by then the peer has drained
+/// its jobs.
+pub struct JobThreads {
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl JobThreads {
+    /// One thread per core.
+    pub fn new() -> std::io::Result<JobThreads> {
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("impetus-job")
+            .enable_time()
+            .build()?;
+        Ok(JobThreads { rt: Some(rt) })
+    }
+
+    fn handle(&self) -> tokio::runtime::Handle {
+        match &self.rt {
+            Some(rt) => rt.handle().clone(),
+            None => unreachable!("the job threads are only taken when dropped"),
+        }
+    }
+}
+
+impl std::fmt::Debug for JobThreads {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let threads = self.rt.as_ref().map(|rt| rt.metrics().num_workers());
+        f.debug_struct("JobThreads").field("threads", &threads).finish()
+    }
+}
+
+impl Drop for JobThreads {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 /// The wasm executor as the peer's [`JobRunner`], counting what it runs.
+/// Jobs run on [`JobThreads`]; `run` starts a job at the call.
 #[derive(Clone)]
 pub struct WasmRunner {
     exec: Executor,
     metrics: Option<Arc<Metrics>>,
+    jobs: tokio::runtime::Handle,
     /// One compile at a time: the jobs of a module this peer has not seen
     /// yet all wait for its first compile instead of each compiling it
     /// (64 concurrent compiles starved Raft heartbeats in `just bench cluster`).
@@ -110,8 +158,8 @@ pub struct WasmRunner {
 }
 
 impl WasmRunner {
-    pub fn new(exec: Executor, metrics: Option<Arc<Metrics>>) -> WasmRunner {
-        WasmRunner { exec, metrics, compiling: Arc::new(tokio::sync::Mutex::new(())) }
+    pub fn new(exec: Executor, metrics: Option<Arc<Metrics>>, jobs: &JobThreads) -> WasmRunner {
+        WasmRunner { exec, metrics, jobs: jobs.handle(), compiling: Arc::new(tokio::sync::Mutex::new(())) }
     }
 }
 
@@ -145,7 +193,8 @@ impl JobRunner for WasmRunner {
     fn run(&self, g: LeaseGrant) -> impl Future<Output = RunReport> + Send + 'static {
         let exec = self.exec.clone();
         let metrics = self.metrics.clone();
-        async move {
+        let job = g.job;
+        let running = self.jobs.spawn(async move {
             let started = std::time::Instant::now();
             if let Some(m) = &metrics {
                 m.leases_granted(1);
@@ -166,6 +215,13 @@ impl JobRunner for WasmRunner {
                 m.job_finished(outcome, started.elapsed().as_secs_f64());
             }
             RunReport { result: out.result, stdout_tail: out.stdout_tail, stderr_tail: out.stderr_tail }
+        });
+        async move {
+            running.await.unwrap_or_else(|e| {
+                tracing::error!(%job, error = %e, "a job's task failed");
+                let error = ErrorRecord::new(ErrorKind::Other, format!("the job's task failed: {e}"));
+                RunReport { result: Err(error), stdout_tail: vec![], stderr_tail: vec![] }
+            })
         }
     }
 }
@@ -268,7 +324,8 @@ pub async fn run_peer(
     let executor = Executor::new(ExecConfig::default())?;
     let cfg = PeerConfig { capacity: opts.capacity.max(1), info, ..PeerConfig::default() };
     let metrics = Arc::new(Metrics::new());
-    let runner = WasmRunner::new(executor, Some(metrics.clone()));
+    let job_threads = JobThreads::new().map_err(ServeError::JobThreads)?;
+    let runner = WasmRunner::new(executor, Some(metrics.clone()), &job_threads);
     let peer = Peer::start(TokioRuntime, consensus.clone(), runner, cfg, Some(PeerId(node_id))).await?;
     if peer.id().0 != node_id {
         tracing::error!(peer = %peer.id(), node_id, "the registry and Raft disagree on this peer's id");

@@ -241,6 +241,7 @@ fn flusher<C: ImpetusConfig>(
             }
         }
         let synced: io::Result<()> = files.iter().try_for_each(|f| f.sync_data());
+        tracing::trace!(target: "impetus_latency", jobs = batch.len(), ok = synced.is_ok(), "raft log synced");
         if synced.is_ok() {
             flushes.fetch_add(1, Ordering::SeqCst);
         }
@@ -656,7 +657,7 @@ impl<C: ImpetusConfig> RaftLogStorage<C> for WalLogStore<C> {
             g.write(&records)?;
             g.current().file.clone()
         };
-        tracing::trace!(count = records.len(), last_index = ?last, "log batch written; sync queued");
+        tracing::trace!(target: "impetus_latency", count = records.len(), last_index = ?last, "log batch written; sync queued");
         self.send(Job::Append { file, last, done: callback })
     }
 

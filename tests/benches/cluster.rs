@@ -466,6 +466,18 @@ fn fsync_probe(dir: &Path) -> Result<(Duration, Duration)> {
     Ok((v[25], v[49]))
 }
 
+/// `ms:count` for each latency seen, ascending (`lat` sorted).
+fn histogram(lat: &[u64]) -> String {
+    let mut out: Vec<(u64, usize)> = Vec::new();
+    for &l in lat {
+        match out.last_mut() {
+            Some((v, n)) if *v == l => *n += 1,
+            _ => out.push((l, 1)),
+        }
+    }
+    out.iter().map(|(v, n)| format!("{v}:{n}")).collect::<Vec<_>>().join(" ")
+}
+
 async fn run(bin: &Path, dir: &Path, capacity: u32, noop: Vec<u8>, quick: bool, paced_only: bool) -> Result<()> {
     let fsync = fsync_probe(dir)?;
     let load_start = load_avg();
@@ -617,6 +629,11 @@ async fn run(bin: &Path, dir: &Path, capacity: u32, noop: Vec<u8>, quick: bool, 
         if let (Some(first), Some(last)) = (slow.iter().min(), slow.iter().max()) {
             println!("jobs over 50 ms: {}, submitted {}–{} (UTC)", slow.len(), utc(*first), utc(*last));
         }
+        println!(
+            "jobs by submit→done ms (ran on the leader / elsewhere): {} / {}",
+            histogram(&lat_leader),
+            histogram(&lat_followers)
+        );
         return Ok(());
     }
     let loaded_rss: Vec<u64> = pids.iter().map(|&p| rss_of(p)).collect();

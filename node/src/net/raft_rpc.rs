@@ -31,6 +31,7 @@ use libp2p::{Multiaddr, PeerId, StreamProtocol};
 use serde::{Deserialize, Serialize};
 
 use super::{split_p2p, Handlers, NetHandle};
+use crate::LATENCY;
 
 /// The protocol name of Raft RPCs.
 pub const RAFT_PROTOCOL: StreamProtocol = StreamProtocol::new("/impetus/raft/1");
@@ -57,6 +58,14 @@ pub enum RaftRpc {
 }
 
 impl RaftRpc {
+    /// The last log index an append carries (0: none, or not an append).
+    pub fn last_index(&self) -> u64 {
+        match self {
+            RaftRpc::Append(r) => r.entries.last().map_or(0, |e| e.log_id.index),
+            _ => 0,
+        }
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             RaftRpc::Append(_) => "append-entries",
@@ -170,12 +179,14 @@ pub async fn serve_stream(peer: PeerId, mut stream: libp2p::Stream, handlers: Ar
                 return;
             }
         };
-        let kind = rpc.kind();
+        let (kind, last) = (rpc.kind(), rpc.last_index());
+        tracing::trace!(target: LATENCY, kind, last, "raft rpc received");
         let reply = handlers.answer_raft(peer, rpc).await;
         let sent = match encode(&reply) {
             Ok(frame) => write_frame(&mut stream, &frame, MAX_RAFT_FRAME).await,
             Err(e) => Err(e),
         };
+        tracing::trace!(target: LATENCY, kind, last, "raft reply sent");
         if let Err(e) = sent {
             tracing::debug!(%peer, kind, error = %e, "raft reply not sent; closing its stream");
             return;
@@ -185,8 +196,12 @@ pub async fn serve_stream(peer: PeerId, mut stream: libp2p::Stream, handlers: Ar
 
 /// One request and its reply on a Raft stream.
 async fn exchange(stream: &mut libp2p::Stream, rpc: &RaftRpc) -> io::Result<RaftReply> {
+    let (kind, last) = (rpc.kind(), rpc.last_index());
+    tracing::trace!(target: LATENCY, kind, last, "raft rpc sending");
     write_frame(stream, &encode(rpc)?, MAX_RAFT_FRAME).await?;
-    decode("raft reply", &read_frame(stream, MAX_RAFT_FRAME).await?)
+    let reply = decode("raft reply", &read_frame(stream, MAX_RAFT_FRAME).await?);
+    tracing::trace!(target: LATENCY, kind, last, "raft reply received");
+    reply
 }
 
 /// openraft's network on the swarm: one [`P2pConnection`] per target node,

@@ -21,5 +21,6 @@ pub trait JobRunner: Send + Sync + 'static {
     fn prepare(&self, hash: ModuleHash, bytes: Vec<u8>) -> impl Future<Output = Result<(), String>> + Send + 'static;
     fn is_prepared(&self, hash: &ModuleHash) -> bool;
     /// Run one leased job. Never panics: every failure is a `RunReport`.
+    /// The job may start at the call, before the future is first polled.
     fn run(&self, grant: LeaseGrant) -> impl Future<Output = RunReport> + Send + 'static;
 }

@@ -102,6 +102,7 @@ struct Worker<R, C, X> {
 /// Run a job granted by a fused submit: the worker loop learns of it first
 /// (renewals, its report), then it starts. Its slot is already taken.
 pub(super) fn run_granted<R: Runtime, C: Consensus, X: JobRunner>(inner: &Arc<Inner<R, C, X>>, g: LeaseGrant) {
+    tracing::trace!(target: crate::LATENCY, job = %g.job, "granted job starts");
     if inner.events.send(Event::Granted(g.clone())).is_err() {
         // The worker loop has stopped: the lease expires and the job runs elsewhere.
         inner.slots.give(1);
@@ -115,21 +116,30 @@ pub(super) fn run_granted<R: Runtime, C: Consensus, X: JobRunner>(inner: &Arc<In
 fn spawn_run<R: Runtime, C: Consensus, X: JobRunner>(inner: Arc<Inner<R, C, X>>, g: LeaseGrant) {
     let (job, token) = (g.job, g.token);
     let rt = inner.rt.clone();
+    // A module compiled already: call `run` here, not in the task, since a
+    // runner may start the job at the call, on threads of its own, before
+    // the task is first polled.
+    let started = if inner.runner.is_prepared(&g.module) { Ok(inner.runner.run(g)) } else { Err(g) };
     rt.spawn(async move {
-        if !inner.runner.is_prepared(&g.module) {
+        let report = match started {
+            Ok(running) => running.await,
             // Compile once per peer; a replica that lags fetches the bytes.
-            let prepared = match inner.consensus.module(g.module).await {
-                Some(bytes) => inner.runner.prepare(g.module, bytes).await,
-                None => Err(format!("module {} is not stored", g.module)),
-            };
-            if let Err(why) = prepared {
-                let error = ErrorRecord::new(ErrorKind::Module, why);
-                let report = RunReport { result: Err(error), stdout_tail: vec![], stderr_tail: vec![] };
-                let _ = inner.events.send(Event::Done((job, token, report)));
-                return;
+            Err(g) => {
+                let prepared = match inner.consensus.module(g.module).await {
+                    Some(bytes) => inner.runner.prepare(g.module, bytes).await,
+                    None => Err(format!("module {} is not stored", g.module)),
+                };
+                match prepared {
+                    Ok(()) => inner.runner.run(g).await,
+                    Err(why) => RunReport {
+                        result: Err(ErrorRecord::new(ErrorKind::Module, why)),
+                        stdout_tail: vec![],
+                        stderr_tail: vec![],
+                    },
+                }
             }
-        }
-        let report = inner.runner.run(g).await;
+        };
+        tracing::trace!(target: crate::LATENCY, %job, "job ran");
         // The loop may have stopped (grace period over); then the lease was released.
         let _ = inner.events.send(Event::Done((job, token, report)));
     });
@@ -174,6 +184,7 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
     async fn turn(&mut self) -> (bool, bool) {
         let inner = self.inner.clone();
         let now = inner.rt.now();
+        tracing::trace!(target: crate::LATENCY, completions = self.completions.len(), "worker turn");
         let me = inner.id;
         let stopping = inner.stopping.load(Ordering::SeqCst);
         if stopping && self.grace_deadline.is_none() {
