@@ -126,7 +126,7 @@ impl Index {
             return;
         }
         self.purged = Some(upto);
-        self.entries = self.entries.split_off(&(upto.index + 1));
+        self.entries = self.entries.split_off(&upto.index.saturating_add(1));
     }
 
     fn meta(&self) -> Record {

@@ -709,6 +709,7 @@ async fn run(bin: &Path, dir: &Path, capacity: u32, noop: Vec<u8>, quick: bool, 
     let p99 = percentile(&lat, 0.99);
     println!("{:<w$} {:>11} ms  < 2.5 ms {}", "submit→done p99 at 200 jobs/s", p99, mark(p99 <= TARGET_P99_MS));
     println!("{:<w$} {:>11} ms", "submit→done max at 200 jobs/s", lat.last().copied().unwrap_or(0));
+    println!("{:<w$} {}", "  jobs by submit→done ms (ms:count)", histogram(&lat));
     println!(
         "{:<w$} {:>14}",
         "  CPU (cores) of p1/p2/p3, bench client, other processes",
