@@ -195,6 +195,7 @@ impl JobRunner for WasmRunner {
         let metrics = self.metrics.clone();
         let job = g.job;
         let running = self.jobs.spawn(async move {
+            tracing::trace!(target: crate::LATENCY, %job, "job starts on a job thread");
             let started = std::time::Instant::now();
             if let Some(m) = &metrics {
                 m.leases_granted(1);
@@ -214,6 +215,7 @@ impl JobRunner for WasmRunner {
                 let outcome = if out.result.is_ok() { "succeeded" } else { "failed" };
                 m.job_finished(outcome, started.elapsed().as_secs_f64());
             }
+            tracing::trace!(target: crate::LATENCY, %job, "job ends on its job thread");
             RunReport { result: out.result, stdout_tail: out.stdout_tail, stderr_tail: out.stderr_tail }
         });
         async move {

@@ -224,3 +224,41 @@ impl StoreBuilder<TypeConfig, WalLogStore, StateMachineStore<TypeConfig>, tempfi
 async fn passes_openraft_storage_suite() {
     Suite::test_all(Builder).await.unwrap();
 }
+
+/// A crash can cut the newest segment at any byte: every cut opens, keeps
+/// exactly the entries whose records lie wholly before it (a prefix of the
+/// log), and the log takes appends again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_at_any_byte_of_the_newest_segment_keeps_the_whole_records_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    let newest = {
+        let mut log = WalLogStore::<TypeConfig>::open(&src).unwrap();
+        for i in 1..=20 {
+            append(&mut log, [blank(i)]).await;
+        }
+        log.segment_paths().pop().unwrap()
+    };
+    let bytes = std::fs::read(&newest).unwrap();
+    let name = newest.file_name().unwrap().to_owned();
+    let mut kept_before = 0;
+    for cut in 0..=bytes.len() {
+        let copy = dir.path().join(format!("cut-{cut}"));
+        std::fs::create_dir(&copy).unwrap();
+        std::fs::write(copy.join(&name), &bytes[..cut]).unwrap();
+        let mut log = WalLogStore::<TypeConfig>::open(&copy).unwrap();
+        let kept = log.index_range().map_or(0, |(first, last)| {
+            assert_eq!(first, 1, "cut at {cut}: the log must start at 1");
+            last
+        });
+        assert!(kept >= kept_before, "cut at {cut} kept {kept} entries, a shorter cut kept {kept_before}");
+        kept_before = kept;
+        let all: Vec<u64> = (1..=kept).collect();
+        let got: Vec<u64> = indexes(&mut log, 1..=20).await.into_iter().map(|(_, i)| i).collect();
+        assert_eq!(got, all, "cut at {cut}");
+        append(&mut log, [blank(kept + 1)]).await;
+        drop(log);
+        std::fs::remove_dir_all(&copy).unwrap();
+    }
+    assert_eq!(kept_before, 20, "the whole segment keeps every entry");
+}
