@@ -38,10 +38,10 @@ fn sled_io(e: sled::Error) -> io::Error {
 /// leaves either no WAL (the move starts over) or the whole one (only the
 /// tree is left to drop).
 fn migrate_sled_log(db: &sled::Db, dir: &Path) -> io::Result<()> {
-    let tree = db.open_tree(OLD_LOG_TREE).map_err(sled_io)?;
-    if tree.is_empty() {
+    if !db.tree_names().iter().any(|n| n.as_ref() == OLD_LOG_TREE.as_bytes()) {
         return Ok(());
     }
+    let tree = db.open_tree(OLD_LOG_TREE).map_err(sled_io)?;
     if !dir.exists() {
         let get = |key: &[u8]| -> io::Result<Option<sled::IVec>> { tree.get(key).map_err(sled_io) };
         let vote: Option<Vote> = get(b"m/vote")?.map(|b| decode_meta("raft vote", &b)).transpose()?;
@@ -57,13 +57,17 @@ fn migrate_sled_log(db: &sled::Db, dir: &Path) -> io::Result<()> {
         }
         let count = entries.len();
         let tmp = dir.with_extension("moving");
+        let at = |path: &Path| {
+            let path = path.to_path_buf();
+            move |e: io::Error| io::Error::new(e.kind(), format!("moving the raft log into {}: {e}", path.display()))
+        };
         if tmp.exists() {
-            std::fs::remove_dir_all(&tmp)?;
+            std::fs::remove_dir_all(&tmp).map_err(at(&tmp))?;
         }
         wal_log::write_initial(&tmp, Record::Meta { vote, committed, purged }, entries)?;
-        std::fs::rename(&tmp, dir)?;
+        std::fs::rename(&tmp, dir).map_err(at(dir))?;
         if let Some(parent) = dir.parent() {
-            std::fs::File::open(parent)?.sync_all()?;
+            std::fs::File::open(parent).and_then(|d| d.sync_all()).map_err(at(parent))?;
         }
         tracing::info!(entries = count, wal = %dir.display(), "moved the raft log from sled into the WAL");
     }

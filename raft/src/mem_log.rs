@@ -114,7 +114,7 @@ fn copy_op(op: &Op) -> Op {
 /// Clones share the same log, so a simulated peer can be "restarted" with a
 /// clone of its store.
 ///
-/// Durability model, the same as `SledLogStore`'s: a write is durable once
+/// Durability model, the same as `WalLogStore`'s: a write is durable once
 /// flushed, and `append` is acknowledged (its callback called) only after
 /// the flush that covers it. By default every append is flushed at once. In
 /// manual-flush mode ([`MemLogStore::set_manual_flush`]) writes wait for

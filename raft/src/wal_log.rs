@@ -12,12 +12,19 @@
 //! - every segment begins with a [`Record::Meta`] carrying the vote, commit
 //!   pointer and purge pointer at its creation, so an older segment can be
 //!   deleted without losing them;
-//! - a segment is deleted only once every entry ever written to it is
-//!   purged, and only after the record of that purge is on disk;
-//! - a segment is synced before the next one is created, so only the newest
+//! - segments are deleted oldest first, and one only once every entry ever
+//!   written to it is purged and the record of that purge is on disk: the
+//!   segments left are always the newest ones, so a truncation recorded in a
+//!   deleted segment only ever touched entries that are gone too;
+//! - a segment is synced before the next one is created, and on open every
+//!   segment is synced before anything is built on it, so only the newest
 //!   segment can end in a torn record (a write cut by a crash, never
-//!   acknowledged): on open it is cut off there; damage anywhere else is an
-//!   error that names the segment and the offset;
+//!   acknowledged): on open it is cut off there. Damage anywhere else — or
+//!   in the newest segment with a valid record right after it, or a record
+//!   whose checksum holds but does not decode — is an error that names the
+//!   segment and the offset;
+//! - after a failed write or sync the store refuses every later write
+//!   (openraft stops on the first storage error anyway);
 //! - an append is acknowledged only after `fdatasync` covered it; one sync
 //!   covers every append queued meanwhile (group commit), on the flusher
 //!   thread, and acknowledgements keep the order of the appends.
@@ -135,7 +142,7 @@ impl Index {
 
     /// The entries follow each other without a gap, right after the purge pointer.
     fn check(&self) -> Result<(), String> {
-        let mut expect = self.purged.map(|p| p.index + 1);
+        let mut expect = self.purged.map(|p| p.index.saturating_add(1));
         for (&index, loc) in &self.entries {
             if index != loc.log_id.index {
                 return Err(format!("entry {} is filed under index {index}", loc.log_id.index));
@@ -145,17 +152,23 @@ impl Index {
                     return Err(format!("entry {e} is missing (the next one is {index})"));
                 }
             }
-            expect = Some(index + 1);
+            expect = index.checked_add(1);
         }
         Ok(())
     }
 }
 
-/// One segment file.
+/// An open segment file and its path (readers and the flusher hold it).
+#[derive(Debug)]
+struct SegmentFile {
+    file: File,
+    path: PathBuf,
+}
+
+/// One segment.
 #[derive(Debug)]
 struct Segment {
-    file: Arc<File>,
-    path: PathBuf,
+    file: Arc<SegmentFile>,
     /// Bytes written (the offset of the next record).
     len: u64,
     /// The highest entry index ever written to it (0: none).
@@ -166,6 +179,8 @@ struct Segment {
 struct Inner {
     dir: PathBuf,
     segment_bytes: u64,
+    /// Set by the first failed write or sync; every later write fails.
+    failed: Arc<std::sync::OnceLock<String>>,
     index: Index,
     segments: BTreeMap<u64, Segment>,
 }
@@ -208,15 +223,16 @@ impl<C: ImpetusConfig> Debug for WalLogStore<C> {
 /// Work for the flusher thread.
 enum Job<C: ImpetusConfig> {
     /// Acknowledge an appended batch (up to `last`) once synced.
-    Append { file: Arc<File>, last: Option<u64>, done: IOFlushed<C> },
+    Append { file: Arc<SegmentFile>, last: Option<u64>, done: IOFlushed<C> },
     /// Sync and answer.
-    Sync { file: Arc<File>, done: tokio::sync::oneshot::Sender<io::Result<()>> },
-    /// Sync (the purge record is in `file`), then delete these segments.
-    Purge { file: Arc<File>, delete: Vec<PathBuf> },
+    Sync { file: Arc<SegmentFile>, done: tokio::sync::oneshot::Sender<io::Result<()>> },
+    /// Sync (the purge record is in `file`), then delete these segments
+    /// (oldest first) and sync the directory.
+    Purge { file: Arc<SegmentFile>, dir: PathBuf, delete: Vec<PathBuf> },
 }
 
 impl<C: ImpetusConfig> Job<C> {
-    fn file(&self) -> &Arc<File> {
+    fn file(&self) -> &Arc<SegmentFile> {
         match self {
             Job::Append { file, .. } | Job::Sync { file, .. } | Job::Purge { file, .. } => file,
         }
@@ -230,17 +246,25 @@ fn flusher<C: ImpetusConfig>(
     jobs: std::sync::mpsc::Receiver<Job<C>>,
     flushes: Arc<AtomicU64>,
     durable_index: Arc<AtomicU64>,
+    failed: Arc<std::sync::OnceLock<String>>,
 ) {
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
         batch.extend(jobs.try_iter());
-        let mut files: Vec<&Arc<File>> = Vec::new();
+        let mut files: Vec<&Arc<SegmentFile>> = Vec::new();
         for job in &batch {
             if !files.iter().any(|f| Arc::ptr_eq(f, job.file())) {
                 files.push(job.file());
             }
         }
-        let synced: io::Result<()> = files.iter().try_for_each(|f| f.sync_data());
+        let synced: io::Result<()> = match failed.get() {
+            // Never acknowledge anything after a failed write or sync.
+            Some(why) => Err(io::Error::other(format!("an earlier write failed: {why}"))),
+            None => files.iter().try_for_each(|f| f.file.sync_data().map_err(|e| with_path(&f.path, e))),
+        };
+        if let Err(e) = &synced {
+            let _ = failed.set(e.to_string());
+        }
         tracing::trace!(target: "impetus_latency", jobs = batch.len(), ok = synced.is_ok(), "raft log synced");
         if synced.is_ok() {
             flushes.fetch_add(1, Ordering::SeqCst);
@@ -260,15 +284,19 @@ fn flusher<C: ImpetusConfig>(
                 Job::Sync { done, .. } => {
                     let _ = done.send(result());
                 }
-                // Delete only what a synced purge record covers.
-                Job::Purge { delete, .. } if synced.is_ok() => {
-                    for path in delete {
-                        match std::fs::remove_file(&path) {
-                            Ok(()) => tracing::debug!(segment = %path.display(), "purged raft log segment deleted"),
-                            Err(e) => {
-                                tracing::warn!(segment = %path.display(), error = %e, "could not delete a purged raft log segment")
-                            }
+                // Delete only what a synced purge record covers, oldest
+                // first, stopping at the first failure: the segments left
+                // stay the newest ones.
+                Job::Purge { dir, delete, .. } if synced.is_ok() => {
+                    for path in &delete {
+                        if let Err(e) = std::fs::remove_file(path) {
+                            tracing::warn!(segment = %path.display(), error = %e, "could not delete a purged raft log segment");
+                            break;
                         }
+                        tracing::debug!(segment = %path.display(), "purged raft log segment deleted");
+                    }
+                    if let Err(e) = sync_dir(&dir) {
+                        tracing::warn!(dir = %dir.display(), error = %e, "could not sync the raft log directory");
                     }
                 }
                 Job::Purge { .. } => {}
@@ -295,25 +323,49 @@ fn decode_record(payload: &[u8]) -> Result<Record, String> {
     impetus_proto::wire::decode("raft log record", WAL_RECORD_VERSION, payload, usize::MAX).map_err(|e| e.to_string())
 }
 
-/// Parse the record at `pos` of `buf`: `Ok(None)` at a clean end,
-/// `Err` (with the reason) at a torn or damaged record.
-fn parse_at(buf: &[u8], pos: usize) -> Result<Option<(Record, u32)>, String> {
-    let rest = &buf[pos..];
+/// Why a record could not be read.
+#[derive(Debug)]
+enum BadRecord {
+    /// The bytes end inside it, or its checksum fails: what a write cut by
+    /// a crash leaves. `next` is where the record after it would begin, if
+    /// its length field is plausible.
+    Torn { why: String, next: Option<usize> },
+    /// Its checksum holds but it does not decode: never a torn write.
+    Undecodable(String),
+}
+
+impl fmt::Display for BadRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BadRecord::Torn { why, .. } => f.write_str(why),
+            BadRecord::Undecodable(why) => write!(f, "a record whose checksum holds does not decode: {why}"),
+        }
+    }
+}
+
+/// Parse the record at `pos` of `buf`: `Ok(None)` at a clean end.
+fn parse_at(buf: &[u8], pos: usize) -> Result<Option<(Record, u32)>, BadRecord> {
+    let rest = buf.get(pos..).unwrap_or_default();
     if rest.is_empty() {
         return Ok(None);
     }
     if rest.len() < HEADER {
-        return Err(format!("{} bytes left, less than a record header", rest.len()));
+        return Err(BadRecord::Torn {
+            why: format!("{} bytes left, less than a record header", rest.len()),
+            next: None,
+        });
     }
     let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
     let crc = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
-    let Some(payload) = rest.get(HEADER..HEADER + len as usize) else {
-        return Err(format!("a record of {len} bytes runs past the end"));
+    let end = HEADER + len as usize;
+    let Some(payload) = rest.get(HEADER..end) else {
+        return Err(BadRecord::Torn { why: format!("a record of {len} bytes runs past the end"), next: None });
     };
     if crc32fast::hash(payload) != crc {
-        return Err(format!("the checksum of a {len}-byte record does not match"));
+        let why = format!("the checksum of a {len}-byte record does not match");
+        return Err(BadRecord::Torn { why, next: Some(pos + end) });
     }
-    decode_record(payload).map(|r| Some((r, len)))
+    decode_record(payload).map(|r| Some((r, len))).map_err(BadRecord::Undecodable)
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -334,12 +386,17 @@ impl<C: ImpetusConfig> WalLogStore<C> {
     /// [`WalLogStore::open`], beginning a new segment once one passes
     /// `segment_bytes` (tests use small segments).
     pub fn open_with(dir: &Path, segment_bytes: u64) -> io::Result<WalLogStore<C>> {
-        std::fs::create_dir_all(dir).map_err(|e| with_path(dir, e))?;
+        if !dir.is_dir() {
+            // A new log: its directory entry must survive a crash too.
+            std::fs::create_dir_all(dir).map_err(|e| with_path(dir, e))?;
+            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                sync_dir(parent).map_err(|e| with_path(parent, e))?;
+            }
+        }
         let mut seqs = Vec::new();
         for item in std::fs::read_dir(dir).map_err(|e| with_path(dir, e))? {
-            let name = item?.file_name();
-            let Some(name) = name.to_str() else { continue };
-            if let Some(seq) = name.strip_suffix(SUFFIX).and_then(|s| u64::from_str_radix(s, 16).ok()) {
+            let name = item.map_err(|e| with_path(dir, e))?.file_name();
+            if let Some(seq) = name.to_str().and_then(segment_seq) {
                 seqs.push(seq);
             }
         }
@@ -352,8 +409,18 @@ impl<C: ImpetusConfig> WalLogStore<C> {
             segments.insert(seq, seg);
         }
         index.check().map_err(|e| invalid_data(&format!("raft log in {}", dir.display()), e))?;
-        let mut inner = Inner { dir: dir.to_path_buf(), segment_bytes: segment_bytes.max(1), index, segments };
-        let next = seqs.last().map_or(0, |s| s + 1);
+        let failed = Arc::new(std::sync::OnceLock::new());
+        let mut inner = Inner {
+            dir: dir.to_path_buf(),
+            segment_bytes: segment_bytes.max(1),
+            failed: failed.clone(),
+            index,
+            segments,
+        };
+        let next = match seqs.last() {
+            Some(s) => s.checked_add(1).ok_or_else(|| invalid_data("raft log", "segment numbers exhausted"))?,
+            None => 0,
+        };
         inner.begin_segment(next)?;
 
         let (flushes, durable_index) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
@@ -362,7 +429,7 @@ impl<C: ImpetusConfig> WalLogStore<C> {
         }
         let (tx, rx) = std::sync::mpsc::channel();
         let (f, d) = (flushes.clone(), durable_index.clone());
-        std::thread::Builder::new().name("raft-log-flush".into()).spawn(move || flusher::<C>(rx, f, d))?;
+        std::thread::Builder::new().name("raft-log-flush".into()).spawn(move || flusher::<C>(rx, f, d, failed))?;
         tracing::debug!(dir = %dir.display(), segments = inner.segments.len(), entries = inner.index.entries.len(), "raft log opened");
         Ok(WalLogStore {
             inner: Arc::new(Mutex::new(inner)),
@@ -402,12 +469,12 @@ impl<C: ImpetusConfig> WalLogStore<C> {
 
     /// The segment files on disk, oldest first.
     pub fn segment_paths(&self) -> Vec<PathBuf> {
-        self.lock().segments.values().map(|s| s.path.clone()).collect()
+        self.lock().segments.values().map(|s| s.file.path.clone()).collect()
     }
 
     /// Sync everything written so far (on the flusher thread, after the
     /// appends queued before) and wait for it.
-    async fn sync(&self, file: Arc<File>) -> io::Result<()> {
+    async fn sync(&self, file: Arc<SegmentFile>) -> io::Result<()> {
         let (done, synced) = tokio::sync::oneshot::channel();
         self.send(Job::Sync { file, done })?;
         synced.await.map_err(|_| flusher_gone())?
@@ -418,19 +485,25 @@ impl<C: ImpetusConfig> WalLogStore<C> {
     }
 
     /// Write one record (not synced); return the file to sync.
-    fn write_one(&self, record: Record) -> io::Result<Arc<File>> {
+    fn write_one(&self, record: Record) -> io::Result<Arc<SegmentFile>> {
         let mut g = self.lock();
         g.write(std::slice::from_ref(&record))?;
         Ok(g.current().file.clone())
     }
 }
 
-/// Replay one segment into `index`; cut a torn tail off the newest.
+/// Replay one segment into `index` and sync it (a record read back from
+/// the page cache must be on disk before anything is built on it). A torn
+/// record at the end of the newest segment is cut off; any other damage is
+/// an error.
 fn replay_segment(dir: &Path, seq: u64, newest: bool, index: &mut Index) -> io::Result<Segment> {
     let path = segment_path(dir, seq);
     let file = OpenOptions::new().read(true).write(true).open(&path).map_err(|e| with_path(&path, e))?;
     let mut buf = Vec::new();
     io::Read::read_to_end(&mut &file, &mut buf).map_err(|e| with_path(&path, e))?;
+    let damaged = |pos: usize, why: &dyn fmt::Display| {
+        invalid_data(&format!("raft log segment {} is damaged at byte {pos}", path.display()), why)
+    };
     let mut pos = 0usize;
     let mut max_index = 0;
     loop {
@@ -443,19 +516,30 @@ fn replay_segment(dir: &Path, seq: u64, newest: bool, index: &mut Index) -> io::
                 index.apply(&record, seq, pos as u64, len);
                 pos += HEADER + len as usize;
             }
-            Err(why) if newest => {
+            Err(BadRecord::Torn { why, next }) if newest => {
+                // A valid record right after it: not a cut write but damage
+                // inside acknowledged data; refuse rather than drop it.
+                if next.is_some_and(|n| matches!(parse_at(&buf, n), Ok(Some(_)))) {
+                    return Err(damaged(pos, &format_args!("{why}, and a valid record follows it")));
+                }
                 tracing::warn!(segment = %path.display(), offset = pos, dropped_bytes = buf.len() - pos, reason = %why,
                     "the raft log ends in a torn record (a write cut by a crash, never acknowledged); cutting it off");
                 file.set_len(pos as u64).map_err(|e| with_path(&path, e))?;
-                file.sync_all().map_err(|e| with_path(&path, e))?;
                 break;
             }
-            Err(why) => {
-                return Err(invalid_data(&format!("raft log segment {} is damaged at byte {pos}", path.display()), why))
-            }
+            Err(bad) => return Err(damaged(pos, &bad)),
         }
     }
-    Ok(Segment { file: Arc::new(file), path, len: pos as u64, max_index })
+    file.sync_all().map_err(|e| with_path(&path, e))?;
+    Ok(Segment { file: Arc::new(SegmentFile { file, path }), len: pos as u64, max_index })
+}
+
+/// The sequence number of a segment file name: exactly 16 lowercase hex
+/// digits and the suffix (what [`segment_path`] writes).
+fn segment_seq(name: &str) -> Option<u64> {
+    let hex = name.strip_suffix(SUFFIX)?;
+    let ok = hex.len() == 16 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    ok.then(|| u64::from_str_radix(hex, 16).ok()).flatten()
 }
 
 impl Inner {
@@ -477,21 +561,37 @@ impl Inner {
         file.write_all_at(&buf, 0).map_err(|e| with_path(&path, e))?;
         file.sync_data().map_err(|e| with_path(&path, e))?;
         sync_dir(&self.dir).map_err(|e| with_path(&self.dir, e))?;
-        self.segments.insert(seq, Segment { file: Arc::new(file), path, len: buf.len() as u64, max_index: 0 });
+        let file = Arc::new(SegmentFile { file, path });
+        self.segments.insert(seq, Segment { file, len: buf.len() as u64, max_index: 0 });
         Ok(())
     }
 
-    /// Append `records` to the current segment (one write), apply them, and
-    /// begin a new segment first if the current one is full (syncing it).
+    /// Append `records` to the current segment (one write) and apply them;
+    /// first begin a new segment if the current one is full (syncing it:
+    /// rare, once per [`SEGMENT_BYTES`], and under the lock, so the log
+    /// stays in order). A failure fails every later write.
     fn write(&mut self, records: &[Record]) -> io::Result<()> {
+        if let Some(why) = self.failed.get() {
+            return Err(io::Error::other(format!("the raft log refuses writes after an earlier failure: {why}")));
+        }
+        let written = self.try_write(records);
+        if let Err(e) = &written {
+            let _ = self.failed.set(e.to_string());
+        }
+        written
+    }
+
+    fn try_write(&mut self, records: &[Record]) -> io::Result<()> {
         let (seq, full) = match self.segments.iter().next_back() {
             Some((seq, s)) => (*seq, s.len >= self.segment_bytes),
             None => unreachable!("the raft log always has a current segment once open"),
         };
         let seq = if full {
-            self.current().file.sync_data().map_err(|e| with_path(&self.current().path, e))?;
-            self.begin_segment(seq + 1)?;
-            seq + 1
+            let cur = self.current().file.clone();
+            cur.file.sync_data().map_err(|e| with_path(&cur.path, e))?;
+            let next = seq.checked_add(1).ok_or_else(|| io::Error::other("raft log segment numbers exhausted"))?;
+            self.begin_segment(next)?;
+            next
         } else {
             seq
         };
@@ -506,7 +606,11 @@ impl Inner {
             None => unreachable!("segment {seq} was just looked up"),
         };
         let base = seg.len;
-        seg.file.write_all_at(&buf, base).map_err(|e| with_path(&seg.path, e))?;
+        if let Err(e) = seg.file.file.write_all_at(&buf, base) {
+            // Best effort: leave no partial record behind the logical end.
+            let _ = seg.file.file.set_len(base);
+            return Err(with_path(&seg.file.path, e));
+        }
         seg.len += buf.len() as u64;
         for (r, (pos, len)) in records.iter().zip(framed) {
             if let Record::Entry(e) = r {
@@ -517,17 +621,19 @@ impl Inner {
         Ok(())
     }
 
-    /// Segments every entry of which is purged, but not the current one.
+    /// The oldest segments every entry of which is purged, up to the first
+    /// one that is not (never the current one): forgotten here, deleted by
+    /// the flusher once the purge record is synced.
     fn purgeable(&mut self) -> Vec<PathBuf> {
         let Some(purged) = self.index.purged else { return Vec::new() };
         let current = self.segments.keys().next_back().copied();
         let gone: Vec<u64> = self
             .segments
             .iter()
-            .filter(|(seq, s)| Some(**seq) != current && s.max_index <= purged.index)
+            .take_while(|(seq, s)| Some(**seq) != current && s.max_index <= purged.index)
             .map(|(seq, _)| *seq)
             .collect();
-        gone.iter().filter_map(|seq| self.segments.remove(seq)).map(|s| s.path).collect()
+        gone.iter().filter_map(|seq| self.segments.remove(seq)).map(|s| s.file.path.clone()).collect()
     }
 }
 
@@ -554,7 +660,7 @@ fn flusher_gone() -> io::Error {
 
 /// Read the entries at `locs` (ascending): each run of records that follow
 /// each other in one segment is one read.
-fn read_entries(locs: &[(Arc<File>, Loc)]) -> io::Result<Vec<Entry>> {
+fn read_entries(locs: &[(Arc<SegmentFile>, Loc)]) -> io::Result<Vec<Entry>> {
     let mut out = Vec::with_capacity(locs.len());
     let mut i = 0;
     while i < locs.len() {
@@ -565,7 +671,7 @@ fn read_entries(locs: &[(Arc<File>, Loc)]) -> io::Result<Vec<Entry>> {
         }
         let end = locs[j - 1].1.end();
         let mut buf = vec![0u8; (end - first.pos) as usize];
-        file.read_exact_at(&mut buf, first.pos)?;
+        file.file.read_exact_at(&mut buf, first.pos).map_err(|e| with_path(&file.path, e))?;
         let mut pos = 0;
         for (_, loc) in &locs[i..j] {
             match parse_at(&buf, pos) {
@@ -575,10 +681,11 @@ fn read_entries(locs: &[(Arc<File>, Loc)]) -> io::Result<Vec<Entry>> {
                 }
                 other => {
                     let why = match other {
-                        Err(why) => why,
-                        Ok(r) => format!("expected entry {:?}, found {r:?}", loc.log_id),
+                        Err(bad) => bad.to_string(),
+                        Ok(r) => format!("expected entry {}, found {r:?}", loc.log_id.index),
                     };
-                    return Err(invalid_data(&format!("raft log segment {:016x} at byte {}", loc.seg, loc.pos), why));
+                    let at = format!("raft log segment {} at byte {}", file.path.display(), loc.pos);
+                    return Err(invalid_data(&at, why));
                 }
             }
         }
@@ -592,18 +699,38 @@ impl<C: ImpetusConfig> RaftLogReader<C> for WalLogStore<C> {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, io::Error> {
-        let locs: Vec<(Arc<File>, Loc)> = {
+        let start = match range.start_bound() {
+            Bound::Included(&s) => s,
+            Bound::Excluded(&s) => match s.checked_add(1) {
+                Some(s) => s,
+                None => return Ok(Vec::new()),
+            },
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(&e) => e,
+            Bound::Excluded(&e) => match e.checked_sub(1) {
+                Some(e) => e,
+                None => return Ok(Vec::new()),
+            },
+            Bound::Unbounded => u64::MAX,
+        };
+        if start > end {
+            return Ok(Vec::new());
+        }
+        let locs: Vec<(Arc<SegmentFile>, Loc)> = {
             let g = self.lock();
-            let range = (range.start_bound().cloned(), range.end_bound().cloned());
-            if matches!(range, (Bound::Included(s) | Bound::Excluded(s), Bound::Included(e) | Bound::Excluded(e)) if s > e)
-            {
-                return Ok(Vec::new());
+            let mut locs = Vec::new();
+            for loc in g.index.entries.range(start..=end).map(|(_, loc)| *loc) {
+                match g.segments.get(&loc.seg) {
+                    Some(s) => locs.push((s.file.clone(), loc)),
+                    None => {
+                        let why = format!("entry {} is in segment {:016x}, which is gone", loc.log_id.index, loc.seg);
+                        return Err(invalid_data(&format!("raft log in {}", g.dir.display()), why));
+                    }
+                }
             }
-            g.index
-                .entries
-                .range(range)
-                .filter_map(|(_, loc)| g.segments.get(&loc.seg).map(|s| (s.file.clone(), *loc)))
-                .collect()
+            locs
         };
         read_entries(&locs)
     }
@@ -679,12 +806,12 @@ impl<C: ImpetusConfig> RaftLogStorage<C> for WalLogStore<C> {
     /// The entries go at once; the segments they filled are deleted on the
     /// flusher thread once the purge record is synced.
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
-        let (file, delete) = {
+        let (file, dir, delete) = {
             let mut g = self.lock();
             g.write(&[Record::Purge(log_id)])?;
-            (g.current().file.clone(), g.purgeable())
+            (g.current().file.clone(), g.dir.clone(), g.purgeable())
         };
         tracing::debug!(upto = log_id.index, segments = delete.len(), "log purged");
-        self.send(Job::Purge { file, delete })
+        self.send(Job::Purge { file, dir, delete })
     }
 }

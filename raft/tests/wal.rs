@@ -262,3 +262,103 @@ async fn a_cut_at_any_byte_of_the_newest_segment_keeps_the_whole_records_before_
     }
     assert_eq!(kept_before, 20, "the whole segment keeps every entry");
 }
+
+/// Segments go oldest first: one whose entries a later truncation replaced
+/// stays until every older segment may go too, so a purge never brings a
+/// truncated entry back (here: (1,100) after `Truncate{98}` in the next
+/// segment, which a purge up to (2,99) alone would have deleted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_never_resurrects_an_entry_a_truncation_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut log = WalLogStore::<TypeConfig>::open(dir.path()).unwrap();
+        append(&mut log, (1..=100).map(blank)).await;
+    }
+    {
+        // A new term's leader replaces 98..=100.
+        let mut log = WalLogStore::<TypeConfig>::open(dir.path()).unwrap();
+        log.truncate_after(Some(log_id(1, 97))).await.unwrap();
+        append(&mut log, [blank_at(2, 98), blank_at(2, 99)]).await;
+    }
+    {
+        let mut log = WalLogStore::<TypeConfig>::open(dir.path()).unwrap();
+        log.purge(log_id(2, 99)).await.unwrap();
+        log.save_vote(&Vote::new(2, 1)).await.unwrap(); // behind the purge's deletions
+        assert_eq!(log.segment_paths().len(), 3, "the oldest segment still holds entry 100, so nothing goes");
+    }
+    let mut log = WalLogStore::<TypeConfig>::open(dir.path()).unwrap();
+    assert_eq!(log.index_range(), None);
+    let state = log.get_log_state().await.unwrap();
+    assert_eq!((state.last_purged_log_id, state.last_log_id), (Some(log_id(2, 99)), Some(log_id(2, 99))));
+    append(&mut log, [blank_at(2, 100)]).await;
+    assert_eq!(indexes(&mut log, 0..=200).await, vec![(2, 100)]);
+}
+
+/// In the newest segment, a bad record is cut off only when nothing valid
+/// follows it (a cut write); a bad checksum with a valid record after it,
+/// or a record whose checksum holds but does not decode, is damage to
+/// acknowledged data: opening refuses and says where.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damage_inside_the_newest_segment_is_refused_not_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let newest = {
+        let mut log = WalLogStore::<TypeConfig>::open(dir.path()).unwrap();
+        for i in 1..=5 {
+            append(&mut log, [blank(i)]).await;
+        }
+        log.segment_paths().pop().unwrap()
+    };
+    let good = std::fs::read(&newest).unwrap();
+    // Record offsets: walk the length fields.
+    let mut offsets = Vec::new();
+    let mut pos = 0;
+    while pos < good.len() {
+        offsets.push(pos);
+        pos += 8 + u32::from_le_bytes(good[pos..pos + 4].try_into().unwrap()) as usize;
+    }
+    assert_eq!(offsets.len(), 6, "a meta record and five entries");
+    let third_entry = offsets[3];
+
+    // A flipped payload byte in the third entry, two valid entries after it.
+    let mut bytes = good.clone();
+    bytes[third_entry + 9] ^= 0x55;
+    std::fs::write(&newest, &bytes).unwrap();
+    let msg = WalLogStore::<TypeConfig>::open(dir.path()).unwrap_err().to_string();
+    assert!(msg.contains(&format!("damaged at byte {third_entry}")) && msg.contains("a valid record follows"), "{msg}");
+
+    // A record with a correct checksum over bytes that are no record.
+    let mut bytes = good[..third_entry].to_vec();
+    let junk = [0xffu8; 6];
+    bytes.extend_from_slice(&(junk.len() as u32).to_le_bytes());
+    bytes.extend_from_slice(&crc32fast::hash(&junk).to_le_bytes());
+    bytes.extend_from_slice(&junk);
+    std::fs::write(&newest, &bytes).unwrap();
+    let msg = WalLogStore::<TypeConfig>::open(dir.path()).unwrap_err().to_string();
+    assert!(msg.contains("does not decode"), "{msg}");
+
+    // The same flip in the last entry, nothing after it: a cut write.
+    let mut bytes = good.clone();
+    bytes[offsets[5] + 9] ^= 0x55;
+    std::fs::write(&newest, &bytes).unwrap();
+    let log = WalLogStore::<TypeConfig>::open(dir.path()).unwrap();
+    assert_eq!(log.index_range(), Some((1, 4)));
+}
+
+/// Odd ranges read nothing and never panic; files that are not segments
+/// (not exactly 16 lowercase hex digits) are left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn odd_ranges_and_stray_files_are_harmless() {
+    use std::ops::Bound::{Excluded, Included, Unbounded};
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("1.wal"), b"not a segment").unwrap();
+    std::fs::write(dir.path().join("FFFFFFFFFFFFFFFF.wal"), b"not a segment").unwrap();
+    let mut log = WalLogStore::<TypeConfig>::open(dir.path()).unwrap();
+    append(&mut log, (1..=5).map(blank)).await;
+    let count = |v: Vec<Entry>| v.len();
+    assert_eq!(count(log.try_get_log_entries((Excluded(3), Excluded(3))).await.unwrap()), 0);
+    assert_eq!(count(log.try_get_log_entries((Excluded(3), Excluded(4))).await.unwrap()), 0);
+    assert_eq!(count(log.try_get_log_entries((Excluded(u64::MAX), Unbounded)).await.unwrap()), 0);
+    assert_eq!(count(log.try_get_log_entries((Included(4), Excluded(0))).await.unwrap()), 0);
+    assert_eq!(count(log.try_get_log_entries((Excluded(2), Included(4))).await.unwrap()), 2);
+    assert_eq!(log.segment_paths().len(), 1, "the stray files are not segments");
+}
