@@ -215,6 +215,10 @@ impl Consensus for ClusterConsensus {
         self.local.holds_state().await
     }
 
+    async fn catch_up(&self) -> Result<(), ConsensusError> {
+        self.fresh().await
+    }
+
     fn status(&self) -> RaftStatus {
         self.local.status()
     }

@@ -34,6 +34,9 @@ const READ_INDEX_WAIT: Duration = Duration::from_secs(3);
 
 /// How long a membership change waits for the one in flight to finish.
 const CHANGE_WAIT: Duration = Duration::from_secs(10);
+/// How long [`Consensus::catch_up`] waits for the replica to apply up to
+/// the read point.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
 
 impl<C: ImpetusConfig> std::fmt::Debug for RaftConsensus<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -193,7 +196,21 @@ impl<C: ImpetusConfig> Consensus for RaftConsensus<C> {
     async fn holds_state(&self) -> bool {
         // Asks the Raft core, so the answer reflects the loaded storage (its
         // metrics may not have been published yet right after a start).
-        self.raft.is_initialized().await.unwrap_or(false)
+        match self.raft.is_initialized().await {
+            Ok(initialized) => initialized,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not ask Raft whether it holds state; taking it as none");
+                false
+            }
+        }
+    }
+
+    /// Only the leader has a read point of its own; elsewhere this fails
+    /// with `NotLeader` (a peer that can reach the leader uses
+    /// `ClusterConsensus`).
+    async fn catch_up(&self) -> Result<(), ConsensusError> {
+        let index = self.read_index().await?;
+        self.wait_applied(index, CATCH_UP_WAIT).await
     }
 
     fn status(&self) -> RaftStatus {

@@ -220,8 +220,14 @@ impl JobRunner for WasmRunner {
         });
         async move {
             running.await.unwrap_or_else(|e| {
-                tracing::error!(%job, error = %e, "a job's task failed");
-                let error = ErrorRecord::new(ErrorKind::Other, format!("the job's task failed: {e}"));
+                let error = if e.is_cancelled() {
+                    // The job threads stopped: only once the peer stops.
+                    tracing::debug!(%job, "job cancelled: the peer is stopping");
+                    ErrorRecord::new(ErrorKind::Other, "the peer stopped before the job finished")
+                } else {
+                    tracing::error!(%job, error = %e, "a job's task failed");
+                    ErrorRecord::new(ErrorKind::Other, format!("the job's task failed: {e}"))
+                };
                 RunReport { result: Err(error), stdout_tail: vec![], stderr_tail: vec![] }
             })
         }
@@ -331,6 +337,7 @@ pub async fn run_peer(
     let peer = Peer::start(TokioRuntime, consensus.clone(), runner, cfg, Some(PeerId(node_id))).await?;
     if peer.id().0 != node_id {
         tracing::error!(peer = %peer.id(), node_id, "the registry and Raft disagree on this peer's id");
+        peer.shutdown().await;
         return Err(ServeError::Identity { raft: node_id, registry: peer.id().0 });
     }
     if known_id != Some(peer.id()) {
@@ -354,7 +361,17 @@ pub async fn run_peer(
         }))
     };
     let metrics_server = match &opts.metrics {
-        Some(maddr) => Some(start_metrics(maddr, metrics.clone(), local.clone(), net.handle.clone(), peer.id()).await?),
+        Some(maddr) => {
+            match start_metrics(maddr, metrics.clone(), local.clone(), net.handle.clone(), peer.id()).await {
+                Ok(server) => Some(server),
+                Err(e) => {
+                    // Stop the worker loop before the job threads go.
+                    peer.shutdown().await;
+                    manager.abort();
+                    return Err(e);
+                }
+            }
+        }
         None => None,
     };
 

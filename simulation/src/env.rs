@@ -136,6 +136,11 @@ impl Consensus for SimConsensus {
         let local = self.local.clone();
         async move { local.holds_state().await }
     }
+
+    fn catch_up(&self) -> impl Future<Output = Result<(), ConsensusError>> + Send {
+        let local = self.local.clone();
+        async move { local.catch_up().await }
+    }
 }
 
 /// Runs "jobs" natively: input `n` → `n*n`. Whether an attempt succeeds,

@@ -38,6 +38,10 @@ pub trait Consensus: Send + Sync + 'static {
     /// Whether this peer holds Raft state (a vote, a log or a membership):
     /// a voter or learner, or one restarted on its data. A worker holds none.
     fn holds_state(&self) -> impl Future<Output = bool> + Send;
+    /// Bring this replica's applied state up to the leader's commit point
+    /// at the time of the call (a linearizable read point). Fails (bounded)
+    /// while no leader confirms one; the caller may try again.
+    fn catch_up(&self) -> impl Future<Output = Result<(), ConsensusError>> + Send;
     /// A module's bytes by hash, from this peer's replica; an implementation
     /// whose replica may lag (a follower) asks the cluster when it is missing.
     fn module(&self, hash: ModuleHash) -> impl Future<Output = Option<Vec<u8>>> + Send {

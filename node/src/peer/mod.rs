@@ -22,11 +22,11 @@ use impetus_proto::api::WorkRequest;
 use impetus_proto::{ApplyResult, Command, Outcome, PeerId, PeerInfo, PeerRole};
 use tokio::sync::Notify;
 
-/// How often, and how many times, a restarted peer looks whether its
-/// replica knows it yet (see [`Peer::start`]): 10 s in all, longer than
-/// a few elections on a loaded machine.
+/// How long a restarted peer tries to catch its replica up before it looks
+/// itself up (see [`Peer::start`]): longer than a few elections on a loaded
+/// machine; and the pause between tries.
+const START_WAIT: Duration = Duration::from_secs(10);
 const START_WAIT_STEP: Duration = Duration::from_millis(100);
-const START_WAIT_ROUNDS: u32 = 100;
 
 pub use consensus::{serve_work, Consensus, ConsensusError, RaftStatus};
 pub use runner::{JobRunner, RunReport};
@@ -152,21 +152,21 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
         if let Some(id) = id {
             // After a restart the log may not be re-applied yet, and the
             // commit index this replica restored may lag (it is not flushed
-            // on its own): before deciding that this peer is unknown and
-            // registering a new id, wait (bounded) until it is known, or
-            // until a leader is known and the applied state has caught up
-            // with the commit index it reported. A peer with no Raft state
-            // (a worker) has nothing to wait for.
-            let stateless = !consensus.holds_state().await;
-            for _ in 0..START_WAIT_ROUNDS {
-                let st = consensus.status();
-                if stateless
-                    || consensus.read(|s| s.peer(id).is_some())
-                    || (st.leader.is_some() && st.applied_index >= st.commit_index)
-                {
-                    break;
+            // on its own): a peer with Raft state catches up to a read point
+            // the leader confirms before deciding that it is unknown and
+            // registering a new id (bounded; a worker holds no state and
+            // asks the leader directly).
+            if consensus.holds_state().await {
+                let deadline = rt.now().saturating_add_ms(START_WAIT.as_millis() as u64);
+                while !consensus.read(|s| s.peer(id).is_some()) && rt.now() < deadline {
+                    match consensus.catch_up().await {
+                        Ok(()) => break,
+                        Err(e) => {
+                            tracing::debug!(peer = %id, error = %e, "no read point yet; waiting before looking this peer up");
+                            rt.sleep(START_WAIT_STEP).await;
+                        }
+                    }
                 }
-                rt.sleep(START_WAIT_STEP).await;
             }
         }
         // Is this id still registered? Then hand back the leases an earlier
