@@ -223,6 +223,8 @@ pub struct P2pConnection {
     net: NetHandle,
     target: NodeId,
     addr: Result<Multiaddr, String>,
+    /// The target's peer id, from the `/p2p/` part of `addr` (parsed once).
+    peer: Option<PeerId>,
     /// The open Raft stream to the target, if any. Only ever reached
     /// through `&mut self` (`Mutex::get_mut`, no lock): the mutex is there
     /// because openraft wants a `Sync` network and a stream is not.
@@ -234,7 +236,8 @@ impl RaftNetworkFactory<TypeConfig> for P2pRaftNetwork {
 
     async fn new_client(&mut self, target: NodeId, node: &PeerNode) -> P2pConnection {
         let addr = node.addr.parse::<Multiaddr>().map_err(|e| format!("node {target} has a bad address {node}: {e}"));
-        P2pConnection { net: self.net.clone(), target, addr, stream: std::sync::Mutex::new(None) }
+        let peer = addr.as_ref().ok().and_then(split_p2p).map(|(peer, _)| peer);
+        P2pConnection { net: self.net.clone(), target, addr, peer, stream: std::sync::Mutex::new(None) }
     }
 }
 
@@ -276,8 +279,8 @@ impl P2pConnection {
         // machine (a debug build, a flush behind a busy disk) can take
         // longer, and cutting the RPC then only makes it send it again.
         let ttl = ttl.max(MIN_RPC_TTL);
-        let rpc = match (split_p2p(&addr), &rpc) {
-            (Some((peer, _)), RaftRpc::Append(_) | RaftRpc::Vote(_) | RaftRpc::PreVote(_)) => {
+        let rpc = match (self.peer, &rpc) {
+            (Some(peer), RaftRpc::Append(_) | RaftRpc::Vote(_) | RaftRpc::PreVote(_)) => {
                 match self.over_stream(peer, rpc, ttl).await {
                     Ok(reply) => return Self::answered(self.target, kind, reply),
                     Err(rpc) => rpc,
