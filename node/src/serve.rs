@@ -191,47 +191,55 @@ impl JobRunner for WasmRunner {
     }
 
     fn run(&self, g: LeaseGrant) -> impl Future<Output = RunReport> + Send + 'static {
-        let exec = self.exec.clone();
-        let metrics = self.metrics.clone();
-        let job = g.job;
-        let running = self.jobs.spawn(async move {
-            tracing::trace!(target: crate::LATENCY, %job, "job starts on a job thread");
-            let started = std::time::Instant::now();
-            if let Some(m) = &metrics {
-                m.leases_granted(1);
-            }
-            let out = exec
-                .run(RunSpec {
-                    module: g.module,
-                    args: &g.spec.args,
-                    env: &g.spec.env,
-                    input: &g.spec.input,
-                    timeout_ms: g.job_timeout_ms,
-                    fuel: g.fuel,
-                    memory_limit_bytes: g.memory_limit_bytes,
-                })
-                .await;
-            if let Some(m) = &metrics {
-                let outcome = if out.result.is_ok() { "succeeded" } else { "failed" };
-                m.job_finished(outcome, started.elapsed().as_secs_f64());
-            }
-            tracing::trace!(target: crate::LATENCY, %job, "job ends on its job thread");
-            RunReport { result: out.result, stdout_tail: out.stdout_tail, stderr_tail: out.stderr_tail }
-        });
-        async move {
-            running.await.unwrap_or_else(|e| {
-                let error = if e.is_cancelled() {
-                    // The job threads stopped: only once the peer stops.
-                    tracing::debug!(%job, "job cancelled: the peer is stopping");
-                    ErrorRecord::new(ErrorKind::Other, "the peer stopped before the job finished")
-                } else {
-                    tracing::error!(%job, error = %e, "a job's task failed");
-                    ErrorRecord::new(ErrorKind::Other, format!("the job's task failed: {e}"))
-                };
-                RunReport { result: Err(error), stdout_tail: vec![], stderr_tail: vec![] }
-            })
-        }
+        let running = self.jobs.spawn(run_job(self.exec.clone(), self.metrics.clone(), g));
+        async move { running.await.unwrap_or_else(job_task_failed) }
     }
+
+    /// The job runs on [`JobThreads`] and reports from there.
+    fn start<R: crate::peer::Runtime>(&self, _rt: &R, g: LeaseGrant, done: impl FnOnce(RunReport) + Send + 'static) {
+        let (exec, metrics) = (self.exec.clone(), self.metrics.clone());
+        // Dropped unpolled when the job threads are gone (the peer stopped).
+        drop(self.jobs.spawn(async move { done(run_job(exec, metrics, g).await) }));
+    }
+}
+
+/// Run one job on the executor, counting it.
+async fn run_job(exec: Executor, metrics: Option<Arc<Metrics>>, g: LeaseGrant) -> RunReport {
+    let job = g.job;
+    tracing::trace!(target: crate::LATENCY, %job, "job starts on a job thread");
+    let started = std::time::Instant::now();
+    if let Some(m) = &metrics {
+        m.leases_granted(1);
+    }
+    let out = exec
+        .run(RunSpec {
+            module: g.module,
+            args: &g.spec.args,
+            env: &g.spec.env,
+            input: &g.spec.input,
+            timeout_ms: g.job_timeout_ms,
+            fuel: g.fuel,
+            memory_limit_bytes: g.memory_limit_bytes,
+        })
+        .await;
+    if let Some(m) = &metrics {
+        let outcome = if out.result.is_ok() { "succeeded" } else { "failed" };
+        m.job_finished(outcome, started.elapsed().as_secs_f64());
+    }
+    tracing::trace!(target: crate::LATENCY, %job, "job ends on its job thread");
+    RunReport { result: out.result, stdout_tail: out.stdout_tail, stderr_tail: out.stderr_tail }
+}
+
+fn job_task_failed(e: tokio::task::JoinError) -> RunReport {
+    let error = if e.is_cancelled() {
+        // The job threads stopped: only once the peer stops.
+        tracing::debug!("job cancelled: the peer is stopping");
+        ErrorRecord::new(ErrorKind::Other, "the peer stopped before the job finished")
+    } else {
+        tracing::error!(error = %e, "a job's task failed");
+        ErrorRecord::new(ErrorKind::Other, format!("the job's task failed: {e}"))
+    };
+    RunReport { result: Err(error), stdout_tail: vec![], stderr_tail: vec![] }
 }
 
 /// How long a joiner keeps asking the `--join` peers to let it in.

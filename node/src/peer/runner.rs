@@ -4,6 +4,8 @@ use std::future::Future;
 
 use impetus_proto::{ErrorRecord, LeaseGrant, ModuleHash};
 
+use super::Runtime;
+
 /// What one attempt produced.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RunReport {
@@ -21,6 +23,13 @@ pub trait JobRunner: Send + Sync + 'static {
     fn prepare(&self, hash: ModuleHash, bytes: Vec<u8>) -> impl Future<Output = Result<(), String>> + Send + 'static;
     fn is_prepared(&self, hash: &ModuleHash) -> bool;
     /// Run one leased job. Never panics: every failure is a `RunReport`.
-    /// The job may start at the call, before the future is first polled.
     fn run(&self, grant: LeaseGrant) -> impl Future<Output = RunReport> + Send + 'static;
+    /// Start one leased job now and hand its report to `done` when it ends.
+    /// By default [`JobRunner::run`] is driven on the peer's runtime `rt`; a
+    /// runner with threads of its own starts the job there at once and calls
+    /// `done` from that thread (one hand-off less on the job's way back).
+    fn start<R: Runtime>(&self, rt: &R, grant: LeaseGrant, done: impl FnOnce(RunReport) + Send + 'static) {
+        let running = self.run(grant);
+        rt.spawn(async move { done(running.await) });
+    }
 }

@@ -115,33 +115,31 @@ pub(super) fn run_granted<R: Runtime, C: Consensus, X: JobRunner>(inner: &Arc<In
 /// report it to the worker loop.
 fn spawn_run<R: Runtime, C: Consensus, X: JobRunner>(inner: Arc<Inner<R, C, X>>, g: LeaseGrant) {
     let (job, token) = (g.job, g.token);
-    let rt = inner.rt.clone();
-    // A module compiled already: call `run` here, not in the task, since a
-    // runner may start the job at the call, on threads of its own, before
-    // the task is first polled.
-    let started = if inner.runner.is_prepared(&g.module) { Ok(inner.runner.run(g)) } else { Err(g) };
-    rt.spawn(async move {
-        let report = match started {
-            Ok(running) => running.await,
-            // Compile once per peer; a replica that lags fetches the bytes.
-            Err(g) => {
-                let prepared = match inner.consensus.module(g.module).await {
-                    Some(bytes) => inner.runner.prepare(g.module, bytes).await,
-                    None => Err(format!("module {} is not stored", g.module)),
-                };
-                match prepared {
-                    Ok(()) => inner.runner.run(g).await,
-                    Err(why) => RunReport {
-                        result: Err(ErrorRecord::new(ErrorKind::Module, why)),
-                        stdout_tail: vec![],
-                        stderr_tail: vec![],
-                    },
-                }
-            }
-        };
+    let events = inner.events.clone();
+    let done = move |report: RunReport| {
         tracing::trace!(target: crate::LATENCY, %job, "job ran");
         // The loop may have stopped (grace period over); then the lease was released.
-        let _ = inner.events.send(Event::Done((job, token, report)));
+        let _ = events.send(Event::Done((job, token, report)));
+    };
+    if inner.runner.is_prepared(&g.module) {
+        inner.runner.start(&inner.rt, g, done);
+        return;
+    }
+    let rt = inner.rt.clone();
+    rt.spawn(async move {
+        // Compile once per peer; a replica that lags fetches the bytes.
+        let prepared = match inner.consensus.module(g.module).await {
+            Some(bytes) => inner.runner.prepare(g.module, bytes).await,
+            None => Err(format!("module {} is not stored", g.module)),
+        };
+        match prepared {
+            Ok(()) => inner.runner.start(&inner.rt, g, done),
+            Err(why) => done(RunReport {
+                result: Err(ErrorRecord::new(ErrorKind::Module, why)),
+                stdout_tail: vec![],
+                stderr_tail: vec![],
+            }),
+        }
     });
 }
 
