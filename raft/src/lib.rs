@@ -264,6 +264,24 @@ pub fn default_raft_config() -> openraft::Config {
     raft_config(DEFAULT_SNAPSHOT_EVERY, DEFAULT_LOGS_TO_KEEP)
 }
 
+/// The log indexes `range` covers, as an inclusive range; `None` when it
+/// covers none (openraft may ask for an empty or inverted range, which
+/// `BTreeMap::range` would panic on).
+pub(crate) fn log_range(range: &impl std::ops::RangeBounds<u64>) -> Option<std::ops::RangeInclusive<u64>> {
+    use std::ops::Bound;
+    let start = match range.start_bound() {
+        Bound::Included(&s) => s,
+        Bound::Excluded(&s) => s.checked_add(1)?,
+        Bound::Unbounded => 0,
+    };
+    let end = match range.end_bound() {
+        Bound::Included(&e) => e,
+        Bound::Excluded(&e) => e.checked_sub(1)?,
+        Bound::Unbounded => u64::MAX,
+    };
+    (start <= end).then_some(start..=end)
+}
+
 pub(crate) fn invalid_data(what: &str, e: impl fmt::Display) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{what}: {e}"))
 }

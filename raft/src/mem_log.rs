@@ -225,6 +225,7 @@ impl<C: ImpetusConfig> RaftLogReader<C> for MemLogStore<C> {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, io::Error> {
+        let Some(range) = crate::log_range(&range) else { return Ok(Vec::new()) };
         Ok(self.lock().live.log.range(range).map(|(_, e)| e.clone()).collect())
     }
 

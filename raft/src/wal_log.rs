@@ -35,7 +35,7 @@ use std::fmt::Debug;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::marker::PhantomData;
-use std::ops::{Bound, RangeBounds};
+use std::ops::RangeBounds;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,7 +45,7 @@ use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::OptionalSend;
 use serde::{Deserialize, Serialize};
 
-use crate::{invalid_data, Entry, ImpetusConfig, LogId, TypeConfig, Vote};
+use crate::{invalid_data, log_range, Entry, ImpetusConfig, LogId, TypeConfig, Vote};
 
 /// Version byte of a WAL record's payload.
 pub const WAL_RECORD_VERSION: u8 = 1;
@@ -699,29 +699,11 @@ impl<C: ImpetusConfig> RaftLogReader<C> for WalLogStore<C> {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, io::Error> {
-        let start = match range.start_bound() {
-            Bound::Included(&s) => s,
-            Bound::Excluded(&s) => match s.checked_add(1) {
-                Some(s) => s,
-                None => return Ok(Vec::new()),
-            },
-            Bound::Unbounded => 0,
-        };
-        let end = match range.end_bound() {
-            Bound::Included(&e) => e,
-            Bound::Excluded(&e) => match e.checked_sub(1) {
-                Some(e) => e,
-                None => return Ok(Vec::new()),
-            },
-            Bound::Unbounded => u64::MAX,
-        };
-        if start > end {
-            return Ok(Vec::new());
-        }
+        let Some(range) = log_range(&range) else { return Ok(Vec::new()) };
         let locs: Vec<(Arc<SegmentFile>, Loc)> = {
             let g = self.lock();
             let mut locs = Vec::new();
-            for loc in g.index.entries.range(start..=end).map(|(_, loc)| *loc) {
+            for loc in g.index.entries.range(range).map(|(_, loc)| *loc) {
                 match g.segments.get(&loc.seg) {
                     Some(s) => locs.push((s.file.clone(), loc)),
                     None => {
@@ -775,10 +757,10 @@ impl<C: ImpetusConfig> RaftLogStorage<C> for WalLogStore<C> {
         I::IntoIter: OptionalSend,
     {
         let records: Vec<Record> = entries.into_iter().map(Record::Entry).collect();
-        let last = records.iter().rev().find_map(|r| match r {
-            Record::Entry(e) => Some(e.log_id.index),
+        let last = match records.last() {
+            Some(Record::Entry(e)) => Some(e.log_id.index),
             _ => None,
-        });
+        };
         let file = {
             let mut g = self.lock();
             g.write(&records)?;

@@ -44,3 +44,16 @@ async fn crash_loses_only_unflushed_writes_and_acks_wait_for_flush() {
     let got = log.try_get_log_entries(..).await.unwrap();
     assert_eq!(got.len(), 5);
 }
+
+/// Odd ranges read nothing and never panic (the same rule as the WAL's).
+#[tokio::test]
+async fn odd_ranges_read_nothing() {
+    use std::ops::Bound::{Excluded, Included};
+    let mut log = MemLogStore::<TypeConfig>::new();
+    let (tx, rx) = TypeConfig::oneshot();
+    log.append((1..=5).map(blank), IOFlushed::signal(tx)).await.unwrap();
+    rx.await.unwrap().unwrap();
+    assert!(log.try_get_log_entries((Excluded(3), Excluded(3))).await.unwrap().is_empty());
+    assert!(log.try_get_log_entries((Included(4), Excluded(0))).await.unwrap().is_empty());
+    assert_eq!(log.try_get_log_entries((Excluded(2), Included(4))).await.unwrap().len(), 2);
+}
