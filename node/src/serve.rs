@@ -12,7 +12,7 @@ use libp2p::identity::Keypair;
 use tokio::sync::Notify;
 
 use impetus_proto::api::{ClientRequest, ClientResponse};
-use impetus_proto::{ErrorKind, ErrorRecord, LeaseGrant, ModuleHash, PeerId, PeerInfo};
+use impetus_proto::{LeaseGrant, ModuleHash, PeerId, PeerInfo};
 
 use crate::cluster::{ClusterConsensus, ClusterService};
 use crate::exec::{ExecConfig, ExecError, Executor, RunSpec};
@@ -190,9 +190,9 @@ impl JobRunner for WasmRunner {
         self.exec.is_cached(hash)
     }
 
+    /// The job runs on whatever drives the future (the peer uses `start`).
     fn run(&self, g: LeaseGrant) -> impl Future<Output = RunReport> + Send + 'static {
-        let running = self.jobs.spawn(run_job(self.exec.clone(), self.metrics.clone(), g));
-        async move { running.await.unwrap_or_else(job_task_failed) }
+        run_job(self.exec.clone(), self.metrics.clone(), g)
     }
 
     /// The job runs on [`JobThreads`] and reports from there.
@@ -228,18 +228,6 @@ async fn run_job(exec: Executor, metrics: Option<Arc<Metrics>>, g: LeaseGrant) -
     }
     tracing::trace!(target: crate::LATENCY, %job, "job ends on its job thread");
     RunReport { result: out.result, stdout_tail: out.stdout_tail, stderr_tail: out.stderr_tail }
-}
-
-fn job_task_failed(e: tokio::task::JoinError) -> RunReport {
-    let error = if e.is_cancelled() {
-        // The job threads stopped: only once the peer stops.
-        tracing::debug!("job cancelled: the peer is stopping");
-        ErrorRecord::new(ErrorKind::Other, "the peer stopped before the job finished")
-    } else {
-        tracing::error!(error = %e, "a job's task failed");
-        ErrorRecord::new(ErrorKind::Other, format!("the job's task failed: {e}"))
-    };
-    RunReport { result: Err(error), stdout_tail: vec![], stderr_tail: vec![] }
 }
 
 /// How long a joiner keeps asking the `--join` peers to let it in.
