@@ -17,7 +17,7 @@ use impetus_proto::records::{JobRecord, JobSpec, JobStatus, StreamInfo, StreamPr
 use impetus_raft::openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use impetus_raft::openraft::raft::{VoteRequest, VoteResponse};
 use impetus_raft::{PeerNode, Vote};
-use impetus_sdk::{Client, ClientError};
+use impetus_sdk::{Client, ClientError, MAX_IN_FLIGHT};
 use libp2p::Multiaddr;
 use tokio::sync::oneshot;
 
@@ -169,7 +169,10 @@ impl Running {
 
 async fn start(authkey: Option<&str>) -> Running {
     let listen: Multiaddr = "/ip4/127.0.0.1/tcp/0".parse().unwrap();
-    let cfg = NetConfig { listen, authkey: authkey.map(str::to_owned), ..NetConfig::default() };
+    start_with(NetConfig { listen, authkey: authkey.map(str::to_owned), ..NetConfig::default() }).await
+}
+
+async fn start_with(cfg: NetConfig) -> Running {
     let server = Server::bind(cfg).await.unwrap();
     let addr = server.listen_addr().clone();
     assert!(!addr.to_string().ends_with("/tcp/0"), "{addr}");
@@ -301,6 +304,8 @@ async fn five_hundred_concurrent_requests_are_all_answered() {
         answered += 1;
     }
     assert_eq!(answered, 500);
+    let opened = client.streams_opened();
+    assert!((1..=MAX_IN_FLIGHT as u64).contains(&opened), "{opened} streams for 500 requests");
     server.stop().await;
 }
 
@@ -462,4 +467,41 @@ async fn raft_rpcs_to_one_peer_share_one_stream() {
     assert_eq!(ra.handle.raft_streams_opened(), 1, "one stream carried all five");
     ra.stop().await.unwrap();
     rb.stop().await.unwrap();
+}
+
+/// Client requests ride long-lived streams: requests in turn share one
+/// stream, concurrent ones open at most one each, and a client outlives its peer's
+/// restart (same identity, same port) by dialing it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_streams_are_reused_and_survive_a_peer_restart() {
+    let keypair = libp2p::identity::Keypair::generate_ed25519();
+    let cfg = |listen: &str| NetConfig {
+        listen: listen.parse().unwrap(),
+        keypair: Some(keypair.clone()),
+        ..NetConfig::default()
+    };
+    let server = start_with(cfg("/ip4/127.0.0.1/tcp/0")).await;
+    let client = Client::connect(&server.addr.to_string(), None).await.unwrap();
+    let s = StreamName::new("s").unwrap();
+    client.create_stream(&s, StreamProps::default()).await.unwrap();
+    for _ in 0..20 {
+        assert_eq!(client.stream(&s).await.unwrap().name, s);
+    }
+    assert_eq!(client.streams_opened(), 1, "21 requests in turn, one stream");
+    let together = futures::future::join_all((0..8).map(|_| client.stream(&s))).await;
+    assert!(together.iter().all(|r| r.as_ref().is_ok_and(|i| i.name == s)), "{together:?}");
+    let opened = client.streams_opened();
+    assert!(opened <= 8, "8 requests at once opened {opened} streams in all: more than one each");
+
+    // The peer restarts on the same port with the same identity.
+    let addr = server.addr.clone();
+    server.stop().await;
+    let err = client.streams().await.unwrap_err();
+    assert!(matches!(err, ClientError::Transport(_)), "with the peer down: {err:?}");
+    let restarted = start_with(cfg(&addr.to_string())).await;
+    assert_eq!(restarted.addr, addr);
+    // The client dials it again; the fresh fake knows no streams.
+    assert_eq!(client.streams().await.unwrap().len(), 0);
+    assert!(client.streams_opened() > opened, "a new stream on the new connection");
+    restarted.stop().await;
 }

@@ -2,7 +2,10 @@
 //! use it). It talks to one peer over libp2p; the peer forwards writes to
 //! the leader.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -13,19 +16,25 @@ use impetus_proto::ids::{JobId, ModuleHash, StreamName};
 use impetus_proto::limits;
 use impetus_proto::records::{JobRecord, JobStatus, StreamInfo, StreamPatch, StreamProps};
 use impetus_proto::wire;
+use libp2p::core::transport::PortUse;
+use libp2p::core::Endpoint;
 use libp2p::identity::Keypair;
-use libp2p::request_response::{self, OutboundFailure, OutboundRequestId, ProtocolSupport};
 use libp2p::swarm::dial_opts::DialOpts;
-use libp2p::swarm::{DialError, SwarmEvent};
+use libp2p::swarm::{
+    dummy, ConnectionDenied, ConnectionId, DialError, FromSwarm, NetworkBehaviour, SwarmEvent, THandler,
+    THandlerInEvent, THandlerOutEvent, ToSwarm,
+};
 use libp2p::{Multiaddr, PeerId, Swarm};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{oneshot, Semaphore};
 
-use crate::transport::{self, ClientCodec, TransportConfig, REQUEST_TIMEOUT};
+use crate::stream::{StreamError, StreamPool, CLIENT_STREAM_PROTOCOL};
+use crate::transport::{self, TransportConfig, REQUEST_TIMEOUT};
 
-/// Most requests one client keeps in flight on its connection; more wait
-/// in the queue. Below [`transport::MAX_CONCURRENT_STREAMS`] so the peer
-/// never drops a stream for being at capacity.
-pub const MAX_IN_FLIGHT: usize = 256;
+/// Most requests one client keeps in flight on its connection (each on a
+/// stream of its own); more wait their turn. Below
+/// [`transport::MAX_CONCURRENT_STREAMS`] so the peer never drops a stream
+/// for being at capacity.
+pub const MAX_IN_FLIGHT: usize = crate::stream::MAX_POOLED_STREAMS;
 
 /// How long [`Client::connect`] waits for the connection and handshake.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -65,21 +74,28 @@ pub struct CasOutcome {
     pub current: Option<Vec<u8>>,
 }
 
-type Reply = oneshot::Sender<Result<ClientResponse, ClientError>>;
-
-struct Call {
-    req: ClientRequest,
-    reply: Reply,
-}
-
-/// A connection to one peer. Cheap to clone: a background task owns the
-/// libp2p swarm, requests reach it over a channel and come back on a
-/// oneshot. The task ends when the last clone is dropped.
+/// A connection to one peer. Cheap to clone. Requests go over pooled
+/// long-lived streams ([`crate::stream`]), straight from the caller's task;
+/// a background task drives the libp2p connection (and re-dials it if it
+/// drops). The task ends when the last clone is dropped.
 #[derive(Clone, Debug)]
 pub struct Client {
-    calls: mpsc::Sender<Call>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    pool: Arc<StreamPool>,
+    in_flight: Semaphore,
     addr: Multiaddr,
     peer: PeerId,
+    /// Dropped with the last clone of the client: the connection task ends.
+    _stop: oneshot::Sender<()>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("addr", &self.addr).field("peer", &self.peer).finish_non_exhaustive()
+    }
 }
 
 impl Client {
@@ -99,7 +115,7 @@ impl Client {
     pub async fn connect_with(addr: &str, cfg: TransportConfig) -> Result<Client, ClientError> {
         let connect_err = |reason: String| ClientError::Connect { addr: addr.to_owned(), reason };
         let target = transport::resolve_addr(addr).await.map_err(connect_err)?;
-        let behaviour = transport::client_protocol_behaviour(ProtocolSupport::Outbound);
+        let behaviour = ClientBehaviour { streams: libp2p_stream::Behaviour::new(), redial: Redial::default() };
         let mut swarm = transport::build_swarm(Keypair::generate_ed25519(), &cfg, behaviour)
             .map_err(|e| connect_err(e.to_string()))?;
 
@@ -126,21 +142,29 @@ impl Client {
         .map_err(connect_err)?;
 
         // Re-dial this address if the connection drops (idle timeout).
-        swarm.add_peer_address(peer, target.clone());
+        swarm.behaviour_mut().redial.target = Some((peer, target.clone()));
         tracing::debug!(%peer, addr = %target, "connected");
-        let (calls, rx) = mpsc::channel(MAX_IN_FLIGHT);
-        tokio::spawn(drive(swarm, peer, target.clone(), rx));
-        Ok(Client { calls, addr: target, peer })
+        let pool = Arc::new(StreamPool::new(swarm.behaviour().streams.new_control(), peer));
+        let (stop, stopped) = oneshot::channel();
+        tokio::spawn(drive(swarm, peer, target.clone(), pool.clone(), stopped));
+        let shared = Shared { pool, in_flight: Semaphore::new(MAX_IN_FLIGHT), addr: target, peer, _stop: stop };
+        Ok(Client { shared: Arc::new(shared) })
     }
 
     /// The address this client is connected to.
     pub fn addr(&self) -> &Multiaddr {
-        &self.addr
+        &self.shared.addr
+    }
+
+    /// How many streams this client has opened: one per request it had in
+    /// flight at its busiest, as streams are reused.
+    pub fn streams_opened(&self) -> u64 {
+        self.shared.pool.opened()
     }
 
     /// The libp2p identity of the peer this client talks to.
     pub fn peer_id(&self) -> PeerId {
-        self.peer
+        self.shared.peer
     }
 
     /// Send one request and wait for its answer (at most [`REQUEST_TIMEOUT`]).
@@ -148,12 +172,11 @@ impl Client {
     /// as is; the typed helpers turn it into [`ClientError::Service`].
     pub async fn request(&self, req: ClientRequest) -> Result<ClientResponse, ClientError> {
         req.validate()?;
-        let (reply, rx) = oneshot::channel();
-        self.calls
-            .send(Call { req, reply })
-            .await
-            .map_err(|_| ClientError::Transport("the client's connection task has stopped".into()))?;
-        rx.await.map_err(|_| ClientError::Transport("the client's connection task has stopped".into()))?
+        let shared = &self.shared;
+        // The semaphore is never closed.
+        let _permit = shared.in_flight.acquire().await.map_err(|e| ClientError::Transport(e.to_string()))?;
+        tracing::trace!(kind = req.kind(), "request");
+        shared.pool.request(&req, REQUEST_TIMEOUT).await.map_err(|e| stream_error(e, &shared.addr))
     }
 
     /// Commit a command through the peer and return its outcome; a refused
@@ -500,41 +523,87 @@ fn split_batches(jobs: Vec<NewJob>, max_jobs: usize, max_bytes: usize) -> Vec<Ve
     batches
 }
 
-/// The background task: owns the swarm, sends calls, routes answers.
+/// The client's swarm: streams, and the address to re-dial.
+#[derive(NetworkBehaviour)]
+struct ClientBehaviour {
+    streams: libp2p_stream::Behaviour,
+    redial: Redial,
+}
+
+/// Gives the swarm the client's one peer address when a stream is opened
+/// after the connection dropped (libp2p-stream keeps no addresses).
+#[derive(Default)]
+struct Redial {
+    target: Option<(PeerId, Multiaddr)>,
+}
+
+impl NetworkBehaviour for Redial {
+    type ConnectionHandler = dummy::ConnectionHandler;
+    type ToSwarm = Infallible;
+
+    fn handle_pending_outbound_connection(
+        &mut self,
+        _: ConnectionId,
+        peer: Option<PeerId>,
+        _: &[Multiaddr],
+        _: Endpoint,
+    ) -> Result<Vec<Multiaddr>, ConnectionDenied> {
+        Ok(match &self.target {
+            Some((p, addr)) if peer == Some(*p) => vec![addr.clone()],
+            _ => vec![],
+        })
+    }
+
+    fn handle_established_inbound_connection(
+        &mut self,
+        _: ConnectionId,
+        _: PeerId,
+        _: &Multiaddr,
+        _: &Multiaddr,
+    ) -> Result<THandler<Self>, ConnectionDenied> {
+        Ok(dummy::ConnectionHandler)
+    }
+
+    fn handle_established_outbound_connection(
+        &mut self,
+        _: ConnectionId,
+        _: PeerId,
+        _: &Multiaddr,
+        _: Endpoint,
+        _: PortUse,
+    ) -> Result<THandler<Self>, ConnectionDenied> {
+        Ok(dummy::ConnectionHandler)
+    }
+
+    fn on_swarm_event(&mut self, _: FromSwarm<'_>) {}
+
+    fn on_connection_handler_event(&mut self, _: PeerId, _: ConnectionId, event: THandlerOutEvent<Self>) {
+        match event {}
+    }
+
+    fn poll(&mut self, _: &mut Context<'_>) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
+        Poll::Pending
+    }
+}
+
+/// The background task: drives the connection until the client is dropped;
+/// streams idle in the pool die with their connection.
 async fn drive(
-    mut swarm: Swarm<request_response::Behaviour<ClientCodec>>,
+    mut swarm: Swarm<ClientBehaviour>,
     peer: PeerId,
     addr: Multiaddr,
-    mut calls: mpsc::Receiver<Call>,
+    pool: Arc<StreamPool>,
+    mut stop: oneshot::Receiver<()>,
 ) {
-    let mut pending: HashMap<OutboundRequestId, Reply> = HashMap::new();
     loop {
         tokio::select! {
-            call = calls.recv(), if pending.len() < MAX_IN_FLIGHT => match call {
-                Some(Call { req, reply }) => {
-                    tracing::trace!(kind = req.kind(), "request");
-                    let id = swarm.behaviour_mut().send_request(&peer, Ok(req));
-                    pending.insert(id, reply);
-                }
-                None => break,
-            },
+            _ = &mut stop => break,
             event = swarm.select_next_some() => match event {
-                SwarmEvent::Behaviour(request_response::Event::Message {
-                    message: request_response::Message::Response { request_id, response },
-                    ..
-                }) => {
-                    if let Some(reply) = pending.remove(&request_id) {
-                        let _ = reply.send(Ok(response));
-                    }
-                }
-                SwarmEvent::Behaviour(request_response::Event::OutboundFailure { request_id, error, .. }) => {
-                    tracing::debug!(%peer, %addr, %error, "request failed");
-                    if let Some(reply) = pending.remove(&request_id) {
-                        let _ = reply.send(Err(outbound_error(error, &addr)));
-                    }
-                }
-                SwarmEvent::ConnectionClosed { cause, .. } => {
+                SwarmEvent::ConnectionClosed { cause, num_established, .. } => {
                     tracing::debug!(%peer, %addr, cause = ?cause, "connection closed");
+                    if num_established == 0 {
+                        pool.clear();
+                    }
                 }
                 other => tracing::trace!(event = ?other, "swarm event"),
             },
@@ -543,25 +612,23 @@ async fn drive(
     tracing::debug!(%peer, "client task stopped");
 }
 
-fn outbound_error(e: OutboundFailure, addr: &Multiaddr) -> ClientError {
+fn stream_error(e: StreamError, addr: &Multiaddr) -> ClientError {
     match e {
-        OutboundFailure::DialFailure => {
-            ClientError::Transport(format!("lost the connection to {addr} and could not reconnect"))
-        }
-        OutboundFailure::Timeout => {
-            ClientError::Timeout { what: format!("an answer from {addr}"), after: REQUEST_TIMEOUT }
-        }
-        OutboundFailure::ConnectionClosed => {
-            ClientError::Transport(format!("the connection to {addr} closed before the answer arrived"))
-        }
-        OutboundFailure::UnsupportedProtocols => ClientError::Protocol(format!(
-            "the peer at {addr} does not speak {} (a different Impetus version?)",
-            transport::CLIENT_PROTOCOL
+        StreamError::Unsupported(_) => ClientError::Protocol(format!(
+            "the peer at {addr} does not speak {CLIENT_STREAM_PROTOCOL} (a different Impetus version?)"
         )),
-        OutboundFailure::Io(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+        StreamError::Open(e) => {
+            ClientError::Transport(format!("lost the connection to {addr} and could not reconnect: {e}"))
+        }
+        StreamError::TooLarge { .. } => ClientError::Protocol(e.to_string()),
+        StreamError::Timeout(after) => ClientError::Timeout { what: format!("an answer from {addr}"), after },
+        StreamError::BadAnswer(e) => ClientError::Protocol(format!("bad answer from {addr}: {e}")),
+        StreamError::Io(e) if e.kind() == std::io::ErrorKind::InvalidData => {
             ClientError::Protocol(format!("bad answer from {addr}: {e}"))
         }
-        OutboundFailure::Io(e) => ClientError::Transport(format!("I/O error talking to {addr}: {e}")),
+        StreamError::Io(e) => {
+            ClientError::Transport(format!("the connection to {addr} failed before the answer arrived: {e}"))
+        }
     }
 }
 

@@ -10,6 +10,7 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 pub mod client;
+pub mod stream;
 pub mod transport;
 
 pub use client::{CasOutcome, Client, ClientError, CONNECT_TIMEOUT, MAX_IN_FLIGHT};

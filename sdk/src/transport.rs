@@ -131,19 +131,25 @@ impl request_response::Codec for ClientCodec {
     where
         T: AsyncWrite + Unpin + Send,
     {
-        let mut bytes = api::encode_response(&resp);
-        if bytes.len() > limits::MAX_MESSAGE_BYTES {
-            // Tell the client why rather than cutting the stream.
-            tracing::warn!(kind = resp.kind(), len = bytes.len(), "response exceeds the message limit");
-            bytes = api::encode_response(&ClientResponse::Error(ServiceError::Internal(format!(
-                "the {} response is {} bytes, over the limit of {} bytes; ask for less",
-                resp.kind(),
-                bytes.len(),
-                limits::MAX_MESSAGE_BYTES
-            ))));
-        }
-        write_frame(io, &bytes, limits::MAX_MESSAGE_BYTES).await
+        write_frame(io, &encode_response_bounded(&resp), limits::MAX_MESSAGE_BYTES).await
     }
+}
+
+/// The frame body of `resp`; a response over [`limits::MAX_MESSAGE_BYTES`]
+/// becomes an [`ServiceError::Internal`] that says so, rather than a cut
+/// stream the client could not explain.
+pub fn encode_response_bounded(resp: &ClientResponse) -> Vec<u8> {
+    let bytes = api::encode_response(resp);
+    if bytes.len() <= limits::MAX_MESSAGE_BYTES {
+        return bytes;
+    }
+    tracing::warn!(kind = resp.kind(), len = bytes.len(), "response exceeds the message limit");
+    api::encode_response(&ClientResponse::Error(ServiceError::Internal(format!(
+        "the {} response is {} bytes, over the limit of {} bytes; ask for less",
+        resp.kind(),
+        bytes.len(),
+        limits::MAX_MESSAGE_BYTES
+    ))))
 }
 
 /// The request-response behaviour of the client protocol. `support` is

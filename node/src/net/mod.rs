@@ -1,8 +1,10 @@
 //! The peer's network: one libp2p swarm (tokio) per peer.
 //!
 //! TCP → optional pnet (`--authkey`) → noise → yamux, carrying:
-//! - `/impetus/client/1`: the client protocol (the CLI, the SDK, and writes
-//!   other peers forward to the leader), served by a [`ClientService`];
+//! - `/impetus/client-stream/1`: the client protocol on long-lived streams
+//!   (the SDK's [`impetus_sdk::stream`]: the CLI and applications), and
+//!   `/impetus/client/1`, the same requests as request-response (writes
+//!   other peers forward to the leader), both served by a [`ClientService`];
 //! - `/impetus/raft/1`: Raft RPCs ([`raft_rpc`]) as request-response (a
 //!   snapshot; the fallback), and `/impetus/raft-stream/1`: appends and votes
 //!   on one long-lived substream per leader→follower (libp2p-stream), which
@@ -39,6 +41,7 @@ use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{identify, kad, mdns, Multiaddr, PeerId, StreamProtocol, Swarm};
 use tokio::sync::{mpsc, oneshot};
 
+use impetus_sdk::stream::{CLIENT_STREAM_PROTOCOL, SERVER_STREAM_IDLE};
 pub use impetus_sdk::transport::{CLIENT_PROTOCOL, DEFAULT_PORT, REQUEST_TIMEOUT};
 use raft_rpc::{RaftCodec, RaftReply, RaftRpc, RAFT_PROTOCOL, RAFT_STREAM_PROTOCOL};
 
@@ -104,6 +107,25 @@ impl Handlers {
             let raft = raft.clone();
             async move { raft_rpc::answer(&raft, rpc).await }.boxed()
         }));
+    }
+
+    /// The answer to `req` from `peer`: the client handler's, "starting"
+    /// before it is set, an internal error naming the request if the
+    /// handler panics.
+    fn answer_client(&self, peer: PeerId, req: ClientRequest) -> BoxFuture<'static, ClientResponse> {
+        let kind = req.kind();
+        let Some(h) = self.client.get() else {
+            return async { ClientResponse::Error(ServiceError::Unavailable("the peer is starting".into())) }.boxed();
+        };
+        AssertUnwindSafe(h(req))
+            .catch_unwind()
+            .map(move |r| {
+                r.unwrap_or_else(|_| {
+                    tracing::error!(%peer, kind, "client request handler panicked");
+                    ClientResponse::Error(ServiceError::Internal(format!("the {kind} handler panicked")))
+                })
+            })
+            .boxed()
     }
 
     /// The answer to `rpc` from `peer`: the Raft handler's, "not running
@@ -339,7 +361,13 @@ pub struct Server {
     swarm: Swarm_,
     listen_addr: Multiaddr,
     streams: libp2p_stream::Control,
-    incoming: libp2p_stream::IncomingStreams,
+    incoming: Incoming,
+}
+
+/// Streams other peers and clients open to this one.
+struct Incoming {
+    raft: libp2p_stream::IncomingStreams,
+    client: libp2p_stream::IncomingStreams,
 }
 
 impl fmt::Debug for Server {
@@ -434,7 +462,8 @@ impl Server {
         .map_err(listen_err)?;
         tracing::info!(peer_id = %swarm.local_peer_id(), addr = %listen_addr, "listening");
         let mut streams = swarm.behaviour().streams.new_control();
-        let incoming = streams.accept(RAFT_STREAM_PROTOCOL).map_err(|e| NetError::Build(e.to_string()))?;
+        let mut accept = |p| streams.accept(p).map_err(|e| NetError::Build(e.to_string()));
+        let incoming = Incoming { raft: accept(RAFT_STREAM_PROTOCOL)?, client: accept(CLIENT_STREAM_PROTOCOL)? };
         Ok(Server { swarm, listen_addr, streams, incoming })
     }
 
@@ -500,6 +529,15 @@ pub async fn serve<S: ClientService>(
     Server::bind(cfg).await?.run(service, shutdown).await
 }
 
+/// Answer the client requests on one stream from `peer`, in order.
+async fn serve_client_stream(peer: PeerId, mut stream: libp2p::Stream, handlers: Arc<Handlers>) {
+    let end =
+        impetus_sdk::stream::serve(&mut stream, SERVER_STREAM_IDLE, |req| handlers.answer_client(peer, req)).await;
+    if let Err(e) = end {
+        tracing::debug!(%peer, error = %e, "client stream closed");
+    }
+}
+
 type ClientAnswer = (ResponseChannel<ClientResponse>, ClientResponse);
 type RaftAnswer = (ResponseChannel<RaftReply>, RaftReply);
 
@@ -515,7 +553,7 @@ impl Driver {
     async fn run(
         mut self,
         mut calls: mpsc::UnboundedReceiver<Call>,
-        mut incoming: libp2p_stream::IncomingStreams,
+        mut incoming: Incoming,
         stop: impl Future<Output = ()>,
     ) -> Result<(), NetError> {
         let (client_tx, mut client_rx) = mpsc::unbounded_channel::<ClientAnswer>();
@@ -535,8 +573,11 @@ impl Driver {
                     }
                 }
                 Some(call) = calls.recv() => self.call(call),
-                Some((peer, stream)) = incoming.next() => {
+                Some((peer, stream)) = incoming.raft.next() => {
                     tokio::spawn(raft_rpc::serve_stream(peer, stream, self.handlers.clone()));
+                }
+                Some((peer, stream)) = incoming.client.next() => {
+                    tokio::spawn(serve_client_stream(peer, stream, self.handlers.clone()));
                 }
                 event = self.swarm.select_next_some() => self.event(event, &client_tx, &raft_tx)?,
             }
@@ -633,20 +674,10 @@ impl Driver {
         match event {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request { request: Ok(req), channel, .. } => {
-                    let kind = req.kind();
-                    let fut = match self.handlers.client.get() {
-                        Some(h) => h(req),
-                        None => {
-                            async { ClientResponse::Error(ServiceError::Unavailable("the peer is starting".into())) }
-                                .boxed()
-                        }
-                    };
+                    let fut = self.handlers.answer_client(peer, req);
                     let answers = answers.clone();
                     tokio::spawn(async move {
-                        let resp = AssertUnwindSafe(fut).catch_unwind().await.unwrap_or_else(|_| {
-                            tracing::error!(%peer, kind, "client request handler panicked");
-                            ClientResponse::Error(ServiceError::Internal(format!("the {kind} handler panicked")))
-                        });
+                        let resp = fut.await;
                         // The swarm task is gone only when the network stopped.
                         let _ = answers.send((channel, resp));
                     });

@@ -11,6 +11,10 @@ use rand::seq::IteratorRandom as _;
 
 use crate::{handler::NewStream, AlreadyRegistered, IncomingStreams};
 
+/// Inbound streams of one protocol waiting to be accepted; more are dropped
+/// (impetus: a yamux connection's stream limit).
+const INBOUND_STREAM_BUFFER: usize = 1024;
+
 pub(crate) struct Shared {
     /// Tracks the supported inbound protocols created via
     /// [`Control::accept`](crate::Control::accept).
@@ -56,7 +60,9 @@ impl Shared {
             return Err(AlreadyRegistered);
         }
 
-        let (sender, receiver) = mpsc::channel(0);
+        // impetus: room for a burst of inbound streams (upstream: 0, which
+        // drops every stream that arrives before the last one was taken).
+        let (sender, receiver) = mpsc::channel(INBOUND_STREAM_BUFFER);
         self.supported_inbound_protocols.insert(protocol.clone(), sender);
 
         Ok(IncomingStreams::new(receiver))
