@@ -213,6 +213,38 @@ async fn a_submit_on_the_leader_leases_its_jobs_in_the_same_entry() {
     p.read(|st| st.check_invariants());
 }
 
+/// A job granted by a fused submit starts without a turn of the worker
+/// loop, but a steady run of them must not put off the turns that send
+/// heartbeats (and renewals, and the leader's ticks).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_of_fused_grants_does_not_put_off_heartbeats() {
+    let cfg = PeerConfig {
+        capacity: 64,
+        poll_interval: Duration::from_millis(300),
+        heartbeat_interval: Duration::from_millis(200),
+        ..PeerConfig::default()
+    };
+    let p = peer(cfg).await;
+    let s = setup(&p, StreamProps { mpps: 64, ..StreamProps::default() }).await;
+    // A grant every ~40 ms for ~2 s, and no job ends meanwhile: nothing
+    // but the loop's own deadline calls for a turn.
+    let mut beats = BTreeSet::new();
+    for _ in 0..50 {
+        let Outcome::Submitted(ids) =
+            write(&p, Command::Submit { stream: s.clone(), jobs: vec![new_job("sleep:3000")] }).await.unwrap()
+        else {
+            panic!("not submitted")
+        };
+        let (lease, beat) = p.read(|st| (st.job(ids[0].job).unwrap().lease, st.peer(p.id()).unwrap().last_heartbeat));
+        assert!(lease.is_some(), "leased by the submit itself");
+        beats.insert(beat);
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    assert!(beats.len() >= 4, "a turn every 300 ms should have sent 4+ heartbeats in ~2 s: {beats:?}");
+    let done = wait_final(&p, 50).await;
+    assert!(done.iter().all(|j| j.status == JobStatus::Succeeded), "{done:#?}");
+}
+
 /// Start a one-voter peer on `log`/`snapshots` (Raft node 1), register it,
 /// stop it, and lose the commit pointer (not flushed on its own, so a crash
 /// may leave none): the registration is in the log but not re-applied on

@@ -102,6 +102,8 @@ impl Slots {
 #[derive(Debug)]
 pub struct Fused {
     slots: u32,
+    /// Jobs in the submit.
+    jobs: u32,
 }
 
 pub(crate) struct Inner<R, C, X> {
@@ -234,18 +236,21 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
         if status.leader != Some(status.node) || inner.stopping.load(Ordering::SeqCst) {
             return (cmd, None);
         }
-        let slots = inner.slots.take((jobs.len() as u32).min(inner.cfg.max_lease_batch));
+        let jobs = jobs.len() as u32;
+        let slots = inner.slots.take(jobs.min(inner.cfg.max_lease_batch));
         if slots == 0 {
             return (cmd, None);
         }
         let lease = Command::Lease { peer: inner.id, streams: vec![stream.clone()], max: slots };
-        (Command::Batch(vec![cmd, lease]), Some(Fused { slots }))
+        (Command::Batch(vec![cmd, lease]), Some(Fused { slots, jobs }))
     }
 
     /// The submit's own result from a write [`Peer::fuse`] made; the jobs
     /// it leased to this peer start now, the slots it did not use are free.
+    /// The worker loop is woken only if the submit left jobs for others:
+    /// a turn with nothing to do would only take a core from the job.
     pub fn unfuse<E>(&self, fused: Option<Fused>, written: Result<ApplyResult, E>) -> Result<ApplyResult, E> {
-        let Some(Fused { slots }) = fused else { return written };
+        let Some(Fused { slots, jobs }) = fused else { return written };
         let inner = &self.inner;
         let parts = match written {
             Ok(Ok(Outcome::Batch(parts))) => <[ApplyResult; 2]>::try_from(parts).map_err(|p| Ok(Ok(Outcome::Batch(p)))),
@@ -259,10 +264,14 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
                 return other;
             }
         };
-        debug_assert!(grants.len() as u32 <= slots, "leased more than asked");
-        inner.slots.give(slots.saturating_sub(grants.len() as u32));
+        let granted = grants.len() as u32;
+        debug_assert!(granted <= slots, "leased more than asked");
+        inner.slots.give(slots.saturating_sub(granted));
         for g in grants {
             worker::run_granted(&self.inner, g);
+        }
+        if granted < jobs {
+            self.wake();
         }
         Ok(submit)
     }

@@ -63,24 +63,35 @@ pub(super) async fn run<R: Runtime, C: Consensus, X: JobRunner>(
         grace_deadline: None,
     };
     let poll = inner.cfg.poll_interval;
+    // A job granted by a fused submit only needs tracking: a turn then
+    // would have nothing to say and take a core from the job starting.
+    // Without a turn the earlier deadline stands, so that a run of grants
+    // cannot put off heartbeats and renewals.
+    let mut turn = true;
+    let mut deadline = Timestamp::ZERO;
     loop {
         while let Ok(event) = rx.try_recv() {
-            w.event(event);
+            turn |= w.event(event);
         }
-        let (finished, again) = w.turn().await;
-        if finished {
-            break;
+        if turn {
+            let (finished, again) = w.turn().await;
+            if finished {
+                break;
+            }
+            if again {
+                continue;
+            }
         }
-        if again {
-            continue;
-        }
-        let wait = w.next_wait(poll);
-        tokio::select! {
+        let now = inner.rt.now();
+        let next = now.saturating_add_ms(w.next_wait(poll).as_millis() as u64);
+        deadline = if turn { next } else { deadline.min(next) };
+        let wait = Duration::from_millis(deadline.since(now));
+        turn = tokio::select! {
             biased;
             Some(event) = rx.recv() => w.event(event),
-            () = inner.wake.notified() => {}
-            () = inner.rt.sleep(wait) => {}
-        }
+            () = inner.wake.notified() => true,
+            () = inner.rt.sleep(wait) => true,
+        };
     }
     inner.stopped_flag.store(true, Ordering::SeqCst);
     inner.stopped.notify_waiters();
@@ -144,10 +155,17 @@ fn spawn_run<R: Runtime, C: Consensus, X: JobRunner>(inner: Arc<Inner<R, C, X>>,
 }
 
 impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
-    fn event(&mut self, event: Event) {
+    /// Take in `event`; whether it calls for a turn (a result to report).
+    fn event(&mut self, event: Event) -> bool {
         match event {
-            Event::Granted(g) => self.track_running(g),
-            Event::Done(done) => self.finished(done),
+            Event::Granted(g) => {
+                self.track_running(g);
+                false
+            }
+            Event::Done(done) => {
+                self.finished(done);
+                true
+            }
         }
     }
 
