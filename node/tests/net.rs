@@ -505,3 +505,28 @@ async fn client_streams_are_reused_and_survive_a_peer_restart() {
     assert!(client.streams_opened() > opened, "a new stream on the new connection");
     restarted.stop().await;
 }
+
+/// A peer's requests to another peer (writes forwarded to the leader, a
+/// worker's turns) ride a client stream too: requests in turn share one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_between_peers_share_one_client_stream() {
+    let b = start(None).await;
+    let b_id = Client::connect(&b.addr.to_string(), None).await.unwrap().peer_id();
+    let b_addr = b.addr.clone().with(libp2p::multiaddr::Protocol::P2p(b_id));
+    let a = Server::bind(NetConfig { listen: "/ip4/127.0.0.1/tcp/0".parse().unwrap(), ..NetConfig::default() })
+        .await
+        .unwrap()
+        .start(Arc::new(Handlers::default()));
+    for _ in 0..5 {
+        match a.handle.client(&b_addr, ClientRequest::Status).await.unwrap() {
+            ClientResponse::Status(st) => assert_eq!(st.peer, PeerId(1)),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(a.handle.client_streams_opened(), 1, "five requests in turn, one stream");
+    // An address without /p2p/ is refused before anything is sent.
+    let err = a.handle.client(&b.addr, ClientRequest::Status).await.unwrap_err();
+    assert!(err.to_string().contains("has no /p2p/ peer id"), "{err}");
+    a.stop().await.unwrap();
+    b.stop().await;
+}

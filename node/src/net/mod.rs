@@ -2,9 +2,11 @@
 //!
 //! TCP → optional pnet (`--authkey`) → noise → yamux, carrying:
 //! - `/impetus/client-stream/1`: the client protocol on long-lived streams
-//!   (the SDK's [`impetus_sdk::stream`]: the CLI and applications), and
-//!   `/impetus/client/1`, the same requests as request-response (writes
-//!   other peers forward to the leader), both served by a [`ClientService`];
+//!   (the SDK's [`impetus_sdk::stream`]): the CLI, applications, and the
+//!   requests a peer sends another (writes forwarded to the leader, a
+//!   worker's turns); `/impetus/client/1`, the same requests as
+//!   request-response, is the fallback that also dials a peer the swarm
+//!   has no address for. Both are served by a [`ClientService`];
 //! - `/impetus/raft/1`: Raft RPCs ([`raft_rpc`]) as request-response (a
 //!   snapshot; the fallback), and `/impetus/raft-stream/1`: appends and votes
 //!   on one long-lived substream per leader→follower (libp2p-stream), which
@@ -41,7 +43,7 @@ use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{identify, kad, mdns, Multiaddr, PeerId, StreamProtocol, Swarm};
 use tokio::sync::{mpsc, oneshot};
 
-use impetus_sdk::stream::{CLIENT_STREAM_PROTOCOL, SERVER_STREAM_IDLE};
+use impetus_sdk::stream::{StreamError, StreamPool, CLIENT_STREAM_PROTOCOL, SERVER_STREAM_IDLE};
 pub use impetus_sdk::transport::{CLIENT_PROTOCOL, DEFAULT_PORT, REQUEST_TIMEOUT};
 use raft_rpc::{RaftCodec, RaftReply, RaftRpc, RAFT_PROTOCOL, RAFT_STREAM_PROTOCOL};
 
@@ -263,6 +265,9 @@ enum Call {
     Raft { peer: PeerId, addr: Multiaddr, rpc: RaftRpc, reply: Reply<RaftReply> },
 }
 
+/// The client streams a peer keeps to other peers.
+type ClientPools = Arc<Mutex<HashMap<PeerId, Arc<StreamPool>>>>;
+
 /// Attempts at a request whose dial fails (nothing was sent, so it is safe).
 const DIAL_ATTEMPTS: u32 = 3;
 
@@ -273,6 +278,8 @@ pub struct NetHandle {
     streams: libp2p_stream::Control,
     /// Raft streams this peer opened.
     streams_opened: Arc<AtomicU64>,
+    /// Client streams to other peers, by peer.
+    client_pools: ClientPools,
     local: Multiaddr,
     discovered: Arc<Mutex<BTreeSet<Multiaddr>>>,
 }
@@ -295,9 +302,18 @@ impl NetHandle {
     }
 
     /// Send a client-protocol request to the peer at `addr` (with `/p2p/ID`),
-    /// bounded by [`REQUEST_TIMEOUT`].
+    /// bounded by [`REQUEST_TIMEOUT`]: on a client stream, or, when none can
+    /// be opened (nothing was sent), as request-response, which dials `addr`.
     pub async fn client(&self, addr: &Multiaddr, req: ClientRequest) -> Result<ClientResponse, NetError> {
         let (peer, base) = split_p2p(addr).ok_or_else(|| NetError::NoPeerId { addr: addr.clone() })?;
+        let pool = self.client_pool(peer);
+        match pool.request(&req, REQUEST_TIMEOUT).await {
+            Ok(resp) => return Ok(resp),
+            Err(e @ (StreamError::Open(_) | StreamError::Unsupported(_))) => {
+                tracing::debug!(%peer, error = %e, "no client stream; using request-response");
+            }
+            Err(e) => return Err(NetError::Request { peer, reason: e.to_string() }),
+        }
         let mut attempt = 1;
         loop {
             let (reply, rx) = oneshot::channel();
@@ -331,6 +347,18 @@ impl NetHandle {
             Ok(Err(e)) => Err(NetError::Unreachable { peer, reason: e.to_string() }),
             Err(_) => Err(NetError::Unreachable { peer, reason: format!("no raft stream within {ttl:?}") }),
         }
+    }
+
+    fn client_pool(&self, peer: PeerId) -> Arc<StreamPool> {
+        let mut pools = self.client_pools.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        pools.entry(peer).or_insert_with(|| Arc::new(StreamPool::new(self.streams.clone(), peer))).clone()
+    }
+
+    /// How many client streams this peer has opened to other peers (one
+    /// per request in flight to a peer at its busiest; they are reused).
+    pub fn client_streams_opened(&self) -> u64 {
+        let pools = self.client_pools.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        pools.values().map(|p| p.opened()).sum()
     }
 
     /// How many Raft streams this peer has opened (one per target while
@@ -484,10 +512,12 @@ impl Server {
         let (stop, stop_rx) = oneshot::channel();
         let local = self.listen_addr.clone().with(Protocol::P2p(self.peer_id()));
         let discovered = Arc::new(Mutex::new(BTreeSet::new()));
+        let client_pools = ClientPools::default();
         let handle = NetHandle {
             calls,
             streams: self.streams,
             streams_opened: Arc::default(),
+            client_pools: client_pools.clone(),
             local,
             discovered: discovered.clone(),
         };
@@ -496,6 +526,7 @@ impl Server {
                 swarm: self.swarm,
                 handlers,
                 discovered,
+                client_pools,
                 pending_client: HashMap::new(),
                 pending_raft: HashMap::new(),
             }
@@ -545,6 +576,7 @@ struct Driver {
     swarm: Swarm_,
     handlers: Arc<Handlers>,
     discovered: Arc<Mutex<BTreeSet<Multiaddr>>>,
+    client_pools: ClientPools,
     pending_client: HashMap<OutboundRequestId, Reply<ClientResponse>>,
     pending_raft: HashMap<OutboundRequestId, Reply<RaftReply>>,
 }
@@ -640,8 +672,15 @@ impl Driver {
             SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
                 tracing::debug!(peer = %peer_id, remote = %endpoint.get_remote_address(), "connected");
             }
-            SwarmEvent::ConnectionClosed { peer_id, cause, .. } => {
+            SwarmEvent::ConnectionClosed { peer_id, cause, num_established, .. } => {
                 tracing::debug!(peer = %peer_id, cause = ?cause, "disconnected");
+                if num_established == 0 {
+                    // Streams idle in the pool died with the connection.
+                    let pools = self.client_pools.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if let Some(pool) = pools.get(&peer_id) {
+                        pool.clear();
+                    }
+                }
             }
             SwarmEvent::IncomingConnectionError { send_back_addr, error, .. } => {
                 tracing::debug!(remote = %send_back_addr, %error, "inbound connection failed (wrong authkey or not an Impetus peer?)");
