@@ -17,7 +17,7 @@
 //! to ~25k at 256 and no further at 512, where latency rose), `--keep-logs`
 //! (keep the peers' data and logs and print where; `RUST_LOG` sets their
 //! level). Alongside the targets it prints what explains a miss: the disk's
-//! fsync latency, one Raft write's latency, CPU per peer and of the rest of
+//! fsync latency (alone, and three writers at once as in the paced phase), one Raft write's latency, CPU per peer and of the rest of
 //! the machine, and when the slow paced jobs were submitted (UTC, to match
 //! the peers' logs).
 #![allow(clippy::print_stdout)]
@@ -466,6 +466,37 @@ fn fsync_probe(dir: &Path) -> Result<(Duration, Duration)> {
     Ok((v[25], v[49]))
 }
 
+/// The disk as the paced phase uses it: three writers (a leader and two
+/// followers), each appending 300 bytes and `fdatasync`ing every 5 ms, for
+/// 1 s. p50/p99 of all the syncs: a replicated write waits for two of them.
+fn contended_fsync_probe(dir: &Path) -> Result<(Duration, Duration)> {
+    use std::io::Write;
+    let writers: Vec<_> = (0..3)
+        .map(|i| {
+            let path = dir.join(format!("fsync-probe-{i}"));
+            std::thread::spawn(move || -> std::io::Result<Vec<Duration>> {
+                let mut f = std::fs::File::create(&path)?;
+                let mut v = Vec::with_capacity(200);
+                for _ in 0..200 {
+                    f.write_all(&[7u8; 300])?;
+                    let t = Instant::now();
+                    f.sync_data()?;
+                    v.push(t.elapsed());
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                std::fs::remove_file(&path)?;
+                Ok(v)
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for w in writers {
+        all.extend(w.join().map_err(|_| anyhow::anyhow!("an fsync probe panicked"))??);
+    }
+    all.sort_unstable();
+    Ok((all[all.len() / 2], all[all.len() * 99 / 100]))
+}
+
 /// `ms:count` for each latency seen, ascending (`lat` sorted).
 fn histogram(lat: &[u64]) -> String {
     let mut out: Vec<(u64, usize)> = Vec::new();
@@ -480,6 +511,7 @@ fn histogram(lat: &[u64]) -> String {
 
 async fn run(bin: &Path, dir: &Path, capacity: u32, noop: Vec<u8>, quick: bool, paced_only: bool) -> Result<()> {
     let fsync = fsync_probe(dir)?;
+    let fsync3 = contended_fsync_probe(dir)?;
     let load_start = load_avg();
     // Form the cluster: the first peer founds it, the others join it.
     let t_form = Instant::now();
@@ -615,6 +647,11 @@ async fn run(bin: &Path, dir: &Path, capacity: u32, noop: Vec<u8>, quick: bool, 
         // `--paced-only`: the latency rows alone (for iterating on them).
         println!("fsync p50/p99 {:.1}/{:.1} ms", fsync.0.as_secs_f64() * 1e3, fsync.1.as_secs_f64() * 1e3);
         println!(
+            "fsync, 3 writers at 200/s each, p50/p99 {:.1}/{:.1} ms",
+            fsync3.0.as_secs_f64() * 1e3,
+            fsync3.1.as_secs_f64() * 1e3
+        );
+        println!(
             "submit→done at 200 jobs/s: p50 {} ms, p99 {} ms, max {} ms; CPU (cores) of p1/p2/p3 {}",
             percentile(&lat, 0.50),
             percentile(&lat, 0.99),
@@ -657,6 +694,11 @@ async fn run(bin: &Path, dir: &Path, capacity: u32, noop: Vec<u8>, quick: bool, 
         "{:<w$} {:>14}",
         "disk: 4 KiB write + fdatasync in the data dir p50/p99 (ms)",
         format!("{:.1}/{:.1}", fsync.0.as_secs_f64() * 1e3, fsync.1.as_secs_f64() * 1e3)
+    );
+    println!(
+        "{:<w$} {:>14}",
+        "disk: 3 writers, 300 B + fdatasync every 5 ms each, p50/p99 (ms)",
+        format!("{:.1}/{:.1}", fsync3.0.as_secs_f64() * 1e3, fsync3.1.as_secs_f64() * 1e3)
     );
     println!(
         "{:<w$} {:>14}",
