@@ -3,10 +3,12 @@
 //! One implementation, shared by the SDK's [`Client`](crate::Client) and the
 //! peer's server (`impetus_node::net`):
 //!
-//! - [`ClientCodec`]: request-response over a substream, each message one
-//!   frame `[u32 big-endian length][CLIENT_API_VERSION][postcard...]`,
-//!   bounded by [`limits::MAX_MESSAGE_BYTES`], decoded and validated by
-//!   [`impetus_proto::api`].
+//! - the frames: each message `[u32 big-endian length][CLIENT_API_VERSION]
+//!   [postcard...]`, bounded by [`limits::MAX_MESSAGE_BYTES`], decoded and
+//!   validated by [`impetus_proto::api`] ([`read_frame`], [`write_frame`],
+//!   [`encode_response_bounded`]). [`crate::stream`] carries them on
+//!   long-lived substreams (what clients use); [`ClientCodec`] as
+//!   request-response, one substream per request (the peers' fallback).
 //! - [`build_swarm`]: TCP → optional pnet (pre-shared key from `--authkey`) →
 //!   multistream-select → noise → yamux, all under one handshake timeout.
 //!   It is built with `with_other_transport` because `with_tcp()` has no hook
