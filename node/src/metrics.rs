@@ -129,6 +129,10 @@ pub struct Snapshot<'a> {
     /// Raft streams this peer opened (one per target while they stay up;
     /// a count that keeps climbing means they keep failing).
     pub raft_streams_opened: u64,
+    /// Client streams this peer opened to other peers (forwarded writes,
+    /// a worker's turns; one per request in flight to a peer at its
+    /// busiest, as they are reused).
+    pub client_streams_opened: u64,
 }
 
 fn encode_all(out: &mut String, live: &Registry, snapshot: &Registry) -> std::fmt::Result {
@@ -164,6 +168,11 @@ fn snapshot_registry(snap: &Snapshot<'_>) -> Registry {
         "impetus_raft_streams_opened",
         "Raft streams this peer opened to other peers",
         ConstCounter::new(snap.raft_streams_opened),
+    );
+    r.register(
+        "impetus_client_streams_opened",
+        "Client streams this peer opened to other peers",
+        ConstCounter::new(snap.client_streams_opened),
     );
 
     let streams = snap.streams;
@@ -459,7 +468,13 @@ mod tests {
         metrics.leases_granted(3);
         metrics.leases_granted(2);
         let (raft, streams) = (leader(), streams());
-        let out = metrics.render(&Snapshot { peer: 2, raft: &raft, streams: &streams, raft_streams_opened: 2 });
+        let out = metrics.render(&Snapshot {
+            peer: 2,
+            raft: &raft,
+            streams: &streams,
+            raft_streams_opened: 2,
+            client_streams_opened: 3,
+        });
 
         assert!(out.ends_with("\n# EOF\n"), "{out}");
         assert_eq!(out.matches("# EOF").count(), 1, "{out}");
@@ -499,6 +514,9 @@ mod tests {
             # HELP impetus_raft_streams_opened Raft streams this peer opened to other peers.
             # TYPE impetus_raft_streams_opened counter
             impetus_raft_streams_opened_total 2
+            # HELP impetus_client_streams_opened Client streams this peer opened to other peers.
+            # TYPE impetus_client_streams_opened counter
+            impetus_client_streams_opened_total 3
             # HELP impetus_stream_jobs Jobs in a stream, by status.
             # TYPE impetus_stream_jobs gauge
             impetus_stream_jobs{stream="emails",status="queued"} 3
@@ -541,12 +559,26 @@ mod tests {
         assert!(out.contains("impetus_job_run_seconds_bucket{le=\"0.05\"} 1\n"), "{out}");
         assert!(out.contains("impetus_job_run_seconds_bucket{le=\"5.0\"} 3\n"), "{out}");
         assert!(out.contains("impetus_job_run_seconds_bucket{le=\"+Inf\"} 3\n"), "{out}");
-        assert_eq!(out, metrics.render(&Snapshot { peer: 2, raft: &raft, streams: &streams, raft_streams_opened: 2 }));
+        assert_eq!(
+            out,
+            metrics.render(&Snapshot {
+                peer: 2,
+                raft: &raft,
+                streams: &streams,
+                raft_streams_opened: 2,
+                client_streams_opened: 3
+            })
+        );
 
         // A stream gone from the snapshot is gone from the output; a follower is not the leader.
         let follower = RaftStatus { node: 3, leader: None, ..leader() };
-        let out =
-            metrics.render(&Snapshot { peer: 3, raft: &follower, streams: &streams[1..], raft_streams_opened: 2 });
+        let out = metrics.render(&Snapshot {
+            peer: 3,
+            raft: &follower,
+            streams: &streams[1..],
+            raft_streams_opened: 2,
+            client_streams_opened: 3,
+        });
         assert!(!out.contains("emails"), "{out}");
         assert!(out.contains("impetus_stream_jobs{stream=\"thumbs.v2\",status=\"succeeded\"} 7\n"), "{out}");
         assert!(out.contains("impetus_raft_is_leader 0\n"), "{out}");
@@ -579,7 +611,13 @@ mod tests {
         metrics.leases_granted(1);
         let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || {
             let (raft, streams) = (leader(), streams());
-            metrics.render(&Snapshot { peer: 2, raft: &raft, streams: &streams, raft_streams_opened: 2 })
+            metrics.render(&Snapshot {
+                peer: 2,
+                raft: &raft,
+                streams: &streams,
+                raft_streams_opened: 2,
+                client_streams_opened: 3,
+            })
         });
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(serve(listener, render, async {

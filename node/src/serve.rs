@@ -591,8 +591,13 @@ async fn start_metrics(
     let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || {
         let raft = local.status();
         let streams = local.read(|s| s.streams());
-        let raft_streams_opened = net.raft_streams_opened();
-        metrics.render(&crate::metrics::Snapshot { peer: me.0, raft: &raft, streams: &streams, raft_streams_opened })
+        metrics.render(&crate::metrics::Snapshot {
+            peer: me.0,
+            raft: &raft,
+            streams: &streams,
+            raft_streams_opened: net.raft_streams_opened(),
+            client_streams_opened: net.client_streams_opened(),
+        })
     });
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
