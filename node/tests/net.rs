@@ -530,3 +530,58 @@ async fn requests_between_peers_share_one_client_stream() {
     a.stop().await.unwrap();
     b.stop().await;
 }
+
+/// A peer of an older version serves the client protocol only as
+/// request-response. A client says so plainly; a peer falls back to
+/// request-response and gets its answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_without_client_streams_is_named_and_falls_back() {
+    use futures::StreamExt;
+    use impetus_sdk::transport::{build_swarm, client_protocol_behaviour, TransportConfig};
+    use libp2p::request_response::{self, ProtocolSupport};
+    use libp2p::swarm::SwarmEvent;
+
+    let keypair = libp2p::identity::Keypair::generate_ed25519();
+    let old_id = keypair.public().to_peer_id();
+    let behaviour = client_protocol_behaviour(ProtocolSupport::Full);
+    let mut old = build_swarm(keypair, &TransportConfig::default(), behaviour).unwrap();
+    old.listen_on("/ip4/127.0.0.1/tcp/0".parse().unwrap()).unwrap();
+    let addr = loop {
+        if let SwarmEvent::NewListenAddr { address, .. } = old.select_next_some().await {
+            break address;
+        }
+    };
+    let task = tokio::spawn(async move {
+        loop {
+            if let SwarmEvent::Behaviour(request_response::Event::Message {
+                message: request_response::Message::Request { channel, .. },
+                ..
+            }) = old.select_next_some().await
+            {
+                let _ = old.behaviour_mut().send_response(channel, ClientResponse::HasModule(true));
+            }
+        }
+    });
+
+    let client = Client::connect(&addr.to_string(), None).await.unwrap();
+    let err = client.has_module(ModuleHash::of(b"x")).await.unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Protocol(m) if m.contains("does not speak /impetus/client-stream/1")),
+        "{err:?}"
+    );
+
+    let a = Server::bind(NetConfig { listen: "/ip4/127.0.0.1/tcp/0".parse().unwrap(), ..NetConfig::default() })
+        .await
+        .unwrap()
+        .start(Arc::new(Handlers::default()));
+    let old_addr = addr.with(libp2p::multiaddr::Protocol::P2p(old_id));
+    // The first request dials by request-response (the swarm knew no
+    // address); the second finds the stream refused and falls back too.
+    for _ in 0..2 {
+        let resp = a.handle.client(&old_addr, ClientRequest::HasModule(ModuleHash::of(b"x"))).await.unwrap();
+        assert_eq!(resp, ClientResponse::HasModule(true));
+    }
+    assert_eq!(a.handle.client_streams_opened(), 1, "one stream tried, refused");
+    a.stop().await.unwrap();
+    task.abort();
+}

@@ -617,9 +617,7 @@ fn stream_error(e: StreamError, addr: &Multiaddr) -> ClientError {
         StreamError::Unsupported(_) => ClientError::Protocol(format!(
             "the peer at {addr} does not speak {CLIENT_STREAM_PROTOCOL} (a different Impetus version?)"
         )),
-        StreamError::Open(e) => {
-            ClientError::Transport(format!("lost the connection to {addr} and could not reconnect: {e}"))
-        }
+        StreamError::Open(e) => ClientError::Transport(format!("cannot reach {addr}: {e}")),
         StreamError::TooLarge { .. } => ClientError::Protocol(e.to_string()),
         StreamError::Timeout(after) => ClientError::Timeout { what: format!("an answer from {addr}"), after },
         StreamError::BadAnswer(e) => ClientError::Protocol(format!("bad answer from {addr}: {e}")),

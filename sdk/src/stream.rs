@@ -42,6 +42,14 @@ pub const POOLED_STREAM_IDLE: Duration = Duration::from_secs(30);
 /// Most idle streams a pool keeps (a client's in-flight limit).
 pub const MAX_POOLED_STREAMS: usize = 256;
 
+/// How long opening a stream may take (a dial included) before the
+/// request counts as not sent.
+pub const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a server may take to handle one request and write its answer;
+/// past it the stream ends (a client that stopped reading cannot hold it).
+pub const SERVER_ANSWER_TIMEOUT: Duration = crate::transport::REQUEST_TIMEOUT;
+
 /// Why a request on a client stream failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
@@ -67,7 +75,8 @@ pub enum StreamError {
 }
 
 /// Answer the requests on one client stream, in order, with `handle`, until
-/// the stream closes, brings no request for `idle`, or breaks the framing.
+/// the stream closes, brings no request for `idle`, breaks the framing, or
+/// an answer takes longer than [`SERVER_ANSWER_TIMEOUT`] to handle and write.
 /// A well-framed request that does not decode (a version skew, a limit) is
 /// answered with [`ServiceError::InvalidRequest`] and the stream goes on.
 pub async fn serve<S, F, Fut>(io: &mut S, idle: Duration, mut handle: F) -> io::Result<()>
@@ -80,14 +89,22 @@ where
         let frame = tokio::time::timeout(idle, read_frame(io, limits::MAX_MESSAGE_BYTES))
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("no request for {idle:?}")))??;
-        let resp = match api::decode_request(&frame) {
-            Ok(req) => handle(req).await,
-            Err(e) => {
-                tracing::warn!(error = %e, "invalid client request");
-                ClientResponse::Error(ServiceError::InvalidRequest(e.to_string()))
-            }
+        let answer = async {
+            let resp = match api::decode_request(&frame) {
+                Ok(req) => handle(req).await,
+                Err(e) => {
+                    tracing::warn!(error = %e, "invalid client request");
+                    ClientResponse::Error(ServiceError::InvalidRequest(e.to_string()))
+                }
+            };
+            write_frame(io, &encode_response_bounded(&resp), limits::MAX_MESSAGE_BYTES).await
         };
-        write_frame(io, &encode_response_bounded(&resp), limits::MAX_MESSAGE_BYTES).await?;
+        tokio::time::timeout(SERVER_ANSWER_TIMEOUT, answer).await.map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no answer handled and written within {SERVER_ANSWER_TIMEOUT:?}"),
+            )
+        })??;
     }
 }
 
@@ -154,7 +171,15 @@ impl StreamPool {
                 return Err(StreamError::Io(e));
             }
             stream.flush().await.map_err(StreamError::Io)?;
-            let answer = read_frame(&mut stream, limits::MAX_MESSAGE_BYTES).await.map_err(StreamError::Io)?;
+            let answer = match read_frame(&mut stream, limits::MAX_MESSAGE_BYTES).await {
+                Ok(answer) => answer,
+                // The swarm proposes a protocol and sends at once (V1Lazy):
+                // a peer without it refuses only now, having read nothing.
+                Err(e) if !pooled && refused_protocol(&e) => {
+                    return Err(StreamError::Unsupported(CLIENT_STREAM_PROTOCOL))
+                }
+                Err(e) => return Err(StreamError::Io(e)),
+            };
             let resp = api::decode_response(&answer).map_err(|e| StreamError::BadAnswer(e.to_string()))?;
             self.give_back(stream);
             return Ok(resp);
@@ -178,15 +203,22 @@ impl StreamPool {
 
     async fn open(&self) -> Result<Stream, StreamError> {
         let mut control = self.control.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
-        match control.open_stream(self.peer, CLIENT_STREAM_PROTOCOL).await {
-            Ok(stream) => {
+        let open = control.open_stream(self.peer, CLIENT_STREAM_PROTOCOL);
+        match tokio::time::timeout(OPEN_TIMEOUT, open).await {
+            Ok(Ok(stream)) => {
                 self.opened.fetch_add(1, Ordering::Relaxed);
                 Ok(stream)
             }
-            Err(libp2p_stream::OpenStreamError::UnsupportedProtocol(p)) => Err(StreamError::Unsupported(p)),
-            Err(e) => Err(StreamError::Open(e.to_string())),
+            Ok(Err(libp2p_stream::OpenStreamError::UnsupportedProtocol(p))) => Err(StreamError::Unsupported(p)),
+            Ok(Err(e)) => Err(StreamError::Open(e.to_string())),
+            Err(_) => Err(StreamError::Open(format!("no stream within {OPEN_TIMEOUT:?}"))),
         }
     }
+}
+
+/// Whether `e` is a peer refusing the protocol of a stream (multistream-select).
+fn refused_protocol(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<libp2p::core::upgrade::NegotiationError>())
 }
 
 #[cfg(test)]
@@ -272,6 +304,20 @@ mod tests {
             got[1]
         );
         assert_eq!(got[2], ClientResponse::HasModule(true));
+    }
+
+    /// A handler that never answers (or a client that never reads) cannot
+    /// hold the stream past [`SERVER_ANSWER_TIMEOUT`].
+    #[tokio::test(start_paused = true)]
+    async fn serve_ends_a_stream_whose_answer_takes_too_long() {
+        let input = framed(&api::encode_request(&ClientRequest::GetJob(JobId(1))));
+        let mut io = Duplex { input: Cursor::new(input), output: Vec::new() };
+        let started = tokio::time::Instant::now();
+        let end = serve(&mut io, Duration::from_secs(600), |_| std::future::pending::<ClientResponse>()).await;
+        let err = end.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+        assert_eq!(started.elapsed(), SERVER_ANSWER_TIMEOUT);
+        assert!(io.output.is_empty());
     }
 
     #[tokio::test]
