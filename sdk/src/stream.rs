@@ -26,7 +26,7 @@ use impetus_proto::api::{self, ClientRequest, ClientResponse, ServiceError};
 use impetus_proto::limits;
 use libp2p::{PeerId, Stream, StreamProtocol};
 
-use crate::transport::{encode_response_bounded, read_frame, write_frame};
+use crate::transport::{encode_response_bounded, frame, read_frame, write_frame};
 
 /// The protocol name of the long-lived client stream.
 pub const CLIENT_STREAM_PROTOCOL: StreamProtocol = StreamProtocol::new("/impetus/client-stream/1");
@@ -146,12 +146,8 @@ impl StreamPool {
     /// Send `req` and read its answer, all within `timeout`.
     pub async fn request(&self, req: &ClientRequest, timeout: Duration) -> Result<ClientResponse, StreamError> {
         let body = api::encode_request(req);
-        if body.len() > limits::MAX_MESSAGE_BYTES {
-            return Err(StreamError::TooLarge { len: body.len(), max: limits::MAX_MESSAGE_BYTES });
-        }
-        let mut frame = Vec::with_capacity(4 + body.len());
-        frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
-        frame.extend_from_slice(&body);
+        let max = limits::MAX_MESSAGE_BYTES;
+        let frame = frame(&body, max).map_err(|_| StreamError::TooLarge { len: body.len(), max })?;
         tokio::time::timeout(timeout, self.exchange(&frame)).await.map_err(|_| StreamError::Timeout(timeout))?
     }
 
@@ -257,7 +253,7 @@ mod tests {
     }
 
     fn framed(body: &[u8]) -> Vec<u8> {
-        [&(body.len() as u32).to_be_bytes()[..], body].concat()
+        frame(body, usize::MAX).unwrap()
     }
 
     /// The answers `serve` wrote, decoded in order.

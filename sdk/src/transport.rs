@@ -84,8 +84,8 @@ pub async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T, max: usize) -> 
     Ok(buf)
 }
 
-/// Write one length-prefixed frame; refuses bodies over `max` bytes.
-pub async fn write_frame<T: AsyncWrite + Unpin + Send>(io: &mut T, body: &[u8], max: usize) -> io::Result<()> {
+/// `body` as one length-prefixed frame; refuses bodies over `max` bytes.
+pub fn frame(body: &[u8], max: usize) -> io::Result<Vec<u8>> {
     if body.len() > max {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -96,7 +96,12 @@ pub async fn write_frame<T: AsyncWrite + Unpin + Send>(io: &mut T, body: &[u8], 
     let mut frame = Vec::with_capacity(4 + body.len());
     frame.extend_from_slice(&len.to_be_bytes());
     frame.extend_from_slice(body);
-    io.write_all(&frame).await?;
+    Ok(frame)
+}
+
+/// Write one length-prefixed frame; refuses bodies over `max` bytes.
+pub async fn write_frame<T: AsyncWrite + Unpin + Send>(io: &mut T, body: &[u8], max: usize) -> io::Result<()> {
+    io.write_all(&frame(body, max)?).await?;
     io.flush().await
 }
 
