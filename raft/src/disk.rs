@@ -67,7 +67,7 @@ fn migrate_sled_log(db: &sled::Db, dir: &Path) -> io::Result<()> {
         wal_log::write_initial(&tmp, Record::Meta { vote, committed, purged }, entries)?;
         std::fs::rename(&tmp, dir).map_err(at(dir))?;
         if let Some(parent) = dir.parent() {
-            std::fs::File::open(parent).and_then(|d| d.sync_all()).map_err(at(parent))?;
+            wal_log::sync_dir(parent).map_err(at(parent))?;
         }
         tracing::info!(entries = count, wal = %dir.display(), "moved the raft log from sled into the WAL");
     }

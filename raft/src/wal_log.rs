@@ -368,7 +368,7 @@ fn parse_at(buf: &[u8], pos: usize) -> Result<Option<(Record, u32)>, BadRecord> 
     decode_record(payload).map(|r| Some((r, len))).map_err(BadRecord::Undecodable)
 }
 
-fn sync_dir(dir: &Path) -> io::Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
