@@ -284,17 +284,10 @@ impl<R: Runtime, X: JobRunner> ClusterService<R, X> {
                 }
                 let wakes = matches!(cmd, Command::Submit { .. } | Command::Retry { .. } | Command::Batch(_));
                 let (cmd, fused) = self.peer.fuse(cmd);
-                // A fused submit wakes the worker itself, if it left work.
-                let wakes = wakes && fused.is_none();
                 let written = c.local.write_indexed(self.peer.now(), cmd).await;
                 let index = written.as_ref().map_or(0, |(index, _)| *index);
-                match self.peer.unfuse(fused, written.map(|(_, result)| result)) {
-                    Ok(result) => {
-                        if wakes {
-                            self.peer.wake();
-                        }
-                        ClientResponse::Written { index, result }
-                    }
+                match self.peer.unfuse(fused, wakes, written.map(|(_, result)| result)) {
+                    Ok(result) => ClientResponse::Written { index, result },
                     Err(e) => error(e),
                 }
             }

@@ -245,12 +245,24 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
         (Command::Batch(vec![cmd, lease]), Some(Fused { slots, jobs }))
     }
 
-    /// The submit's own result from a write [`Peer::fuse`] made; the jobs
+    /// The command's own result from a write [`Peer::fuse`] made; the jobs
     /// it leased to this peer start now, the slots it did not use are free.
-    /// The worker loop is woken only if the submit left jobs for others:
-    /// a turn with nothing to do would only take a core from the job.
-    pub fn unfuse<E>(&self, fused: Option<Fused>, written: Result<ApplyResult, E>) -> Result<ApplyResult, E> {
-        let Some(Fused { slots, jobs }) = fused else { return written };
+    /// `wakes`: the command may have made work ready. The worker loop is
+    /// woken then, once written, but after a fused submit only if it left
+    /// jobs for others: a turn with nothing to do would only take a core
+    /// from the job.
+    pub fn unfuse<E>(
+        &self,
+        fused: Option<Fused>,
+        wakes: bool,
+        written: Result<ApplyResult, E>,
+    ) -> Result<ApplyResult, E> {
+        let Some(Fused { slots, jobs }) = fused else {
+            if wakes && written.is_ok() {
+                self.wake();
+            }
+            return written;
+        };
         let inner = &self.inner;
         let parts = match written {
             Ok(Ok(Outcome::Batch(parts))) => <[ApplyResult; 2]>::try_from(parts).map_err(|p| Ok(Ok(Outcome::Batch(p)))),
@@ -277,7 +289,7 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
     }
 
     /// Wake the worker loop (new work may be ready).
-    pub fn wake(&self) {
+    fn wake(&self) {
         self.inner.wake.notify_one();
     }
 

@@ -35,15 +35,8 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
                 let wakes_worker =
                     matches!(cmd, Command::Submit { .. } | Command::Retry { .. } | Command::UpdateStream { .. });
                 let (cmd, fused) = self.fuse(cmd);
-                // A fused submit wakes the worker itself, if it left work.
-                let wakes_worker = wakes_worker && fused.is_none();
-                match self.unfuse(fused, c.write(inner.rt.now(), cmd).await) {
-                    Ok(result) => {
-                        if wakes_worker {
-                            inner.wake.notify_one();
-                        }
-                        ClientResponse::Applied(result)
-                    }
+                match self.unfuse(fused, wakes_worker, c.write(inner.rt.now(), cmd).await) {
+                    Ok(result) => ClientResponse::Applied(result),
                     Err(e) => ClientResponse::Error(e.into()),
                 }
             }
