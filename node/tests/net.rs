@@ -8,15 +8,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
-use impetus_node::net::raft_rpc::{P2pRaftNetwork, RaftReply, RaftRpc};
-use impetus_node::net::{ClientService, Handlers, NetConfig, Server};
+use impetus_node::net::raft_rpc::{P2pConnection, P2pRaftNetwork, RaftReply, RaftRpc};
+use impetus_node::net::{ClientService, Handlers, NetConfig, Running as Swarm, Server};
 use impetus_proto::api::{ClientRequest, ClientResponse, ClusterStatus, ServiceError};
 use impetus_proto::command::{ApplyError, Command, NewJob, Outcome, Submitted};
 use impetus_proto::ids::{JobId, ModuleHash, PeerId, StreamName, Timestamp};
 use impetus_proto::records::{JobRecord, JobSpec, JobStatus, StreamInfo, StreamProps, StreamStats};
 use impetus_raft::openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
-use impetus_raft::openraft::raft::{VoteRequest, VoteResponse};
-use impetus_raft::{PeerNode, Vote};
+use impetus_raft::openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, VoteRequest, VoteResponse};
+use impetus_raft::{Entry, LeaderId, LogId, Payload, PeerNode, TypeConfig, Vote};
 use impetus_sdk::{Client, ClientError, MAX_IN_FLIGHT};
 use libp2p::Multiaddr;
 use tokio::sync::oneshot;
@@ -465,6 +465,123 @@ async fn raft_rpcs_to_one_peer_share_one_stream() {
     }
     assert_eq!(*terms.lock().unwrap(), [1, 2, 3, 4, 5]);
     assert_eq!(ra.handle.raft_streams_opened(), 1, "one stream carried all five");
+    ra.stop().await.unwrap();
+    rb.stop().await.unwrap();
+}
+
+/// Two bound servers, `b` answering with `handlers`; A's Raft connection to B.
+async fn raft_pair(handlers: Handlers) -> (Swarm, Swarm, P2pConnection) {
+    let bind = || Server::bind(NetConfig { listen: "/ip4/127.0.0.1/tcp/0".parse().unwrap(), ..NetConfig::default() });
+    let (a, b) = (bind().await.unwrap(), bind().await.unwrap());
+    let b_addr = b.listen_addr().clone().with(libp2p::multiaddr::Protocol::P2p(b.peer_id()));
+    let rb = b.start(Arc::new(handlers));
+    let ra = a.start(Arc::new(Handlers::default()));
+    let conn = P2pRaftNetwork::new(ra.handle.clone()).new_client(2, &PeerNode::new(b_addr.to_string())).await;
+    (ra, rb, conn)
+}
+
+/// Connect A to B: a vote by request-response dials (its answer does not matter).
+async fn dial(conn: &mut P2pConnection) {
+    let _ = conn.vote(VoteRequest::new(Vote::new(1, 1), None), RPCOption::new(Duration::from_secs(5))).await;
+}
+
+/// An append of one blank entry at `index` (term 1), after `index - 1`.
+fn append_at(index: u64) -> AppendEntriesRequest<TypeConfig> {
+    let log_id = |i| LogId::new(LeaderId { term: 1, node_id: 1 }, i);
+    AppendEntriesRequest {
+        vote: Vote::new_committed(1, 1),
+        prev_log_id: (index > 1).then(|| log_id(index - 1)),
+        leader_commit: None,
+        entries: vec![Entry { log_id: log_id(index), payload: Payload::Blank }],
+    }
+}
+
+/// The appends of a replication session are pipelined: the leader sends
+/// the next before the previous is answered, and reads the answers in
+/// order; a session ends at its first failed result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_of_a_session_are_pipelined_and_end_at_a_conflict() {
+    use futures::StreamExt;
+    use impetus_raft::openraft::raft::StreamAppendError;
+
+    // B answers nothing before it holds three requests, as a follower
+    // whose flush is slow; the fifth conflicts.
+    let handlers = Handlers::default();
+    handlers.set_append_handler(Arc::new(|requests| {
+        requests
+            .chunks(3)
+            .flat_map(|batch| {
+                futures::stream::iter(batch.into_iter().map(|req| {
+                    let last = req.entries.last().map(|e| e.log_id);
+                    match last {
+                        Some(id) if id.index == 5 => Ok(Err(StreamAppendError::Conflict(id))),
+                        _ => Ok(Ok(last)),
+                    }
+                }))
+            })
+            .boxed()
+    }));
+    let (ra, rb, mut conn) = raft_pair(handlers).await;
+    dial(&mut conn).await;
+    let requests = futures::stream::iter((1..=6).map(append_at));
+    let replies = tokio::time::timeout(Duration::from_secs(10), async {
+        let replies = conn.stream_append(requests, RPCOption::new(Duration::from_secs(5))).await.unwrap();
+        replies.collect::<Vec<_>>().await
+    })
+    .await
+    .expect("a session that waits for each reply before the next request never gets one");
+    let indexes: Vec<_> = replies
+        .iter()
+        .map(|r| match r {
+            Ok(Ok(id)) => format!("ok {}", id.map_or(0, |id| id.index)),
+            Ok(Err(StreamAppendError::Conflict(id))) => format!("conflict {}", id.index),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(indexes, ["ok 1", "ok 2", "ok 3", "ok 4", "conflict 5"]);
+    ra.stop().await.unwrap();
+    rb.stop().await.unwrap();
+}
+
+/// A session to a peer not connected yet sends one append by
+/// request-response (which dials) and ends; a session of one append
+/// (openraft's heartbeat) takes the Raft stream; a peer whose Raft is not
+/// running refuses a session by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_dial_heartbeats_take_the_raft_stream_and_refusals_are_named() {
+    use futures::StreamExt;
+
+    // B answers appends one at a time, but has no Raft to take a session.
+    let handlers = Handlers::default();
+    handlers.set_raft_handler(Arc::new(|rpc| {
+        let reply = match rpc {
+            RaftRpc::Append(_) => RaftReply::Append(AppendEntriesResponse::Success),
+            other => RaftReply::Error(format!("unexpected {}", other.kind())),
+        };
+        async move { reply }.boxed()
+    }));
+    let (ra, rb, mut conn) = raft_pair(handlers).await;
+    let option = || RPCOption::new(Duration::from_secs(5));
+    let last_acked = |replies: &[_]| match replies {
+        [Ok(Ok(Some(id)))] => Some(LogId::index(id)),
+        _ => None,
+    };
+
+    let session = futures::stream::iter((1..=3).map(append_at));
+    let replies: Vec<_> = conn.stream_append(session, option()).await.unwrap().collect().await;
+    assert_eq!(last_acked(&replies), Some(1), "one append, then the session ends: {replies:?}");
+    assert_eq!(ra.handle.raft_streams_opened(), 0);
+
+    let heartbeat = futures::stream::once(async { append_at(2) }).boxed();
+    let replies: Vec<_> = conn.stream_append(heartbeat, option()).await.unwrap().collect().await;
+    assert_eq!(last_acked(&replies), Some(2), "{replies:?}");
+    assert_eq!(ra.handle.raft_streams_opened(), 1, "the heartbeat opened the Raft stream");
+
+    let session = futures::stream::iter((3..=4).map(append_at));
+    let replies: Vec<_> = conn.stream_append(session, option()).await.unwrap().collect().await;
+    let [Err(e)] = &replies[..] else { panic!("{replies:?}") };
+    assert!(e.to_string().contains("refused append-entries: raft is not running on this peer yet"), "{e}");
+    assert_eq!(ra.handle.raft_streams_opened(), 2, "the session opened a stream of its own");
     ra.stop().await.unwrap();
     rb.stop().await.unwrap();
 }

@@ -11,6 +11,8 @@
 //!   snapshot; the fallback), and `/impetus/raft-stream/1`: appends and votes
 //!   on one long-lived substream per leader→follower (libp2p-stream), which
 //!   spares each RPC a substream and two hops through the swarm task;
+//!   `/impetus/raft-pipeline/1`: a replication session, its appends
+//!   pipelined ([`raft_pipeline`]);
 //! - identify, Kademlia (server mode) and, when enabled, mDNS: peers learn
 //!   each other's addresses; mDNS discoveries are reported to the joiner.
 //!
@@ -21,6 +23,7 @@
 //! the caller waiting. The codec and the transport are the SDK's
 //! ([`impetus_sdk::transport`]), so servers and clients run the same code.
 
+pub mod raft_pipeline;
 pub mod raft_rpc;
 
 use std::collections::{BTreeSet, HashMap};
@@ -45,6 +48,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use impetus_sdk::stream::{StreamError, StreamPool, CLIENT_STREAM_PROTOCOL, SERVER_STREAM_IDLE};
 pub use impetus_sdk::transport::{CLIENT_PROTOCOL, DEFAULT_PORT, REQUEST_TIMEOUT};
+use raft_pipeline::{Appender, RAFT_PIPELINE_PROTOCOL};
 use raft_rpc::{RaftCodec, RaftReply, RaftRpc, RAFT_PROTOCOL, RAFT_STREAM_PROTOCOL};
 
 /// Bound on an inbound connection's handshake (pnet, noise, yamux). Longer
@@ -80,6 +84,7 @@ pub type Handler<Req, Resp> = Arc<dyn Fn(Req) -> BoxFuture<'static, Resp> + Send
 pub struct Handlers {
     client: OnceLock<Handler<ClientRequest, ClientResponse>>,
     raft: OnceLock<Handler<RaftRpc, RaftReply>>,
+    append: OnceLock<Appender>,
 }
 
 impl fmt::Debug for Handlers {
@@ -87,6 +92,7 @@ impl fmt::Debug for Handlers {
         f.debug_struct("Handlers")
             .field("client", &self.client.get().is_some())
             .field("raft", &self.raft.get().is_some())
+            .field("append", &self.append.get().is_some())
             .finish()
     }
 }
@@ -105,10 +111,22 @@ impl Handlers {
 
     /// Answer Raft RPCs with `raft`. Only the first call counts.
     pub fn set_raft(&self, raft: impetus_raft::Raft) {
+        let appender = raft.clone();
+        self.set_append_handler(Arc::new(move |requests| {
+            appender.stream_append(requests).map(|r| r.map_err(|fatal| fatal.to_string())).boxed()
+        }));
         self.set_raft_handler(Arc::new(move |rpc| {
             let raft = raft.clone();
             async move { raft_rpc::answer(&raft, rpc).await }.boxed()
         }));
+    }
+
+    /// Serve replication sessions with `append` (a test's stand-in for
+    /// [`impetus_raft::Raft::stream_append`]). Only the first call counts.
+    pub fn set_append_handler(&self, append: Appender) {
+        if self.append.set(append).is_err() {
+            tracing::warn!("the append handler was already set");
+        }
     }
 
     /// The answer to `req` from `peer`: the client handler's, "starting"
@@ -335,11 +353,16 @@ impl NetHandle {
         }
     }
 
-    /// Open a Raft stream to `peer` (connected already, or reachable at an
-    /// address the swarm knows), bounded by `ttl`.
-    pub async fn open_raft_stream(&self, peer: PeerId, ttl: Duration) -> Result<libp2p::Stream, NetError> {
+    /// Open a Raft stream or session (`protocol`) to `peer` (connected
+    /// already, or reachable at an address the swarm knows), bounded by `ttl`.
+    pub(crate) async fn open_stream(
+        &self,
+        peer: PeerId,
+        protocol: StreamProtocol,
+        ttl: Duration,
+    ) -> Result<libp2p::Stream, NetError> {
         let mut control = self.streams.clone();
-        match tokio::time::timeout(ttl, control.open_stream(peer, RAFT_STREAM_PROTOCOL)).await {
+        match tokio::time::timeout(ttl, control.open_stream(peer, protocol)).await {
             Ok(Ok(stream)) => {
                 self.streams_opened.fetch_add(1, Ordering::Relaxed);
                 Ok(stream)
@@ -361,8 +384,8 @@ impl NetHandle {
         pools.values().map(|p| p.opened()).sum()
     }
 
-    /// How many Raft streams this peer has opened (one per target while
-    /// they stay up).
+    /// How many Raft streams and replication sessions this peer has
+    /// opened (while they stay up: one of each per target and leadership).
     pub fn raft_streams_opened(&self) -> u64 {
         self.streams_opened.load(Ordering::Relaxed)
     }
@@ -396,6 +419,7 @@ pub struct Server {
 struct Incoming {
     raft: libp2p_stream::IncomingStreams,
     client: libp2p_stream::IncomingStreams,
+    pipeline: libp2p_stream::IncomingStreams,
 }
 
 impl fmt::Debug for Server {
@@ -491,7 +515,11 @@ impl Server {
         tracing::info!(peer_id = %swarm.local_peer_id(), addr = %listen_addr, "listening");
         let mut streams = swarm.behaviour().streams.new_control();
         let mut accept = |p| streams.accept(p).map_err(|e| NetError::Build(e.to_string()));
-        let incoming = Incoming { raft: accept(RAFT_STREAM_PROTOCOL)?, client: accept(CLIENT_STREAM_PROTOCOL)? };
+        let incoming = Incoming {
+            raft: accept(RAFT_STREAM_PROTOCOL)?,
+            client: accept(CLIENT_STREAM_PROTOCOL)?,
+            pipeline: accept(RAFT_PIPELINE_PROTOCOL)?,
+        };
         Ok(Server { swarm, listen_addr, streams, incoming })
     }
 
@@ -610,6 +638,9 @@ impl Driver {
                 }
                 Some((peer, stream)) = incoming.client.next() => {
                     tokio::spawn(serve_client_stream(peer, stream, self.handlers.clone()));
+                }
+                Some((peer, stream)) = incoming.pipeline.next() => {
+                    tokio::spawn(raft_pipeline::serve(peer, stream, self.handlers.append.get().cloned()));
                 }
                 event = self.swarm.select_next_some() => self.event(event, &client_tx, &raft_tx)?,
             }

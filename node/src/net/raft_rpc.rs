@@ -5,24 +5,28 @@
 //! [`P2pRaftNetwork`] is openraft's network factory on a [`NetHandle`];
 //! [`answer`] is the receiving side, calling into the local Raft.
 //!
-//! Appends and votes go over one long-lived substream per connection
+//! Votes and single appends (heartbeats, and the first append to a peer
+//! not yet connected) go over one long-lived substream per connection
 //! (`/impetus/raft-stream/1`, the same frames, one request then its reply,
-//! in turn): openraft sends one RPC at a time to each target, so nothing
+//! in turn): openraft sends them one at a time to each target, so nothing
 //! is lost by the order. A stream that fails or times out is dropped (a
 //! late reply must not answer the next request) and the RPC goes once over
 //! request-response instead, which also dials the target's address; the
 //! next RPC opens a new stream. Snapshots always use request-response.
+//! Replication sessions of more than one append are pipelined on a
+//! substream of their own ([`super::raft_pipeline`]).
 
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{AsyncRead, AsyncWrite};
+use futures::{AsyncRead, AsyncWrite, Stream, StreamExt};
+use impetus_raft::openraft::base::{BoxFuture, BoxStream};
 use impetus_raft::openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
-use impetus_raft::openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
+use impetus_raft::openraft::network::{stream_append_sequential, RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use impetus_raft::openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult, VoteRequest, VoteResponse,
 };
 use impetus_raft::openraft::OptionalSend;
 use impetus_raft::{NodeId, PeerNode, Raft, Snapshot, SnapshotData, SnapshotMeta, TypeConfig, Vote};
@@ -30,7 +34,7 @@ use impetus_sdk::transport::{read_frame, write_frame};
 use libp2p::{Multiaddr, PeerId, StreamProtocol};
 use serde::{Deserialize, Serialize};
 
-use super::{split_p2p, Handlers, NetHandle};
+use super::{raft_pipeline, split_p2p, Handlers, NetHandle};
 use crate::LATENCY;
 
 /// The protocol name of Raft RPCs.
@@ -86,12 +90,12 @@ pub enum RaftReply {
     Error(String),
 }
 
-fn encode<T: Serialize>(v: &T) -> io::Result<Vec<u8>> {
+pub(super) fn encode<T: Serialize>(v: &T) -> io::Result<Vec<u8>> {
     postcard::to_extend(v, vec![RAFT_RPC_VERSION])
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))
 }
 
-fn decode<T: for<'de> Deserialize<'de>>(what: &str, frame: &[u8]) -> io::Result<T> {
+pub(super) fn decode<T: for<'de> Deserialize<'de>>(what: &str, frame: &[u8]) -> io::Result<T> {
     let bad = |m: String| io::Error::new(io::ErrorKind::InvalidData, m);
     match frame.split_first() {
         Some((&RAFT_RPC_VERSION, body)) => {
@@ -248,7 +252,7 @@ impl P2pConnection {
         let slot = self.stream.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut stream = match slot.take() {
             Some(s) => s,
-            None => match self.net.open_raft_stream(peer, ttl).await {
+            None => match self.net.open_stream(peer, RAFT_STREAM_PROTOCOL, ttl).await {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::debug!(target = self.target, error = %e, "no raft stream; using request-response");
@@ -321,6 +325,37 @@ impl RaftNetworkV2<TypeConfig> for P2pConnection {
             RaftReply::Append(r) => Ok(r),
             other => Err(unexpected("append-entries", other)),
         }
+    }
+
+    /// A session of appends is pipelined on a substream of its own; one
+    /// of a single append (a heartbeat) takes the Raft stream.
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        option: RPCOption,
+    ) -> BoxFuture<
+        's,
+        Result<BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>, RPCError<TypeConfig>>,
+    >
+    where
+        S: Stream<Item = AppendEntriesRequest<TypeConfig>> + OptionalSend + Unpin + 'static,
+    {
+        let Some(peer) = self.peer.filter(|_| input.size_hint().1 != Some(1)) else {
+            return stream_append_sequential(self, input, option);
+        };
+        let ttl = option.soft_ttl().max(MIN_RPC_TTL);
+        Box::pin(async move {
+            match self.net.open_stream(peer, raft_pipeline::RAFT_PIPELINE_PROTOCOL, ttl).await {
+                Ok(stream) => Ok(raft_pipeline::start(self.target, stream, input, ttl)),
+                // Not connected yet: the first append goes by request-response,
+                // which dials; the session then ends, and openraft starts the
+                // next one at once from what was acknowledged.
+                Err(e) => {
+                    tracing::debug!(target = self.target, error = %e, "no replication session; one append by request-response");
+                    stream_append_sequential(self, input.take(1), option).await
+                }
+            }
+        })
     }
 
     async fn vote(
