@@ -126,8 +126,9 @@ pub struct Snapshot<'a> {
     pub raft: &'a RaftStatus,
     /// The streams and their job counts, in the order they are to be listed.
     pub streams: &'a [StreamInfo],
-    /// Raft streams this peer opened (one per target while they stay up;
-    /// a count that keeps climbing means they keep failing).
+    /// Raft streams and replication sessions this peer opened (while they
+    /// stay up, one of each per target and leadership; a count that keeps
+    /// climbing means they keep failing).
     pub raft_streams_opened: u64,
     /// Client streams this peer opened to other peers (forwarded writes,
     /// a worker's turns; one per request in flight to a peer at its
@@ -166,7 +167,7 @@ fn snapshot_registry(snap: &Snapshot<'_>) -> Registry {
     );
     r.register(
         "impetus_raft_streams_opened",
-        "Raft streams this peer opened to other peers",
+        "Raft streams and replication sessions this peer opened to other peers",
         ConstCounter::new(snap.raft_streams_opened),
     );
     r.register(
@@ -511,7 +512,7 @@ mod tests {
             # HELP impetus_raft_applied_index The last Raft log index this peer applied.
             # TYPE impetus_raft_applied_index gauge
             impetus_raft_applied_index 118
-            # HELP impetus_raft_streams_opened Raft streams this peer opened to other peers.
+            # HELP impetus_raft_streams_opened Raft streams and replication sessions this peer opened to other peers.
             # TYPE impetus_raft_streams_opened counter
             impetus_raft_streams_opened_total 2
             # HELP impetus_client_streams_opened Client streams this peer opened to other peers.

@@ -586,6 +586,83 @@ async fn sessions_dial_heartbeats_take_the_raft_stream_and_refusals_are_named() 
     rb.stop().await.unwrap();
 }
 
+/// A follower of an older version, which speaks the Raft stream but not
+/// replication sessions: the first session fails by name, and the next
+/// ones go one append at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_without_sessions_gets_one_append_at_a_time() {
+    use futures::StreamExt;
+    use impetus_node::net::raft_rpc::{serve_stream, RAFT_STREAM_PROTOCOL};
+    use impetus_sdk::transport::{build_swarm, TransportConfig};
+    use libp2p::swarm::SwarmEvent;
+
+    let handlers = Handlers::default();
+    handlers.set_raft_handler(Arc::new(|rpc| {
+        let reply = match rpc {
+            RaftRpc::Append(_) => RaftReply::Append(AppendEntriesResponse::Success),
+            RaftRpc::Vote(req) => RaftReply::Vote(VoteResponse::new(req.vote, None, true)),
+            other => RaftReply::Error(format!("unexpected {}", other.kind())),
+        };
+        async move { reply }.boxed()
+    }));
+    let handlers = Arc::new(handlers);
+    let keypair = libp2p::identity::Keypair::generate_ed25519();
+    let old_id = keypair.public().to_peer_id();
+    let mut old = build_swarm(keypair, &TransportConfig::default(), libp2p_stream::Behaviour::new()).unwrap();
+    let mut incoming = old.behaviour().new_control().accept(RAFT_STREAM_PROTOCOL).unwrap();
+    let serving = tokio::spawn(async move {
+        while let Some((peer, stream)) = incoming.next().await {
+            tokio::spawn(serve_stream(peer, stream, handlers.clone()));
+        }
+    });
+
+    let a = Server::bind(NetConfig { listen: "/ip4/127.0.0.1/tcp/0".parse().unwrap(), ..NetConfig::default() })
+        .await
+        .unwrap()
+        .start(Arc::new(Handlers::default()));
+    // The old peer dials A, so A is connected to it.
+    old.dial(a.handle.local_addr().clone()).unwrap();
+    let (connected, is_connected) = oneshot::channel();
+    let mut connected = Some(connected);
+    let swarm = tokio::spawn(async move {
+        loop {
+            if let SwarmEvent::ConnectionEstablished { .. } = old.select_next_some().await {
+                if let Some(tx) = connected.take() {
+                    let _ = tx.send(());
+                }
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), is_connected).await.unwrap().unwrap();
+    let old_addr = Multiaddr::empty().with(libp2p::multiaddr::Protocol::P2p(old_id));
+    let mut conn = P2pRaftNetwork::new(a.handle.clone()).new_client(2, &PeerNode::new(old_addr.to_string())).await;
+    let option = || RPCOption::new(Duration::from_secs(5));
+    // A sees the connection a moment after the old peer does: votes (over
+    // the Raft stream, which the old peer speaks) succeed from then on.
+    let mut voted = false;
+    for _ in 0..100 {
+        if conn.vote(VoteRequest::new(Vote::new(1, 1), None), option()).await.is_ok() {
+            voted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(voted, "A never reached the old peer");
+
+    let session = futures::stream::iter((1..=3).map(append_at));
+    let replies: Vec<_> = conn.stream_append(session, option()).await.unwrap().collect().await;
+    let [Err(e)] = &replies[..] else { panic!("{replies:?}") };
+    assert!(e.to_string().contains("does not speak /impetus/raft-pipeline/1"), "{e}");
+
+    let session = futures::stream::iter((1..=3).map(append_at));
+    let replies: Vec<_> = conn.stream_append(session, option()).await.unwrap().collect().await;
+    let acked: Vec<_> = replies.iter().map(|r| r.as_ref().ok().and_then(|r| r.clone().ok().flatten())).collect();
+    assert_eq!(acked.iter().map(|id| id.map(|id| id.index)).collect::<Vec<_>>(), [Some(1), Some(2), Some(3)]);
+    a.stop().await.unwrap();
+    swarm.abort();
+    serving.abort();
+}
+
 /// Client requests ride long-lived streams: requests in turn share one
 /// stream, concurrent ones open at most one each, and a client outlives its peer's
 /// restart (same identity, same port) by dialing it again.

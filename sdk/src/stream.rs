@@ -213,7 +213,9 @@ impl StreamPool {
 }
 
 /// Whether `e` is a peer refusing the protocol of a stream (multistream-select).
-fn refused_protocol(e: &io::Error) -> bool {
+/// The swarm negotiates lazily (V1Lazy): a stream opens at once, and a peer
+/// that does not speak its protocol shows only at the first read or write.
+pub fn refused_protocol(e: &io::Error) -> bool {
     e.get_ref().is_some_and(|inner| inner.is::<libp2p::core::upgrade::NegotiationError>())
 }
 

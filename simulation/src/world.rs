@@ -7,15 +7,17 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use futures::{Stream, StreamExt};
 use impetus_node::peer::{Consensus, ConsensusError, Peer};
 use impetus_node::raft_consensus::RaftConsensus;
 use impetus_proto::{ApplyResult, Command, JobId, Outcome, PeerId, Timestamp};
+use impetus_raft::openraft::base::{BoxFuture, BoxStream};
 use impetus_raft::openraft::errors::{Fatal, RPCError, RaftError, ReplicationClosed, StreamingError, Unreachable};
-use impetus_raft::openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
+use impetus_raft::openraft::network::{stream_append_sequential, RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use impetus_raft::openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult, VoteRequest, VoteResponse,
 };
-use impetus_raft::openraft::AsyncRuntime;
+use impetus_raft::openraft::{AsyncRuntime, OptionalSend};
 use impetus_raft::{ImpetusRaft, NodeId, PeerNode, Snapshot, SnapshotData, Vote};
 use openraft_rt_sim::SimRuntime;
 
@@ -304,6 +306,7 @@ pub(crate) struct NetFactory {
     pub alive: Arc<std::sync::atomic::AtomicBool>,
 }
 
+#[derive(Clone)]
 pub(crate) struct Connection {
     world: Arc<World>,
     from: NodeId,
@@ -388,6 +391,70 @@ impl RaftNetworkV2<SimConfig> for Connection {
         }
         self.response("append", plan).await?;
         Ok(resp)
+    }
+
+    /// A stream session as the real network runs it (`raft_pipeline` in
+    /// `impetus-node`): one ordered channel, the appends pipelined into the
+    /// target's `Raft::stream_append`. A fault on any message (loss, a cut
+    /// link, either end down) breaks the channel, and the session ends with
+    /// an error after the replies already on their way. A session of one
+    /// append (a heartbeat) goes one request at a time, as in `impetus-node`.
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        option: RPCOption,
+    ) -> BoxFuture<
+        's,
+        Result<BoxStream<'s, Result<StreamAppendResult<SimConfig>, RPCError<SimConfig>>>, RPCError<SimConfig>>,
+    >
+    where
+        S: Stream<Item = AppendEntriesRequest<SimConfig>> + OptionalSend + Unpin + 'static,
+    {
+        if input.size_hint().1 == Some(1) {
+            return stream_append_sequential(self, input, option);
+        }
+        Box::pin(async move {
+            let (raft, _) = self.request("session").await?;
+            let broken: Arc<Mutex<Option<String>>> = Arc::default();
+            let (c, b) = (self.clone(), broken.clone());
+            let requests = input
+                .then(move |req| {
+                    let (c, b) = (c.clone(), b.clone());
+                    async move {
+                        let n = req.entries.len();
+                        match c.request("session append").await {
+                            Ok(_) => Some(req),
+                            Err(e) => {
+                                c.world.event(format_args!("net n{}->n{} session broken at append({n})", c.from, c.to));
+                                *b.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e.to_string());
+                                None
+                            }
+                        }
+                    }
+                })
+                .take_while(|req| std::future::ready(req.is_some()))
+                .filter_map(std::future::ready);
+            let replies = raft.stream_append(requests).boxed();
+            let session = Some((replies, self.clone(), broken));
+            let replies = futures::stream::unfold(session, |session| async move {
+                let (mut replies, c, broken) = session?;
+                let result = match replies.next().await {
+                    Some(Ok(result)) => result,
+                    Some(Err(fatal)) => return Some((Err(RPCError::Unreachable(Unreachable::new(&fatal))), None)),
+                    None => {
+                        let why = broken.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()?;
+                        return Some((Err(RPCError::Unreachable(unreachable(why))), None));
+                    }
+                };
+                if let Err(e) = c.response("session reply", c.world.plan()).await {
+                    return Some((Err(RPCError::Unreachable(e)), None));
+                }
+                let go_on = result.is_ok();
+                Some((Ok(result), go_on.then_some((replies, c, broken))))
+            });
+            let replies: BoxStream<'s, _> = replies.boxed();
+            Ok(replies)
+        })
     }
 
     async fn vote(

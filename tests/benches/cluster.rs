@@ -16,7 +16,8 @@
 //! default 256: on a 2-core machine throughput grew from ~12k jobs/s at 64
 //! to ~25k at 256 and no further at 512, where latency rose), `--keep-logs`
 //! (keep the peers' data and logs and print where; `RUST_LOG` sets their
-//! level). Alongside the targets it prints what explains a miss: the disk's
+//! level). `IMPETUS_BIN=path` runs the peers from that binary instead of
+//! building one (to compare two builds). Alongside the targets it prints what explains a miss: the disk's
 //! fsync latency (alone, and three writers at once as in the paced phase), one Raft write's latency, CPU per peer and of the rest of
 //! the machine, and when the slow paced jobs were submitted (UTC, to match
 //! the peers' logs).

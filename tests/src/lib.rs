@@ -56,8 +56,16 @@ fn cargo_build(args: &[&str]) -> Command {
     cmd
 }
 
-/// The release `impetus` binary, built first (for the benchmarks).
+/// The release `impetus` binary, built first (for the benchmarks); or the
+/// one `IMPETUS_BIN` names, to compare two builds with the same bench.
 pub fn release_bin() -> Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("IMPETUS_BIN") {
+        let bin = PathBuf::from(bin);
+        if !bin.is_file() {
+            bail!("IMPETUS_BIN={} is not a file", bin.display());
+        }
+        return Ok(bin);
+    }
     let ok = cargo_build(&["--quiet", "--release", "-p", "impetus-node", "--bin", "impetus"]).status()?.success();
     if !ok {
         bail!("building the release binary failed");

@@ -244,6 +244,9 @@ pub enum NetError {
     /// No connection to the peer could be made: nothing was sent.
     #[error("cannot reach {peer}: {reason}")]
     Unreachable { peer: PeerId, reason: String },
+    /// The peer does not speak `protocol` (a different Impetus version?).
+    #[error("{peer} does not speak {protocol}")]
+    Unsupported { peer: PeerId, protocol: String },
     #[error("the network task has stopped")]
     Stopped,
 }
@@ -362,13 +365,16 @@ impl NetHandle {
         ttl: Duration,
     ) -> Result<libp2p::Stream, NetError> {
         let mut control = self.streams.clone();
-        match tokio::time::timeout(ttl, control.open_stream(peer, protocol)).await {
+        match tokio::time::timeout(ttl, control.open_stream(peer, protocol.clone())).await {
             Ok(Ok(stream)) => {
                 self.streams_opened.fetch_add(1, Ordering::Relaxed);
                 Ok(stream)
             }
+            Ok(Err(libp2p_stream::OpenStreamError::UnsupportedProtocol(p))) => {
+                Err(NetError::Unsupported { peer, protocol: p.to_string() })
+            }
             Ok(Err(e)) => Err(NetError::Unreachable { peer, reason: e.to_string() }),
-            Err(_) => Err(NetError::Unreachable { peer, reason: format!("no raft stream within {ttl:?}") }),
+            Err(_) => Err(NetError::Unreachable { peer, reason: format!("no {protocol} stream within {ttl:?}") }),
         }
     }
 

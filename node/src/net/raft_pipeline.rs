@@ -30,6 +30,8 @@
 //! more than it could save.
 
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures::io::{ReadHalf, WriteHalf};
@@ -38,6 +40,7 @@ use futures::{AsyncReadExt, AsyncWriteExt, Stream, StreamExt};
 use impetus_raft::openraft::error::{RPCError, Unreachable};
 use impetus_raft::openraft::raft::{AppendEntriesRequest, StreamAppendResult};
 use impetus_raft::{NodeId, TypeConfig};
+use impetus_sdk::stream::refused_protocol;
 use impetus_sdk::transport::{read_frame, write_frame};
 use libp2p::{PeerId, StreamProtocol};
 use serde::{Deserialize, Serialize};
@@ -66,7 +69,7 @@ pub enum PipeReply {
 /// (`Err` is its fatal error, as text), or a test's stand-in.
 ///
 /// [`Raft::stream_append`]: impetus_raft::openraft::Raft::stream_append
-pub type Appender = std::sync::Arc<
+pub type Appender = Arc<
     dyn Fn(
             BoxStream<'static, AppendEntriesRequest<TypeConfig>>,
         ) -> BoxStream<'static, Result<StreamAppendResult<TypeConfig>, String>>
@@ -82,16 +85,24 @@ fn unreachable(target: NodeId, what: impl std::fmt::Display) -> RPCError<TypeCon
 }
 
 /// Run a session to `target` on `stream`: write `requests` on it as they
-/// come (a task of its own), and read back their results. A reply not in
-/// within `ttl` of being awaited ends the session.
-pub fn start<S>(target: NodeId, stream: libp2p::Stream, requests: S, ttl: Duration) -> Replies
+/// come (a task of its own), and read back their results. Writing one
+/// request, and its reply once awaited, each get `ttl`: a session that
+/// stops making progress ends. A follower that turns out not to speak the
+/// protocol is noted in `unsupported`.
+pub fn start<S>(
+    target: NodeId,
+    stream: libp2p::Stream,
+    requests: S,
+    ttl: Duration,
+    unsupported: Arc<AtomicBool>,
+) -> Replies
 where
     S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
 {
     let (reader, writer) = stream.split();
     let (sent, written) = mpsc::unbounded_channel();
-    let writer = AbortOnDrop(tokio::spawn(write_requests(requests, writer, sent)));
-    let session = Session { target, reader, written, ttl, _writer: writer };
+    let writer = AbortOnDrop(tokio::spawn(write_requests(requests, writer, sent, ttl)));
+    let session = Session { target, reader, written, ttl, first: true, unsupported, _writer: writer };
     futures::stream::unfold(Some(session), Session::next_reply).boxed()
 }
 
@@ -101,6 +112,7 @@ async fn write_requests<S>(
     mut requests: S,
     mut writer: WriteHalf<libp2p::Stream>,
     sent: mpsc::UnboundedSender<io::Result<()>>,
+    ttl: Duration,
 ) where
     S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
 {
@@ -108,7 +120,7 @@ async fn write_requests<S>(
         let last = req.entries.last().map_or(0, |e| e.log_id.index);
         tracing::trace!(target: LATENCY, kind = "append-entries", last, "raft rpc sending");
         let written = match encode(&req) {
-            Ok(frame) => write_frame(&mut writer, &frame, MAX_RAFT_FRAME).await,
+            Ok(frame) => bounded(ttl, write_frame(&mut writer, &frame, MAX_RAFT_FRAME)).await,
             Err(e) => Err(e),
         };
         let failed = written.is_err();
@@ -122,6 +134,14 @@ async fn write_requests<S>(
     }
 }
 
+/// `io` within `ttl`, or a `TimedOut` error.
+async fn bounded<T>(ttl: Duration, io: impl std::future::Future<Output = io::Result<T>>) -> io::Result<T> {
+    match tokio::time::timeout(ttl, io).await {
+        Ok(done) => done,
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, format!("no progress within {ttl:?}"))),
+    }
+}
+
 /// The leader's end of a session: the read half, and the writes to answer.
 struct Session {
     target: NodeId,
@@ -129,6 +149,9 @@ struct Session {
     /// One item per request written, in order; closed when the writer is done.
     written: mpsc::UnboundedReceiver<io::Result<()>>,
     ttl: Duration,
+    /// No reply read yet: a refused protocol shows here (V1Lazy).
+    first: bool,
+    unsupported: Arc<AtomicBool>,
     _writer: AbortOnDrop,
 }
 
@@ -139,15 +162,14 @@ impl Session {
     /// writer is done and every request it wrote is answered.
     async fn next_reply(session: Option<Session>) -> Option<Next> {
         let mut s = session?;
-        match s.written.recv().await? {
-            Ok(()) => {}
-            Err(e) => return Some((Err(unreachable(s.target, format_args!("sending append-entries: {e}"))), None)),
-        }
-        let reply = match tokio::time::timeout(s.ttl, read_frame(&mut s.reader, MAX_RAFT_FRAME)).await {
-            Ok(Ok(frame)) => decode::<PipeReply>("raft pipeline reply", &frame),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, format!("no reply within {:?}", s.ttl))),
+        let reply = match s.written.recv().await? {
+            Ok(()) => match bounded(s.ttl, read_frame(&mut s.reader, MAX_RAFT_FRAME)).await {
+                Ok(frame) => decode::<PipeReply>("raft pipeline reply", &frame),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
         };
+        let first = std::mem::replace(&mut s.first, false);
         match reply {
             Ok(PipeReply::Appended(result)) => {
                 let last = result.as_ref().ok().and_then(|id| id.map(|id| id.index));
@@ -158,6 +180,15 @@ impl Session {
             Ok(PipeReply::Refused(why)) => {
                 let err = unreachable(s.target, format_args!("refused append-entries: {why}"));
                 Some((Err(err), None))
+            }
+            Err(e) if first && refused_protocol(&e) => {
+                // Nothing was taken: the next sessions go one append at a time.
+                tracing::info!(
+                    target = s.target,
+                    "peer does not speak {RAFT_PIPELINE_PROTOCOL}; replicating one append at a time"
+                );
+                s.unsupported.store(true, Ordering::Relaxed);
+                Some((Err(unreachable(s.target, format_args!("does not speak {RAFT_PIPELINE_PROTOCOL}"))), None))
             }
             Err(e) => {
                 tracing::debug!(target = s.target, error = %e, "replication session failed; dropped");
@@ -182,34 +213,43 @@ pub async fn serve(peer: PeerId, stream: libp2p::Stream, append: Option<Appender
     let (reader, mut writer) = stream.split();
     let Some(append) = append else {
         let refused = PipeReply::Refused("raft is not running on this peer yet".into());
-        let _ = write_reply(&mut writer, &refused).await;
+        if write_reply(&mut writer, &refused).await.is_ok() {
+            let _ = writer.close().await;
+        }
         return;
     };
     // The requests end when the leader closes its half, at a malformed
-    // frame, or when the replies end (`stop` dropped).
+    // frame (named in `malformed`), or when the replies end (`stop` dropped).
     let (stop, stopped) = oneshot::channel::<()>();
-    let requests = futures::stream::unfold(reader, move |mut reader| async move {
-        let frame = match read_frame(&mut reader, MAX_RAFT_FRAME).await {
-            Ok(frame) => frame,
-            Err(e) => {
-                tracing::debug!(%peer, error = %e, "replication session closed");
-                return None;
-            }
-        };
-        match decode::<AppendEntriesRequest<TypeConfig>>("append-entries request", &frame) {
-            Ok(req) => {
-                let last = req.entries.last().map_or(0, |e| e.log_id.index);
-                tracing::trace!(target: LATENCY, kind = "append-entries", last, "raft rpc received");
-                Some((req, reader))
-            }
-            Err(e) => {
-                tracing::warn!(%peer, error = %e, "malformed append-entries request; ending its session");
-                None
+    let malformed: Arc<Mutex<Option<String>>> = Arc::default();
+    let bad = malformed.clone();
+    let requests = futures::stream::unfold(reader, move |mut reader| {
+        let bad = bad.clone();
+        async move {
+            let frame = match read_frame(&mut reader, MAX_RAFT_FRAME).await {
+                Ok(frame) => frame,
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "replication session closed");
+                    return None;
+                }
+            };
+            match decode::<AppendEntriesRequest<TypeConfig>>("append-entries request", &frame) {
+                Ok(req) => {
+                    let last = req.entries.last().map_or(0, |e| e.log_id.index);
+                    tracing::trace!(target: LATENCY, kind = "append-entries", last, "raft rpc received");
+                    Some((req, reader))
+                }
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "malformed append-entries request; ending its session");
+                    *bad.lock().unwrap_or_else(PoisonError::into_inner) = Some(e.to_string());
+                    None
+                }
             }
         }
     })
     .take_until(stopped);
     let mut replies = append(requests.boxed());
+    let mut ended = false;
     while let Some(result) = replies.next().await {
         let reply = match result {
             Ok(result) => PipeReply::Appended(result),
@@ -218,7 +258,7 @@ pub async fn serve(peer: PeerId, stream: libp2p::Stream, append: Option<Appender
         let last = !matches!(reply, PipeReply::Appended(Ok(_)));
         if let Err(e) = write_reply(&mut writer, &reply).await {
             tracing::debug!(%peer, error = %e, "replication reply not sent; ending its session");
-            break;
+            return;
         }
         let acked = match &reply {
             PipeReply::Appended(Ok(Some(id))) => id.index,
@@ -226,17 +266,19 @@ pub async fn serve(peer: PeerId, stream: libp2p::Stream, append: Option<Appender
         };
         tracing::trace!(target: LATENCY, kind = "append-entries", last = acked, "raft reply sent");
         if last {
+            ended = true;
             break;
         }
     }
     drop(stop);
+    // Every request read is answered: say why the rest was not taken.
+    let why = malformed.lock().unwrap_or_else(PoisonError::into_inner).take();
+    if let (false, Some(why)) = (ended, why) {
+        let _ = write_reply(&mut writer, &PipeReply::Refused(why)).await;
+    }
     let _ = writer.close().await;
 }
 
 async fn write_reply(writer: &mut WriteHalf<libp2p::Stream>, reply: &PipeReply) -> io::Result<()> {
-    let frame = encode(reply)?;
-    match tokio::time::timeout(REPLY_WRITE_TIMEOUT, write_frame(writer, &frame, MAX_RAFT_FRAME)).await {
-        Ok(written) => written,
-        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, format!("not written within {REPLY_WRITE_TIMEOUT:?}"))),
-    }
+    bounded(REPLY_WRITE_TIMEOUT, write_frame(writer, &encode(reply)?, MAX_RAFT_FRAME)).await
 }

@@ -18,6 +18,7 @@
 
 use std::future::Future;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,7 +35,7 @@ use impetus_sdk::transport::{read_frame, write_frame};
 use libp2p::{Multiaddr, PeerId, StreamProtocol};
 use serde::{Deserialize, Serialize};
 
-use super::{raft_pipeline, split_p2p, Handlers, NetHandle};
+use super::{raft_pipeline, split_p2p, Handlers, NetError, NetHandle};
 use crate::LATENCY;
 
 /// The protocol name of Raft RPCs.
@@ -233,6 +234,9 @@ pub struct P2pConnection {
     /// through `&mut self` (`Mutex::get_mut`, no lock): the mutex is there
     /// because openraft wants a `Sync` network and a stream is not.
     stream: std::sync::Mutex<Option<libp2p::Stream>>,
+    /// The target does not speak `/impetus/raft-pipeline/1`: every session
+    /// goes one append at a time.
+    no_pipeline: Arc<AtomicBool>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for P2pRaftNetwork {
@@ -241,7 +245,8 @@ impl RaftNetworkFactory<TypeConfig> for P2pRaftNetwork {
     async fn new_client(&mut self, target: NodeId, node: &PeerNode) -> P2pConnection {
         let addr = node.addr.parse::<Multiaddr>().map_err(|e| format!("node {target} has a bad address {node}: {e}"));
         let peer = addr.as_ref().ok().and_then(split_p2p).map(|(peer, _)| peer);
-        P2pConnection { net: self.net.clone(), target, addr, peer, stream: std::sync::Mutex::new(None) }
+        let stream = std::sync::Mutex::new(None);
+        P2pConnection { net: self.net.clone(), target, addr, peer, stream, no_pipeline: Arc::default() }
     }
 }
 
@@ -340,13 +345,20 @@ impl RaftNetworkV2<TypeConfig> for P2pConnection {
     where
         S: Stream<Item = AppendEntriesRequest<TypeConfig>> + OptionalSend + Unpin + 'static,
     {
-        let Some(peer) = self.peer.filter(|_| input.size_hint().1 != Some(1)) else {
+        let one = input.size_hint().1 == Some(1);
+        let Some(peer) = self.peer.filter(|_| !one && !self.no_pipeline.load(Ordering::Relaxed)) else {
             return stream_append_sequential(self, input, option);
         };
         let ttl = option.soft_ttl().max(MIN_RPC_TTL);
         Box::pin(async move {
-            match self.net.open_stream(peer, raft_pipeline::RAFT_PIPELINE_PROTOCOL, ttl).await {
-                Ok(stream) => Ok(raft_pipeline::start(self.target, stream, input, ttl)),
+            let opened = self.net.open_stream(peer, raft_pipeline::RAFT_PIPELINE_PROTOCOL, ttl).await;
+            match opened {
+                Ok(stream) => Ok(raft_pipeline::start(self.target, stream, input, ttl, self.no_pipeline.clone())),
+                Err(NetError::Unsupported { protocol, .. }) => {
+                    tracing::info!(target = self.target, %protocol, "peer does not speak it; replicating one append at a time");
+                    self.no_pipeline.store(true, Ordering::Relaxed);
+                    stream_append_sequential(self, input, option).await
+                }
                 // Not connected yet: the first append goes by request-response,
                 // which dials; the session then ends, and openraft starts the
                 // next one at once from what was acknowledged.
