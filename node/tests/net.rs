@@ -586,6 +586,58 @@ async fn sessions_dial_heartbeats_take_the_raft_stream_and_refusals_are_named() 
     rb.stop().await.unwrap();
 }
 
+/// A follower that stops answering ends the session with an error once a
+/// request has waited the RPC TTL (1 s at least); when the leader drops the
+/// session, the follower's side of it ends too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_whose_follower_stops_answering_fails_and_both_ends_close() {
+    use futures::StreamExt;
+    use std::sync::atomic::AtomicBool;
+
+    struct Ended(Arc<AtomicBool>);
+    impl Drop for Ended {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+    let ended = Arc::new(AtomicBool::new(false));
+    let handlers = Handlers::default();
+    let flag = ended.clone();
+    handlers.set_append_handler(Arc::new(move |requests| {
+        // Takes every request, answers none (a follower whose disk hangs).
+        let guard = Ended(flag.clone());
+        requests
+            .filter_map(move |_| {
+                let _ = &guard;
+                std::future::ready(None)
+            })
+            .boxed()
+    }));
+    let (ra, rb, mut conn) = raft_pair(handlers).await;
+    dial(&mut conn).await;
+    let started = Instant::now();
+    let requests = futures::stream::iter((1..=2).map(append_at)).chain(futures::stream::pending());
+    let replies: Vec<_> = tokio::time::timeout(Duration::from_secs(10), async {
+        conn.stream_append(requests, RPCOption::new(Duration::from_millis(100))).await.unwrap().collect().await
+    })
+    .await
+    .expect("a session that waits for ever");
+    let [Err(e)] = &replies[..] else { panic!("{replies:?}") };
+    assert!(e.to_string().contains("no progress within 1s"), "{e}");
+    assert!(started.elapsed() >= Duration::from_secs(1), "gave up before the TTL: {:?}", started.elapsed());
+    let mut closed = false;
+    for _ in 0..250 {
+        if ended.load(Ordering::SeqCst) {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(closed, "the follower still serves a session the leader dropped");
+    ra.stop().await.unwrap();
+    rb.stop().await.unwrap();
+}
+
 /// A follower of an older version, which speaks the Raft stream but not
 /// replication sessions: the first session fails by name, and the next
 /// ones go one append at a time.

@@ -147,6 +147,21 @@ pub enum Command {
 }
 
 impl Command {
+    /// Whether applying this may make jobs ready to lease (new or retried
+    /// jobs, leases handed back, a stream's limits changed): a peer that
+    /// wrote it wakes its worker instead of waiting for the next poll.
+    pub fn may_ready_jobs(&self) -> bool {
+        match self {
+            Command::Submit { .. }
+            | Command::Retry { .. }
+            | Command::UpdateStream { .. }
+            | Command::Release { .. }
+            | Command::RemovePeer { .. } => true,
+            Command::Batch(cmds) => cmds.iter().any(Command::may_ready_jobs),
+            _ => false,
+        }
+    }
+
     /// Check every bound of the vocabulary. Decoding calls this, and so does
     /// the state machine before applying.
     pub fn validate(&self) -> Result<(), InvalidInput> {
@@ -366,4 +381,24 @@ pub type ApplyResult = Result<Outcome, ApplyError>;
 pub struct Stamp {
     pub index: u64,
     pub now: Timestamp,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_may_ready_jobs_wakes_a_worker() {
+        let stream = StreamName::new("s1").unwrap();
+        let put = || Command::DataPut { stream: stream.clone(), key: b"k".to_vec(), value: b"v".to_vec() };
+        let submit = Command::Submit { stream: stream.clone(), jobs: Vec::new() };
+        let update = Command::UpdateStream { name: stream.clone(), patch: StreamPatch::default() };
+        assert!(submit.may_ready_jobs());
+        assert!(update.may_ready_jobs());
+        assert!(Command::Release { peer: PeerId(1), leases: Vec::new() }.may_ready_jobs());
+        assert!(!put().may_ready_jobs());
+        assert!(!Command::Tick.may_ready_jobs());
+        assert!(Command::Batch(vec![put(), submit]).may_ready_jobs());
+        assert!(!Command::Batch(vec![put(), put()]).may_ready_jobs());
+    }
 }

@@ -32,8 +32,7 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
                         return ClientResponse::Error(ServiceError::ModuleRejected(why));
                     }
                 }
-                let wakes_worker =
-                    matches!(cmd, Command::Submit { .. } | Command::Retry { .. } | Command::UpdateStream { .. });
+                let wakes_worker = cmd.may_ready_jobs();
                 let (cmd, fused) = self.fuse(cmd);
                 match self.unfuse(fused, wakes_worker, c.write(inner.rt.now(), cmd).await) {
                     Ok(result) => ClientResponse::Applied(result),
