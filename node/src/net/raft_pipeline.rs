@@ -23,7 +23,9 @@
 //!   openraft then backs off and starts another session from what was
 //!   acknowledged, so nothing is skipped and a late reply answers nothing;
 //! - the leader closes its half when openraft ends the session's input;
-//!   the follower then answers what it holds and closes too.
+//!   the follower then answers what it holds and closes too. A follower
+//!   also ends a session that brought no request for
+//!   [`SERVER_SESSION_IDLE`] (a leader gone without closing its connection).
 //!
 //! A session of one request (a heartbeat) goes over the Raft stream of
 //! [`super::raft_rpc`] instead: a new substream per heartbeat would cost
@@ -55,6 +57,15 @@ pub const RAFT_PIPELINE_PROTOCOL: StreamProtocol = StreamProtocol::new("/impetus
 /// A follower gives up writing one reply after this long (a leader that
 /// stopped reading).
 const REPLY_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A follower ends a session that brought no request for this long: its
+/// leader is gone without closing the connection (half-open TCP). A live
+/// leader never idles this long, since every peer's registry heartbeat is a
+/// Raft write every few seconds; were it to, its next write fails and
+/// openraft opens a new session. (No such bound on the leader's side:
+/// openraft sleeps its backoff inside the request stream, so a leader
+/// cannot tell backoff from idleness.)
+pub const SERVER_SESSION_IDLE: Duration = Duration::from_secs(600);
 
 /// What a follower answers to each request of a session, in order.
 #[derive(Debug, Serialize, Deserialize)]
@@ -226,7 +237,7 @@ pub async fn serve(peer: PeerId, stream: libp2p::Stream, append: Option<Appender
     let requests = futures::stream::unfold(reader, move |mut reader| {
         let bad = bad.clone();
         async move {
-            let frame = match read_frame(&mut reader, MAX_RAFT_FRAME).await {
+            let frame = match bounded(SERVER_SESSION_IDLE, read_frame(&mut reader, MAX_RAFT_FRAME)).await {
                 Ok(frame) => frame,
                 Err(e) => {
                     tracing::debug!(%peer, error = %e, "replication session closed");
