@@ -26,7 +26,7 @@ use impetus_proto::api::{self, ClientRequest, ClientResponse, ServiceError};
 use impetus_proto::limits;
 use libp2p::{PeerId, Stream, StreamProtocol};
 
-use crate::transport::{encode_response_bounded, frame, read_frame, write_frame};
+use crate::transport::{encode_response_bounded, frame, read_frame, within, write_frame};
 
 /// The protocol name of the long-lived client stream.
 pub const CLIENT_STREAM_PROTOCOL: StreamProtocol = StreamProtocol::new("/impetus/client-stream/1");
@@ -86,9 +86,7 @@ where
     Fut: Future<Output = ClientResponse>,
 {
     loop {
-        let frame = tokio::time::timeout(idle, read_frame(io, limits::MAX_MESSAGE_BYTES))
-            .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("no request for {idle:?}")))??;
+        let frame = within(idle, "no request", read_frame(io, limits::MAX_MESSAGE_BYTES)).await?;
         let answer = async {
             let resp = match api::decode_request(&frame) {
                 Ok(req) => handle(req).await,
@@ -99,12 +97,7 @@ where
             };
             write_frame(io, &encode_response_bounded(&resp), limits::MAX_MESSAGE_BYTES).await
         };
-        tokio::time::timeout(SERVER_ANSWER_TIMEOUT, answer).await.map_err(|_| {
-            io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("no answer handled and written within {SERVER_ANSWER_TIMEOUT:?}"),
-            )
-        })??;
+        within(SERVER_ANSWER_TIMEOUT, "no answer handled and written", answer).await?;
     }
 }
 

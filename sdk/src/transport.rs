@@ -99,6 +99,18 @@ pub fn frame(body: &[u8], max: usize) -> io::Result<Vec<u8>> {
     Ok(frame)
 }
 
+/// `io` within `limit`, or a `TimedOut` error: "{what} within {limit}".
+pub async fn within<T>(
+    limit: Duration,
+    what: &str,
+    io: impl std::future::Future<Output = io::Result<T>>,
+) -> io::Result<T> {
+    match tokio::time::timeout(limit, io).await {
+        Ok(done) => done,
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, format!("{what} within {limit:?}"))),
+    }
+}
+
 /// Write one length-prefixed frame; refuses bodies over `max` bytes.
 pub async fn write_frame<T: AsyncWrite + Unpin + Send>(io: &mut T, body: &[u8], max: usize) -> io::Result<()> {
     io.write_all(&frame(body, max)?).await?;

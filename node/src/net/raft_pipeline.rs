@@ -43,7 +43,7 @@ use impetus_raft::openraft::error::{RPCError, Unreachable};
 use impetus_raft::openraft::raft::{AppendEntriesRequest, StreamAppendResult};
 use impetus_raft::{NodeId, TypeConfig};
 use impetus_sdk::stream::refused_protocol;
-use impetus_sdk::transport::{read_frame, write_frame};
+use impetus_sdk::transport::{read_frame, within, write_frame};
 use libp2p::{PeerId, StreamProtocol};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
@@ -131,7 +131,7 @@ async fn write_requests<S>(
         let last = req.entries.last().map_or(0, |e| e.log_id.index);
         tracing::trace!(target: LATENCY, kind = "append-entries", last, "raft rpc sending");
         let written = match encode(&req) {
-            Ok(frame) => bounded(ttl, write_frame(&mut writer, &frame, MAX_RAFT_FRAME)).await,
+            Ok(frame) => within(ttl, "no progress", write_frame(&mut writer, &frame, MAX_RAFT_FRAME)).await,
             Err(e) => Err(e),
         };
         let failed = written.is_err();
@@ -142,14 +142,6 @@ async fn write_requests<S>(
     // No more requests: the follower answers what it holds, then closes.
     if let Err(e) = writer.close().await {
         tracing::debug!(error = %e, "closing a replication session");
-    }
-}
-
-/// `io` within `ttl`, or a `TimedOut` error.
-async fn bounded<T>(ttl: Duration, io: impl std::future::Future<Output = io::Result<T>>) -> io::Result<T> {
-    match tokio::time::timeout(ttl, io).await {
-        Ok(done) => done,
-        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, format!("no progress within {ttl:?}"))),
     }
 }
 
@@ -174,7 +166,7 @@ impl Session {
     async fn next_reply(session: Option<Session>) -> Option<Next> {
         let mut s = session?;
         let reply = match s.written.recv().await? {
-            Ok(()) => match bounded(s.ttl, read_frame(&mut s.reader, MAX_RAFT_FRAME)).await {
+            Ok(()) => match within(s.ttl, "no progress", read_frame(&mut s.reader, MAX_RAFT_FRAME)).await {
                 Ok(frame) => decode::<PipeReply>("raft pipeline reply", &frame),
                 Err(e) => Err(e),
             },
@@ -237,7 +229,7 @@ pub async fn serve(peer: PeerId, stream: libp2p::Stream, append: Option<Appender
     let requests = futures::stream::unfold(reader, move |mut reader| {
         let bad = bad.clone();
         async move {
-            let frame = match bounded(SERVER_SESSION_IDLE, read_frame(&mut reader, MAX_RAFT_FRAME)).await {
+            let frame = match within(SERVER_SESSION_IDLE, "no request", read_frame(&mut reader, MAX_RAFT_FRAME)).await {
                 Ok(frame) => frame,
                 Err(e) => {
                     tracing::debug!(%peer, error = %e, "replication session closed");
@@ -291,5 +283,5 @@ pub async fn serve(peer: PeerId, stream: libp2p::Stream, append: Option<Appender
 }
 
 async fn write_reply(writer: &mut WriteHalf<libp2p::Stream>, reply: &PipeReply) -> io::Result<()> {
-    bounded(REPLY_WRITE_TIMEOUT, write_frame(writer, &encode(reply)?, MAX_RAFT_FRAME)).await
+    within(REPLY_WRITE_TIMEOUT, "no progress", write_frame(writer, &encode(reply)?, MAX_RAFT_FRAME)).await
 }
