@@ -282,11 +282,10 @@ impl<R: Runtime, X: JobRunner> ClusterService<R, X> {
                 if !is_leader() {
                     return error(ConsensusError::NotLeader { leader: None, leader_id: None });
                 }
-                let wakes = cmd.may_ready_jobs();
                 let (cmd, fused) = self.peer.fuse(cmd);
                 let written = c.local.write_indexed(self.peer.now(), cmd).await;
                 let index = written.as_ref().map_or(0, |(index, _)| *index);
-                match self.peer.unfuse(fused, wakes, written.map(|(_, result)| result)) {
+                match self.peer.unfuse(fused, written.map(|(_, result)| result)) {
                     Ok(result) => ClientResponse::Written { index, result },
                     Err(e) => error(e),
                 }

@@ -97,10 +97,17 @@ impl Slots {
     }
 }
 
-/// A submit fused with a lease for this peer ([`Peer::fuse`]): the slots it
-/// holds until [`Peer::unfuse`].
+/// What [`Peer::fuse`] hands to [`Peer::unfuse`] about a client write.
 #[derive(Debug)]
 pub struct Fused {
+    /// The command may make jobs ready ([`Command::may_ready_jobs`]).
+    wakes: bool,
+    /// A submit fused with a lease for this peer: the slots it holds.
+    lease: Option<FusedLease>,
+}
+
+#[derive(Debug)]
+struct FusedLease {
     slots: u32,
     /// Jobs in the submit.
     jobs: u32,
@@ -225,40 +232,39 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
         self.inner.rt.now()
     }
 
-    /// On the leader, with free slots here, a submit also leases its jobs
-    /// to this peer in the same entry: a job starts one replicated write
-    /// after it was submitted, not two. Commit the command returned, then
-    /// pass its result to [`Peer::unfuse`].
-    pub fn fuse(&self, cmd: Command) -> (Command, Option<Fused>) {
+    /// Prepare a client write. On the leader, with free slots here, a
+    /// submit also leases its jobs to this peer in the same entry: a job
+    /// starts one replicated write after it was submitted, not two. Commit
+    /// the command returned, then pass its result to [`Peer::unfuse`].
+    pub fn fuse(&self, cmd: Command) -> (Command, Fused) {
         let inner = &self.inner;
-        let Command::Submit { stream, jobs } = &cmd else { return (cmd, None) };
+        let plain = |cmd: Command| {
+            let wakes = cmd.may_ready_jobs();
+            (cmd, Fused { wakes, lease: None })
+        };
+        let Command::Submit { stream, jobs } = &cmd else { return plain(cmd) };
         let status = inner.consensus.status();
         if status.leader != Some(status.node) || inner.stopping.load(Ordering::SeqCst) {
-            return (cmd, None);
+            return plain(cmd);
         }
         let jobs = jobs.len() as u32;
         let slots = inner.slots.take(jobs.min(inner.cfg.max_lease_batch));
         if slots == 0 {
-            return (cmd, None);
+            return plain(cmd);
         }
         let lease = Command::Lease { peer: inner.id, streams: vec![stream.clone()], max: slots };
-        (Command::Batch(vec![cmd, lease]), Some(Fused { slots, jobs }))
+        (Command::Batch(vec![cmd, lease]), Fused { wakes: true, lease: Some(FusedLease { slots, jobs }) })
     }
 
     /// The command's own result from a write [`Peer::fuse`] made; the jobs
     /// it leased to this peer start now, the slots it did not use are free.
-    /// `wakes`: the command may have made work ready. The worker loop is
-    /// woken then, once written, but after a fused submit only if it left
-    /// jobs for others: a turn with nothing to do would only take a core
-    /// from the job.
-    pub fn unfuse<E>(
-        &self,
-        fused: Option<Fused>,
-        wakes: bool,
-        written: Result<ApplyResult, E>,
-    ) -> Result<ApplyResult, E> {
-        let Some(Fused { slots, jobs }) = fused else {
-            if wakes && written.is_ok() {
+    /// If the command may have made work ready, the worker loop is woken
+    /// once it is written, but after a fused submit only if it left jobs
+    /// for others: a turn with nothing to do would only take a core from
+    /// the job.
+    pub fn unfuse<E>(&self, fused: Fused, written: Result<ApplyResult, E>) -> Result<ApplyResult, E> {
+        let Some(FusedLease { slots, jobs }) = fused.lease else {
+            if fused.wakes && written.is_ok() {
                 self.wake();
             }
             return written;

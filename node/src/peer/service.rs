@@ -32,9 +32,8 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
                         return ClientResponse::Error(ServiceError::ModuleRejected(why));
                     }
                 }
-                let wakes_worker = cmd.may_ready_jobs();
                 let (cmd, fused) = self.fuse(cmd);
-                match self.unfuse(fused, wakes_worker, c.write(inner.rt.now(), cmd).await) {
+                match self.unfuse(fused, c.write(inner.rt.now(), cmd).await) {
                     Ok(result) => ClientResponse::Applied(result),
                     Err(e) => ClientResponse::Error(e.into()),
                 }
