@@ -216,6 +216,14 @@ pub type ImpetusRaft<C> = openraft::Raft<C, StateMachineStore<C>>;
 /// The production Raft node (tokio).
 pub type Raft = ImpetusRaft<TypeConfig>;
 
+/// Whether an openraft stream session `input` carries one append only (the
+/// heartbeat worker's): both networks, the real one and the simulator's,
+/// send such a session as one request and its reply instead of pipelining
+/// it on a channel of its own.
+pub fn is_single_append<S: futures::Stream>(input: &S) -> bool {
+    input.size_hint().1 == Some(1)
+}
+
 /// The openraft configuration Impetus runs with.
 ///
 /// - heartbeat every 100 ms (skipped for a follower that acknowledged a

@@ -410,7 +410,7 @@ impl RaftNetworkV2<SimConfig> for Connection {
     where
         S: Stream<Item = AppendEntriesRequest<SimConfig>> + OptionalSend + Unpin + 'static,
     {
-        if input.size_hint().1 == Some(1) {
+        if impetus_raft::is_single_append(&input) {
             return stream_append_sequential(self, input, option);
         }
         Box::pin(async move {

@@ -345,7 +345,7 @@ impl RaftNetworkV2<TypeConfig> for P2pConnection {
     where
         S: Stream<Item = AppendEntriesRequest<TypeConfig>> + OptionalSend + Unpin + 'static,
     {
-        let one = input.size_hint().1 == Some(1);
+        let one = impetus_raft::is_single_append(&input);
         let Some(peer) = self.peer.filter(|_| !one && !self.no_pipeline.load(Ordering::Relaxed)) else {
             return stream_append_sequential(self, input, option);
         };
