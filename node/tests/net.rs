@@ -496,6 +496,21 @@ fn append_at(index: u64) -> AppendEntriesRequest<TypeConfig> {
     }
 }
 
+/// A stand-in follower without a Raft: it accepts every append and grants
+/// every vote, one RPC at a time, and takes no replication session.
+fn one_at_a_time_follower() -> Handlers {
+    let handlers = Handlers::default();
+    handlers.set_raft_handler(Arc::new(|rpc| {
+        let reply = match rpc {
+            RaftRpc::Append(_) => RaftReply::Append(AppendEntriesResponse::Success),
+            RaftRpc::Vote(req) => RaftReply::Vote(VoteResponse::new(req.vote, None, true)),
+            other => RaftReply::Error(format!("unexpected {}", other.kind())),
+        };
+        async move { reply }.boxed()
+    }));
+    handlers
+}
+
 /// The appends of a replication session are pipelined: the leader sends
 /// the next before the previous is answered, and reads the answers in
 /// order; a session ends at its first failed result.
@@ -552,15 +567,7 @@ async fn sessions_dial_heartbeats_take_the_raft_stream_and_refusals_are_named() 
     use futures::StreamExt;
 
     // B answers appends one at a time, but has no Raft to take a session.
-    let handlers = Handlers::default();
-    handlers.set_raft_handler(Arc::new(|rpc| {
-        let reply = match rpc {
-            RaftRpc::Append(_) => RaftReply::Append(AppendEntriesResponse::Success),
-            other => RaftReply::Error(format!("unexpected {}", other.kind())),
-        };
-        async move { reply }.boxed()
-    }));
-    let (ra, rb, mut conn) = raft_pair(handlers).await;
+    let (ra, rb, mut conn) = raft_pair(one_at_a_time_follower()).await;
     let option = || RPCOption::new(Duration::from_secs(5));
     let last_acked = |replies: &[_]| match replies {
         [Ok(Ok(Some(id)))] => Some(LogId::index(id)),
@@ -648,16 +655,7 @@ async fn a_follower_without_sessions_gets_one_append_at_a_time() {
     use impetus_sdk::transport::{build_swarm, TransportConfig};
     use libp2p::swarm::SwarmEvent;
 
-    let handlers = Handlers::default();
-    handlers.set_raft_handler(Arc::new(|rpc| {
-        let reply = match rpc {
-            RaftRpc::Append(_) => RaftReply::Append(AppendEntriesResponse::Success),
-            RaftRpc::Vote(req) => RaftReply::Vote(VoteResponse::new(req.vote, None, true)),
-            other => RaftReply::Error(format!("unexpected {}", other.kind())),
-        };
-        async move { reply }.boxed()
-    }));
-    let handlers = Arc::new(handlers);
+    let handlers = Arc::new(one_at_a_time_follower());
     let keypair = libp2p::identity::Keypair::generate_ed25519();
     let old_id = keypair.public().to_peer_id();
     let mut old = build_swarm(keypair, &TransportConfig::default(), libp2p_stream::Behaviour::new()).unwrap();
