@@ -12,7 +12,7 @@ use libp2p::identity::Keypair;
 use tokio::sync::Notify;
 
 use impetus_proto::api::{ClientRequest, ClientResponse};
-use impetus_proto::{LeaseGrant, ModuleHash, PeerId, PeerInfo};
+use impetus_proto::{ModuleHash, PeerId, PeerInfo};
 
 use crate::cluster::{ClusterConsensus, ClusterService};
 use crate::exec::{ExecConfig, ExecError, Executor, RunSpec};
@@ -20,7 +20,7 @@ use crate::metrics::Metrics;
 use crate::net::raft_rpc::P2pRaftNetwork;
 use crate::net::{Handlers, NetConfig, Server};
 use crate::peer::membership::{self, Policy};
-use crate::peer::{Consensus, JobRunner, Peer, PeerConfig, RunReport};
+use crate::peer::{Attempt, Consensus, JobRunner, Peer, PeerConfig, RunReport};
 use crate::raft_consensus::RaftConsensus;
 use crate::rt::TokioRuntime;
 
@@ -191,42 +191,44 @@ impl JobRunner for WasmRunner {
     }
 
     /// The job runs on whatever drives the future (the peer uses `start`).
-    fn run(&self, g: LeaseGrant) -> impl Future<Output = RunReport> + Send + 'static {
-        run_job(self.exec.clone(), self.metrics.clone(), g)
+    fn run(&self, a: Attempt) -> impl Future<Output = RunReport> + Send + 'static {
+        run_job(self.exec.clone(), self.metrics.clone(), a)
     }
 
     /// The job runs on [`JobThreads`] and reports from there.
-    fn start<R: crate::peer::Runtime>(&self, _rt: &R, g: LeaseGrant, done: impl FnOnce(RunReport) + Send + 'static) {
+    fn start<R: crate::peer::Runtime>(&self, _rt: &R, a: Attempt, done: impl FnOnce(RunReport) + Send + 'static) {
         let (exec, metrics) = (self.exec.clone(), self.metrics.clone());
         // Dropped unpolled when the job threads are gone (the peer stopped).
-        drop(self.jobs.spawn(async move { done(run_job(exec, metrics, g).await) }));
+        drop(self.jobs.spawn(async move { done(run_job(exec, metrics, a).await) }));
+    }
+
+    fn leased(&self, n: usize) {
+        if let Some(m) = &self.metrics {
+            m.leases_granted(n as u64);
+        }
     }
 }
 
-/// Run one job on the executor, counting it.
-async fn run_job(exec: Executor, metrics: Option<Arc<Metrics>>, g: LeaseGrant) -> RunReport {
-    let job = g.job;
-    tracing::trace!(target: crate::LATENCY, %job, "job starts on a job thread");
+/// Run one attempt on the executor, counting it.
+async fn run_job(exec: Executor, metrics: Option<Arc<Metrics>>, a: Attempt) -> RunReport {
+    tracing::trace!(target: crate::LATENCY, module = %a.module, "job starts on a job thread");
     let started = std::time::Instant::now();
-    if let Some(m) = &metrics {
-        m.leases_granted(1);
-    }
     let out = exec
         .run(RunSpec {
-            module: g.module,
-            args: &g.spec.args,
-            env: &g.spec.env,
-            input: &g.spec.input,
-            timeout_ms: g.job_timeout_ms,
-            fuel: g.fuel,
-            memory_limit_bytes: g.memory_limit_bytes,
+            module: a.module,
+            args: &a.spec.args,
+            env: &a.spec.env,
+            input: &a.spec.input,
+            timeout_ms: a.job_timeout_ms,
+            fuel: a.fuel,
+            memory_limit_bytes: a.memory_limit_bytes,
         })
         .await;
     if let Some(m) = &metrics {
         let outcome = if out.result.is_ok() { "succeeded" } else { "failed" };
         m.job_finished(outcome, started.elapsed().as_secs_f64());
     }
-    tracing::trace!(target: crate::LATENCY, %job, "job ends on its job thread");
+    tracing::trace!(target: crate::LATENCY, module = %a.module, "job ends on its job thread");
     RunReport { result: out.result, stdout_tail: out.stdout_tail, stderr_tail: out.stderr_tail }
 }
 

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use impetus_node::peer::{Consensus, JobRunner, Peer, PeerConfig, RunReport};
+use impetus_node::peer::{Attempt, Consensus, JobRunner, Peer, PeerConfig, RunReport};
 use impetus_node::raft_consensus::RaftConsensus;
 use impetus_node::rt::TokioRuntime;
 use impetus_proto::api::{ClientRequest, ClientResponse, ServiceError};
@@ -18,9 +18,18 @@ use impetus_raft::{
 
 /// Runs "jobs" natively: input `n` → `n*n`; `trap` → a trap record; `sleep:MS`
 /// → sleeps, then prints "slept". Refuses modules that do not start with `\0asm`.
+/// Keeps the input of every run it starts, in order.
 #[derive(Clone, Default)]
 struct FakeRunner {
     prepared: Arc<Mutex<BTreeSet<ModuleHash>>>,
+    ran: Arc<Mutex<Vec<String>>>,
+}
+
+impl FakeRunner {
+    /// How many runs of `input` started.
+    fn runs_of(&self, input: &str) -> usize {
+        self.ran.lock().unwrap().iter().filter(|i| *i == input).count()
+    }
 }
 
 impl JobRunner for FakeRunner {
@@ -44,9 +53,10 @@ impl JobRunner for FakeRunner {
 
     // `async fn` would borrow `self`; the trait wants a `'static` future.
     #[allow(clippy::manual_async_fn)]
-    fn run(&self, grant: LeaseGrant) -> impl std::future::Future<Output = RunReport> + Send + 'static {
+    fn run(&self, attempt: Attempt) -> impl std::future::Future<Output = RunReport> + Send + 'static {
+        let input = String::from_utf8_lossy(&attempt.spec.input).to_string();
+        self.ran.lock().unwrap().push(input.clone());
         async move {
-            let input = String::from_utf8_lossy(&grant.spec.input).to_string();
             let result = if let Some(ms) = input.strip_prefix("sleep:") {
                 tokio::time::sleep(Duration::from_millis(ms.parse().unwrap())).await;
                 Ok(b"slept".to_vec())
@@ -83,7 +93,7 @@ async fn peer(cfg: PeerConfig) -> TestPeer {
 
 const MODULE: &[u8] = b"\0asm fake";
 
-async fn write(p: &TestPeer, cmd: Command) -> Result<Outcome, String> {
+async fn write<C: Consensus>(p: &Peer<TokioRuntime, C, FakeRunner>, cmd: Command) -> Result<Outcome, String> {
     match p.handle(ClientRequest::Write(cmd)).await {
         ClientResponse::Applied(r) => r.map_err(|e| e.to_string()),
         ClientResponse::Error(e) => Err(e.to_string()),
@@ -108,10 +118,14 @@ fn new_job(input: &str) -> NewJob {
     }
 }
 
+fn every_job() -> impetus_queue::JobFilter<'static> {
+    impetus_queue::JobFilter { limit: usize::MAX, ..Default::default() }
+}
+
 /// Wait (bounded) until every job is final; return them.
-async fn wait_final(p: &TestPeer, n: usize) -> Vec<JobRecord> {
+async fn wait_final<C: Consensus>(p: &Peer<TokioRuntime, C, FakeRunner>, n: usize) -> Vec<JobRecord> {
     for _ in 0..1500 {
-        let jobs = p.read(|s| s.jobs(&impetus_queue::JobFilter { limit: usize::MAX, ..Default::default() }));
+        let jobs = p.read(|s| s.jobs(&every_job()));
         if jobs.len() == n && jobs.iter().all(|j| j.status.is_final()) {
             return jobs;
         }
@@ -314,4 +328,175 @@ async fn a_restarted_single_voter_keeps_its_id_however_quick_its_election() {
         assert_eq!(p.read(|s| s.peers().len()), 1, "round {round}: no second registration");
         p.shutdown().await;
     }
+}
+
+/// Consensus whose submits wait at a gate the test opens, or fail there.
+struct Gated {
+    raft: RaftConsensus<TypeConfig>,
+    gate: Arc<Gate>,
+}
+
+struct Gate {
+    permits: tokio::sync::Semaphore,
+    /// Refuse the writes let through instead of committing them.
+    fail: std::sync::atomic::AtomicBool,
+}
+
+impl Default for Gate {
+    fn default() -> Gate {
+        Gate { permits: tokio::sync::Semaphore::new(0), fail: Default::default() }
+    }
+}
+
+impl Gate {
+    fn pass(&self, fail: bool) {
+        self.fail.store(fail, std::sync::atomic::Ordering::SeqCst);
+        self.permits.add_permits(1);
+    }
+}
+
+fn holds_submit(cmd: &Command) -> bool {
+    match cmd {
+        Command::Submit { .. } => true,
+        Command::Batch(cmds) => cmds.iter().any(holds_submit),
+        _ => false,
+    }
+}
+
+impl Consensus for Gated {
+    async fn write(&self, now: Timestamp, cmd: Command) -> Result<ApplyResult, impetus_node::peer::ConsensusError> {
+        if holds_submit(&cmd) {
+            self.gate.permits.acquire().await.unwrap().forget();
+            if self.gate.fail.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(impetus_node::peer::ConsensusError::Unavailable("failed by the test".into()));
+            }
+        }
+        self.raft.write(now, cmd).await
+    }
+    fn read<T>(&self, f: impl FnOnce(&impetus_queue::State) -> T) -> T {
+        self.raft.read(f)
+    }
+    fn status(&self) -> impetus_node::peer::RaftStatus {
+        self.raft.status()
+    }
+    async fn holds_state(&self) -> bool {
+        self.raft.holds_state().await
+    }
+    async fn catch_up(&self) -> Result<(), impetus_node::peer::ConsensusError> {
+        self.raft.catch_up().await
+    }
+}
+
+type GatedPeer = Peer<TokioRuntime, Gated, FakeRunner>;
+
+/// A one-voter peer whose submits wait at the gate returned.
+async fn gated_peer(cfg: PeerConfig, runner: FakeRunner) -> (GatedPeer, Arc<Gate>) {
+    let log = MemLogStore::<TypeConfig>::new();
+    let raft = consensus_on(&log, &MemSnapshotStore::new(), default_raft_config(), Some(PeerNode::new("mem-1"))).await;
+    let gate = Arc::new(Gate::default());
+    let p = Peer::start(TokioRuntime, Gated { raft, gate: gate.clone() }, runner, cfg, None).await.unwrap();
+    (p, gate)
+}
+
+/// Wait (bounded, 5 s) until `runner` has started a run of `input`.
+async fn started(runner: &FakeRunner, input: &str) {
+    for _ in 0..250 {
+        if runner.runs_of(input) > 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no run of {input:?} started within 5 s");
+}
+
+/// On the leader, a submit it leases to itself starts its jobs while the
+/// entry is being committed: the run is under way before the submit is
+/// applied, and the grant reports that run (one run, one attempt) instead
+/// of starting another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fused_submit_starts_its_jobs_before_it_commits_and_reports_that_run() {
+    let runner = FakeRunner::default();
+    let (p, gate) = gated_peer(PeerConfig { capacity: 2, ..PeerConfig::default() }, runner.clone()).await;
+    write(&p, Command::PutModule { hash: ModuleHash::of(MODULE), bytes: MODULE.to_vec() }).await.unwrap();
+    let s = StreamName::new("s1").unwrap();
+    write(&p, Command::CreateStream { name: s.clone(), props: StreamProps::default() }).await.unwrap();
+
+    let submit = tokio::spawn({
+        let (p, s) = (p.clone(), s.clone());
+        async move { write(&p, Command::Submit { stream: s, jobs: vec![new_job("7"), new_job("8")] }).await }
+    });
+    started(&runner, "7").await;
+    started(&runner, "8").await;
+    assert!(!submit.is_finished(), "the submit is still held at the gate");
+    assert_eq!(p.read(|st| st.stream_stats(&s).unwrap().queued), 0, "and not applied: no job exists yet");
+
+    gate.pass(false);
+    let Outcome::Submitted(ids) = submit.await.unwrap().unwrap() else { panic!("not submitted") };
+    assert_eq!(ids.len(), 2);
+    let done = wait_final(&p, 2).await;
+    let results: Vec<_> = done.iter().map(|j| (j.status, j.attempts, j.result.clone())).collect();
+    assert_eq!(
+        results,
+        vec![(JobStatus::Succeeded, 1, Some(b"49".to_vec())), (JobStatus::Succeeded, 1, Some(b"64".to_vec()))]
+    );
+    assert_eq!((runner.runs_of("7"), runner.runs_of("8")), (1, 1), "each job ran once: its early run was reported");
+    p.read(|st| st.check_invariants());
+}
+
+/// An early run no grant takes is dropped and loses nothing: a submit that
+/// fails to commit leaves no job and no result, and a lease that went to an
+/// older job leaves the new one queued, to run (again) under a lease of its
+/// own. Either way the slots come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_run_no_grant_takes_is_dropped_and_its_slot_comes_back() {
+    let runner = FakeRunner::default();
+    let cfg = PeerConfig { capacity: 1, poll_interval: Duration::from_millis(500), ..PeerConfig::default() };
+    let (p, gate) = gated_peer(cfg, runner.clone()).await;
+    write(&p, Command::PutModule { hash: ModuleHash::of(MODULE), bytes: MODULE.to_vec() }).await.unwrap();
+    let s = StreamName::new("s1").unwrap();
+    write(&p, Command::CreateStream { name: s.clone(), props: StreamProps::default() }).await.unwrap();
+
+    // The submit fails: its early run ends with nothing to report it under.
+    let submit = tokio::spawn({
+        let (p, s) = (p.clone(), s.clone());
+        async move { write(&p, Command::Submit { stream: s, jobs: vec![new_job("2")] }).await }
+    });
+    started(&runner, "2").await;
+    gate.pass(true);
+    let refused = submit.await.unwrap();
+    assert!(refused.as_ref().is_err_and(|e| e.contains("failed by the test")), "{refused:?}");
+    assert!(p.read(|st| st.jobs(&every_job()).is_empty()), "no job from a failed submit");
+
+    // An older job (delayed, so nothing leased it) is ready when the next
+    // submit applies: the fused lease grants it, not the new job.
+    gate.pass(false);
+    let older = NewJob { delay_ms: 100, ..new_job("3") };
+    write(&p, Command::Submit { stream: s.clone(), jobs: vec![older] }).await.unwrap();
+    assert_eq!(runner.runs_of("3"), 0, "a delayed job does not start early");
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    gate.pass(false);
+    write(&p, Command::Submit { stream: s.clone(), jobs: vec![new_job("4")] }).await.unwrap();
+    let leased = p.read(|st| st.jobs(&every_job()));
+    assert_eq!(leased.len(), 2);
+    assert_eq!(leased[0].lease.as_ref().map(|l| l.peer), Some(p.id()), "the older job took the slot: {leased:#?}");
+    assert_eq!(leased[1].status, JobStatus::Queued, "{leased:#?}");
+
+    let done = wait_final(&p, 2).await;
+    let results: Vec<_> = done.iter().map(|j| (j.status, j.attempts, j.result.clone())).collect();
+    assert_eq!(
+        results,
+        vec![(JobStatus::Succeeded, 1, Some(b"9".to_vec())), (JobStatus::Succeeded, 1, Some(b"16".to_vec()))]
+    );
+    assert_eq!(runner.runs_of("4"), 2, "the dropped early run, then the run of its own lease");
+    assert_eq!(runner.runs_of("2"), 1, "the failed submit's job never ran again");
+    // Every slot is back: a submit of one job is leased by its own entry.
+    gate.pass(false);
+    let Outcome::Submitted(ids) =
+        write(&p, Command::Submit { stream: s.clone(), jobs: vec![new_job("5")] }).await.unwrap()
+    else {
+        panic!("not submitted")
+    };
+    assert!(p.read(|st| st.job(ids[0].job).unwrap().lease.is_some()), "the slot came back");
+    wait_final(&p, 3).await;
+    p.read(|st| st.check_invariants());
 }

@@ -6,14 +6,14 @@
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use impetus_node::peer::{Consensus, ConsensusError, JobRunner, RaftStatus, RunReport, Runtime};
+use impetus_node::peer::{Attempt, Consensus, ConsensusError, JobRunner, RaftStatus, RunReport, Runtime};
 use impetus_node::raft_consensus::RaftConsensus;
-use impetus_proto::{ApplyResult, Command, ErrorKind, ErrorRecord, LeaseGrant, ModuleHash, Timestamp};
+use impetus_proto::{ApplyResult, Command, ErrorKind, ErrorRecord, ModuleHash, Timestamp};
 use impetus_queue::State;
 use impetus_raft::openraft::AsyncRuntime;
 use impetus_raft::NodeId;
@@ -152,6 +152,8 @@ pub struct SimRunner {
     hang: bool,
     slow: bool,
     prepared: Mutex<BTreeSet<ModuleHash>>,
+    /// Runs started so far.
+    runs: AtomicU64,
 }
 
 impl std::fmt::Debug for SimRunner {
@@ -177,6 +179,7 @@ impl SimRunner {
             hang: world.has(Fault::Hang),
             slow: world.has(Fault::Slow),
             prepared: Mutex::new(BTreeSet::new()),
+            runs: AtomicU64::new(0),
         }
     }
 }
@@ -196,8 +199,12 @@ impl JobRunner for SimRunner {
         lock(&self.prepared).contains(hash)
     }
 
-    fn run(&self, grant: LeaseGrant) -> impl Future<Output = RunReport> + Send + 'static {
-        let roll = mix(mix(self.seed, grant.job.0), u64::from(grant.attempt));
+    fn run(&self, a: Attempt) -> impl Future<Output = RunReport> + Send + 'static {
+        // Each run rolls afresh (a run knows no job id: the leader starts
+        // jobs before their lease exists); the simulation is one thread, so
+        // the count, and every roll, follows from the seed.
+        let run = self.runs.fetch_add(1, Ordering::Relaxed);
+        let roll = mix(mix(self.seed, run), a.spec.input.iter().fold(0, |h, &b| mix(h, u64::from(b))));
         let pick = roll % 1000;
         let r2 = mix(roll, 7);
         let (trap, hang, slow) = (self.trap, self.hang, self.slow);
@@ -211,15 +218,15 @@ impl JobRunner for SimRunner {
                 Err(ErrorRecord::new(ErrorKind::Trap, "wasm trap: unreachable"))
             } else if hang && (120..170).contains(&pick) {
                 // The executor enforces the job timeout on a job that never ends.
-                SimRuntime::sleep(Duration::from_millis(grant.job_timeout_ms)).await;
-                Err(ErrorRecord::new(ErrorKind::Timeout, format!("ran past {} ms", grant.job_timeout_ms)))
+                SimRuntime::sleep(Duration::from_millis(a.job_timeout_ms)).await;
+                Err(ErrorRecord::new(ErrorKind::Timeout, format!("ran past {} ms", a.job_timeout_ms)))
             } else if slow && (170..270).contains(&pick) {
-                let ms = grant.lease_ttl_ms * (12 + r2 % 14) / 10;
+                let ms = a.lease_ttl_ms * (12 + r2 % 14) / 10;
                 SimRuntime::sleep(Duration::from_millis(ms)).await;
-                ok(&grant.spec.input)
+                ok(&a.spec.input)
             } else {
                 SimRuntime::sleep(Duration::from_millis(5 + r2 % 60)).await;
-                ok(&grant.spec.input)
+                ok(&a.spec.input)
             };
             RunReport { result, stdout_tail: vec![], stderr_tail: vec![] }
         }

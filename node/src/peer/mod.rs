@@ -8,6 +8,7 @@
 //!   and reports results, batching everything it has to say into one command.
 
 pub mod consensus;
+mod early;
 pub mod membership;
 pub mod runner;
 pub mod runtime;
@@ -19,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use impetus_proto::api::WorkRequest;
-use impetus_proto::{ApplyResult, Command, Outcome, PeerId, PeerInfo, PeerRole};
+use impetus_proto::{ApplyResult, Command, NewJob, Outcome, PeerId, PeerInfo, PeerRole, StreamName};
 use tokio::sync::Notify;
 
 /// How long a restarted peer tries to catch its replica up before it looks
@@ -29,7 +30,7 @@ const START_WAIT: Duration = Duration::from_secs(10);
 const START_WAIT_STEP: Duration = Duration::from_millis(100);
 
 pub use consensus::{serve_work, Consensus, ConsensusError, RaftStatus};
-pub use runner::{JobRunner, RunReport};
+pub use runner::{Attempt, JobRunner, RunReport};
 pub use runtime::Runtime;
 
 /// How a peer behaves. Defaults suit a laptop and the tests.
@@ -72,6 +73,7 @@ pub enum PeerError {
 /// This peer's job slots (`capacity` of them), taken by running jobs and by
 /// lease requests in flight, so the worker loop and fused submits together
 /// never lease more than the peer runs at once.
+#[derive(Debug)]
 pub(crate) struct Slots {
     capacity: u32,
     taken: AtomicU32,
@@ -106,11 +108,27 @@ pub struct Fused {
     lease: Option<FusedLease>,
 }
 
+/// Dropped (by [`Peer::unfuse`], or with a request that was given up), it
+/// gives back the slots still in it and orphans the early runs no grant
+/// adopted, so a slot is never lost.
 #[derive(Debug)]
 struct FusedLease {
-    slots: u32,
+    pool: Arc<Slots>,
+    /// Slots taken that no early run holds.
+    free: u32,
     /// Jobs in the submit.
     jobs: u32,
+    /// Jobs of the submit started at once ([`early`]), each holding a slot.
+    early: Vec<early::EarlyRun>,
+}
+
+impl Drop for FusedLease {
+    fn drop(&mut self) {
+        self.pool.give(std::mem::take(&mut self.free));
+        for e in self.early.drain(..) {
+            e.orphan(&self.pool, true);
+        }
+    }
 }
 
 pub(crate) struct Inner<R, C, X> {
@@ -119,7 +137,7 @@ pub(crate) struct Inner<R, C, X> {
     pub runner: X,
     pub cfg: PeerConfig,
     pub id: PeerId,
-    pub slots: Slots,
+    pub slots: Arc<Slots>,
     /// To the worker loop: grants from fused submits, finished jobs.
     pub events: tokio::sync::mpsc::UnboundedSender<worker::Event>,
     /// Wakes the worker (new jobs, shutdown).
@@ -203,7 +221,7 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
             }
         };
         let (events, rx) = tokio::sync::mpsc::unbounded_channel();
-        let slots = Slots { capacity: cfg.capacity, taken: AtomicU32::new(0) };
+        let slots = Arc::new(Slots { capacity: cfg.capacity, taken: AtomicU32::new(0) });
         let inner = Arc::new(Inner {
             rt,
             consensus,
@@ -233,8 +251,10 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
     }
 
     /// Prepare a client write. On the leader, with free slots here, a
-    /// submit also leases its jobs to this peer in the same entry: a job
-    /// starts one replicated write after it was submitted, not two. Commit
+    /// submit also leases its jobs to this peer in the same entry: a job's
+    /// lease is granted by the write that submits it, not by a second one.
+    /// The jobs that may run at once (ready now, their module compiled
+    /// here) start now, while the entry is replicated ([`early`]). Commit
     /// the command returned, then pass its result to [`Peer::unfuse`].
     pub fn fuse(&self, cmd: Command) -> (Command, Fused) {
         let inner = &self.inner;
@@ -247,13 +267,41 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
         if status.leader != Some(status.node) || inner.stopping.load(Ordering::SeqCst) {
             return plain(cmd);
         }
-        let jobs = jobs.len() as u32;
-        let slots = inner.slots.take(jobs.min(inner.cfg.max_lease_batch));
+        let count = jobs.len() as u32;
+        let slots = inner.slots.take(count.min(inner.cfg.max_lease_batch));
         if slots == 0 {
             return plain(cmd);
         }
+        let early = self.start_early(stream, jobs, slots);
         let lease = Command::Lease { peer: inner.id, streams: vec![stream.clone()], max: slots };
-        (Command::Batch(vec![cmd, lease]), Fused { wakes: true, lease: Some(FusedLease { slots, jobs }) })
+        let free = slots - early.len() as u32;
+        let fused = FusedLease { pool: inner.slots.clone(), free, jobs: count, early };
+        (Command::Batch(vec![cmd, lease]), Fused { wakes: true, lease: Some(fused) })
+    }
+
+    /// Start early the jobs the fused lease will grant if the stream has no
+    /// other job ready: the first `slots` of `jobs` ready now, in the
+    /// lease's order, where the stream leases to this peer and this peer
+    /// has compiled the job's module.
+    fn start_early(&self, stream: &StreamName, jobs: &[NewJob], slots: u32) -> Vec<early::EarlyRun> {
+        let inner = &self.inner;
+        let me = inner.id;
+        let Some(props) = inner.consensus.read(|s| s.stream(stream).map(|info| info.props)) else {
+            return Vec::new();
+        };
+        if props.paused || props.ignore.contains(&me) || !(props.pin.is_empty() || props.pin.contains(&me)) {
+            return Vec::new();
+        }
+        // In the order the lease grants them: highest priority first, then
+        // as submitted (a stable sort). Jobs held back (a delay) wait.
+        let mut ready: Vec<&NewJob> = jobs.iter().filter(|j| j.delay_ms == 0).collect();
+        ready.sort_by_key(|j| std::cmp::Reverse(j.priority.unwrap_or(props.default_priority)));
+        ready
+            .into_iter()
+            .take(slots as usize)
+            .filter(|j| j.spec.validate().is_ok() && inner.runner.is_prepared(&j.module))
+            .map(|j| early::EarlyRun::start(inner, Attempt::of_new(j, &props)))
+            .collect()
     }
 
     /// The command's own result from a write [`Peer::fuse`] made; the jobs
@@ -263,7 +311,7 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
     /// for others: a turn with nothing to do would only take a core from
     /// the job.
     pub fn unfuse<E>(&self, fused: Fused, written: Result<ApplyResult, E>) -> Result<ApplyResult, E> {
-        let Some(FusedLease { slots, jobs }) = fused.lease else {
+        let Some(mut lease) = fused.lease else {
             if fused.wakes && written.is_ok() {
                 self.wake();
             }
@@ -277,18 +325,30 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
         let (submit, grants) = match parts {
             Ok([submit, Ok(Outcome::Leased(grants))]) => (submit, grants),
             Ok([submit, _]) => (submit, Vec::new()),
-            Err(other) => {
-                inner.slots.give(slots);
-                return other;
-            }
+            Err(other) => return other,
         };
         let granted = grants.len() as u32;
-        debug_assert!(granted <= slots, "leased more than asked");
-        inner.slots.give(slots.saturating_sub(granted));
+        debug_assert!(granted <= lease.free + lease.early.len() as u32, "leased more than asked");
+        inner.runner.leased(grants.len());
         for g in grants {
+            let attempt = Attempt::of(&g);
+            if let Some(i) = lease.early.iter().position(|e| e.attempt == attempt) {
+                lease.early.swap_remove(i).adopt(inner, g);
+                continue;
+            }
+            // A slot for a job that did not run early: a free one of the
+            // lease, else one an early run that no grant matches holds
+            // (grants ≤ slots, so there is one).
+            if lease.free > 0 {
+                lease.free -= 1;
+            } else if let Some(e) = lease.early.pop() {
+                e.orphan(&inner.slots, false);
+            } else {
+                debug_assert!(false, "a grant without a slot");
+            }
             worker::run_granted(&self.inner, g);
         }
-        if granted < jobs {
+        if granted < lease.jobs {
             self.wake();
         }
         Ok(submit)

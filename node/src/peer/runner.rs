@@ -2,9 +2,53 @@
 
 use std::future::Future;
 
-use impetus_proto::{ErrorRecord, LeaseGrant, ModuleHash};
+use impetus_proto::{ErrorRecord, JobSpec, LeaseGrant, ModuleHash, NewJob, StreamProps};
 
 use super::Runtime;
+
+/// What one attempt of a job runs: its module and spec under its stream's
+/// limits. Nothing else reaches the guest (no job id, no token), so two
+/// equal attempts are interchangeable runs: a run made for one is a valid
+/// run of the other (what lets the leader start a job before its lease is
+/// granted, [`super::Peer::fuse`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attempt {
+    pub module: ModuleHash,
+    pub spec: JobSpec,
+    pub job_timeout_ms: u64,
+    pub fuel: Option<u64>,
+    pub memory_limit_bytes: u64,
+    /// The lease's TTL between renewals (not the guest's business; the
+    /// simulator's slow jobs outlast it on purpose).
+    pub lease_ttl_ms: u64,
+}
+
+impl Attempt {
+    /// The attempt a lease grants.
+    pub fn of(g: &LeaseGrant) -> Attempt {
+        Attempt {
+            module: g.module,
+            spec: g.spec.clone(),
+            job_timeout_ms: g.job_timeout_ms,
+            fuel: g.fuel,
+            memory_limit_bytes: g.memory_limit_bytes,
+            lease_ttl_ms: g.lease_ttl_ms,
+        }
+    }
+
+    /// The attempt a lease of `job`, submitted to a stream with `props`,
+    /// would grant (as the state machine's `grant` builds it).
+    pub fn of_new(job: &NewJob, props: &StreamProps) -> Attempt {
+        Attempt {
+            module: job.module,
+            spec: job.spec.clone(),
+            job_timeout_ms: props.job_timeout_ms,
+            fuel: props.fuel,
+            memory_limit_bytes: props.memory_limit_bytes,
+            lease_ttl_ms: props.lease_ttl_ms,
+        }
+    }
+}
 
 /// What one attempt produced.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -22,14 +66,18 @@ pub trait JobRunner: Send + Sync + 'static {
     /// runtime meanwhile (Raft heartbeats share it).
     fn prepare(&self, hash: ModuleHash, bytes: Vec<u8>) -> impl Future<Output = Result<(), String>> + Send + 'static;
     fn is_prepared(&self, hash: &ModuleHash) -> bool;
-    /// Run one leased job. Never panics: every failure is a `RunReport`.
-    fn run(&self, grant: LeaseGrant) -> impl Future<Output = RunReport> + Send + 'static;
-    /// Start one leased job now and hand its report to `done` when it ends.
+    /// Run one attempt. Never panics: every failure is a `RunReport`.
+    fn run(&self, attempt: Attempt) -> impl Future<Output = RunReport> + Send + 'static;
+    /// Start one attempt now and hand its report to `done` when it ends.
     /// By default [`JobRunner::run`] is driven on the peer's runtime `rt`; a
     /// runner with threads of its own starts the job there at once and calls
     /// `done` from that thread (one hand-off less on the job's way back).
-    fn start<R: Runtime>(&self, rt: &R, grant: LeaseGrant, done: impl FnOnce(RunReport) + Send + 'static) {
-        let running = self.run(grant);
+    fn start<R: Runtime>(&self, rt: &R, attempt: Attempt, done: impl FnOnce(RunReport) + Send + 'static) {
+        let running = self.run(attempt);
         rt.spawn(async move { done(running.await) });
+    }
+    /// This peer was granted `n` leases (for metrics; nothing by default).
+    fn leased(&self, n: usize) {
+        let _ = n;
     }
 }

@@ -18,7 +18,7 @@ use impetus_proto::{
     Timestamp,
 };
 
-use super::{Consensus, Inner, JobRunner, RunReport, Runtime};
+use super::{Attempt, Consensus, Inner, JobRunner, RunReport, Runtime};
 
 /// A job this peer is running.
 struct Running {
@@ -126,6 +126,7 @@ pub(super) fn run_granted<R: Runtime, C: Consensus, X: JobRunner>(inner: &Arc<In
 /// report it to the worker loop.
 fn spawn_run<R: Runtime, C: Consensus, X: JobRunner>(inner: Arc<Inner<R, C, X>>, g: LeaseGrant) {
     let (job, token) = (g.job, g.token);
+    let attempt = Attempt::of(&g);
     let events = inner.events.clone();
     let done = move |report: RunReport| {
         tracing::trace!(target: crate::LATENCY, %job, "job ran");
@@ -133,7 +134,7 @@ fn spawn_run<R: Runtime, C: Consensus, X: JobRunner>(inner: Arc<Inner<R, C, X>>,
         let _ = events.send(Event::Done((job, token, report)));
     };
     if inner.runner.is_prepared(&g.module) {
-        inner.runner.start(&inner.rt, g, done);
+        inner.runner.start(&inner.rt, attempt, done);
         return;
     }
     let rt = inner.rt.clone();
@@ -144,7 +145,7 @@ fn spawn_run<R: Runtime, C: Consensus, X: JobRunner>(inner: Arc<Inner<R, C, X>>,
             None => Err(format!("module {} is not stored", g.module)),
         };
         match prepared {
-            Ok(()) => inner.runner.start(&inner.rt, g, done),
+            Ok(()) => inner.runner.start(&inner.rt, attempt, done),
             Err(why) => done(RunReport {
                 result: Err(ErrorRecord::new(ErrorKind::Module, why)),
                 stdout_tail: vec![],
@@ -311,6 +312,7 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
         };
         let granted = grants.len() as u32;
         debug_assert!(granted <= lease_max, "leased {granted}, asked {lease_max}");
+        inner.runner.leased(grants.len());
         inner.slots.give(lease_max.saturating_sub(granted));
         let again = granted > 0 && granted == lease_max;
         for g in grants {

@@ -1,0 +1,119 @@
+//! Early runs: the leader starts the jobs of a submit it leases to itself
+//! ([`super::Peer::fuse`]) while their entry is replicated, not after it is
+//! applied, so a short job has its result by the time its lease is granted.
+//!
+//! A run is only ever reported under a grant whose [`Attempt`] equals the
+//! one that ran (same module, spec and limits: nothing else reaches the
+//! guest), so it is a run the grant would have made itself. A submit that is
+//! never committed, or whose lease went to other jobs, leaves its early runs
+//! unadopted: their reports are dropped when they end.
+//!
+//! Invariants:
+//! - the worker loop learns of a grant ([`Event::Granted`]) before its
+//!   report ([`Event::Done`]): adoption sends the grant first, and the run's
+//!   end sends its report only once it sees the adoption;
+//! - an early run holds one of the fused lease's slots until it is adopted
+//!   (the slot is the grant's from then on) or, unadopted, until it ends.
+//!   A grant that matched no run takes a free slot of the lease, else the
+//!   slot of an unadopted run (which then ends without one): the slots taken
+//!   never exceed the capacity, though an unadopted run may still be using a
+//!   core for a job that has the slot.
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use impetus_proto::{FencingToken, JobId, LeaseGrant};
+
+use super::worker::Event;
+use super::{Attempt, Consensus, Inner, JobRunner, RunReport, Runtime, Slots};
+
+/// One early run, as [`super::Peer::unfuse`] sees it.
+#[derive(Debug)]
+pub(crate) struct EarlyRun {
+    pub attempt: Attempt,
+    state: Arc<Mutex<State>>,
+}
+
+#[derive(Debug)]
+enum State {
+    /// Running; no grant has claimed it yet.
+    Running,
+    /// Ended before any grant claimed it.
+    Ended(RunReport),
+    /// Running for this grant: its end reports it.
+    Adopted(JobId, FencingToken),
+    /// Running for nothing: its end gives back its slot if it holds one.
+    Orphan { holds_slot: bool },
+    /// Reported, or dropped.
+    Gone,
+}
+
+fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl EarlyRun {
+    /// Start `attempt` now. Its module must be prepared, and the caller has
+    /// taken a slot for it.
+    pub fn start<R: Runtime, C: Consensus, X: JobRunner>(inner: &Arc<Inner<R, C, X>>, attempt: Attempt) -> EarlyRun {
+        tracing::trace!(target: crate::LATENCY, module = %attempt.module, "early run starts");
+        let state = Arc::new(Mutex::new(State::Running));
+        let (st, owner) = (state.clone(), inner.clone());
+        inner.runner.start(&inner.rt, attempt.clone(), move |report| {
+            let mut st = lock(&st);
+            match std::mem::replace(&mut *st, State::Gone) {
+                State::Running => *st = State::Ended(report),
+                State::Adopted(job, token) => {
+                    tracing::trace!(target: crate::LATENCY, %job, "job ran");
+                    // The loop may have stopped (grace period over); then the lease was released.
+                    let _ = owner.events.send(Event::Done((job, token, report)));
+                }
+                State::Orphan { holds_slot } => {
+                    if holds_slot {
+                        owner.slots.give(1);
+                    }
+                }
+                State::Ended(_) | State::Gone => debug_assert!(false, "an early run ended twice"),
+            }
+        });
+        EarlyRun { attempt, state }
+    }
+
+    /// Report this run as the attempt `g` grants (its attempt equals ours);
+    /// `g` takes over the run's slot.
+    pub fn adopt<R: Runtime, C: Consensus, X: JobRunner>(self, inner: &Inner<R, C, X>, g: LeaseGrant) {
+        debug_assert_eq!(Attempt::of(&g), self.attempt, "adopted by a grant of another attempt");
+        let (job, token) = (g.job, g.token);
+        tracing::trace!(target: crate::LATENCY, %job, "granted job adopts its early run");
+        if inner.events.send(Event::Granted(g)).is_err() {
+            // The worker loop has stopped: the lease expires and the job
+            // runs elsewhere.
+            self.orphan(&inner.slots, true);
+            return;
+        }
+        let mut st = lock(&self.state);
+        match std::mem::replace(&mut *st, State::Gone) {
+            State::Running => *st = State::Adopted(job, token),
+            State::Ended(report) => {
+                tracing::trace!(target: crate::LATENCY, %job, "job ran");
+                let _ = inner.events.send(Event::Done((job, token, report)));
+            }
+            other => debug_assert!(false, "adopted an early run in state {other:?}"),
+        }
+    }
+
+    /// No grant takes this run: drop its report. It gives its slot back
+    /// when it ends if `holds_slot` (else a grant has taken the slot).
+    pub fn orphan(self, slots: &Slots, holds_slot: bool) {
+        let mut st = lock(&self.state);
+        match std::mem::replace(&mut *st, State::Gone) {
+            State::Running => *st = State::Orphan { holds_slot },
+            State::Ended(_) => {
+                if holds_slot {
+                    slots.give(1);
+                }
+            }
+            other => debug_assert!(false, "orphaned an early run in state {other:?}"),
+        }
+        tracing::debug!(module = %self.attempt.module, "an early run was not granted; its report is dropped");
+    }
+}
