@@ -100,9 +100,33 @@ pub enum ServeError {
     JobThreads(std::io::Error),
 }
 
+/// How much nicer than the peer's own threads its job threads run, so the
+/// Raft and network work of every peer on the machine preempts a job.
+#[cfg(target_os = "linux")]
+const JOB_NICENESS: i32 = 10;
+
+/// Run the calling job thread [`JOB_NICENESS`] nicer. Linux only: there the
+/// call names the calling thread (elsewhere it would renice the process).
+fn lower_job_thread_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        let base = rustix::process::getpriority_process(None).unwrap_or(0);
+        if let Err(e) = rustix::process::setpriority_process(None, job_niceness(base)) {
+            tracing::debug!(error = %e, "job thread keeps its priority");
+        }
+    }
+}
+
+/// A job thread's niceness when the peer's is `base` (19 is the lowest priority).
+#[cfg(target_os = "linux")]
+fn job_niceness(base: i32) -> i32 {
+    base.saturating_add(JOB_NICENESS).min(19)
+}
+
 /// The threads jobs run on: a runtime of their own, so a job starts at
 /// once on an idle thread instead of waiting behind the Raft and network
-/// work of the peer's runtime (and a busy job never delays a heartbeat).
+/// work of the peer's runtime, and at a lower priority
+/// ([`lower_job_thread_priority`]), so a busy job never delays a heartbeat.
 /// Shut down without waiting when dropped: by then the peer has drained
 /// its jobs.
 pub struct JobThreads {
@@ -116,6 +140,7 @@ impl JobThreads {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)
             .thread_name("impetus-job")
+            .on_thread_start(lower_job_thread_priority)
             .enable_time()
             .build()?;
         Ok(JobThreads { rt: Some(rt) })
@@ -647,4 +672,22 @@ fn hostname() -> String {
         .filter(|s| !s.is_empty())
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| "localhost".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Jobs run below the peer's own threads, so Raft and network work
+    /// preempts them.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn job_threads_run_below_the_peers_priority() {
+        let jobs = JobThreads::new().expect("job threads");
+        let here = rustix::process::getpriority_process(None).expect("this thread's niceness");
+        let on_job_thread = jobs.handle().spawn(async { rustix::process::getpriority_process(None) });
+        let there = jobs.handle().block_on(on_job_thread).expect("joined").expect("a job thread's niceness");
+        assert_eq!(there, job_niceness(here));
+        assert!(there > here || here == 19, "{here} → {there}");
+    }
 }
