@@ -500,3 +500,28 @@ async fn an_early_run_no_grant_takes_is_dropped_and_its_slot_comes_back() {
     wait_final(&p, 3).await;
     p.read(|st| st.check_invariants());
 }
+
+/// An early run is a job started: it stays within what a lease of it may
+/// take (here the stream's `mpps` of 1), so a submit of two starts one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_runs_stay_within_what_a_lease_may_take() {
+    let runner = FakeRunner::default();
+    let (p, gate) = gated_peer(PeerConfig { capacity: 2, ..PeerConfig::default() }, runner.clone()).await;
+    write(&p, Command::PutModule { hash: ModuleHash::of(MODULE), bytes: MODULE.to_vec() }).await.unwrap();
+    let s = StreamName::new("s1").unwrap();
+    write(&p, Command::CreateStream { name: s.clone(), props: StreamProps { mpps: 1, ..StreamProps::default() } })
+        .await
+        .unwrap();
+    let submit = tokio::spawn({
+        let (p, s) = (p.clone(), s.clone());
+        async move { write(&p, Command::Submit { stream: s, jobs: vec![new_job("5"), new_job("6")] }).await }
+    });
+    started(&runner, "5").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(runner.runs_of("6"), 0, "mpps 1: the second job waits for a lease");
+    gate.pass(false);
+    submit.await.unwrap().unwrap();
+    let done = wait_final(&p, 2).await;
+    assert!(done.iter().all(|j| j.status == JobStatus::Succeeded && j.attempts == 1), "{done:#?}");
+    assert_eq!((runner.runs_of("5"), runner.runs_of("6")), (1, 1));
+}

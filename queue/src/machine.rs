@@ -350,23 +350,14 @@ impl State {
         let mut allowance: Vec<(StreamIdx, u32)> = Vec::new();
         for idx in candidates {
             let s = self.stream_idx_mut(idx);
-            let props = &s.props;
-            if props.paused || s.ready.is_empty() || props.ignore.contains(&peer) {
+            if s.ready.is_empty() || !s.leases_to(peer) {
                 continue;
             }
-            if !props.pin.is_empty() && !props.pin.contains(&peer) {
-                continue;
+            if s.props.spawn_frequency.is_some() && s.window_sec != sec {
+                s.window_sec = sec;
+                s.window_leases = 0;
             }
-            let running = s.leased_by_peer.get(&peer).copied().unwrap_or(0);
-            let mut n = props.mpps.saturating_sub(running);
-            if let Some(freq) = props.spawn_frequency {
-                if s.window_sec != sec {
-                    s.window_sec = sec;
-                    s.window_leases = 0;
-                }
-                n = n.min(freq.saturating_sub(s.window_leases));
-            }
-            n = n.min(u32::try_from(s.ready.len()).unwrap_or(u32::MAX));
+            let n = s.lease_allowance(peer, sec).min(u32::try_from(s.ready.len()).unwrap_or(u32::MAX));
             if n > 0 {
                 allowance.push((idx, n));
             }

@@ -102,6 +102,19 @@ impl State {
         self.leasable_streams_idle(peer).into_iter().map(|(name, _)| name).collect()
     }
 
+    /// How many jobs of `stream` a lease by `peer` may take now, however
+    /// many are ready (0 for an unknown stream or peer, or a draining one):
+    /// the limits a `Lease` applies, read at this state's time.
+    pub fn lease_allowance(&self, stream: &StreamName, peer: PeerId) -> u32 {
+        if self.data.peers.get(&peer).is_none_or(|p| p.draining) {
+            return 0;
+        }
+        let Some(s) = self.data.stream_names.get(stream).and_then(|idx| self.data.streams.get(idx)) else {
+            return 0;
+        };
+        s.lease_allowance(peer, self.data.now.0 / 1000)
+    }
+
     /// [`State::leasable_streams`], each with its idle timeout in ms (how
     /// long a worker keeps tracking it).
     pub fn leasable_streams_idle(&self, peer: PeerId) -> Vec<(StreamName, u64)> {
@@ -113,12 +126,9 @@ impl State {
             .values()
             .filter_map(|idx| self.data.streams.get(idx))
             .filter(|s| {
-                let p = &s.props;
-                !p.paused
-                    && !s.ready.is_empty()
-                    && !p.ignore.contains(&peer)
-                    && (p.pin.is_empty() || p.pin.contains(&peer))
-                    && s.leased_by_peer.get(&peer).copied().unwrap_or(0) < p.mpps
+                !s.ready.is_empty()
+                    && s.leases_to(peer)
+                    && s.leased_by_peer.get(&peer).copied().unwrap_or(0) < s.props.mpps
             })
             .map(|s| (s.name.clone(), s.props.idle_timeout_ms))
             .collect()

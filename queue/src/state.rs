@@ -59,6 +59,29 @@ impl Stream {
             leased_by_peer: BTreeMap::new(),
         }
     }
+
+    /// Whether this stream leases to `peer` at all (not paused, `peer` not
+    /// ignored, and pinned to if the stream pins).
+    pub fn leases_to(&self, peer: PeerId) -> bool {
+        let p = &self.props;
+        !p.paused && !p.ignore.contains(&peer) && (p.pin.is_empty() || p.pin.contains(&peer))
+    }
+
+    /// How many more jobs this stream may lease to `peer` in second `sec`,
+    /// however many are ready: its leases to the peer stay within `mpps`,
+    /// its leases in one second within the spawn frequency.
+    pub fn lease_allowance(&self, peer: PeerId, sec: u64) -> u32 {
+        if !self.leases_to(peer) {
+            return 0;
+        }
+        let running = self.leased_by_peer.get(&peer).copied().unwrap_or(0);
+        let mut n = self.props.mpps.saturating_sub(running);
+        if let Some(freq) = self.props.spawn_frequency {
+            let used = if self.window_sec == sec { self.window_leases } else { 0 };
+            n = n.min(freq.saturating_sub(used));
+        }
+        n
+    }
 }
 
 /// Rarely set fields of a job, boxed so the common job stays small.

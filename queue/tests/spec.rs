@@ -251,6 +251,33 @@ fn mpps_caps_the_jobs_one_peer_holds_per_stream() {
     assert_eq!(h.lease(PeerId(1), 10).len(), 1, "a finished job frees a slot");
 }
 
+/// `lease_allowance` is the limit a lease applies, before the ready jobs:
+/// what lets the leader tell which jobs of a submit it may lease itself.
+#[test]
+fn lease_allowance_is_what_a_lease_may_take_however_many_are_ready() {
+    let mut h = Harness::with_stream(StreamProps { mpps: 4, spawn_frequency: Some(3), ..props() });
+    let (s, p1, p2) = (name("s"), PeerId(1), h.register());
+    assert_eq!(h.state.lease_allowance(&s, p1), 3, "no job ready, and still: the spawn frequency");
+    h.submit("s", (0..10).map(|i| job(&i.to_string())).collect());
+    assert_eq!(h.lease(p1, 2).len(), 2);
+    assert_eq!((h.state.lease_allowance(&s, p1), h.state.lease_allowance(&s, p2)), (1, 1), "one left this second");
+    h.advance(1_000);
+    h.ok(Command::Tick);
+    assert_eq!(h.state.lease_allowance(&s, p1), 2, "a new second; mpps 4 with 2 held");
+    assert_eq!(h.lease(p1, 10).len(), 2);
+    assert_eq!(h.state.lease_allowance(&s, p1), 0);
+    let patch = StreamPatch { pin: Some([p2].into()), ..StreamPatch::default() };
+    h.ok(Command::UpdateStream { name: s.clone(), patch });
+    assert_eq!(h.state.lease_allowance(&s, p2), 1, "pinned; one left this second");
+    h.ok(Command::DrainPeer { peer: p2, draining: true });
+    assert_eq!(h.state.lease_allowance(&s, p2), 0, "draining");
+    h.ok(Command::DrainPeer { peer: p2, draining: false });
+    h.ok(Command::UpdateStream { name: s.clone(), patch: StreamPatch { paused: Some(true), ..Default::default() } });
+    assert_eq!(h.state.lease_allowance(&s, p2), 0, "paused");
+    assert_eq!(h.state.lease_allowance(&name("nope"), p2), 0, "unknown stream");
+    assert_eq!(h.state.lease_allowance(&s, PeerId(99)), 0, "unknown peer");
+}
+
 #[test]
 fn pin_and_ignore_lists_choose_the_peers() {
     let mut h = Harness::with_stream(props());

@@ -280,25 +280,25 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
     }
 
     /// Start early the jobs the fused lease will grant if the stream has no
-    /// other job ready: the first `slots` of `jobs` ready now, in the
-    /// lease's order, where the stream leases to this peer and this peer
-    /// has compiled the job's module.
+    /// other job ready and no write in flight changes its limits: the first
+    /// of `jobs` ready now, in the lease's order, as many as `slots` and the
+    /// stream's allowance for this peer (`State::lease_allowance`: pause,
+    /// pin, mpps, spawn frequency) let, whose module this peer has compiled.
+    /// An early run is a job started, so it stays within what a lease of it
+    /// would be allowed.
     fn start_early(&self, stream: &StreamName, jobs: &[NewJob], slots: u32) -> Vec<early::EarlyRun> {
         let inner = &self.inner;
         let me = inner.id;
-        let Some(props) = inner.consensus.read(|s| s.stream(stream).map(|info| info.props)) else {
-            return Vec::new();
-        };
-        if props.paused || props.ignore.contains(&me) || !(props.pin.is_empty() || props.pin.contains(&me)) {
-            return Vec::new();
-        }
+        let (props, allowance) =
+            inner.consensus.read(|s| (s.stream(stream).map(|i| i.props), s.lease_allowance(stream, me)));
+        let Some(props) = props else { return Vec::new() };
         // In the order the lease grants them: highest priority first, then
         // as submitted (a stable sort). Jobs held back (a delay) wait.
         let mut ready: Vec<&NewJob> = jobs.iter().filter(|j| j.delay_ms == 0).collect();
         ready.sort_by_key(|j| std::cmp::Reverse(j.priority.unwrap_or(props.default_priority)));
         ready
             .into_iter()
-            .take(slots as usize)
+            .take(slots.min(allowance) as usize)
             .filter(|j| j.spec.validate().is_ok() && inner.runner.is_prepared(&j.module))
             .map(|j| early::EarlyRun::start(inner, Attempt::of_new(j, &props)))
             .collect()
