@@ -330,14 +330,19 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
         let granted = grants.len() as u32;
         debug_assert!(granted <= lease.free + lease.early.len() as u32, "leased more than asked");
         inner.runner.leased(grants.len());
+        // Every grant that can adopts an early run first, so that a grant
+        // without one never takes the slot of a run a later grant would adopt.
+        let mut unmatched = Vec::new();
         for g in grants {
             let attempt = Attempt::of(&g);
-            if let Some(i) = lease.early.iter().position(|e| e.attempt == attempt) {
-                lease.early.swap_remove(i).adopt(inner, g);
-                continue;
+            match lease.early.iter().position(|e| e.attempt == attempt) {
+                Some(i) => lease.early.swap_remove(i).adopt(inner, g),
+                None => unmatched.push(g),
             }
+        }
+        for g in unmatched {
             // A slot for a job that did not run early: a free one of the
-            // lease, else one an early run that no grant matches holds
+            // lease, else one an early run that no grant adopted holds
             // (grants ≤ slots, so there is one).
             if lease.free > 0 {
                 lease.free -= 1;
