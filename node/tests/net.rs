@@ -829,3 +829,28 @@ async fn a_peer_without_client_streams_is_named_and_falls_back() {
     a.stop().await.unwrap();
     task.abort();
 }
+
+/// A peer's request to another peer ends within its bound in all, with an
+/// error that names it: here the address accepts TCP but never speaks, so
+/// no connection is made (it used to wait out the handshake, then try
+/// request-response dials, each with a bound of its own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_to_a_peer_ends_within_its_bound_in_all() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let peer = libp2p::identity::Keypair::generate_ed25519().public().to_peer_id();
+    let addr: libp2p::Multiaddr =
+        format!("/ip4/127.0.0.1/tcp/{}/p2p/{peer}", silent.local_addr().unwrap().port()).parse().unwrap();
+    let a = Server::bind(NetConfig { listen: "/ip4/127.0.0.1/tcp/0".parse().unwrap(), ..NetConfig::default() })
+        .await
+        .unwrap()
+        .start(Arc::new(Handlers::default()));
+    for limit in [Duration::from_millis(300), Duration::from_millis(2000)] {
+        let t = Instant::now();
+        let err = a.handle.client_within(&addr, ClientRequest::Status, limit).await.unwrap_err();
+        let took = t.elapsed();
+        assert!(took >= limit && took < limit + Duration::from_millis(500), "{limit:?}: took {took:?}: {err}");
+        assert!(err.to_string().contains(&format!("no answer within {limit:?}")), "{err}");
+    }
+    a.stop().await.unwrap();
+    drop(silent);
+}

@@ -291,6 +291,8 @@ type ClientPools = Arc<Mutex<HashMap<PeerId, Arc<StreamPool>>>>;
 
 /// Attempts at a request whose dial fails (nothing was sent, so it is safe).
 const DIAL_ATTEMPTS: u32 = 3;
+/// The pause between two dials of one request.
+const DIAL_PAUSE: Duration = Duration::from_millis(50);
 
 /// A cheap handle to the running swarm.
 #[derive(Clone)]
@@ -323,16 +325,31 @@ impl NetHandle {
     }
 
     /// Send a client-protocol request to the peer at `addr` (with `/p2p/ID`),
-    /// bounded by [`REQUEST_TIMEOUT`]: on a client stream, or, when none can
-    /// be opened (nothing was sent), as request-response, which dials `addr`.
+    /// bounded by [`REQUEST_TIMEOUT`] in all: on a client stream, or, when
+    /// none can be opened (nothing was sent), as request-response, which
+    /// dials `addr`.
     pub async fn client(&self, addr: &Multiaddr, req: ClientRequest) -> Result<ClientResponse, NetError> {
+        self.client_within(addr, req, REQUEST_TIMEOUT).await
+    }
+
+    /// [`NetHandle::client`] with every attempt (stream, request-response,
+    /// dials again) within `limit` of the call.
+    pub async fn client_within(
+        &self,
+        addr: &Multiaddr,
+        req: ClientRequest,
+        limit: Duration,
+    ) -> Result<ClientResponse, NetError> {
         let (peer, base) = split_p2p(addr).ok_or_else(|| NetError::NoPeerId { addr: addr.clone() })?;
+        let deadline = tokio::time::Instant::now() + limit;
+        let out_of_time = || NetError::Request { peer, reason: format!("no answer within {limit:?}") };
         let pool = self.client_pool(peer);
-        match pool.request(&req, REQUEST_TIMEOUT).await {
+        match pool.request(&req, limit).await {
             Ok(resp) => return Ok(resp),
             Err(e @ (StreamError::Open(_) | StreamError::Unsupported(_))) => {
                 tracing::debug!(%peer, error = %e, "no client stream; using request-response");
             }
+            Err(StreamError::Timeout(_)) => return Err(out_of_time()),
             Err(e) => return Err(NetError::Request { peer, reason: e.to_string() }),
         }
         let mut attempt = 1;
@@ -340,15 +357,13 @@ impl NetHandle {
             let (reply, rx) = oneshot::channel();
             let call = Call::Client { peer, addr: base.clone(), req: req.clone(), reply };
             self.calls.send(call).map_err(|_| NetError::Stopped)?;
-            let res = tokio::time::timeout(REQUEST_TIMEOUT + Duration::from_secs(1), rx)
-                .await
-                .map_err(|_| NetError::Request { peer, reason: format!("no answer within {REQUEST_TIMEOUT:?}") })?;
+            let res = tokio::time::timeout_at(deadline, rx).await.map_err(|_| out_of_time())?;
             match res.map_err(|_| NetError::Stopped)? {
                 Ok(resp) => return Ok(resp),
                 Err(Failure::Dial(reason)) if attempt < DIAL_ATTEMPTS => {
                     tracing::debug!(%peer, attempt, %reason, "dial failed; trying again");
                     attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + DIAL_PAUSE)).await;
                 }
                 Err(Failure::Dial(reason)) => return Err(NetError::Unreachable { peer, reason }),
                 Err(Failure::Other(reason)) => return Err(NetError::Request { peer, reason }),
