@@ -525,3 +525,32 @@ async fn early_runs_stay_within_what_a_lease_may_take() {
     assert!(done.iter().all(|j| j.status == JobStatus::Succeeded && j.attempts == 1), "{done:#?}");
     assert_eq!((runner.runs_of("5"), runner.runs_of("6")), (1, 1));
 }
+
+/// Jobs already waiting in the stream go first: a fused lease grants them,
+/// so the new jobs do not start early (their runs would only be dropped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_early_run_while_older_jobs_wait() {
+    let runner = FakeRunner::default();
+    // No turn of the worker loop meanwhile: only the fused lease leases.
+    let slow = Duration::from_secs(60);
+    let cfg = PeerConfig { capacity: 1, poll_interval: slow, heartbeat_interval: slow, ..PeerConfig::default() };
+    let (p, gate) = gated_peer(cfg, runner.clone()).await;
+    write(&p, Command::PutModule { hash: ModuleHash::of(MODULE), bytes: MODULE.to_vec() }).await.unwrap();
+    let s = StreamName::new("s1").unwrap();
+    write(&p, Command::CreateStream { name: s.clone(), props: StreamProps::default() }).await.unwrap();
+    // An older job waits: submitted while this peer drained (no lease).
+    write(&p, Command::DrainPeer { peer: p.id(), draining: true }).await.unwrap();
+    gate.pass(false);
+    write(&p, Command::Submit { stream: s.clone(), jobs: vec![new_job("3")] }).await.unwrap();
+    write(&p, Command::DrainPeer { peer: p.id(), draining: false }).await.unwrap();
+    assert_eq!(p.read(|st| st.stream_stats(&s).unwrap().queued), 1);
+
+    gate.pass(false);
+    write(&p, Command::Submit { stream: s.clone(), jobs: vec![new_job("4")] }).await.unwrap();
+    let jobs = p.read(|st| st.jobs(&every_job()));
+    assert!(jobs[0].lease.is_some() && jobs[1].lease.is_none(), "the older job took the slot: {jobs:#?}");
+    assert_eq!(runner.runs_of("4"), 0, "no early run for a job the lease would not grant");
+    let done = wait_final(&p, 2).await;
+    assert!(done.iter().all(|j| j.status == JobStatus::Succeeded && j.attempts == 1), "{done:#?}");
+    assert_eq!((runner.runs_of("3"), runner.runs_of("4")), (1, 1));
+}

@@ -133,7 +133,7 @@ async fn start_peer(world: Arc<World>, id: NodeId, consensus: Arc<RaftConsensus<
     loop {
         let rt = SimRt::new(world.clone(), id, alive.clone());
         let c = SimConsensus::new(world.clone(), id, consensus.clone());
-        match Peer::start(rt, c, SimRunner::new(&world), peer_config(id), known).await {
+        match Peer::start(rt, c, SimRunner::new(&world, id), peer_config(id), known).await {
             Ok(p) => {
                 world.event(format_args!("n{id} peer {} running", p.id()));
                 let mut books = lock(&world.books);

@@ -143,9 +143,10 @@ impl Consensus for SimConsensus {
     }
 }
 
-/// Runs "jobs" natively: input `n` → `n*n`. Whether an attempt succeeds,
-/// traps, hangs until the job timeout or finishes late is a function of the
-/// seed, the job and the attempt (not of scheduling order).
+/// Runs "jobs" natively: input `n` → `n*n`. Whether a run succeeds, traps,
+/// hangs until the job timeout or finishes late is a function of the seed,
+/// the node and its start time, the run's number on it and the job's input
+/// (a run knows no job id: the leader starts jobs before their lease).
 pub struct SimRunner {
     seed: u64,
     trap: bool,
@@ -172,9 +173,11 @@ pub fn expected_result(input: &[u8]) -> Option<Vec<u8>> {
 }
 
 impl SimRunner {
-    pub(crate) fn new(world: &World) -> SimRunner {
+    /// The runner of node `id`, started now: its runs roll apart from other
+    /// nodes' and from its earlier incarnations'.
+    pub(crate) fn new(world: &World, id: NodeId) -> SimRunner {
         SimRunner {
-            seed: world.opts.seed,
+            seed: mix(mix(world.opts.seed, id), crate::trace::vnow_ms()),
             trap: world.has(Fault::Trap),
             hang: world.has(Fault::Hang),
             slow: world.has(Fault::Slow),

@@ -354,6 +354,10 @@ impl NetHandle {
         }
         let mut attempt = 1;
         loop {
+            // Nothing is sent once the caller is told there was no answer.
+            if tokio::time::Instant::now() >= deadline {
+                return Err(out_of_time());
+            }
             let (reply, rx) = oneshot::channel();
             let call = Call::Client { peer, addr: base.clone(), req: req.clone(), reply };
             self.calls.send(call).map_err(|_| NetError::Stopped)?;

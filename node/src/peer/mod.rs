@@ -279,26 +279,31 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
         (Command::Batch(vec![cmd, lease]), Fused { wakes: true, lease: Some(fused) })
     }
 
-    /// Start early the jobs the fused lease will grant if the stream has no
-    /// other job ready and no write in flight changes its limits: the first
-    /// of `jobs` ready now, in the lease's order, as many as `slots` and the
-    /// stream's allowance for this peer (`State::lease_allowance`: pause,
-    /// pin, mpps, spawn frequency) let, whose module this peer has compiled.
+    /// Start early the jobs the fused lease will grant unless a write in
+    /// flight changes the stream: the first of `jobs` ready now, in the
+    /// lease's order, as many as `slots` and the stream's allowance for this
+    /// peer (`State::lease_allowance`: pause, pin, mpps, spawn frequency)
+    /// let once the jobs already ready are counted, whose module this peer
+    /// has compiled.
     /// An early run is a job started, so it stays within what a lease of it
     /// would be allowed.
     fn start_early(&self, stream: &StreamName, jobs: &[NewJob], slots: u32) -> Vec<early::EarlyRun> {
         let inner = &self.inner;
         let me = inner.id;
-        let (props, allowance) =
-            inner.consensus.read(|s| (s.stream(stream).map(|i| i.props), s.lease_allowance(stream, me)));
-        let Some(props) = props else { return Vec::new() };
+        let (info, allowance) = inner.consensus.read(|s| (s.stream(stream), s.lease_allowance(stream, me)));
+        let Some(info) = info else { return Vec::new() };
+        let props = info.props;
+        // Jobs already ready go first (at equal priority, older first):
+        // what the lease may take after them, counting all as ahead.
+        let queued = u32::try_from(info.stats.queued).unwrap_or(u32::MAX);
+        let room = slots.min(allowance).saturating_sub(queued);
         // In the order the lease grants them: highest priority first, then
         // as submitted (a stable sort). Jobs held back (a delay) wait.
         let mut ready: Vec<&NewJob> = jobs.iter().filter(|j| j.delay_ms == 0).collect();
         ready.sort_by_key(|j| std::cmp::Reverse(j.priority.unwrap_or(props.default_priority)));
         ready
             .into_iter()
-            .take(slots.min(allowance) as usize)
+            .take(room as usize)
             .filter(|j| j.spec.validate().is_ok() && inner.runner.is_prepared(&j.module))
             .map(|j| early::EarlyRun::start(inner, Attempt::of_new(j, &props)))
             .collect()

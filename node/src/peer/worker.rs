@@ -326,7 +326,13 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
     fn track_running(&mut self, g: LeaseGrant) {
         let r =
             Running { stream: g.stream, token: g.token, expires_at: g.expires_at, ttl_ms: g.lease_ttl_ms, lost: false };
-        self.running.insert(g.job, r);
+        if let Some(old) = self.running.insert(g.job, r) {
+            // The job came back to this peer under a new lease while the run
+            // of its lost one goes on: that run's report will be dropped
+            // (its token is stale), so its slot is given back now.
+            debug_assert_ne!(old.token, g.token, "one grant tracked twice");
+            self.inner.slots.give(1);
+        }
     }
 
     /// Follow which streams have work for this peer; forget a stream after
