@@ -554,3 +554,33 @@ async fn no_early_run_while_older_jobs_wait() {
     assert!(done.iter().all(|j| j.status == JobStatus::Succeeded && j.attempts == 1), "{done:#?}");
     assert_eq!((runner.runs_of("3"), runner.runs_of("4")), (1, 1));
 }
+
+/// Early runs of submits still in flight count against the stream's limits
+/// too (the applied state does not know of them): with `mpps` 1, of two
+/// submits held before they commit only the first starts its job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_runs_in_flight_count_against_the_limits() {
+    let runner = FakeRunner::default();
+    let (p, gate) = gated_peer(PeerConfig { capacity: 2, ..PeerConfig::default() }, runner.clone()).await;
+    write(&p, Command::PutModule { hash: ModuleHash::of(MODULE), bytes: MODULE.to_vec() }).await.unwrap();
+    let s = StreamName::new("s1").unwrap();
+    write(&p, Command::CreateStream { name: s.clone(), props: StreamProps { mpps: 1, ..StreamProps::default() } })
+        .await
+        .unwrap();
+    let submit = |input: &'static str| {
+        let (p, s) = (p.clone(), s.clone());
+        tokio::spawn(async move { write(&p, Command::Submit { stream: s, jobs: vec![new_job(input)] }).await })
+    };
+    let first = submit("5");
+    started(&runner, "5").await;
+    let second = submit("6");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(runner.runs_of("6"), 0, "mpps 1, one job already started early");
+    gate.pass(false);
+    gate.pass(false);
+    first.await.unwrap().unwrap();
+    second.await.unwrap().unwrap();
+    let done = wait_final(&p, 2).await;
+    assert!(done.iter().all(|j| j.status == JobStatus::Succeeded && j.attempts == 1), "{done:#?}");
+    assert_eq!((runner.runs_of("5"), runner.runs_of("6")), (1, 1));
+}

@@ -17,19 +17,50 @@
 //!   A grant that matched no run takes a free slot of the lease, else the
 //!   slot of an unadopted run (which then ends without one): the slots taken
 //!   never exceed the capacity, though an unadopted run may still be using a
-//!   core for a job that has the slot.
+//!   core for a job that has the slot;
+//! - an early run counts in the [`Book`] of its stream until it is adopted
+//!   (the applied state counts its lease from then on) or, unadopted, ends:
+//!   the runs of submits in flight count against the stream's limits.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use impetus_proto::{FencingToken, JobId, LeaseGrant};
+use impetus_proto::{FencingToken, JobId, LeaseGrant, StreamName};
 
 use super::worker::Event;
 use super::{Attempt, Consensus, Inner, JobRunner, RunReport, Runtime, Slots};
 
-/// One early run, as [`super::Peer::unfuse`] sees it.
+/// Early runs per stream that the applied state does not count yet: not
+/// adopted (then the lease counts it), or orphaned and still running.
+#[derive(Debug, Default)]
+pub(crate) struct Book(Mutex<BTreeMap<StreamName, u32>>);
+
+impl Book {
+    pub fn lock(&self) -> MutexGuard<'_, BTreeMap<StreamName, u32>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// One early run of `stream` leaves the book.
+    fn leave(&self, stream: &StreamName) {
+        let mut book = self.lock();
+        if let Some(n) = book.get_mut(stream) {
+            debug_assert!(*n > 0, "an early run of {stream} left twice");
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                book.remove(stream);
+            }
+        }
+    }
+}
+
+/// One early run, as [`super::Peer::unfuse`] sees it. Its caller has
+/// entered it in the [`Book`]; it leaves when adopted, or when it ends
+/// orphaned.
 #[derive(Debug)]
 pub(crate) struct EarlyRun {
     pub attempt: Attempt,
+    stream: StreamName,
+    book: Arc<Book>,
     state: Arc<Mutex<State>>,
 }
 
@@ -54,10 +85,14 @@ fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
 impl EarlyRun {
     /// Start `attempt` now. Its module must be prepared, and the caller has
     /// taken a slot for it.
-    pub fn start<R: Runtime, C: Consensus, X: JobRunner>(inner: &Arc<Inner<R, C, X>>, attempt: Attempt) -> EarlyRun {
+    pub fn start<R: Runtime, C: Consensus, X: JobRunner>(
+        inner: &Arc<Inner<R, C, X>>,
+        stream: StreamName,
+        attempt: Attempt,
+    ) -> EarlyRun {
         tracing::trace!(target: crate::LATENCY, module = %attempt.module, "early run starts");
         let state = Arc::new(Mutex::new(State::Running));
-        let (st, owner) = (state.clone(), inner.clone());
+        let (st, owner, name) = (state.clone(), inner.clone(), stream.clone());
         inner.runner.start(&inner.rt, attempt.clone(), move |report| {
             let mut st = lock(&st);
             match std::mem::replace(&mut *st, State::Gone) {
@@ -71,11 +106,13 @@ impl EarlyRun {
                     if holds_slot {
                         owner.slots.give(1);
                     }
+                    owner.early_book.leave(&name);
                 }
                 State::Ended(_) | State::Gone => debug_assert!(false, "an early run ended twice"),
             }
         });
-        EarlyRun { attempt, state }
+        let book = inner.early_book.clone();
+        EarlyRun { attempt, stream, book, state }
     }
 
     /// Report this run as the attempt `g` grants (its attempt equals ours);
@@ -90,6 +127,7 @@ impl EarlyRun {
             self.orphan(&inner.slots, true);
             return;
         }
+        self.book.leave(&self.stream);
         let mut st = lock(&self.state);
         match std::mem::replace(&mut *st, State::Gone) {
             State::Running => *st = State::Adopted(job, token),
@@ -111,6 +149,7 @@ impl EarlyRun {
                 if holds_slot {
                     slots.give(1);
                 }
+                self.book.leave(&self.stream);
             }
             other => debug_assert!(false, "orphaned an early run in state {other:?}"),
         }

@@ -146,6 +146,8 @@ pub(crate) struct Inner<R, C, X> {
     /// Set by the worker loop when it has finished (all results reported).
     pub stopped: Notify,
     pub stopped_flag: AtomicBool,
+    /// Early runs per stream not yet adopted, or orphaned and still running.
+    pub early_book: Arc<early::Book>,
 }
 
 /// A running peer. Cheap to clone.
@@ -234,6 +236,7 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
             stopping: AtomicBool::new(false),
             stopped: Notify::new(),
             stopped_flag: AtomicBool::new(false),
+            early_book: Arc::new(early::Book::default()),
         });
         tracing::info!(peer = %id, "peer started");
         let w = inner.clone();
@@ -295,8 +298,12 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
         let props = info.props;
         // Jobs already ready go first (at equal priority, older first):
         // what the lease may take after them, counting all as ahead.
+        // Early runs of earlier submits still in flight count against the
+        // allowance too: the applied state does not know of them yet.
         let queued = u32::try_from(info.stats.queued).unwrap_or(u32::MAX);
-        let room = slots.min(allowance).saturating_sub(queued);
+        let mut book = inner.early_book.lock();
+        let in_flight = book.get(stream).copied().unwrap_or(0);
+        let room = slots.min(allowance.saturating_sub(in_flight)).saturating_sub(queued);
         // In the order the lease grants them: highest priority first, then
         // as submitted (a stable sort). Jobs held back (a delay) wait.
         let mut ready: Vec<&NewJob> = jobs.iter().filter(|j| j.delay_ms == 0).collect();
@@ -305,7 +312,10 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
             .into_iter()
             .take(room as usize)
             .filter(|j| j.spec.validate().is_ok() && inner.runner.is_prepared(&j.module))
-            .map(|j| early::EarlyRun::start(inner, Attempt::of_new(j, &props)))
+            .map(|j| {
+                *book.entry(stream.clone()).or_default() += 1;
+                early::EarlyRun::start(inner, stream.clone(), Attempt::of_new(j, &props))
+            })
             .collect()
     }
 
