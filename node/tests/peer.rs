@@ -101,7 +101,7 @@ async fn write<C: Consensus>(p: &Peer<TokioRuntime, C, FakeRunner>, cmd: Command
     }
 }
 
-async fn setup(p: &TestPeer, props: StreamProps) -> StreamName {
+async fn setup<C: Consensus>(p: &Peer<TokioRuntime, C, FakeRunner>, props: StreamProps) -> StreamName {
     write(p, Command::PutModule { hash: ModuleHash::of(MODULE), bytes: MODULE.to_vec() }).await.unwrap();
     let s = StreamName::new("s1").unwrap();
     write(p, Command::CreateStream { name: s.clone(), props }).await.unwrap();
@@ -398,6 +398,12 @@ async fn gated_peer(cfg: PeerConfig, runner: FakeRunner) -> (GatedPeer, Arc<Gate
     (p, gate)
 }
 
+/// Submit `jobs` to `s` in a task of its own (it may wait at the gate).
+fn spawn_submit(p: &GatedPeer, s: &StreamName, jobs: Vec<NewJob>) -> tokio::task::JoinHandle<Result<Outcome, String>> {
+    let (p, s) = (p.clone(), s.clone());
+    tokio::spawn(async move { write(&p, Command::Submit { stream: s, jobs }).await })
+}
+
 /// Wait (bounded, 5 s) until `runner` has started a run of `input`.
 async fn started(runner: &FakeRunner, input: &str) {
     for _ in 0..250 {
@@ -417,14 +423,9 @@ async fn started(runner: &FakeRunner, input: &str) {
 async fn a_fused_submit_starts_its_jobs_before_it_commits_and_reports_that_run() {
     let runner = FakeRunner::default();
     let (p, gate) = gated_peer(PeerConfig { capacity: 2, ..PeerConfig::default() }, runner.clone()).await;
-    write(&p, Command::PutModule { hash: ModuleHash::of(MODULE), bytes: MODULE.to_vec() }).await.unwrap();
-    let s = StreamName::new("s1").unwrap();
-    write(&p, Command::CreateStream { name: s.clone(), props: StreamProps::default() }).await.unwrap();
+    let s = setup(&p, StreamProps::default()).await;
 
-    let submit = tokio::spawn({
-        let (p, s) = (p.clone(), s.clone());
-        async move { write(&p, Command::Submit { stream: s, jobs: vec![new_job("7"), new_job("8")] }).await }
-    });
+    let submit = spawn_submit(&p, &s, vec![new_job("7"), new_job("8")]);
     started(&runner, "7").await;
     started(&runner, "8").await;
     assert!(!submit.is_finished(), "the submit is still held at the gate");
@@ -450,17 +451,15 @@ async fn a_fused_submit_starts_its_jobs_before_it_commits_and_reports_that_run()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_early_run_no_grant_takes_is_dropped_and_its_slot_comes_back() {
     let runner = FakeRunner::default();
-    let cfg = PeerConfig { capacity: 1, poll_interval: Duration::from_millis(500), ..PeerConfig::default() };
+    // No turn of the worker loop on its own (it would lease the older job
+    // once ready): only the fused lease and finished jobs lease.
+    let slow = Duration::from_secs(60);
+    let cfg = PeerConfig { capacity: 1, poll_interval: slow, heartbeat_interval: slow, ..PeerConfig::default() };
     let (p, gate) = gated_peer(cfg, runner.clone()).await;
-    write(&p, Command::PutModule { hash: ModuleHash::of(MODULE), bytes: MODULE.to_vec() }).await.unwrap();
-    let s = StreamName::new("s1").unwrap();
-    write(&p, Command::CreateStream { name: s.clone(), props: StreamProps::default() }).await.unwrap();
+    let s = setup(&p, StreamProps::default()).await;
 
     // The submit fails: its early run ends with nothing to report it under.
-    let submit = tokio::spawn({
-        let (p, s) = (p.clone(), s.clone());
-        async move { write(&p, Command::Submit { stream: s, jobs: vec![new_job("2")] }).await }
-    });
+    let submit = spawn_submit(&p, &s, vec![new_job("2")]);
     started(&runner, "2").await;
     gate.pass(true);
     let refused = submit.await.unwrap();
@@ -470,9 +469,10 @@ async fn an_early_run_no_grant_takes_is_dropped_and_its_slot_comes_back() {
     // An older job (delayed, so nothing leased it) is ready when the next
     // submit applies: the fused lease grants it, not the new job.
     gate.pass(false);
-    let older = NewJob { delay_ms: 100, ..new_job("3") };
+    // It runs for a while, so it is still leased when the test looks.
+    let older = NewJob { delay_ms: 100, ..new_job("sleep:300") };
     write(&p, Command::Submit { stream: s.clone(), jobs: vec![older] }).await.unwrap();
-    assert_eq!(runner.runs_of("3"), 0, "a delayed job does not start early");
+    assert_eq!(runner.runs_of("sleep:300"), 0, "a delayed job does not start early");
     tokio::time::sleep(Duration::from_millis(150)).await;
     gate.pass(false);
     write(&p, Command::Submit { stream: s.clone(), jobs: vec![new_job("4")] }).await.unwrap();
@@ -485,7 +485,7 @@ async fn an_early_run_no_grant_takes_is_dropped_and_its_slot_comes_back() {
     let results: Vec<_> = done.iter().map(|j| (j.status, j.attempts, j.result.clone())).collect();
     assert_eq!(
         results,
-        vec![(JobStatus::Succeeded, 1, Some(b"9".to_vec())), (JobStatus::Succeeded, 1, Some(b"16".to_vec()))]
+        vec![(JobStatus::Succeeded, 1, Some(b"slept".to_vec())), (JobStatus::Succeeded, 1, Some(b"16".to_vec()))]
     );
     assert_eq!(runner.runs_of("4"), 2, "the dropped early run, then the run of its own lease");
     assert_eq!(runner.runs_of("2"), 1, "the failed submit's job never ran again");
@@ -507,15 +507,8 @@ async fn an_early_run_no_grant_takes_is_dropped_and_its_slot_comes_back() {
 async fn early_runs_stay_within_what_a_lease_may_take() {
     let runner = FakeRunner::default();
     let (p, gate) = gated_peer(PeerConfig { capacity: 2, ..PeerConfig::default() }, runner.clone()).await;
-    write(&p, Command::PutModule { hash: ModuleHash::of(MODULE), bytes: MODULE.to_vec() }).await.unwrap();
-    let s = StreamName::new("s1").unwrap();
-    write(&p, Command::CreateStream { name: s.clone(), props: StreamProps { mpps: 1, ..StreamProps::default() } })
-        .await
-        .unwrap();
-    let submit = tokio::spawn({
-        let (p, s) = (p.clone(), s.clone());
-        async move { write(&p, Command::Submit { stream: s, jobs: vec![new_job("5"), new_job("6")] }).await }
-    });
+    let s = setup(&p, StreamProps { mpps: 1, ..StreamProps::default() }).await;
+    let submit = spawn_submit(&p, &s, vec![new_job("5"), new_job("6")]);
     started(&runner, "5").await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(runner.runs_of("6"), 0, "mpps 1: the second job waits for a lease");
@@ -535,9 +528,7 @@ async fn no_early_run_while_older_jobs_wait() {
     let slow = Duration::from_secs(60);
     let cfg = PeerConfig { capacity: 1, poll_interval: slow, heartbeat_interval: slow, ..PeerConfig::default() };
     let (p, gate) = gated_peer(cfg, runner.clone()).await;
-    write(&p, Command::PutModule { hash: ModuleHash::of(MODULE), bytes: MODULE.to_vec() }).await.unwrap();
-    let s = StreamName::new("s1").unwrap();
-    write(&p, Command::CreateStream { name: s.clone(), props: StreamProps::default() }).await.unwrap();
+    let s = setup(&p, StreamProps::default()).await;
     // An older job waits: submitted while this peer drained (no lease).
     write(&p, Command::DrainPeer { peer: p.id(), draining: true }).await.unwrap();
     gate.pass(false);
@@ -562,23 +553,16 @@ async fn no_early_run_while_older_jobs_wait() {
 async fn early_runs_in_flight_count_against_the_limits() {
     let runner = FakeRunner::default();
     let (p, gate) = gated_peer(PeerConfig { capacity: 2, ..PeerConfig::default() }, runner.clone()).await;
-    write(&p, Command::PutModule { hash: ModuleHash::of(MODULE), bytes: MODULE.to_vec() }).await.unwrap();
-    let s = StreamName::new("s1").unwrap();
-    write(&p, Command::CreateStream { name: s.clone(), props: StreamProps { mpps: 1, ..StreamProps::default() } })
-        .await
-        .unwrap();
-    let submit = |input: &'static str| {
-        let (p, s) = (p.clone(), s.clone());
-        tokio::spawn(async move { write(&p, Command::Submit { stream: s, jobs: vec![new_job(input)] }).await })
-    };
-    let first = submit("5");
+    let s = setup(&p, StreamProps { mpps: 1, ..StreamProps::default() }).await;
+    let first = spawn_submit(&p, &s, vec![new_job("5")]);
     started(&runner, "5").await;
-    let second = submit("6");
+    let second = spawn_submit(&p, &s, vec![new_job("6")]);
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(runner.runs_of("6"), 0, "mpps 1, one job already started early");
-    gate.pass(false);
+    // In order: the first submit commits, then the second.
     gate.pass(false);
     first.await.unwrap().unwrap();
+    gate.pass(false);
     second.await.unwrap().unwrap();
     let done = wait_final(&p, 2).await;
     assert!(done.iter().all(|j| j.status == JobStatus::Succeeded && j.attempts == 1), "{done:#?}");
