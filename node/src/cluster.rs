@@ -282,7 +282,7 @@ impl<R: Runtime, X: JobRunner> ClusterService<R, X> {
                 if !is_leader() {
                     return error(ConsensusError::NotLeader { leader: None, leader_id: None });
                 }
-                let (cmd, fused) = self.peer.fuse(cmd);
+                let (cmd, fused) = self.peer.fuse(cmd).await;
                 let written = c.local.write_indexed(self.peer.now(), cmd).await;
                 let index = written.as_ref().map_or(0, |(index, _)| *index);
                 match self.peer.unfuse(fused, written.map(|(_, result)| result)) {

@@ -357,7 +357,7 @@ impl Gate {
 
 fn holds_submit(cmd: &Command) -> bool {
     match cmd {
-        Command::Submit { .. } => true,
+        Command::Submit { .. } | Command::SubmitRan { .. } => true,
         Command::Batch(cmds) => cmds.iter().any(holds_submit),
         _ => false,
     }
@@ -567,4 +567,95 @@ async fn early_runs_in_flight_count_against_the_limits() {
     let done = wait_final(&p, 2).await;
     assert!(done.iter().all(|j| j.status == JobStatus::Succeeded && j.attempts == 1), "{done:#?}");
     assert_eq!((runner.runs_of("5"), runner.runs_of("6")), (1, 1));
+}
+
+/// A peer whose stream `s1` has a module that proved quick: the run of its
+/// first job ended before that job's submit committed.
+async fn quick_peer(capacity: u32) -> (GatedPeer, Arc<Gate>, FakeRunner, StreamName) {
+    let runner = FakeRunner::default();
+    // No turn of the worker loop on its own: only submits and finished jobs lease.
+    let slow = Duration::from_secs(60);
+    let cfg = PeerConfig { capacity, poll_interval: slow, heartbeat_interval: slow, ..PeerConfig::default() };
+    let (p, gate) = gated_peer(cfg, runner.clone()).await;
+    let s = setup(&p, StreamProps::default()).await;
+    let first = spawn_submit(&p, &s, vec![new_job("3")]);
+    started(&runner, "3").await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    gate.pass(false);
+    first.await.unwrap().unwrap();
+    wait_final(&p, 1).await;
+    (p, gate, runner, s)
+}
+
+/// The status, attempts and result of each job of a submit's outcome.
+fn submitted_jobs(p: &GatedPeer, out: Outcome) -> Vec<(JobStatus, u32, Option<Vec<u8>>)> {
+    let Outcome::Submitted(ids) = out else { panic!("not submitted: {out:?}") };
+    ids.iter()
+        .map(|s| p.read(|st| st.job(s.job)).expect("the job exists"))
+        .map(|j| (j.status, j.attempts, j.result))
+        .collect()
+}
+
+/// When a submit's early runs are expected to end soon (their module's
+/// last early run ended before its grant), the leader waits for them and
+/// writes their results with the submit: the jobs are done when the submit
+/// is acknowledged, in one entry and one run each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_job_is_done_in_the_entry_that_submits_it() {
+    let (p, gate, runner, s) = quick_peer(2).await;
+    gate.pass(false);
+    let out = write(&p, Command::Submit { stream: s.clone(), jobs: vec![new_job("4")] }).await.unwrap();
+    assert_eq!(submitted_jobs(&p, out), vec![(JobStatus::Succeeded, 1, Some(b"16".to_vec()))]);
+    // Both slots are free again: a submit of two is done the same way.
+    gate.pass(false);
+    let out = write(&p, Command::Submit { stream: s.clone(), jobs: vec![new_job("5"), new_job("6")] }).await.unwrap();
+    assert_eq!(
+        submitted_jobs(&p, out),
+        vec![(JobStatus::Succeeded, 1, Some(b"25".to_vec())), (JobStatus::Succeeded, 1, Some(b"36".to_vec()))]
+    );
+    assert_eq!([runner.runs_of("4"), runner.runs_of("5"), runner.runs_of("6")], [1, 1, 1]);
+    p.read(|st| st.check_invariants());
+}
+
+/// The wait is bounded: a run that outlasts it leaves its submit to be
+/// written without it, and is reported under the grant as any early run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_that_outlasts_the_wait_is_reported_the_usual_way() {
+    let (p, gate, runner, s) = quick_peer(1).await;
+    gate.pass(false);
+    let t = std::time::Instant::now();
+    let out = write(&p, Command::Submit { stream: s.clone(), jobs: vec![new_job("sleep:300")] }).await.unwrap();
+    assert!(t.elapsed() < Duration::from_millis(250), "the submit waited {:?} for its run", t.elapsed());
+    assert_eq!(submitted_jobs(&p, out), vec![(JobStatus::Leased, 1, None)]);
+    let done = wait_final(&p, 2).await;
+    assert_eq!(
+        (done[1].status, done[1].attempts, done[1].result.as_deref()),
+        (JobStatus::Succeeded, 1, Some(&b"slept"[..]))
+    );
+    assert_eq!(runner.runs_of("sleep:300"), 1, "its early run was adopted");
+}
+
+/// A result written with its submit counts only if that entry grants its
+/// job to this peer: here an older job, due meanwhile, takes the only
+/// slot. The result is dropped, the job runs again under a lease of its
+/// own, and each job gets its own result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_its_entry_does_not_grant_is_dropped_and_the_job_runs_again() {
+    let (p, gate, runner, s) = quick_peer(1).await;
+    gate.pass(false);
+    let older = NewJob { delay_ms: 100, ..new_job("sleep:300") };
+    write(&p, Command::Submit { stream: s.clone(), jobs: vec![older] }).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    gate.pass(false);
+    let out = write(&p, Command::Submit { stream: s.clone(), jobs: vec![new_job("4")] }).await.unwrap();
+    assert_eq!(runner.runs_of("4"), 1, "it ran early");
+    assert_eq!(submitted_jobs(&p, out), vec![(JobStatus::Queued, 0, None)], "its result was not taken");
+    let done = wait_final(&p, 3).await;
+    let results: Vec<_> = done[1..].iter().map(|j| (j.status, j.attempts, j.result.clone())).collect();
+    assert_eq!(
+        results,
+        vec![(JobStatus::Succeeded, 1, Some(b"slept".to_vec())), (JobStatus::Succeeded, 1, Some(b"16".to_vec()))]
+    );
+    assert_eq!(runner.runs_of("4"), 2, "the dropped run, then the run of its own lease");
+    p.read(|st| st.check_invariants());
 }

@@ -126,7 +126,7 @@ impl ClientRequest {
     /// a data-store key is non-empty and bounded.
     pub fn validate(&self) -> Result<(), InvalidInput> {
         match self {
-            ClientRequest::Write(cmd) | ClientRequest::Forward(cmd) => cmd.validate(),
+            ClientRequest::Write(cmd) | ClientRequest::Forward(cmd) => client_command(cmd),
             ClientRequest::Work(w) => {
                 if w.cmds.len() > limits::MAX_BATCH {
                     return Err(InvalidInput::TooLarge {
@@ -135,7 +135,7 @@ impl ClientRequest {
                         max: limits::MAX_BATCH,
                     });
                 }
-                w.cmds.iter().try_for_each(Command::validate)
+                w.cmds.iter().try_for_each(client_command)
             }
             ClientRequest::Join { info } => {
                 if info.addresses.is_empty() {
@@ -279,6 +279,25 @@ impl ClientResponse {
             _ => Ok(()),
         }
     }
+}
+
+/// A command as a client or worker may send it: valid, and not one a
+/// leader writes only for itself ([`Command::SubmitRan`]: a client cannot
+/// claim a result for a job no lease gave it).
+fn client_command(cmd: &Command) -> Result<(), InvalidInput> {
+    cmd.validate()?;
+    let own = |c: &Command| matches!(c, Command::SubmitRan { .. });
+    let leader_only = match cmd {
+        Command::Batch(cmds) => cmds.iter().any(own),
+        c => own(c),
+    };
+    if leader_only {
+        return Err(InvalidInput::Value {
+            what: "command",
+            reason: "SubmitRan is written by a leader for the jobs it ran itself; submit with Submit".into(),
+        });
+    }
+    Ok(())
 }
 
 /// Why a peer could not serve a request (as opposed to a command that was
@@ -493,6 +512,39 @@ mod tests {
             decode_request(&encode_request(&empty_key)).unwrap_err().to_string(),
             "invalid client request: data-store key is empty"
         );
+    }
+
+    #[test]
+    fn a_client_cannot_send_a_leaders_own_submit_ran() {
+        let job = crate::NewJob {
+            module: crate::ModuleHash::of(b"m"),
+            spec: crate::JobSpec::default(),
+            priority: None,
+            delay_ms: 0,
+            key: None,
+        };
+        let limits = crate::RunLimits { job_timeout_ms: 1, fuel: None, memory_limit_bytes: 1 };
+        let ran = crate::Ran { index: 0, limits, result: b"forged".to_vec(), stderr_tail: vec![] };
+        let cmd =
+            Command::SubmitRan { stream: stream(), jobs: vec![job], peer: crate::PeerId(1), max: 1, ran: vec![ran] };
+        let work = |cmds| {
+            ClientRequest::Work(WorkRequest { peer: crate::PeerId(1), cmds, lease_max: 0, release_orphans: false })
+        };
+        for req in [
+            ClientRequest::Write(cmd.clone()),
+            ClientRequest::Forward(Command::Batch(vec![Command::Tick, cmd.clone()])),
+            work(vec![cmd.clone()]),
+        ] {
+            let err = decode_request(&encode_request(&req)).unwrap_err().to_string();
+            assert_eq!(
+                err,
+                "invalid client request: invalid command: SubmitRan is written by a leader for the jobs it ran \
+                 itself; submit with Submit",
+                "{}",
+                req.kind()
+            );
+        }
+        assert_eq!(cmd.validate(), Ok(()), "valid as a command: the leader writes it");
     }
 
     #[test]

@@ -32,6 +32,33 @@ pub struct Completion {
     pub stderr_tail: Vec<u8>,
 }
 
+/// What reaches a guest besides its module and spec: the limits of its
+/// stream when it ran.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunLimits {
+    pub job_timeout_ms: u64,
+    pub fuel: Option<u64>,
+    pub memory_limit_bytes: u64,
+}
+
+impl RunLimits {
+    /// The limits a grant carries.
+    pub fn of(g: &LeaseGrant) -> RunLimits {
+        RunLimits { job_timeout_ms: g.job_timeout_ms, fuel: g.fuel, memory_limit_bytes: g.memory_limit_bytes }
+    }
+}
+
+/// A job of a [`Command::SubmitRan`] that its leader ran before writing it,
+/// and what the run printed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ran {
+    /// The job's position in the submit.
+    pub index: u32,
+    pub limits: RunLimits,
+    pub result: Vec<u8>,
+    pub stderr_tail: Vec<u8>,
+}
+
 /// A failed attempt, reported by the peer holding the lease.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Failure {
@@ -70,6 +97,21 @@ pub enum Command {
     Submit {
         stream: StreamName,
         jobs: Vec<NewJob>,
+    },
+    /// A submit whose leader leased it to itself and ran its short jobs
+    /// before writing it, so they end in the entry that submits them: as
+    /// the batch `Submit`, `Lease { peer, streams: [stream], max }`, then
+    /// `Complete` with this entry's token for each job of `ran` that the
+    /// lease granted to `peer` with the limits it ran under (a job that
+    /// already existed, or that the lease did not grant so, is not
+    /// completed: its result is dropped and it runs under a lease of its
+    /// own). Written by a leader for its own runs, never by clients.
+    SubmitRan {
+        stream: StreamName,
+        jobs: Vec<NewJob>,
+        peer: PeerId,
+        max: u32,
+        ran: Vec<Ran>,
     },
     /// Lease up to `max` jobs for `peer`, from `streams` (all streams if empty).
     Lease {
@@ -153,6 +195,7 @@ impl Command {
     pub fn may_ready_jobs(&self) -> bool {
         match self {
             Command::Submit { .. }
+            | Command::SubmitRan { .. }
             | Command::Retry { .. }
             | Command::UpdateStream { .. }
             | Command::Release { .. }
@@ -183,6 +226,13 @@ impl Command {
             }
             bytes("data-store key", key.len(), limits::MAX_DATA_KEY)
         }
+        fn submit(jobs: &[NewJob]) -> Result<(), InvalidInput> {
+            if jobs.is_empty() {
+                return Err(InvalidInput::Empty { what: "submit batch" });
+            }
+            batch("submit batch", jobs.len())?;
+            jobs.iter().try_for_each(|j| j.spec.validate())
+        }
         fn info(info: &PeerInfo) -> Result<(), InvalidInput> {
             bytes("peer host", info.host.len(), limits::MAX_ARG_BYTES)?;
             batch("peer addresses", info.addresses.len())?;
@@ -200,12 +250,27 @@ impl Command {
                 }
                 bytes("module", b.len(), limits::MAX_MODULE_BYTES)
             }
-            Command::Submit { jobs, .. } => {
-                if jobs.is_empty() {
-                    return Err(InvalidInput::Empty { what: "submit batch" });
+            Command::Submit { jobs, .. } => submit(jobs),
+            Command::SubmitRan { jobs, max, ran, .. } => {
+                submit(jobs)?;
+                batch("lease batch", *max as usize)?;
+                let mut next = 0;
+                for r in ran {
+                    if r.index < next || r.index as usize >= jobs.len() {
+                        return Err(InvalidInput::Value {
+                            what: "ran job",
+                            reason: format!(
+                                "index {} is not a later job of the {} submitted (indexes increase)",
+                                r.index,
+                                jobs.len()
+                            ),
+                        });
+                    }
+                    next = r.index + 1;
+                    bytes("job result", r.result.len(), limits::MAX_RESULT_BYTES)?;
+                    bytes("stderr tail", r.stderr_tail.len(), limits::MAX_TAIL_BYTES)?;
                 }
-                batch("submit batch", jobs.len())?;
-                jobs.iter().try_for_each(|j| j.spec.validate())
+                Ok(())
             }
             Command::Lease { streams, max, .. } => {
                 batch("lease streams", streams.len())?;
@@ -297,6 +362,10 @@ pub enum LeaseError {
     StaleToken { job: JobId, presented: FencingToken, current: FencingToken },
     #[error("lease on {job} is held by {holder}, not {peer}")]
     WrongPeer { job: JobId, holder: PeerId, peer: PeerId },
+    /// A [`Command::SubmitRan`] result for a job its entry did not grant to
+    /// the peer that ran it, or granted with other limits.
+    #[error("{job} was not granted as it ran: its early result is dropped")]
+    NotGranted { job: JobId },
 }
 
 /// What happened to a job after a failed attempt.

@@ -18,7 +18,7 @@ pub mod wire;
 
 pub use command::{
     ApplyError, ApplyResult, Command, Completion, FailDisposition, Failure, LeaseError, LeaseGrant, NewJob, Outcome,
-    Stamp, Submitted,
+    Ran, RunLimits, Stamp, Submitted,
 };
 pub use error::{DecodeError, InvalidInput};
 pub use ids::{FencingToken, IdempotencyKey, JobId, ModuleHash, PeerId, StreamName, Timestamp};

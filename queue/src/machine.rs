@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use impetus_proto::{
     ApplyError, ApplyResult, Command, Completion, ErrorKind, ErrorRecord, FailDisposition, Failure, FencingToken,
     JobId, JobSpec, JobStatus, Lease, LeaseError, LeaseGrant, ModuleHash, NewJob, Outcome, PeerId, PeerInfo, PeerRole,
-    Stamp, StreamName, StreamPatch, StreamProps, Submitted, Timestamp,
+    Ran, RunLimits, Stamp, StreamName, StreamPatch, StreamProps, Submitted, Timestamp,
 };
 
 use crate::state::{Job, JobExtra, Peer, Presented, Stream, StreamIdx};
@@ -52,6 +52,9 @@ impl State {
             Command::DeleteStream { name, force } => self.delete_stream(name, *force),
             Command::PutModule { hash, bytes } => self.put_module(*hash, bytes),
             Command::Submit { stream, jobs } => self.submit(stream, jobs),
+            Command::SubmitRan { stream, jobs, peer, max, ran } => {
+                Ok(self.submit_ran(token, stream, jobs, *peer, *max, ran))
+            }
             Command::Lease { peer, streams, max } => self.lease(token, *peer, streams, *max),
             Command::Renew { peer, leases } => Ok(Outcome::Renewed(
                 leases.iter().map(|&(job, token)| self.renew(Presented { peer: *peer, job, token })).collect(),
@@ -320,6 +323,53 @@ impl State {
             out.push(Submitted { job: id, existing: false });
         }
         Ok(Outcome::Submitted(out))
+    }
+
+    /// [`Command::SubmitRan`]: the outcomes of its submit, its lease and
+    /// its completions (one per `ran`), as a batch.
+    fn submit_ran(
+        &mut self,
+        token: FencingToken,
+        stream: &StreamName,
+        jobs: &[NewJob],
+        peer: PeerId,
+        max: u32,
+        ran: &[Ran],
+    ) -> Outcome {
+        let submitted = self.submit(stream, jobs);
+        let leased = self.lease(token, peer, std::slice::from_ref(stream), max);
+        let completed = match (&submitted, &leased) {
+            (Err(e), _) => Err(e.clone()),
+            (Ok(Outcome::Submitted(subs)), leased) => {
+                debug_assert_eq!(subs.len(), jobs.len());
+                let grants = match leased {
+                    Ok(Outcome::Leased(g)) => g.as_slice(),
+                    _ => &[],
+                };
+                Ok(Outcome::Completed(
+                    ran.iter()
+                        .map(|r| {
+                            // Validated: every index is a job of the submit.
+                            let sub = subs[r.index as usize];
+                            let granted = !sub.existing
+                                && grants.iter().any(|g| g.job == sub.job && RunLimits::of(g) == r.limits);
+                            if !granted {
+                                return Err(LeaseError::NotGranted { job: sub.job });
+                            }
+                            let c = Completion {
+                                job: sub.job,
+                                token,
+                                result: r.result.clone(),
+                                stderr_tail: r.stderr_tail.clone(),
+                            };
+                            self.complete(peer, &c)
+                        })
+                        .collect(),
+                ))
+            }
+            (Ok(other), _) => unreachable!("a submit answered {other:?}"),
+        };
+        Outcome::Batch(vec![submitted, leased, completed])
     }
 
     // ---- leases -----------------------------------------------------------

@@ -278,6 +278,151 @@ fn lease_allowance_is_what_a_lease_may_take_however_many_are_ready() {
     assert_eq!(h.state.lease_allowance(&s, PeerId(99)), 0, "unknown peer");
 }
 
+// ---- a submit its leader ran --------------------------------------------------
+
+/// What `index` printed, run under the limits of `props()`.
+fn ran(index: u32, result: &str) -> Ran {
+    let p = props();
+    let limits = RunLimits { job_timeout_ms: p.job_timeout_ms, fuel: p.fuel, memory_limit_bytes: p.memory_limit_bytes };
+    Ran { index, limits, result: result.into(), stderr_tail: b"e".to_vec() }
+}
+
+/// Each job's status, result, attempts and lease token, as a line.
+fn jobs_view(h: &Harness) -> String {
+    let all = h.state.jobs(&impetus_queue::JobFilter { stream: None, status: None, after: None, limit: 100 });
+    all.iter()
+        .map(|j| {
+            let result = j.result.as_deref().map(String::from_utf8_lossy);
+            let token = j.lease.as_ref().map(|l| l.token.0);
+            format!("{} {:?} result={result:?} attempts={} token={token:?}\n", j.id, j.status, j.attempts)
+        })
+        .collect()
+}
+
+#[test]
+fn a_submit_its_leader_ran_ends_its_jobs_in_the_entry_that_submits_them() {
+    let mut h = Harness::with_stream(props());
+    let (peer, jobs) = (PeerId(1), vec![job("1"), job("2"), job("3")]);
+    let out = h.ok(Command::SubmitRan { stream: name("s"), jobs, peer, max: 3, ran: vec![ran(0, "1"), ran(2, "9")] });
+    let Outcome::Batch(parts) = out else { panic!("{out:?}") };
+    let grants: Vec<(u64, u64)> = match &parts[1] {
+        Ok(Outcome::Leased(g)) => g.iter().map(|g| (g.job.0, g.token.0)).collect(),
+        o => panic!("{o:?}"),
+    };
+    assert_eq!(grants, [(0, 4), (1, 4), (2, 4)], "the lease takes the entry's index as token");
+    assert_eq!(parts[2], Ok(Outcome::Completed(vec![Ok(()), Ok(())])));
+    // Jobs 0 and 2 ended in this entry; job 1 did not run yet: it stays leased.
+    expect![[r#"
+        job-0 Succeeded result=Some("1") attempts=1 token=None
+        job-1 Leased result=None attempts=1 token=Some(4)
+        job-2 Succeeded result=Some("9") attempts=1 token=None
+    "#]]
+    .assert_eq(&jobs_view(&h));
+    let st = h.stats("s");
+    assert_eq!((st.succeeded, st.leased, st.completed_total), (2, 1, 2));
+}
+
+#[test]
+fn a_result_counts_only_for_a_job_its_entry_granted_to_the_runner_as_it_ran() {
+    let mut h = Harness::with_stream(props());
+    let peer = PeerId(1);
+    let keyed = |input: &str| NewJob { key: Some(IdempotencyKey::new("k").unwrap()), ..job(input) };
+    // An older ready job takes the only lease; then a job that already
+    // existed (same key); then limits that changed since the run.
+    h.submit("s", vec![keyed("older")]);
+    let submit_ran =
+        |jobs: Vec<NewJob>, ran: Vec<Ran>| Command::SubmitRan { stream: name("s"), jobs, peer, max: 1, ran };
+    let mut outcomes = vec![h.ok(submit_ran(vec![job("new")], vec![ran(0, "x")]))];
+    outcomes.push(h.ok(submit_ran(vec![keyed("again")], vec![ran(0, "y")])));
+    let slower = StreamPatch { job_timeout_ms: Some(props().job_timeout_ms + 1), ..StreamPatch::default() };
+    h.ok(Command::UpdateStream { name: name("s"), patch: slower });
+    outcomes.push(h.ok(submit_ran(vec![job("late")], vec![ran(0, "z")])));
+    let completed: Vec<&ApplyResult> = outcomes
+        .iter()
+        .map(|o| match o {
+            Outcome::Batch(parts) => &parts[2],
+            o => panic!("{o:?}"),
+        })
+        .collect();
+    expect![[r#"
+        [
+            Ok(
+                Completed(
+                    [
+                        Err(
+                            NotGranted {
+                                job: JobId(
+                                    1,
+                                ),
+                            },
+                        ),
+                    ],
+                ),
+            ),
+            Ok(
+                Completed(
+                    [
+                        Err(
+                            NotGranted {
+                                job: JobId(
+                                    0,
+                                ),
+                            },
+                        ),
+                    ],
+                ),
+            ),
+            Ok(
+                Completed(
+                    [
+                        Err(
+                            NotGranted {
+                                job: JobId(
+                                    2,
+                                ),
+                            },
+                        ),
+                    ],
+                ),
+            ),
+        ]
+    "#]]
+    .assert_debug_eq(&completed);
+    // No result was taken: job 0 was leased by the first entry, job 1 by
+    // the second, job 2 (new limits) by the last; each runs as granted.
+    expect![[r#"
+        job-0 Leased result=None attempts=1 token=Some(5)
+        job-1 Leased result=None attempts=1 token=Some(6)
+        job-2 Leased result=None attempts=1 token=Some(8)
+    "#]]
+    .assert_eq(&jobs_view(&h));
+}
+
+#[test]
+fn a_submit_ran_names_only_jobs_of_its_submit_in_order() {
+    let mut h = Harness::with_stream(props());
+    let bad = |ran: Vec<Ran>| Command::SubmitRan {
+        stream: name("s"),
+        jobs: vec![job("1"), job("2")],
+        peer: PeerId(1),
+        max: 2,
+        ran,
+    };
+    let errors: Vec<String> = [vec![ran(2, "")], vec![ran(1, ""), ran(0, "")], vec![ran(0, ""), ran(0, "")]]
+        .into_iter()
+        .map(|r| h.err(bad(r)).to_string())
+        .collect();
+    expect![[r#"
+        [
+            "invalid command: invalid ran job: index 2 is not a later job of the 2 submitted (indexes increase)",
+            "invalid command: invalid ran job: index 0 is not a later job of the 2 submitted (indexes increase)",
+            "invalid command: invalid ran job: index 0 is not a later job of the 2 submitted (indexes increase)",
+        ]
+    "#]]
+    .assert_debug_eq(&errors);
+    assert_eq!(h.stats("s").submitted_total, 0, "a refused entry changes nothing");
+}
+
 #[test]
 fn pin_and_ignore_lists_choose_the_peers() {
     let mut h = Harness::with_stream(props());

@@ -84,6 +84,7 @@ fn command_name(cmd: &Command) -> &'static str {
         Command::DeleteStream { .. } => "DeleteStream",
         Command::PutModule { .. } => "PutModule",
         Command::Submit { .. } => "Submit",
+        Command::SubmitRan { .. } => "SubmitRan",
         Command::Lease { .. } => "Lease",
         Command::Renew { .. } => "Renew",
         Command::Complete { .. } => "Complete",

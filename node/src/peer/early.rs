@@ -8,6 +8,14 @@
 //! never committed, or whose lease went to other jobs, leaves its early runs
 //! unadopted: their reports are dropped when they end.
 //!
+//! A run that ends quickly can do better still: when the runs of a submit
+//! are expected to end within [`EARLY_WAIT`] (their modules' last early
+//! runs ended before their grants came), the leader waits for them and
+//! writes their results in the entry that submits them
+//! ([`impetus_proto::Command::SubmitRan`]): the job is done in one Raft
+//! round, not two. The state machine takes such a result only for a job
+//! that entry grants to this peer with the limits it ran under.
+//!
 //! Invariants:
 //! - the worker loop learns of a grant ([`Event::Granted`]) before its
 //!   report ([`Event::Done`]): adoption sends the grant first, and the run's
@@ -19,13 +27,19 @@
 //!   never exceed the capacity, though an unadopted run may still be using a
 //!   core for a job that has the slot;
 //! - an early run counts in the [`Book`] of its stream until it is adopted
-//!   (the applied state counts its lease from then on) or, unadopted, ends:
-//!   the runs of submits in flight count against the stream's limits.
+//!   (the applied state counts its lease from then on), or its result was
+//!   written and the write is over, or, unadopted, it ends: the runs of
+//!   submits in flight count against the stream's limits;
+//! - a run whose result is written ([`EarlyRun::carry`]) is never adopted
+//!   nor reported otherwise: its result reaches the cluster once or not at
+//!   all, and if not, its job runs again under a lease of its own.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
-use impetus_proto::{FencingToken, JobId, LeaseGrant, StreamName};
+use impetus_proto::{FencingToken, JobId, LeaseGrant, ModuleHash, StreamName};
+use tokio::sync::Notify;
 
 use super::worker::Event;
 use super::{Attempt, Consensus, Inner, JobRunner, RunReport, Runtime, Slots};
@@ -53,12 +67,47 @@ impl Book {
     }
 }
 
+/// The longest a leader holds a submit back for its early runs to end
+/// (the runtime's timer may round it up to its tick). Only runs expected
+/// to end well within it are waited for ([`Quick`]); a job shorter than a
+/// Raft round is done sooner for the wait.
+pub(crate) const EARLY_WAIT: Duration = Duration::from_millis(1);
+
+/// Modules whose last early run ended before its grant came (before its
+/// entry was committed and applied): their next runs are worth waiting for.
+#[derive(Debug, Default)]
+pub(crate) struct Quick(Mutex<BTreeSet<ModuleHash>>);
+
+impl Quick {
+    /// Bound on the modules remembered (forgotten all at once past it).
+    const MAX: usize = 1024;
+
+    pub fn all(&self, modules: impl IntoIterator<Item = ModuleHash>) -> bool {
+        let quick = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        modules.into_iter().all(|m| quick.contains(&m))
+    }
+
+    pub fn learn(&self, module: ModuleHash, quick: bool) {
+        let mut set = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if !quick {
+            set.remove(&module);
+            return;
+        }
+        if set.len() >= Self::MAX {
+            set.clear();
+        }
+        set.insert(module);
+    }
+}
+
 /// One early run, as [`super::Peer::unfuse`] sees it. Its caller has
 /// entered it in the [`Book`]; it leaves when adopted, or when it ends
 /// orphaned.
 #[derive(Debug)]
 pub(crate) struct EarlyRun {
     pub attempt: Attempt,
+    /// The job's position in its submit.
+    pub index: u32,
     stream: StreamName,
     book: Arc<Book>,
     state: Arc<Mutex<State>>,
@@ -74,6 +123,8 @@ enum State {
     Adopted(JobId, FencingToken),
     /// Running for nothing: its end gives back its slot if it holds one.
     Orphan { holds_slot: bool },
+    /// Ended; its result went into the write of its submit.
+    Carried,
     /// Reported, or dropped.
     Gone,
 }
@@ -85,10 +136,13 @@ fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
 impl EarlyRun {
     /// Start `attempt` now. Its module must be prepared, and the caller has
     /// taken a slot for it.
+    /// `ends` is notified when it ends.
     pub fn start<R: Runtime, C: Consensus, X: JobRunner>(
         inner: &Arc<Inner<R, C, X>>,
         stream: StreamName,
+        index: u32,
         attempt: Attempt,
+        ends: Arc<Notify>,
     ) -> EarlyRun {
         tracing::trace!(target: crate::LATENCY, module = %attempt.module, "early run starts");
         let state = Arc::new(Mutex::new(State::Running));
@@ -96,7 +150,10 @@ impl EarlyRun {
         inner.runner.start(&inner.rt, attempt.clone(), move |report| {
             let mut st = lock(&st);
             match std::mem::replace(&mut *st, State::Gone) {
-                State::Running => *st = State::Ended(report),
+                State::Running => {
+                    *st = State::Ended(report);
+                    ends.notify_one();
+                }
                 State::Adopted(job, token) => {
                     tracing::trace!(target: crate::LATENCY, %job, "job ran");
                     // The loop may have stopped (grace period over); then the lease was released.
@@ -108,17 +165,44 @@ impl EarlyRun {
                     }
                     owner.early_book.leave(&name);
                 }
-                State::Ended(_) | State::Gone => debug_assert!(false, "an early run ended twice"),
+                State::Ended(_) | State::Carried | State::Gone => debug_assert!(false, "an early run ended twice"),
             }
         });
         let book = inner.early_book.clone();
-        EarlyRun { attempt, stream, book, state }
+        EarlyRun { attempt, index, stream, book, state }
+    }
+
+    /// Whether the run has ended (its report not yet taken).
+    pub fn ended(&self) -> bool {
+        matches!(*lock(&self.state), State::Ended(_))
+    }
+
+    /// Take the result of a run that ended well, to write it with its
+    /// submit: its stdout and stderr tail. A run still going, or one that
+    /// failed (the failure is reported as any other), is left as it is.
+    pub fn carry(&self) -> Option<(Vec<u8>, Vec<u8>)> {
+        let mut st = lock(&self.state);
+        match std::mem::replace(&mut *st, State::Carried) {
+            State::Ended(RunReport { result: Ok(out), stderr_tail, .. }) => Some((out, stderr_tail)),
+            other => {
+                *st = other;
+                None
+            }
+        }
+    }
+
+    /// The write that carried this run's result is over (its slot was
+    /// counted free when it was carried).
+    pub fn settle(self) {
+        debug_assert!(matches!(*lock(&self.state), State::Carried), "settled a run that was not carried");
+        self.book.leave(&self.stream);
     }
 
     /// Report this run as the attempt `g` grants (its attempt equals ours);
     /// `g` takes over the run's slot.
     pub fn adopt<R: Runtime, C: Consensus, X: JobRunner>(self, inner: &Inner<R, C, X>, g: LeaseGrant) {
         debug_assert_eq!(Attempt::of(&g), self.attempt, "adopted by a grant of another attempt");
+        inner.early_quick.learn(self.attempt.module, self.ended());
         let (job, token) = (g.job, g.token);
         tracing::trace!(target: crate::LATENCY, %job, "granted job adopts its early run");
         if inner.events.send(Event::Granted(g)).is_err() {

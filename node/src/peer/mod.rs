@@ -15,12 +15,15 @@ pub mod runtime;
 mod service;
 mod worker;
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use impetus_proto::api::WorkRequest;
-use impetus_proto::{ApplyResult, Command, NewJob, Outcome, PeerId, PeerInfo, PeerRole, StreamName};
+use impetus_proto::{
+    ApplyResult, Command, JobId, NewJob, Outcome, PeerId, PeerInfo, PeerRole, Ran, RunLimits, StreamName,
+};
 use tokio::sync::Notify;
 
 /// How long a restarted peer tries to catch its replica up before it looks
@@ -120,6 +123,11 @@ struct FusedLease {
     jobs: u32,
     /// Jobs of the submit started at once ([`early`]), each holding a slot.
     early: Vec<early::EarlyRun>,
+    /// Notified as each early run ends.
+    ends: Arc<Notify>,
+    /// Early runs whose results are written with the submit (in the order
+    /// of the command's `ran`); their slots are counted in `free`.
+    carried: Vec<early::EarlyRun>,
 }
 
 impl Drop for FusedLease {
@@ -127,6 +135,9 @@ impl Drop for FusedLease {
         self.pool.give(std::mem::take(&mut self.free));
         for e in self.early.drain(..) {
             e.orphan(&self.pool, true);
+        }
+        for e in self.carried.drain(..) {
+            e.settle();
         }
     }
 }
@@ -148,6 +159,8 @@ pub(crate) struct Inner<R, C, X> {
     pub stopped_flag: AtomicBool,
     /// Early runs per stream not yet adopted, or orphaned and still running.
     pub early_book: Arc<early::Book>,
+    /// Modules whose early runs are worth waiting for.
+    pub early_quick: early::Quick,
 }
 
 /// A running peer. Cheap to clone.
@@ -237,6 +250,7 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
             stopped: Notify::new(),
             stopped_flag: AtomicBool::new(false),
             early_book: Arc::new(early::Book::default()),
+            early_quick: early::Quick::default(),
         });
         tracing::info!(peer = %id, "peer started");
         let w = inner.clone();
@@ -257,9 +271,79 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
     /// submit also leases its jobs to this peer in the same entry: a job's
     /// lease is granted by the write that submits it, not by a second one.
     /// The jobs that may run at once (ready now, their module compiled
-    /// here) start now, while the entry is replicated ([`early`]). Commit
-    /// the command returned, then pass its result to [`Peer::unfuse`].
-    pub fn fuse(&self, cmd: Command) -> (Command, Fused) {
+    /// here) start now ([`early`]), while the entry is replicated; or, if
+    /// they are expected to end within [`early::EARLY_WAIT`], before it is
+    /// written, with their results in it ([`Command::SubmitRan`]). Commit
+    /// the command returned (stamped after this returns), then pass its
+    /// result to [`Peer::unfuse`].
+    pub async fn fuse(&self, cmd: Command) -> (Command, Fused) {
+        let (cmd, mut fused) = self.fuse_now(cmd);
+        let me = self.inner.id;
+        let Command::Submit { stream, jobs } = cmd else { return (cmd, fused) };
+        let Some(lease) = fused.lease.as_mut() else { return (Command::Submit { stream, jobs }, fused) };
+        let max = lease.free + lease.early.len() as u32;
+        let mut ran = Vec::new();
+        if !lease.early.is_empty() && self.inner.early_quick.all(lease.early.iter().map(|e| e.attempt.module)) {
+            self.await_early(lease).await;
+            let mut i = 0;
+            while i < lease.early.len() {
+                let Some((result, stderr_tail)) = lease.early[i].carry() else {
+                    i += 1;
+                    continue;
+                };
+                let e = lease.early.swap_remove(i);
+                let a = &e.attempt;
+                let limits = RunLimits {
+                    job_timeout_ms: a.job_timeout_ms,
+                    fuel: a.fuel,
+                    memory_limit_bytes: a.memory_limit_bytes,
+                };
+                ran.push((Ran { index: e.index, limits, result, stderr_tail }, e));
+                lease.free += 1;
+            }
+        }
+        if ran.is_empty() {
+            let lease = Command::Lease { peer: me, streams: vec![stream.clone()], max };
+            return (Command::Batch(vec![Command::Submit { stream, jobs }, lease]), fused);
+        }
+        // `ran` goes in submit order.
+        ran.sort_by_key(|(r, _)| r.index);
+        let (ran, carried): (Vec<Ran>, Vec<early::EarlyRun>) = ran.into_iter().unzip();
+        lease.carried = carried;
+        (Command::SubmitRan { stream, jobs, peer: me, max, ran }, fused)
+    }
+
+    /// Wait until the early runs of `lease` have ended, at most
+    /// [`early::EARLY_WAIT`]. The modules of runs still going are not
+    /// waited for again until one of their runs proves quick.
+    async fn await_early(&self, lease: &FusedLease) {
+        let inner = &self.inner;
+        let timeout = inner.rt.sleep(early::EARLY_WAIT);
+        tokio::pin!(timeout);
+        loop {
+            let ended = lease.ends.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            if lease.early.iter().all(early::EarlyRun::ended) {
+                return;
+            }
+            tokio::select! {
+                biased;
+                () = ended => {}
+                () = &mut timeout => {
+                    for e in lease.early.iter().filter(|e| !e.ended()) {
+                        inner.early_quick.learn(e.attempt.module, false);
+                    }
+                    tracing::debug!(runs = lease.early.len(), "early runs outlasted the wait; their submit goes without them");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// [`Peer::fuse`] up to the wait: the command as it came, with the
+    /// slots taken for its lease (`lease` is set only for a submit).
+    fn fuse_now(&self, cmd: Command) -> (Command, Fused) {
         let inner = &self.inner;
         let plain = |cmd: Command| {
             let wakes = cmd.may_ready_jobs();
@@ -275,11 +359,11 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
         if slots == 0 {
             return plain(cmd);
         }
-        let early = self.start_early(stream, jobs, slots);
-        let lease = Command::Lease { peer: inner.id, streams: vec![stream.clone()], max: slots };
+        let ends = Arc::new(Notify::new());
+        let early = self.start_early(stream, jobs, slots, &ends);
         let free = slots - early.len() as u32;
-        let fused = FusedLease { pool: inner.slots.clone(), free, jobs: count, early };
-        (Command::Batch(vec![cmd, lease]), Fused { wakes: true, lease: Some(fused) })
+        let fused = FusedLease { pool: inner.slots.clone(), free, jobs: count, early, carried: Vec::new(), ends };
+        (cmd, Fused { wakes: true, lease: Some(fused) })
     }
 
     /// Start early the jobs the fused lease will grant unless a write in
@@ -290,7 +374,13 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
     /// has compiled.
     /// An early run is a job started, so it stays within what a lease of it
     /// would be allowed.
-    fn start_early(&self, stream: &StreamName, jobs: &[NewJob], slots: u32) -> Vec<early::EarlyRun> {
+    fn start_early(
+        &self,
+        stream: &StreamName,
+        jobs: &[NewJob],
+        slots: u32,
+        ends: &Arc<Notify>,
+    ) -> Vec<early::EarlyRun> {
         let inner = &self.inner;
         let me = inner.id;
         let (info, allowance) = inner.consensus.read(|s| (s.stream(stream), s.lease_allowance(stream, me)));
@@ -306,15 +396,15 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
         let room = slots.min(allowance.saturating_sub(in_flight)).saturating_sub(queued);
         // In the order the lease grants them: highest priority first, then
         // as submitted (a stable sort). Jobs held back (a delay) wait.
-        let mut ready: Vec<&NewJob> = jobs.iter().filter(|j| j.delay_ms == 0).collect();
-        ready.sort_by_key(|j| std::cmp::Reverse(j.priority.unwrap_or(props.default_priority)));
+        let mut ready: Vec<(u32, &NewJob)> = (0..).zip(jobs).filter(|(_, j)| j.delay_ms == 0).collect();
+        ready.sort_by_key(|(_, j)| std::cmp::Reverse(j.priority.unwrap_or(props.default_priority)));
         ready
             .into_iter()
             .take(room as usize)
-            .filter(|j| j.spec.validate().is_ok() && inner.runner.is_prepared(&j.module))
-            .map(|j| {
+            .filter(|(_, j)| j.spec.validate().is_ok() && inner.runner.is_prepared(&j.module))
+            .map(|(index, j)| {
                 *book.entry(stream.clone()).or_default() += 1;
-                early::EarlyRun::start(inner, stream.clone(), Attempt::of_new(j, &props))
+                early::EarlyRun::start(inner, stream.clone(), index, Attempt::of_new(j, &props), ends.clone())
             })
             .collect()
     }
@@ -333,18 +423,24 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
             return written;
         };
         let inner = &self.inner;
-        let parts = match written {
-            Ok(Ok(Outcome::Batch(parts))) => <[ApplyResult; 2]>::try_from(parts).map_err(|p| Ok(Ok(Outcome::Batch(p)))),
-            other => Err(other),
+        let mut parts = match written {
+            Ok(Ok(Outcome::Batch(parts))) if (2..=3).contains(&parts.len()) => parts.into_iter(),
+            other => return other,
         };
-        let (submit, grants) = match parts {
-            Ok([submit, Ok(Outcome::Leased(grants))]) => (submit, grants),
-            Ok([submit, _]) => (submit, Vec::new()),
-            Err(other) => return other,
+        let (Some(submit), Some(leased)) = (parts.next(), parts.next()) else { unreachable!("two parts or three") };
+        let mut grants = match leased {
+            Ok(Outcome::Leased(grants)) => grants,
+            _ => Vec::new(),
         };
         let granted = grants.len() as u32;
         debug_assert!(granted <= lease.free + lease.early.len() as u32, "leased more than asked");
         inner.runner.leased(grants.len());
+        // The jobs whose results the entry took are done: nothing to run.
+        let done = Self::carried_done(&submit, parts.next(), &lease.carried);
+        for e in lease.carried.drain(..) {
+            e.settle();
+        }
+        grants.retain(|g| !done.contains(&g.job));
         // Every grant that can adopts an early run first, so that a grant
         // without one never takes the slot of a run a later grant would adopt.
         let mut unmatched = Vec::new();
@@ -372,6 +468,38 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
             self.wake();
         }
         Ok(submit)
+    }
+
+    /// The jobs a [`Command::SubmitRan`] completed with the results of
+    /// `carried` (its `ran`, in order), from its submit's and completions'
+    /// outcomes.
+    fn carried_done(
+        submit: &ApplyResult,
+        completed: Option<ApplyResult>,
+        carried: &[early::EarlyRun],
+    ) -> BTreeSet<JobId> {
+        let (Ok(Outcome::Submitted(subs)), Some(Ok(Outcome::Completed(results)))) = (submit, completed) else {
+            return BTreeSet::new();
+        };
+        debug_assert_eq!(results.len(), carried.len(), "one completion per result written");
+        let done: BTreeSet<JobId> = carried
+            .iter()
+            .zip(results)
+            .filter_map(|(e, r)| {
+                let job = subs.get(e.index as usize)?.job;
+                match r {
+                    Ok(()) => Some(job),
+                    Err(why) => {
+                        tracing::debug!(%job, %why, "a result written with its submit was not taken; the job runs again");
+                        None
+                    }
+                }
+            })
+            .collect();
+        for &job in &done {
+            tracing::trace!(target: crate::LATENCY, %job, "job done in the entry that submits it");
+        }
+        done
     }
 
     /// Wake the worker loop (new work may be ready).

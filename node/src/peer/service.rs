@@ -32,7 +32,7 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
                         return ClientResponse::Error(ServiceError::ModuleRejected(why));
                     }
                 }
-                let (cmd, fused) = self.fuse(cmd);
+                let (cmd, fused) = self.fuse(cmd).await;
                 match self.unfuse(fused, c.write(inner.rt.now(), cmd).await) {
                     Ok(result) => ClientResponse::Applied(result),
                     Err(e) => ClientResponse::Error(e.into()),
