@@ -227,6 +227,11 @@ impl JobRunner for SimRunner {
                 let ms = a.lease_ttl_ms * (12 + r2 % 14) / 10;
                 SimRuntime::sleep(Duration::from_millis(ms)).await;
                 ok(&a.spec.input)
+            } else if (270..620).contains(&pick) {
+                // A no-op, shorter than a Raft round: the leader may wait
+                // for it and write its result with its submit.
+                SimRuntime::sleep(Duration::ZERO).await;
+                ok(&a.spec.input)
             } else {
                 SimRuntime::sleep(Duration::from_millis(5 + r2 % 60)).await;
                 ok(&a.spec.input)

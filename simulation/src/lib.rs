@@ -115,6 +115,9 @@ pub struct Stats {
     pub writes_ok: u64,
     pub writes_failed: u64,
     pub crashes: u64,
+    /// Jobs done in the entry that submitted them (results their leader
+    /// wrote with the submit).
+    pub done_in_submit: u64,
 }
 
 thread_local! {
@@ -200,6 +203,7 @@ pub fn run(options: Options) -> RunReport {
         writes_ok: audit.writes_ok,
         writes_failed: audit.writes_failed,
         crashes: audit.crashes,
+        done_in_submit: audit.done_in_submit,
     };
     drop(audit);
     let report =

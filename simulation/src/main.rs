@@ -98,9 +98,11 @@ fn real_main() -> anyhow::Result<bool> {
     let started = Instant::now();
     let mut last_hash = String::new();
     let mut failed = 0u64;
+    let mut done_in_submit = 0u64;
     for (i, &seed) in seeds.iter().enumerate() {
         let opts = Options { seed, ..base.clone() };
         let report = run(opts.clone());
+        done_in_submit += report.stats.done_in_submit;
         if let Some(f) = &report.failure {
             failed += 1;
             print_failure(&report, f.checker, &f.message);
@@ -122,13 +124,14 @@ fn real_main() -> anyhow::Result<bool> {
         if args.seed.is_some() {
             let s = &report.stats;
             println!(
-                "seed {seed}: {} ({} virtual ms, {} events, {} writes ok, {} failed, {} crashes)",
+                "seed {seed}: {} ({} virtual ms, {} events, {} writes ok, {} failed, {} crashes, {} jobs done in their submit's entry)",
                 if report.failure.is_none() { "ok" } else { "FAILED" },
                 s.virtual_ms,
                 s.events,
                 s.writes_ok,
                 s.writes_failed,
-                s.crashes
+                s.crashes,
+                s.done_in_submit
             );
             if args.verbose && report.failure.is_none() {
                 for e in &report.last_events {
@@ -144,7 +147,7 @@ fn real_main() -> anyhow::Result<bool> {
     let secs = started.elapsed().as_secs_f64();
     if args.seed.is_none() && failed == 0 {
         println!(
-            "all {} seeds passed in {:.1} s ({:.2} seeds/s){}",
+            "all {} seeds passed in {:.1} s ({:.2} seeds/s){}; {done_in_submit} jobs were done in their submit's entry",
             seeds.len(),
             secs,
             seeds.len() as f64 / secs,

@@ -89,6 +89,8 @@ pub(crate) struct Audit {
     pub writes_ok: u64,
     pub writes_failed: u64,
     pub crashes: u64,
+    /// Jobs whose results their leader wrote with their submit.
+    pub done_in_submit: u64,
 }
 
 /// Per-node disk and peer bookkeeping.
@@ -210,13 +212,28 @@ impl World {
                 };
                 let mut accepted = Vec::new();
                 for (c, o) in pairs {
-                    if let (Command::Complete { completions, .. }, Some(Outcome::Completed(rs))) = (c, o) {
-                        for (comp, r) in completions.iter().zip(rs) {
-                            if r.is_ok() {
-                                *a.accepted_completions.entry(comp.job).or_default() += 1;
-                                accepted.push(comp.job.0);
+                    match (c, o) {
+                        (Command::Complete { completions, .. }, Some(Outcome::Completed(rs))) => {
+                            for (comp, r) in completions.iter().zip(rs) {
+                                if r.is_ok() {
+                                    *a.accepted_completions.entry(comp.job).or_default() += 1;
+                                    accepted.push(comp.job.0);
+                                }
                             }
                         }
+                        // Results written with their submit: completions too.
+                        (Command::SubmitRan { ran, .. }, Some(Outcome::Batch(parts))) => {
+                            if let [Ok(Outcome::Submitted(subs)), _, Ok(Outcome::Completed(rs))] = parts.as_slice() {
+                                for (r, ok) in ran.iter().zip(rs) {
+                                    if let (Some(sub), Ok(())) = (subs.get(r.index as usize), ok) {
+                                        *a.accepted_completions.entry(sub.job).or_default() += 1;
+                                        accepted.push(sub.job.0);
+                                        a.done_in_submit += 1;
+                                    }
+                                }
+                            }
+                        }
+                        _ => {}
                     }
                 }
                 drop(a);
@@ -271,6 +288,7 @@ pub(crate) fn cmd_name(cmd: &Command) -> String {
             format!("[{}]", names.join(","))
         }
         Command::Submit { jobs, .. } => format!("Submit({})", jobs.len()),
+        Command::SubmitRan { jobs, ran, .. } => format!("SubmitRan({}, ran {})", jobs.len(), ran.len()),
         Command::Lease { max, .. } => format!("Lease({max})"),
         Command::Complete { completions, .. } => {
             let ids: Vec<String> = completions.iter().map(|c| format!("{}@{}", c.job.0, c.token.0)).collect();

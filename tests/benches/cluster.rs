@@ -4,8 +4,11 @@
 //! - end-to-end throughput of no-op wasm jobs (submit → run → result
 //!   committed; every Raft write replicated to a quorum and flushed), with
 //!   the submits all sent to the leader and spread over the three peers;
-//! - submit→done latency p50/p99 at a paced 200 jobs/s (from the job's
-//!   commit timestamps: submit committed → result committed, ms resolution);
+//! - submit→done latency p50/p99 at a paced 200 jobs/s, as a client sees
+//!   it: from sending the submit to reading the job's result (µs; the
+//!   client reads the status right after the acknowledgement, and again
+//!   until it is done). The leader's stamps on the submit's entry and the
+//!   result's are printed beside it;
 //! - failover: the leader is killed (SIGKILL) while jobs flow; the time from
 //!   the kill until a surviving peer reports a new leader and a commit past
 //!   what it had seen before the kill; every acknowledged job still finishes;
@@ -42,7 +45,7 @@ const SUBMITTERS: usize = 6;
 const PAGE: u32 = 2_000;
 
 const TARGET_JOBS_PER_S: f64 = 7_500.0;
-const TARGET_P99_MS: u64 = 2; // "< 2.5 ms" at ms resolution: 2 ms or less
+const TARGET_P99_US: u64 = 2_500;
 const TARGET_FAILOVER: Duration = Duration::from_secs(3);
 
 /// CPU time (user + system) a process has used, in seconds (`/proc/PID/stat`,
@@ -200,6 +203,24 @@ async fn wait_drained(c: &Client, s: &StreamName, limit: Duration) -> Result<()>
 }
 
 /// Every job of the stream, paged in id order.
+/// Submit `job` to `s` and read its status until it has succeeded
+/// (bounded, 10 s). Returns its id, and the µs from sending the submit to
+/// its acknowledgement and to reading its result: what a client waits for.
+async fn submit_until_done(c: &Client, s: &StreamName, job: NewJob) -> Result<(JobId, u64, u64)> {
+    let t = Instant::now();
+    let subs = c.submit(s, vec![job]).await?;
+    let ack = t.elapsed().as_micros() as u64;
+    let id = subs.first().context("a submit of one job answered no job")?.job;
+    while t.elapsed() < Duration::from_secs(10) {
+        match c.job_statuses(&[id]).await?.first() {
+            Some(Some(JobStatus::Succeeded)) => return Ok((id, ack, t.elapsed().as_micros() as u64)),
+            Some(Some(st)) if st.is_final() => bail!("paced job {id} ended {st:?}"),
+            _ => tokio::task::yield_now().await,
+        }
+    }
+    bail!("paced job {id} not done 10 s after its submit")
+}
+
 async fn all_jobs(c: &Client, s: &StreamName) -> Result<Vec<impetus_proto::JobRecord>> {
     let mut out = Vec::new();
     let mut after: Option<JobId> = None;
@@ -608,28 +629,33 @@ async fn run(bin: &Path, dir: &Path, capacity: u32, noop: Vec<u8>, quick: bool, 
             tokio::time::sleep(wait).await;
         }
         let (c, paced) = (c.clone(), paced.clone());
-        subs.push(tokio::spawn(async move {
-            let t = Instant::now();
-            c.submit(&paced, vec![job(module)]).await.map(|_| t.elapsed().as_micros() as u64)
-        }));
+        subs.push(tokio::spawn(async move { submit_until_done(&c, &paced, job(module)).await }));
     }
+    // Per job, µs: submit sent → acknowledged; submit sent → result read.
     let mut acks = Vec::with_capacity(count);
+    let mut done_us = std::collections::BTreeMap::new();
     for s in subs {
-        acks.push(s.await??);
+        let (id, ack, done) = s.await??;
+        acks.push(ack);
+        done_us.insert(id, done);
     }
     acks.sort_unstable();
     wait_drained(&c, &paced, Duration::from_secs(120)).await?;
     let paced_cpu = paced_meter.finish();
     let (mut lat, mut lat_leader, mut lat_followers) = (Vec::new(), Vec::new(), Vec::new());
+    // The leader's stamps on the submit's entry and the result's (ms): 0
+    // for a job done in the entry that submits it.
+    let mut stamps = Vec::new();
     // Jobs slower than 50 ms: how many, and when (UTC, first to last submit).
     let mut slow: Vec<u64> = Vec::new();
     for j in all_jobs(&c, &paced).await? {
         if j.status != JobStatus::Succeeded {
             bail!("paced job {} ended {:?}", j.id, j.status);
         }
-        let l = j.updated_at.since(j.created_at);
+        let Some(&l) = done_us.get(&j.id) else { bail!("paced job {} was not submitted by the bench", j.id) };
         lat.push(l);
-        if l > 50 {
+        stamps.push(j.updated_at.since(j.created_at));
+        if l > 50_000 {
             slow.push(j.created_at.0);
         }
         if j.peer == Some(ids[leader]) {
@@ -641,9 +667,12 @@ async fn run(bin: &Path, dir: &Path, capacity: u32, noop: Vec<u8>, quick: bool, 
     if lat.len() != count {
         bail!("{} paced jobs listed, {count} submitted", lat.len());
     }
-    for l in [&mut lat, &mut lat_leader, &mut lat_followers] {
+    for l in [&mut lat, &mut lat_leader, &mut lat_followers, &mut stamps] {
         l.sort_unstable();
     }
+    let ms = |us: u64| format!("{:.1}", us as f64 / 1e3);
+    // Histograms by whole ms, rounded up (2 = over 1 ms, up to 2 ms).
+    let by_ms = |us: &[u64]| histogram(&us.iter().map(|u| u.div_ceil(1000)).collect::<Vec<_>>());
     if paced_only {
         // `--paced-only`: the latency rows alone (for iterating on them).
         println!("fsync p50/p99 {:.1}/{:.1} ms", fsync.0.as_secs_f64() * 1e3, fsync.1.as_secs_f64() * 1e3);
@@ -654,10 +683,16 @@ async fn run(bin: &Path, dir: &Path, capacity: u32, noop: Vec<u8>, quick: bool, 
         );
         println!(
             "submit→done at 200 jobs/s: p50 {} ms, p99 {} ms, max {} ms; CPU (cores) of p1/p2/p3 {}",
-            percentile(&lat, 0.50),
-            percentile(&lat, 0.99),
-            lat.last().copied().unwrap_or(0),
+            ms(percentile(&lat, 0.50)),
+            ms(percentile(&lat, 0.99)),
+            ms(lat.last().copied().unwrap_or(0)),
             paced_cpu.peers.iter().map(|c| format!("{c:.2}")).collect::<Vec<_>>().join("/")
+        );
+        println!(
+            "leader's stamps, submit entry → result entry: p50 {} ms, p99 {} ms; jobs by ms {}",
+            percentile(&stamps, 0.50),
+            percentile(&stamps, 0.99),
+            histogram(&stamps)
         );
         println!(
             "submit acknowledged (client round trip): p50 {:.1} ms, p99 {:.1} ms",
@@ -669,8 +704,8 @@ async fn run(bin: &Path, dir: &Path, capacity: u32, noop: Vec<u8>, quick: bool, 
         }
         println!(
             "jobs by submit→done ms (ran on the leader / elsewhere): {} / {}",
-            histogram(&lat_leader),
-            histogram(&lat_followers)
+            by_ms(&lat_leader),
+            by_ms(&lat_followers)
         );
         return Ok(());
     }
@@ -748,11 +783,26 @@ async fn run(bin: &Path, dir: &Path, capacity: u32, noop: Vec<u8>, quick: bool, 
         TARGET_JOBS_PER_S,
         mark(best_rate >= TARGET_JOBS_PER_S)
     );
-    println!("{:<w$} {:>11} ms", "submit→done p50 at 200 jobs/s", percentile(&lat, 0.50));
+    println!("{:<w$} {:>11} ms", "submit→done p50 at 200 jobs/s (sent → result read)", ms(percentile(&lat, 0.50)));
     let p99 = percentile(&lat, 0.99);
-    println!("{:<w$} {:>11} ms  < 2.5 ms {}", "submit→done p99 at 200 jobs/s", p99, mark(p99 <= TARGET_P99_MS));
-    println!("{:<w$} {:>11} ms", "submit→done max at 200 jobs/s", lat.last().copied().unwrap_or(0));
-    println!("{:<w$} {}", "  jobs by submit→done ms (ms:count)", histogram(&lat));
+    println!(
+        "{:<w$} {:>11} ms  < 2.5 ms {}",
+        "submit→done p99 at 200 jobs/s (sent → result read)",
+        ms(p99),
+        mark(p99 < TARGET_P99_US)
+    );
+    println!("{:<w$} {:>11} ms", "submit→done max at 200 jobs/s", ms(lat.last().copied().unwrap_or(0)));
+    println!("{:<w$} {}", "  jobs by submit→done, whole ms rounded up (ms:count)", by_ms(&lat));
+    println!(
+        "{:<w$} {:>14}",
+        "  submit acknowledged p50/p99 (ms)",
+        format!("{}/{}", ms(percentile(&acks, 0.50)), ms(percentile(&acks, 0.99)))
+    );
+    println!(
+        "{:<w$} {:>14}",
+        "  leader's stamps, submit entry → result entry p50/p99 (ms)",
+        format!("{}/{}", percentile(&stamps, 0.50), percentile(&stamps, 0.99))
+    );
     println!(
         "{:<w$} {:>14}",
         "  CPU (cores) of p1/p2/p3, bench client, other processes",
@@ -774,7 +824,7 @@ async fn run(bin: &Path, dir: &Path, capacity: u32, noop: Vec<u8>, quick: bool, 
         println!(
             "{:<w$} {:>14}",
             format!("  run on the {name}: jobs, p50/p99 (ms)"),
-            format!("{}, {}/{}", l.len(), percentile(l, 0.50), percentile(l, 0.99))
+            format!("{}, {}/{}", l.len(), ms(percentile(l, 0.50)), ms(percentile(l, 0.99)))
         );
     }
     let ms = f.killed_at.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
