@@ -69,7 +69,9 @@ pub struct Failure {
     pub stderr_tail: Vec<u8>,
 }
 
-/// A command of the state machine.
+/// A command of the state machine. Encoded by variant position (postcard,
+/// [`crate::wire`]): new variants go last, so the logs and snapshots on
+/// disk keep their meaning.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     /// Advance time only: promote delayed jobs that are due, expire leases.
@@ -97,21 +99,6 @@ pub enum Command {
     Submit {
         stream: StreamName,
         jobs: Vec<NewJob>,
-    },
-    /// A submit whose leader leased it to itself and ran its short jobs
-    /// before writing it, so they end in the entry that submits them: as
-    /// the batch `Submit`, `Lease { peer, streams: [stream], max }`, then
-    /// `Complete` with this entry's token for each job of `ran` that the
-    /// lease granted to `peer` with the limits it ran under (a job that
-    /// already existed, or that the lease did not grant so, is not
-    /// completed: its result is dropped and it runs under a lease of its
-    /// own). Written by a leader for its own runs, never by clients.
-    SubmitRan {
-        stream: StreamName,
-        jobs: Vec<NewJob>,
-        peer: PeerId,
-        max: u32,
-        ran: Vec<Ran>,
     },
     /// Lease up to `max` jobs for `peer`, from `streams` (all streams if empty).
     Lease {
@@ -186,6 +173,21 @@ pub enum Command {
     },
     /// Several commands in one log entry (group commit). Not nested.
     Batch(Vec<Command>),
+    /// A submit whose leader leased it to itself and ran its short jobs
+    /// before writing it, so they end in the entry that submits them: as
+    /// the batch `Submit`, `Lease { peer, streams: [stream], max }`, then
+    /// `Complete` with this entry's token for each job of `ran` that the
+    /// lease granted to `peer` with the limits it ran under (a job that
+    /// already existed, or that the lease did not grant so, is not
+    /// completed: its result is dropped and it runs under a lease of its
+    /// own). Written by a leader for its own runs, never by clients.
+    SubmitRan {
+        stream: StreamName,
+        jobs: Vec<NewJob>,
+        peer: PeerId,
+        max: u32,
+        ran: Vec<Ran>,
+    },
 }
 
 impl Command {

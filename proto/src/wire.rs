@@ -104,6 +104,22 @@ mod tests {
         assert_eq!(decode_command(&encode_command(&cmd)).unwrap(), cmd);
     }
 
+    /// Entries on disk outlive a build: a command's bytes never change
+    /// meaning (variants are encoded by position; new ones go last).
+    #[test]
+    fn the_bytes_of_a_command_keep_their_meaning() {
+        let lease = Command::Lease { peer: crate::PeerId(7), streams: vec![StreamName::new("s").unwrap()], max: 3 };
+        let batch = Command::Batch(vec![Command::Tick, submit()]);
+        let hex = |c: &Command| encode_command(c).iter().map(|b| format!("{b:02x}")).collect::<String>();
+        expect_test::expect![[r#"
+            [
+                "01060701017303",
+                "01150200050273310183d9dab06011479163c7c4d5fa735f911bac86729f56aaa115b7eed2eb66e022010133000133010a0000",
+            ]
+        "#]]
+        .assert_debug_eq(&[hex(&lease), hex(&batch)]);
+    }
+
     #[test]
     fn malformed_bytes_are_named_errors() {
         let good = encode_command(&submit());

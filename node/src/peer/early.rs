@@ -73,6 +73,11 @@ impl Book {
 /// Raft round is done sooner for the wait.
 pub(crate) const EARLY_WAIT: Duration = Duration::from_millis(1);
 
+/// Most early runs of one submit waited for: more would not end within
+/// [`EARLY_WAIT`] on a few cores however short each is (a bulk submit is
+/// written at once, as throughput wants).
+pub(crate) const EARLY_WAIT_RUNS: usize = 16;
+
 /// Modules whose last early run ended before its grant came (before its
 /// entry was committed and applied): their next runs are worth waiting for.
 #[derive(Debug, Default)]

@@ -283,7 +283,10 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
         let Some(lease) = fused.lease.as_mut() else { return (Command::Submit { stream, jobs }, fused) };
         let max = lease.free + lease.early.len() as u32;
         let mut ran = Vec::new();
-        if !lease.early.is_empty() && self.inner.early_quick.all(lease.early.iter().map(|e| e.attempt.module)) {
+        let runs = lease.early.len();
+        if (1..=early::EARLY_WAIT_RUNS).contains(&runs)
+            && self.inner.early_quick.all(lease.early.iter().map(|e| e.attempt.module))
+        {
             self.await_early(lease).await;
             let mut i = 0;
             while i < lease.early.len() {
