@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use impetus_proto::{JobId, JobSpec, JobStatus, ModuleHash, NewJob, PeerId, StreamName, StreamProps};
 use impetus_sdk::Client;
-use impetus_tests::{free_port, release_bin, rss_of, wasm};
+use impetus_tests::{free_port, release_bin, rss_of, submit_until_done, wasm};
 
 /// Jobs per submit request.
 const BATCH: usize = 500;
@@ -203,24 +203,6 @@ async fn wait_drained(c: &Client, s: &StreamName, limit: Duration) -> Result<()>
 }
 
 /// Every job of the stream, paged in id order.
-/// Submit `job` to `s` and read its status until it has succeeded
-/// (bounded, 10 s). Returns its id, and the µs from sending the submit to
-/// its acknowledgement and to reading its result: what a client waits for.
-async fn submit_until_done(c: &Client, s: &StreamName, job: NewJob) -> Result<(JobId, u64, u64)> {
-    let t = Instant::now();
-    let subs = c.submit(s, vec![job]).await?;
-    let ack = t.elapsed().as_micros() as u64;
-    let id = subs.first().context("a submit of one job answered no job")?.job;
-    while t.elapsed() < Duration::from_secs(10) {
-        match c.job_statuses(&[id]).await?.first() {
-            Some(Some(JobStatus::Succeeded)) => return Ok((id, ack, t.elapsed().as_micros() as u64)),
-            Some(Some(st)) if st.is_final() => bail!("paced job {id} ended {st:?}"),
-            _ => tokio::task::yield_now().await,
-        }
-    }
-    bail!("paced job {id} not done 10 s after its submit")
-}
-
 async fn all_jobs(c: &Client, s: &StreamName) -> Result<Vec<impetus_proto::JobRecord>> {
     let mut out = Vec::new();
     let mut after: Option<JobId> = None;

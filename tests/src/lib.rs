@@ -258,3 +258,25 @@ pub fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Submit `job` to `s` and read its status until it has succeeded
+/// (bounded, 10 s). Returns its id, and the µs from sending the submit to
+/// its acknowledgement and to reading its result: what a client waits for.
+pub async fn submit_until_done(
+    c: &impetus_sdk::Client,
+    s: &impetus_proto::StreamName,
+    job: impetus_proto::NewJob,
+) -> Result<(impetus_proto::JobId, u64, u64)> {
+    let t = Instant::now();
+    let subs = c.submit(s, vec![job]).await?;
+    let ack = t.elapsed().as_micros() as u64;
+    let id = subs.first().context("a submit of one job answered no job")?.job;
+    while t.elapsed() < Duration::from_secs(10) {
+        match c.job_statuses(&[id]).await?.first() {
+            Some(Some(impetus_proto::JobStatus::Succeeded)) => return Ok((id, ack, t.elapsed().as_micros() as u64)),
+            Some(Some(st)) if st.is_final() => bail!("paced job {id} ended {st:?}"),
+            _ => tokio::task::yield_now().await,
+        }
+    }
+    bail!("paced job {id} not done 10 s after its submit")
+}
