@@ -81,7 +81,7 @@ impl Fake {
                 for job in &jobs {
                     let id = JobId(map.len() as u64 + 1);
                     map.insert(id, (record(id, &stream, job), 0));
-                    out.push(Submitted { job: id, existing: false });
+                    out.push(Submitted { job: id, existing: false, status: JobStatus::Queued });
                 }
                 Ok(Outcome::Submitted(out))
             }

@@ -605,6 +605,8 @@ async fn a_short_job_is_done_in_the_entry_that_submits_it() {
     let (p, gate, runner, s) = quick_peer(2).await;
     gate.pass(false);
     let out = write(&p, Command::Submit { stream: s.clone(), jobs: vec![new_job("4")] }).await.unwrap();
+    let Outcome::Submitted(acked) = &out else { panic!("not submitted: {out:?}") };
+    assert_eq!(acked[0].status, JobStatus::Succeeded, "the acknowledgement says it is done");
     assert_eq!(submitted_jobs(&p, out), vec![(JobStatus::Succeeded, 1, Some(b"16".to_vec()))]);
     // Both slots are free again: a submit of two is done the same way.
     gate.pass(false);

@@ -328,12 +328,17 @@ impl Command {
     }
 }
 
-/// One job of a submit: its id, and whether it already existed (same
-/// idempotency key).
+/// One job of a submit: its id, whether it already existed (same
+/// idempotency key), and its status once the command that submitted it was
+/// applied: Queued or Delayed for a new job, Succeeded for one done in that
+/// very entry ([`Command::SubmitRan`]: the client knows it is done from the
+/// acknowledgement), the current status of one that existed. (In a
+/// [`Command::Batch`], later commands of the batch are not counted.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Submitted {
     pub job: JobId,
     pub existing: bool,
+    pub status: JobStatus,
 }
 
 /// A granted lease with everything the peer needs to run the job.

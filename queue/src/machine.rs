@@ -290,8 +290,9 @@ impl State {
         for new in jobs {
             let id = JobId(self.data.next_job);
             let s = self.data.streams.get_mut(&idx).expect("checked above");
-            if let Some(existing) = new.key.as_ref().and_then(|k| s.keys.get(k)) {
-                out.push(Submitted { job: *existing, existing: true });
+            if let Some(&existing) = new.key.as_ref().and_then(|k| s.keys.get(k)) {
+                let status = self.data.jobs[&existing].status;
+                out.push(Submitted { job: existing, existing: true, status });
                 continue;
             }
             self.data.next_job += 1;
@@ -320,7 +321,8 @@ impl State {
             };
             self.data.jobs.insert(id, job);
             self.enqueue(id, now.saturating_add_ms(new.delay_ms));
-            out.push(Submitted { job: id, existing: false });
+            let status = self.data.jobs[&id].status;
+            out.push(Submitted { job: id, existing: false, status });
         }
         Ok(Outcome::Submitted(out))
     }
@@ -336,7 +338,7 @@ impl State {
         max: u32,
         ran: &[Ran],
     ) -> Outcome {
-        let submitted = self.submit(stream, jobs);
+        let mut submitted = self.submit(stream, jobs);
         let leased = self.lease(token, peer, std::slice::from_ref(stream), max);
         let completed = match (&submitted, &leased) {
             (Err(e), _) => Err(e.clone()),
@@ -369,6 +371,13 @@ impl State {
             }
             (Ok(other), _) => unreachable!("a submit answered {other:?}"),
         };
+        // The statuses once the whole entry is applied: the client learns
+        // from its acknowledgement which jobs are done.
+        if let Ok(Outcome::Submitted(subs)) = &mut submitted {
+            for s in subs {
+                s.status = self.data.jobs[&s.job].status;
+            }
+        }
         Outcome::Batch(vec![submitted, leased, completed])
     }
 

@@ -172,6 +172,7 @@ fn the_same_idempotency_key_returns_the_existing_job_never_a_second() {
                             0,
                         ),
                         existing: false,
+                        status: Queued,
                     },
                 ],
             ),
@@ -182,12 +183,14 @@ fn the_same_idempotency_key_returns_the_existing_job_never_a_second() {
                             0,
                         ),
                         existing: true,
+                        status: Queued,
                     },
                     Submitted {
                         job: JobId(
                             1,
                         ),
                         existing: false,
+                        status: Queued,
                     },
                 ],
             ),
@@ -311,6 +314,12 @@ fn a_submit_its_leader_ran_ends_its_jobs_in_the_entry_that_submits_them() {
     };
     assert_eq!(grants, [(0, 4), (1, 4), (2, 4)], "the lease takes the entry's index as token");
     assert_eq!(parts[2], Ok(Outcome::Completed(vec![Ok(()), Ok(())])));
+    let statuses: Vec<JobStatus> = match &parts[0] {
+        Ok(Outcome::Submitted(subs)) => subs.iter().map(|s| s.status).collect(),
+        o => panic!("{o:?}"),
+    };
+    use JobStatus::{Leased, Succeeded};
+    assert_eq!(statuses, [Succeeded, Leased, Succeeded], "the acknowledgement tells which jobs are done");
     // Jobs 0 and 2 ended in this entry; job 1 did not run yet: it stays leased.
     expect![[r#"
         job-0 Succeeded result=Some("1") attempts=1 token=None

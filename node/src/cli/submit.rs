@@ -196,15 +196,19 @@ pub async fn run(g: &Global, args: SubmitArgs) -> anyhow::Result<u8> {
 
     if !args.wait {
         if g.json {
-            let v: Vec<_> =
-                submitted.iter().map(|s| serde_json::json!({"id": s.job.0, "existing": s.existing})).collect();
+            let v: Vec<_> = submitted
+                .iter()
+                .map(|s| serde_json::json!({"id": s.job.0, "existing": s.existing, "status": s.status.to_string()}))
+                .collect();
             super::print_json(&v)?;
         } else {
             for s in &submitted {
+                // A short job may already be done: its submit's entry held its result.
+                let done = if s.status == JobStatus::Succeeded { " (done)" } else { "" };
                 if s.existing {
-                    println!("{} (existing)", s.job);
+                    println!("{} (existing){done}", s.job);
                 } else {
-                    println!("{}", s.job);
+                    println!("{}{done}", s.job);
                 }
             }
         }
