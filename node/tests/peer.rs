@@ -628,6 +628,8 @@ async fn a_run_that_outlasts_the_wait_is_reported_the_usual_way() {
     let t = std::time::Instant::now();
     let out = write(&p, Command::Submit { stream: s.clone(), jobs: vec![new_job("sleep:300")] }).await.unwrap();
     assert!(t.elapsed() < Duration::from_millis(250), "the submit waited {:?} for its run", t.elapsed());
+    let Outcome::Submitted(acked) = &out else { panic!("not submitted: {out:?}") };
+    assert_eq!(acked[0].status, JobStatus::Leased, "the acknowledgement says its entry leased it");
     assert_eq!(submitted_jobs(&p, out), vec![(JobStatus::Leased, 1, None)]);
     let done = wait_final(&p, 2).await;
     assert_eq!(

@@ -329,11 +329,13 @@ impl Command {
 }
 
 /// One job of a submit: its id, whether it already existed (same
-/// idempotency key), and its status once the command that submitted it was
-/// applied: Queued or Delayed for a new job, Succeeded for one done in that
-/// very entry ([`Command::SubmitRan`]: the client knows it is done from the
+/// idempotency key), and its status once the entry that submitted it was
+/// applied: Queued or Delayed for a new job, Leased if the leader leased it
+/// to itself in that entry, Succeeded for one done in it
+/// ([`Command::SubmitRan`]: the client knows it is done from the
 /// acknowledgement), the current status of one that existed. (In a
-/// [`Command::Batch`], later commands of the batch are not counted.)
+/// [`Command::Batch`] a client sends, later commands of the batch are not
+/// counted.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Submitted {
     pub job: JobId,

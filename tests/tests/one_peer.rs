@@ -218,3 +218,48 @@ fn sigterm_stops_the_peer_cleanly() {
     let out = p.ok(&["stream", "list"]);
     assert!(out.contains('s'), "{out}");
 }
+
+/// A short job submitted to the leader is done in the entry that submits
+/// it: once the peer has seen the module's runs end before their entries
+/// commit, `impetus submit` answers with the job already succeeded, and
+/// every job still runs exactly once with its own result.
+#[test]
+fn a_short_job_is_done_when_its_submit_is_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = PeerProc::start(&dir.path().join("p"), &[]).unwrap();
+    p.ok(&["stream", "create", "s1"]);
+    let square = wasm("square");
+    let mut acked = Vec::new();
+    // Bounded: the first submit teaches the peer the module is quick; a
+    // loaded machine may need a few more.
+    for n in 1..=20u64 {
+        let out = p.ok(&["submit", square.to_str().unwrap(), "--stream", "s1", "--input", &n.to_string(), "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let status = v[0]["status"].as_str().unwrap().to_owned();
+        acked.push((n, JobId(v[0]["id"].as_u64().unwrap()), status.clone()));
+        if status == "Succeeded" {
+            break;
+        }
+    }
+    let (n, id, _) = acked.last().cloned().unwrap();
+    assert!(acked.iter().any(|(_, _, s)| s == "Succeeded"), "no submit was acknowledged done: {acked:?}");
+    let (rt, c) = client(&p);
+    let done = rt.block_on(c.job(id)).unwrap();
+    assert_eq!((done.status, done.attempts), (JobStatus::Succeeded, 1));
+    assert_eq!(String::from_utf8_lossy(done.result.as_deref().unwrap()).trim(), (n * n).to_string());
+    // Every job, done at its acknowledgement or later, ran once.
+    let jobs = wait_for(Duration::from_secs(30), || {
+        let jobs = all_jobs(&rt, &c, "s1");
+        jobs.iter().all(|j| j.status.is_final()).then_some(jobs)
+    })
+    .expect("the jobs did not finish");
+    let got: Vec<(JobStatus, u32, String)> = jobs
+        .iter()
+        .map(|j| {
+            (j.status, j.attempts, String::from_utf8_lossy(j.result.as_deref().unwrap_or_default()).trim().to_owned())
+        })
+        .collect();
+    let want: Vec<(JobStatus, u32, String)> =
+        acked.iter().map(|(n, _, _)| (JobStatus::Succeeded, 1, (n * n).to_string())).collect();
+    assert_eq!(got, want);
+}

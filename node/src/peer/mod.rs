@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use impetus_proto::api::WorkRequest;
 use impetus_proto::{
-    ApplyResult, Command, JobId, NewJob, Outcome, PeerId, PeerInfo, PeerRole, Ran, RunLimits, StreamName,
+    ApplyResult, Command, JobId, JobStatus, NewJob, Outcome, PeerId, PeerInfo, PeerRole, Ran, StreamName,
 };
 use tokio::sync::Notify;
 
@@ -295,13 +295,7 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
                     continue;
                 };
                 let e = lease.early.swap_remove(i);
-                let a = &e.attempt;
-                let limits = RunLimits {
-                    job_timeout_ms: a.job_timeout_ms,
-                    fuel: a.fuel,
-                    memory_limit_bytes: a.memory_limit_bytes,
-                };
-                ran.push((Ran { index: e.index, limits, result, stderr_tail }, e));
+                ran.push((Ran { index: e.index, limits: e.attempt.limits(), result, stderr_tail }, e));
                 lease.free += 1;
             }
         }
@@ -430,11 +424,20 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
             Ok(Ok(Outcome::Batch(parts))) if (2..=3).contains(&parts.len()) => parts.into_iter(),
             other => return other,
         };
-        let (Some(submit), Some(leased)) = (parts.next(), parts.next()) else { unreachable!("two parts or three") };
+        let (Some(mut submit), Some(leased)) = (parts.next(), parts.next()) else { unreachable!("two parts or three") };
         let mut grants = match leased {
             Ok(Outcome::Leased(grants)) => grants,
             _ => Vec::new(),
         };
+        // The acknowledgement tells the statuses once the whole entry is
+        // applied: the jobs its lease took are Leased.
+        if let Ok(Outcome::Submitted(subs)) = &mut submit {
+            for s in subs.iter_mut().filter(|s| s.status == JobStatus::Queued) {
+                if grants.iter().any(|g| g.job == s.job) {
+                    s.status = JobStatus::Leased;
+                }
+            }
+        }
         let granted = grants.len() as u32;
         debug_assert!(granted <= lease.free + lease.early.len() as u32, "leased more than asked");
         inner.runner.leased(grants.len());

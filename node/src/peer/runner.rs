@@ -2,7 +2,7 @@
 
 use std::future::Future;
 
-use impetus_proto::{ErrorRecord, JobSpec, LeaseGrant, ModuleHash, NewJob, StreamProps};
+use impetus_proto::{ErrorRecord, JobSpec, LeaseGrant, ModuleHash, NewJob, RunLimits, StreamProps};
 
 use super::Runtime;
 
@@ -34,6 +34,11 @@ impl Attempt {
             memory_limit_bytes: g.memory_limit_bytes,
             lease_ttl_ms: g.lease_ttl_ms,
         }
+    }
+
+    /// The limits it runs under, as a [`impetus_proto::Ran`] reports them.
+    pub fn limits(&self) -> RunLimits {
+        RunLimits { job_timeout_ms: self.job_timeout_ms, fuel: self.fuel, memory_limit_bytes: self.memory_limit_bytes }
     }
 
     /// The attempt a lease of `job`, submitted to a stream with `props`,
