@@ -178,8 +178,9 @@ impl ClusterConsensus {
         }
         // Committed by the leader: acknowledge now. This replica (if any)
         // learns of the commit with the leader's next message; fresh reads
-        // go to the leader, so they see it already.
-        match self.to_leader(ClientRequest::Forward(cmd)).await? {
+        // go to the leader, so they see it already. Results this peer ran
+        // as leader are not another leader's to write: they are dropped.
+        match self.to_leader(ClientRequest::Forward(cmd.without_results())).await? {
             ClientResponse::Written { index, result } => Ok((index, result)),
             ClientResponse::Error(e) => Err(service_error(e)),
             other => Err(unexpected(&other)),

@@ -340,11 +340,13 @@ struct Gate {
     permits: tokio::sync::Semaphore,
     /// Refuse the writes let through instead of committing them.
     fail: std::sync::atomic::AtomicBool,
+    /// Each `SubmitRan` committed: its results, and the outcome of each.
+    submits_ran: Mutex<Vec<(usize, ApplyResult)>>,
 }
 
 impl Default for Gate {
     fn default() -> Gate {
-        Gate { permits: tokio::sync::Semaphore::new(0), fail: Default::default() }
+        Gate { permits: tokio::sync::Semaphore::new(0), fail: Default::default(), submits_ran: Default::default() }
     }
 }
 
@@ -371,7 +373,11 @@ impl Consensus for Gated {
                 return Err(impetus_node::peer::ConsensusError::Unavailable("failed by the test".into()));
             }
         }
-        self.raft.write(now, cmd).await
+        let written = self.raft.write(now, cmd.clone()).await;
+        if let (Command::SubmitRan { ran, .. }, Ok(Ok(Outcome::Batch(parts)))) = (&cmd, &written) {
+            self.gate.submits_ran.lock().unwrap().push((ran.len(), parts[2].clone()));
+        }
+        written
     }
     fn read<T>(&self, f: impl FnOnce(&impetus_queue::State) -> T) -> T {
         self.raft.read(f)
@@ -571,11 +577,13 @@ async fn early_runs_in_flight_count_against_the_limits() {
 
 /// A peer whose stream `s1` has a module that proved quick: the run of its
 /// first job ended before that job's submit committed.
-async fn quick_peer(capacity: u32) -> (GatedPeer, Arc<Gate>, FakeRunner, StreamName) {
+/// The leader waits up to `early_wait` for the runs of a submit.
+async fn quick_peer(capacity: u32, early_wait: Duration) -> (GatedPeer, Arc<Gate>, FakeRunner, StreamName) {
     let runner = FakeRunner::default();
     // No turn of the worker loop on its own: only submits and finished jobs lease.
     let slow = Duration::from_secs(60);
-    let cfg = PeerConfig { capacity, poll_interval: slow, heartbeat_interval: slow, ..PeerConfig::default() };
+    let cfg =
+        PeerConfig { capacity, poll_interval: slow, heartbeat_interval: slow, early_wait, ..PeerConfig::default() };
     let (p, gate) = gated_peer(cfg, runner.clone()).await;
     let s = setup(&p, StreamProps::default()).await;
     let first = spawn_submit(&p, &s, vec![new_job("3")]);
@@ -602,11 +610,13 @@ fn submitted_jobs(p: &GatedPeer, out: Outcome) -> Vec<(JobStatus, u32, Option<Ve
 /// is acknowledged, in one entry and one run each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_job_is_done_in_the_entry_that_submits_it() {
-    let (p, gate, runner, s) = quick_peer(2).await;
+    // A wait long enough for a loaded machine: the runs end it, not the clock.
+    let (p, gate, runner, s) = quick_peer(2, Duration::from_secs(10)).await;
     gate.pass(false);
     let out = write(&p, Command::Submit { stream: s.clone(), jobs: vec![new_job("4")] }).await.unwrap();
     let Outcome::Submitted(acked) = &out else { panic!("not submitted: {out:?}") };
     assert_eq!(acked[0].status, JobStatus::Succeeded, "the acknowledgement says it is done");
+    assert_eq!(*gate.submits_ran.lock().unwrap(), vec![(1, Ok(Outcome::Completed(vec![Ok(())])))]);
     assert_eq!(submitted_jobs(&p, out), vec![(JobStatus::Succeeded, 1, Some(b"16".to_vec()))]);
     // Both slots are free again: a submit of two is done the same way.
     gate.pass(false);
@@ -623,7 +633,7 @@ async fn a_short_job_is_done_in_the_entry_that_submits_it() {
 /// written without it, and is reported under the grant as any early run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_that_outlasts_the_wait_is_reported_the_usual_way() {
-    let (p, gate, runner, s) = quick_peer(1).await;
+    let (p, gate, runner, s) = quick_peer(1, Duration::from_millis(20)).await;
     gate.pass(false);
     let t = std::time::Instant::now();
     let out = write(&p, Command::Submit { stream: s.clone(), jobs: vec![new_job("sleep:300")] }).await.unwrap();
@@ -645,7 +655,7 @@ async fn a_run_that_outlasts_the_wait_is_reported_the_usual_way() {
 /// own, and each job gets its own result.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_result_its_entry_does_not_grant_is_dropped_and_the_job_runs_again() {
-    let (p, gate, runner, s) = quick_peer(1).await;
+    let (p, gate, runner, s) = quick_peer(1, Duration::from_secs(10)).await;
     gate.pass(false);
     let older = NewJob { delay_ms: 100, ..new_job("sleep:300") };
     write(&p, Command::Submit { stream: s.clone(), jobs: vec![older] }).await.unwrap();
@@ -654,6 +664,9 @@ async fn a_result_its_entry_does_not_grant_is_dropped_and_the_job_runs_again() {
     let out = write(&p, Command::Submit { stream: s.clone(), jobs: vec![new_job("4")] }).await.unwrap();
     assert_eq!(runner.runs_of("4"), 1, "it ran early");
     assert_eq!(submitted_jobs(&p, out), vec![(JobStatus::Queued, 0, None)], "its result was not taken");
+    let job = p.read(|st| st.jobs(&every_job()))[2].id;
+    let refused = Ok(Outcome::Completed(vec![Err(LeaseError::NotGranted { job })]));
+    assert_eq!(*gate.submits_ran.lock().unwrap(), vec![(1, refused)], "written with its submit, and refused");
     let done = wait_final(&p, 3).await;
     let results: Vec<_> = done[1..].iter().map(|j| (j.status, j.attempts, j.result.clone())).collect();
     assert_eq!(

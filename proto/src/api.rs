@@ -17,7 +17,7 @@ use crate::records::{JobRecord, JobStatus, PeerInfo, PeerRecord, PeerRole, Strea
 use crate::wire;
 
 /// Version of the client protocol encoding. A peer refuses any other.
-pub const CLIENT_API_VERSION: u8 = 1;
+pub const CLIENT_API_VERSION: u8 = 2;
 
 /// A client's request to a peer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -282,8 +282,9 @@ impl ClientResponse {
 }
 
 /// A command as a client or worker may send it: valid, and not one a
-/// leader writes only for itself ([`Command::SubmitRan`]: a client cannot
-/// claim a result for a job no lease gave it).
+/// leader writes only for itself ([`Command::SubmitRan`]: its results are
+/// taken without a fencing token presented, on the strength of the entry
+/// that grants the lease; only the peer that ran the jobs may claim that).
 fn client_command(cmd: &Command) -> Result<(), InvalidInput> {
     cmd.validate()?;
     let own = |c: &Command| matches!(c, Command::SubmitRan { .. });
@@ -487,14 +488,14 @@ mod tests {
         let mut bytes = encode_request(&ClientRequest::Status);
         bytes[0] = CLIENT_API_VERSION + 1;
         let err = decode_request(&bytes).unwrap_err();
-        assert!(matches!(err, DecodeError::Version { found: 2, expected: 1, .. }), "{err:?}");
-        assert_eq!(err.to_string(), "unsupported client request version 2 (this build speaks version 1)");
+        assert!(matches!(err, DecodeError::Version { found: 3, expected: 2, .. }), "{err:?}");
+        assert_eq!(err.to_string(), "unsupported client request version 3 (this build speaks version 2)");
 
         let mut bytes = encode_response(&ClientResponse::HasModule(false));
         bytes[0] = 0;
         assert_eq!(
             decode_response(&bytes).unwrap_err().to_string(),
-            "unsupported client response version 0 (this build speaks version 1)"
+            "unsupported client response version 0 (this build speaks version 2)"
         );
     }
 
@@ -545,6 +546,12 @@ mod tests {
             );
         }
         assert_eq!(cmd.validate(), Ok(()), "valid as a command: the leader writes it");
+        // What a peer that lost the lead forwards instead: the submit and its
+        // lease, without the results.
+        let forwarded = ClientRequest::Forward(cmd.clone().without_results());
+        assert_eq!(decode_request(&encode_request(&forwarded)).unwrap(), forwarded);
+        let ClientRequest::Forward(Command::Batch(parts)) = forwarded else { panic!("{forwarded:?}") };
+        assert!(matches!(parts.as_slice(), [Command::Submit { .. }, Command::Lease { max: 1, .. }]), "{parts:?}");
     }
 
     #[test]

@@ -207,6 +207,21 @@ impl Command {
         }
     }
 
+    /// This command as another peer may send it: a [`Command::SubmitRan`]
+    /// loses its results and becomes the batch of its submit and its lease
+    /// (only the leader that ran the jobs writes their results; a result
+    /// not written leaves its job to run under its lease). Others are
+    /// unchanged.
+    pub fn without_results(self) -> Command {
+        match self {
+            Command::SubmitRan { stream, jobs, peer, max, ran: _ } => Command::Batch(vec![
+                Command::Submit { stream: stream.clone(), jobs },
+                Command::Lease { peer, streams: vec![stream], max },
+            ]),
+            other => other,
+        }
+    }
+
     /// Check every bound of the vocabulary. Decoding calls this, and so does
     /// the state machine before applying.
     pub fn validate(&self) -> Result<(), InvalidInput> {

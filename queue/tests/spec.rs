@@ -407,6 +407,34 @@ fn a_result_counts_only_for_a_job_its_entry_granted_to_the_runner_as_it_ran() {
     .assert_eq(&jobs_view(&h));
 }
 
+/// A result is the run of the spec that was submitted with it: a job that
+/// already existed (same key) may have another spec, so its lease in the
+/// entry does not take the result.
+#[test]
+fn a_result_for_a_job_that_already_existed_is_not_taken() {
+    let mut h = Harness::with_stream(props());
+    let keyed = |input: &str| NewJob { key: Some(IdempotencyKey::new("k").unwrap()), ..job(input) };
+    h.submit("s", vec![keyed("first")]);
+    let cmd = Command::SubmitRan {
+        stream: name("s"),
+        jobs: vec![keyed("second")],
+        peer: PeerId(1),
+        max: 1,
+        ran: vec![ran(0, "x")],
+    };
+    let Outcome::Batch(parts) = h.ok(cmd) else { panic!("not a batch") };
+    let granted: Vec<u64> = match &parts[1] {
+        Ok(Outcome::Leased(g)) => g.iter().map(|g| g.job.0).collect(),
+        o => panic!("{o:?}"),
+    };
+    assert_eq!(granted, [0], "the entry's lease took the job that existed");
+    assert_eq!(parts[2], Ok(Outcome::Completed(vec![Err(LeaseError::NotGranted { job: JobId(0) })])));
+    expect![[r#"
+        job-0 Leased result=None attempts=1 token=Some(5)
+    "#]]
+    .assert_eq(&jobs_view(&h));
+}
+
 #[test]
 fn a_submit_ran_names_only_jobs_of_its_submit_in_order() {
     let mut h = Harness::with_stream(props());

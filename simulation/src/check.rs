@@ -196,6 +196,54 @@ fn replay(
                     }
                     Vec::new()
                 }
+                (Command::SubmitRan { peer, ran, .. }, Some(Outcome::Batch(parts))) => {
+                    // Its lease obeys the lease rules; each result it took is
+                    // for a new job its own lease granted to the peer that
+                    // ran it, and the job's only result.
+                    let (
+                        Some(Ok(Outcome::Submitted(subs))),
+                        Some(Ok(Outcome::Leased(grants))),
+                        Some(Ok(Outcome::Completed(rs))),
+                    ) = (parts.first(), parts.get(1), parts.get(2))
+                    else {
+                        continue;
+                    };
+                    for g in grants {
+                        if let Some(Some(l)) = leases_before.get(&g.job) {
+                            if l.expires_at > now {
+                                return Err(fail(
+                                    "lease-audit",
+                                    format!("index {index}: {} leased again while {} held a live lease", g.job, l.peer),
+                                ));
+                            }
+                        }
+                    }
+                    for (r, ok) in ran.iter().zip(rs) {
+                        let Some(sub) = subs.get(r.index as usize) else { continue };
+                        if ok.is_err() {
+                            continue;
+                        }
+                        let granted = grants.iter().any(|g| g.job == sub.job && g.token.0 == index);
+                        if sub.existing || !granted {
+                            return Err(fail(
+                                "lease-audit",
+                                format!(
+                                    "index {index}: a result taken for {} that this entry did not grant to {peer}",
+                                    sub.job
+                                ),
+                            ));
+                        }
+                        let n = completions.entry(sub.job).or_default();
+                        *n += 1;
+                        if *n > 1 {
+                            return Err(fail(
+                                "double-result",
+                                format!("index {index}: a second result committed for {}", sub.job),
+                            ));
+                        }
+                    }
+                    Vec::new()
+                }
                 _ => Vec::new(),
             };
             for ((job, token, peer, lease), ok) in items.iter().zip(accepted) {

@@ -45,6 +45,7 @@ pub(crate) fn peer_config(id: NodeId) -> PeerConfig {
         poll_interval: Duration::from_millis(50),
         heartbeat_interval: Duration::from_secs(1),
         shutdown_grace: Duration::from_secs(1),
+        early_wait: impetus_node::peer::early::EARLY_WAIT,
         info: PeerInfo { host: format!("sim-{id}"), capacity: 4, ..PeerInfo::default() },
     }
 }

@@ -262,7 +262,8 @@ impl World {
             return Err(ConsensusError::Unavailable(format!("forward n{from}->n{to}: n{to} is down")));
         };
         let now = self.clock_now(to);
-        let res = with_timeout(leader.consensus.write(now, cmd)).await;
+        // As a peer forwards: results it ran as leader are not another's to write.
+        let res = with_timeout(leader.consensus.write(now, cmd.without_results())).await;
         sleep_ms(plan.resp_delay_ms).await;
         if plan.drop_response || !self.link_open(to, from) {
             return Err(ConsensusError::Unavailable(format!("forward n{from}->n{to}: response lost")));

@@ -9,7 +9,7 @@
 //! unadopted: their reports are dropped when they end.
 //!
 //! A run that ends quickly can do better still: when the runs of a submit
-//! are expected to end within [`EARLY_WAIT`] (their modules' last early
+//! are expected to end within a millisecond ([`EARLY_WAIT`]; their modules' last early
 //! runs ended before their grants came), the leader waits for them and
 //! writes their results in the entry that submits them
 //! ([`impetus_proto::Command::SubmitRan`]): the job is done in one Raft
@@ -38,7 +38,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use impetus_proto::{FencingToken, JobId, LeaseGrant, ModuleHash, StreamName};
+use impetus_proto::{limits, FencingToken, JobId, LeaseGrant, ModuleHash, StreamName};
 use tokio::sync::Notify;
 
 use super::worker::Event;
@@ -67,19 +67,22 @@ impl Book {
     }
 }
 
-/// The longest a leader holds a submit back for its early runs to end
-/// (the runtime's timer may round it up to its tick). Only runs expected
-/// to end well within it are waited for ([`Quick`]); a job shorter than a
-/// Raft round is done sooner for the wait.
-pub(crate) const EARLY_WAIT: Duration = Duration::from_millis(1);
+/// The longest a leader holds a submit back for its early runs to end, by
+/// default ([`super::PeerConfig::early_wait`]; the runtime's timer may
+/// round it up to its tick). Only runs expected to end well within it are
+/// waited for ([`Quick`]); a job shorter than a Raft round is done sooner
+/// for the wait.
+pub const EARLY_WAIT: Duration = Duration::from_millis(1);
 
 /// Most early runs of one submit waited for: more would not end within
-/// [`EARLY_WAIT`] on a few cores however short each is (a bulk submit is
+/// the wait on a few cores however short each is (a bulk submit is
 /// written at once, as throughput wants).
 pub(crate) const EARLY_WAIT_RUNS: usize = 16;
 
 /// Modules whose last early run ended before its grant came (before its
 /// entry was committed and applied): their next runs are worth waiting for.
+/// A run still going when its grant comes, or when the wait is over, takes
+/// its module out.
 #[derive(Debug, Default)]
 pub(crate) struct Quick(Mutex<BTreeSet<ModuleHash>>);
 
@@ -106,7 +109,8 @@ impl Quick {
 }
 
 /// One early run, as [`super::Peer::unfuse`] sees it. Its caller has
-/// entered it in the [`Book`]; it leaves when adopted, or when it ends
+/// entered it in the [`Book`]; it leaves when adopted, when the write that
+/// carried its result is over ([`EarlyRun::settle`]), or when it ends
 /// orphaned.
 #[derive(Debug)]
 pub(crate) struct EarlyRun {
@@ -183,12 +187,18 @@ impl EarlyRun {
     }
 
     /// Take the result of a run that ended well, to write it with its
-    /// submit: its stdout and stderr tail. A run still going, or one that
-    /// failed (the failure is reported as any other), is left as it is.
+    /// submit: its stdout and stderr tail. A run still going, one that
+    /// failed (the failure is reported as any other), or one whose output
+    /// is past what a command may carry (it must not sink the submit) is
+    /// left as it is.
     pub fn carry(&self) -> Option<(Vec<u8>, Vec<u8>)> {
         let mut st = lock(&self.state);
         match std::mem::replace(&mut *st, State::Carried) {
-            State::Ended(RunReport { result: Ok(out), stderr_tail, .. }) => Some((out, stderr_tail)),
+            State::Ended(RunReport { result: Ok(out), stderr_tail, .. })
+                if out.len() <= limits::MAX_RESULT_BYTES && stderr_tail.len() <= limits::MAX_TAIL_BYTES =>
+            {
+                Some((out, stderr_tail))
+            }
             other => {
                 *st = other;
                 None

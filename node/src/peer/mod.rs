@@ -8,7 +8,7 @@
 //!   and reports results, batching everything it has to say into one command.
 
 pub mod consensus;
-mod early;
+pub mod early;
 pub mod membership;
 pub mod runner;
 pub mod runtime;
@@ -48,6 +48,9 @@ pub struct PeerConfig {
     pub heartbeat_interval: Duration,
     /// On shutdown, how long running jobs may take before their leases are released.
     pub shutdown_grace: Duration,
+    /// The longest the leader holds a submit back for its short jobs to
+    /// end, to write their results with it ([`early::EARLY_WAIT`]).
+    pub early_wait: Duration,
     pub info: PeerInfo,
 }
 
@@ -59,6 +62,7 @@ impl Default for PeerConfig {
             poll_interval: Duration::from_millis(50),
             heartbeat_interval: Duration::from_secs(2),
             shutdown_grace: Duration::from_secs(10),
+            early_wait: early::EARLY_WAIT,
             info: PeerInfo::default(),
         }
     }
@@ -272,7 +276,7 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
     /// lease is granted by the write that submits it, not by a second one.
     /// The jobs that may run at once (ready now, their module compiled
     /// here) start now ([`early`]), while the entry is replicated; or, if
-    /// they are expected to end within [`early::EARLY_WAIT`], before it is
+    /// they are expected to end within [`PeerConfig::early_wait`], before it is
     /// written, with their results in it ([`Command::SubmitRan`]). Commit
     /// the command returned (stamped after this returns), then pass its
     /// result to [`Peer::unfuse`].
@@ -311,11 +315,11 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
     }
 
     /// Wait until the early runs of `lease` have ended, at most
-    /// [`early::EARLY_WAIT`]. The modules of runs still going are not
+    /// [`PeerConfig::early_wait`]. The modules of runs still going are not
     /// waited for again until one of their runs proves quick.
     async fn await_early(&self, lease: &FusedLease) {
         let inner = &self.inner;
-        let timeout = inner.rt.sleep(early::EARLY_WAIT);
+        let timeout = inner.rt.sleep(inner.cfg.early_wait);
         tokio::pin!(timeout);
         loop {
             let ended = lease.ends.notified();
