@@ -59,6 +59,21 @@ pub struct Ran {
     pub stderr_tail: Vec<u8>,
 }
 
+/// What became of each result of a [`Command::SubmitRan`]: the job of the
+/// submit it ran (with the `index` of each of its `ran`, in order) and
+/// whether the state machine took it, from the outcomes of the command's
+/// submit and completions. Empty unless both succeeded.
+pub fn ran_results<'a>(
+    indexes: impl IntoIterator<Item = u32>,
+    submitted: &'a ApplyResult,
+    completed: &'a ApplyResult,
+) -> Vec<(&'a Submitted, &'a Result<(), LeaseError>)> {
+    let (Ok(Outcome::Submitted(subs)), Ok(Outcome::Completed(results))) = (submitted, completed) else {
+        return Vec::new();
+    };
+    indexes.into_iter().zip(results).filter_map(|(i, r)| Some((subs.get(i as usize)?, r))).collect()
+}
+
 /// A failed attempt, reported by the peer holding the lease.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Failure {

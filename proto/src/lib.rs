@@ -17,8 +17,8 @@ pub mod records;
 pub mod wire;
 
 pub use command::{
-    ApplyError, ApplyResult, Command, Completion, FailDisposition, Failure, LeaseError, LeaseGrant, NewJob, Outcome,
-    Ran, RunLimits, Stamp, Submitted,
+    ran_results, ApplyError, ApplyResult, Command, Completion, FailDisposition, Failure, LeaseError, LeaseGrant,
+    NewJob, Outcome, Ran, RunLimits, Stamp, Submitted,
 };
 pub use error::{DecodeError, InvalidInput};
 pub use ids::{FencingToken, IdempotencyKey, JobId, ModuleHash, PeerId, StreamName, Timestamp};

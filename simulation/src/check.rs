@@ -15,7 +15,10 @@
 
 use std::collections::BTreeMap;
 
-use impetus_proto::{Command, FencingToken, JobId, JobStatus, Lease, Outcome, PeerId, Stamp, StreamName};
+use impetus_proto::{
+    ran_results, Command, FencingToken, JobId, JobStatus, Lease, LeaseGrant, Outcome, PeerId, Stamp, StreamName,
+    Timestamp,
+};
 use impetus_queue::State;
 use impetus_raft::openraft::{EntryPayload, RaftLogReader};
 use impetus_raft::{Entry, NodeId};
@@ -28,6 +31,39 @@ use crate::Failure;
 
 fn fail(checker: &'static str, message: impl Into<String>) -> Failure {
     Failure { checker, message: message.into() }
+}
+
+/// The log replay: no lease granted at `index` while the job held a live one.
+fn no_lease_over_a_live_one(
+    index: u64,
+    now: Timestamp,
+    grants: &[LeaseGrant],
+    leases_before: &BTreeMap<JobId, Option<Lease>>,
+) -> Result<(), Failure> {
+    for g in grants {
+        if let Some(Some(l)) = leases_before.get(&g.job) {
+            if l.expires_at > now {
+                return Err(fail(
+                    "lease-audit",
+                    format!(
+                        "index {index}: {} leased again while {} held a live lease (token {})",
+                        g.job, l.peer, l.token.0
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The log replay: a result committed at `index` for `job` is its first.
+fn one_result(index: u64, job: JobId, completions: &mut BTreeMap<JobId, u32>) -> Result<(), Failure> {
+    let n = completions.entry(job).or_default();
+    *n += 1;
+    if *n > 1 {
+        return Err(fail("double-result", format!("index {index}: a second result committed for {job}")));
+    }
+    Ok(())
 }
 
 pub(crate) async fn final_checks(world: &World, nodes: &[Node]) -> Result<(), Failure> {
@@ -181,48 +217,17 @@ fn replay(
                 (Command::Renew { .. }, Some(Outcome::Renewed(rs))) => rs.iter().map(Result::is_ok).collect(),
                 (Command::Release { .. }, Some(Outcome::Released(rs))) => rs.iter().map(Result::is_ok).collect(),
                 (Command::Lease { .. }, Some(Outcome::Leased(grants))) => {
-                    for g in grants {
-                        if let Some(Some(l)) = leases_before.get(&g.job) {
-                            if l.expires_at > now {
-                                return Err(fail(
-                                    "lease-audit",
-                                    format!(
-                                        "index {index}: {} leased again while {} held a live lease (token {})",
-                                        g.job, l.peer, l.token.0
-                                    ),
-                                ));
-                            }
-                        }
-                    }
+                    no_lease_over_a_live_one(index, now, grants, &leases_before)?;
                     Vec::new()
                 }
                 (Command::SubmitRan { peer, ran, .. }, Some(Outcome::Batch(parts))) => {
                     // Its lease obeys the lease rules; each result it took is
                     // for a new job its own lease granted to the peer that
                     // ran it, and the job's only result.
-                    let (
-                        Some(Ok(Outcome::Submitted(subs))),
-                        Some(Ok(Outcome::Leased(grants))),
-                        Some(Ok(Outcome::Completed(rs))),
-                    ) = (parts.first(), parts.get(1), parts.get(2))
-                    else {
-                        continue;
-                    };
-                    for g in grants {
-                        if let Some(Some(l)) = leases_before.get(&g.job) {
-                            if l.expires_at > now {
-                                return Err(fail(
-                                    "lease-audit",
-                                    format!("index {index}: {} leased again while {} held a live lease", g.job, l.peer),
-                                ));
-                            }
-                        }
-                    }
-                    for (r, ok) in ran.iter().zip(rs) {
-                        let Some(sub) = subs.get(r.index as usize) else { continue };
-                        if ok.is_err() {
-                            continue;
-                        }
+                    let [submitted, Ok(Outcome::Leased(grants)), completed] = parts.as_slice() else { continue };
+                    no_lease_over_a_live_one(index, now, grants, &leases_before)?;
+                    let taken = ran_results(ran.iter().map(|r| r.index), submitted, completed);
+                    for (sub, _) in taken.into_iter().filter(|(_, r)| r.is_ok()) {
                         let granted = grants.iter().any(|g| g.job == sub.job && g.token.0 == index);
                         if sub.existing || !granted {
                             return Err(fail(
@@ -233,14 +238,7 @@ fn replay(
                                 ),
                             ));
                         }
-                        let n = completions.entry(sub.job).or_default();
-                        *n += 1;
-                        if *n > 1 {
-                            return Err(fail(
-                                "double-result",
-                                format!("index {index}: a second result committed for {}", sub.job),
-                            ));
-                        }
+                        one_result(index, sub.job, &mut completions)?;
                     }
                     Vec::new()
                 }
@@ -262,14 +260,7 @@ fn replay(
                     ));
                 }
                 if matches!(c, Command::Complete { .. }) {
-                    let n = completions.entry(*job).or_default();
-                    *n += 1;
-                    if *n > 1 {
-                        return Err(fail(
-                            "double-result",
-                            format!("index {index}: a second result committed for {job}"),
-                        ));
-                    }
+                    one_result(index, *job, &mut completions)?;
                 }
             }
         }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use impetus_node::peer::{Consensus, ConsensusError, Peer};
 use impetus_node::raft_consensus::RaftConsensus;
-use impetus_proto::{ApplyResult, Command, JobId, Outcome, PeerId, Timestamp};
+use impetus_proto::{ran_results, ApplyResult, Command, JobId, Outcome, PeerId, Timestamp};
 use impetus_raft::openraft::base::{BoxFuture, BoxStream};
 use impetus_raft::openraft::errors::{Fatal, RPCError, RaftError, ReplicationClosed, StreamingError, Unreachable};
 use impetus_raft::openraft::network::{stream_append_sequential, RPCOption, RaftNetworkFactory, RaftNetworkV2};
@@ -223,14 +223,14 @@ impl World {
                         }
                         // Results written with their submit: completions too.
                         (Command::SubmitRan { ran, .. }, Some(Outcome::Batch(parts))) => {
-                            if let [Ok(Outcome::Submitted(subs)), _, Ok(Outcome::Completed(rs))] = parts.as_slice() {
-                                for (r, ok) in ran.iter().zip(rs) {
-                                    if let (Some(sub), Ok(())) = (subs.get(r.index as usize), ok) {
-                                        *a.accepted_completions.entry(sub.job).or_default() += 1;
-                                        accepted.push(sub.job.0);
-                                        a.done_in_submit += 1;
-                                    }
-                                }
+                            let [submitted, _, completed] = parts.as_slice() else { continue };
+                            for (sub, _) in ran_results(ran.iter().map(|r| r.index), submitted, completed)
+                                .into_iter()
+                                .filter(|(_, r)| r.is_ok())
+                            {
+                                *a.accepted_completions.entry(sub.job).or_default() += 1;
+                                accepted.push(sub.job.0);
+                                a.done_in_submit += 1;
                             }
                         }
                         _ => {}

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use impetus_proto::api::WorkRequest;
 use impetus_proto::{
-    ApplyResult, Command, JobId, JobStatus, NewJob, Outcome, PeerId, PeerInfo, PeerRole, Ran, StreamName,
+    ran_results, ApplyResult, Command, JobId, JobStatus, NewJob, Outcome, PeerId, PeerInfo, PeerRole, Ran, StreamName,
 };
 use tokio::sync::Notify;
 
@@ -433,15 +433,6 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
             Ok(Outcome::Leased(grants)) => grants,
             _ => Vec::new(),
         };
-        // The acknowledgement tells the statuses once the whole entry is
-        // applied: the jobs its lease took are Leased.
-        if let Ok(Outcome::Submitted(subs)) = &mut submit {
-            for s in subs.iter_mut().filter(|s| s.status == JobStatus::Queued) {
-                if grants.iter().any(|g| g.job == s.job) {
-                    s.status = JobStatus::Leased;
-                }
-            }
-        }
         let granted = grants.len() as u32;
         debug_assert!(granted <= lease.free + lease.early.len() as u32, "leased more than asked");
         inner.runner.leased(grants.len());
@@ -451,6 +442,14 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
             e.settle();
         }
         grants.retain(|g| !done.contains(&g.job));
+        // The acknowledgement tells the statuses once the whole entry is
+        // applied: the jobs its lease took (and did not complete) are Leased.
+        if let Ok(Outcome::Submitted(subs)) = &mut submit {
+            let leased: BTreeSet<JobId> = grants.iter().map(|g| g.job).collect();
+            for s in subs.iter_mut().filter(|s| s.status == JobStatus::Queued && leased.contains(&s.job)) {
+                s.status = JobStatus::Leased;
+            }
+        }
         // Every grant that can adopts an early run first, so that a grant
         // without one never takes the slot of a run a later grant would adopt.
         let mut unmatched = Vec::new();
@@ -488,21 +487,18 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
         completed: Option<ApplyResult>,
         carried: &[early::EarlyRun],
     ) -> BTreeSet<JobId> {
-        let (Ok(Outcome::Submitted(subs)), Some(Ok(Outcome::Completed(results)))) = (submit, completed) else {
-            return BTreeSet::new();
-        };
-        debug_assert_eq!(results.len(), carried.len(), "one completion per result written");
-        let done: BTreeSet<JobId> = carried
-            .iter()
-            .zip(results)
-            .filter_map(|(e, r)| {
-                let job = subs.get(e.index as usize)?.job;
-                match r {
-                    Ok(()) => Some(job),
-                    Err(why) => {
-                        tracing::debug!(%job, %why, "a result written with its submit was not taken; the job runs again");
-                        None
-                    }
+        let Some(completed) = completed else { return BTreeSet::new() };
+        if let Ok(Outcome::Completed(results)) = &completed {
+            debug_assert_eq!(results.len(), carried.len(), "one completion per result written");
+        }
+        let done: BTreeSet<JobId> = ran_results(carried.iter().map(|e| e.index), submit, &completed)
+            .into_iter()
+            .filter_map(|(sub, r)| match r {
+                Ok(()) => Some(sub.job),
+                Err(why) => {
+                    let job = sub.job;
+                    tracing::debug!(%job, %why, "a result written with its submit was not taken; the job runs again");
+                    None
                 }
             })
             .collect();
