@@ -404,6 +404,14 @@ async fn gated_peer(cfg: PeerConfig, runner: FakeRunner) -> (GatedPeer, Arc<Gate
     (p, gate)
 }
 
+/// A peer with `capacity` slots whose worker loop takes no turn on its own
+/// (no poll, no heartbeat within a test): only submits (their fused leases)
+/// and finished jobs lease.
+fn quiet(capacity: u32) -> PeerConfig {
+    let slow = Duration::from_secs(60);
+    PeerConfig { capacity, poll_interval: slow, heartbeat_interval: slow, ..PeerConfig::default() }
+}
+
 /// Submit `jobs` to `s` in a task of its own (it may wait at the gate).
 fn spawn_submit(p: &GatedPeer, s: &StreamName, jobs: Vec<NewJob>) -> tokio::task::JoinHandle<Result<Outcome, String>> {
     let (p, s) = (p.clone(), s.clone());
@@ -458,10 +466,8 @@ async fn a_fused_submit_starts_its_jobs_before_it_commits_and_reports_that_run()
 async fn an_early_run_no_grant_takes_is_dropped_and_its_slot_comes_back() {
     let runner = FakeRunner::default();
     // No turn of the worker loop on its own (it would lease the older job
-    // once ready): only the fused lease and finished jobs lease.
-    let slow = Duration::from_secs(60);
-    let cfg = PeerConfig { capacity: 1, poll_interval: slow, heartbeat_interval: slow, ..PeerConfig::default() };
-    let (p, gate) = gated_peer(cfg, runner.clone()).await;
+    // once ready).
+    let (p, gate) = gated_peer(quiet(1), runner.clone()).await;
     let s = setup(&p, StreamProps::default()).await;
 
     // The submit fails: its early run ends with nothing to report it under.
@@ -531,9 +537,7 @@ async fn early_runs_stay_within_what_a_lease_may_take() {
 async fn no_early_run_while_older_jobs_wait() {
     let runner = FakeRunner::default();
     // No turn of the worker loop meanwhile: only the fused lease leases.
-    let slow = Duration::from_secs(60);
-    let cfg = PeerConfig { capacity: 1, poll_interval: slow, heartbeat_interval: slow, ..PeerConfig::default() };
-    let (p, gate) = gated_peer(cfg, runner.clone()).await;
+    let (p, gate) = gated_peer(quiet(1), runner.clone()).await;
     let s = setup(&p, StreamProps::default()).await;
     // An older job waits: submitted while this peer drained (no lease).
     write(&p, Command::DrainPeer { peer: p.id(), draining: true }).await.unwrap();
@@ -580,11 +584,7 @@ async fn early_runs_in_flight_count_against_the_limits() {
 /// The leader waits up to `early_wait` for the runs of a submit.
 async fn quick_peer(capacity: u32, early_wait: Duration) -> (GatedPeer, Arc<Gate>, FakeRunner, StreamName) {
     let runner = FakeRunner::default();
-    // No turn of the worker loop on its own: only submits and finished jobs lease.
-    let slow = Duration::from_secs(60);
-    let cfg =
-        PeerConfig { capacity, poll_interval: slow, heartbeat_interval: slow, early_wait, ..PeerConfig::default() };
-    let (p, gate) = gated_peer(cfg, runner.clone()).await;
+    let (p, gate) = gated_peer(PeerConfig { early_wait, ..quiet(capacity) }, runner.clone()).await;
     let s = setup(&p, StreamProps::default()).await;
     let first = spawn_submit(&p, &s, vec![new_job("3")]);
     started(&runner, "3").await;

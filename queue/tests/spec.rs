@@ -302,16 +302,28 @@ fn jobs_view(h: &Harness) -> String {
         .collect()
 }
 
+/// Apply a `SubmitRan` of `jobs` to stream `s` for peer-1; its outcome's
+/// parts: the submit's, the lease's, the completions'.
+fn submit_ran(h: &mut Harness, jobs: Vec<NewJob>, max: u32, ran: Vec<Ran>) -> Vec<ApplyResult> {
+    match h.ok(Command::SubmitRan { stream: name("s"), jobs, peer: PeerId(1), max, ran }) {
+        Outcome::Batch(parts) => parts,
+        o => panic!("{o:?}"),
+    }
+}
+
+/// The (job, token) of each grant of a lease's outcome.
+fn grants_of(leased: &ApplyResult) -> Vec<(u64, u64)> {
+    match leased {
+        Ok(Outcome::Leased(g)) => g.iter().map(|g| (g.job.0, g.token.0)).collect(),
+        o => panic!("{o:?}"),
+    }
+}
+
 #[test]
 fn a_submit_its_leader_ran_ends_its_jobs_in_the_entry_that_submits_them() {
     let mut h = Harness::with_stream(props());
-    let (peer, jobs) = (PeerId(1), vec![job("1"), job("2"), job("3")]);
-    let out = h.ok(Command::SubmitRan { stream: name("s"), jobs, peer, max: 3, ran: vec![ran(0, "1"), ran(2, "9")] });
-    let Outcome::Batch(parts) = out else { panic!("{out:?}") };
-    let grants: Vec<(u64, u64)> = match &parts[1] {
-        Ok(Outcome::Leased(g)) => g.iter().map(|g| (g.job.0, g.token.0)).collect(),
-        o => panic!("{o:?}"),
-    };
+    let parts = submit_ran(&mut h, vec![job("1"), job("2"), job("3")], 3, vec![ran(0, "1"), ran(2, "9")]);
+    let grants = grants_of(&parts[1]);
     assert_eq!(grants, [(0, 4), (1, 4), (2, 4)], "the lease takes the entry's index as token");
     assert_eq!(parts[2], Ok(Outcome::Completed(vec![Ok(()), Ok(())])));
     let statuses: Vec<JobStatus> = match &parts[0] {
@@ -334,25 +346,15 @@ fn a_submit_its_leader_ran_ends_its_jobs_in_the_entry_that_submits_them() {
 #[test]
 fn a_result_counts_only_for_a_job_its_entry_granted_to_the_runner_as_it_ran() {
     let mut h = Harness::with_stream(props());
-    let peer = PeerId(1);
     let keyed = |input: &str| NewJob { key: Some(IdempotencyKey::new("k").unwrap()), ..job(input) };
     // An older ready job takes the only lease; then a job that already
     // existed (same key); then limits that changed since the run.
     h.submit("s", vec![keyed("older")]);
-    let submit_ran =
-        |jobs: Vec<NewJob>, ran: Vec<Ran>| Command::SubmitRan { stream: name("s"), jobs, peer, max: 1, ran };
-    let mut outcomes = vec![h.ok(submit_ran(vec![job("new")], vec![ran(0, "x")]))];
-    outcomes.push(h.ok(submit_ran(vec![keyed("again")], vec![ran(0, "y")])));
+    let mut completed = vec![submit_ran(&mut h, vec![job("new")], 1, vec![ran(0, "x")]).remove(2)];
+    completed.push(submit_ran(&mut h, vec![keyed("again")], 1, vec![ran(0, "y")]).remove(2));
     let slower = StreamPatch { job_timeout_ms: Some(props().job_timeout_ms + 1), ..StreamPatch::default() };
     h.ok(Command::UpdateStream { name: name("s"), patch: slower });
-    outcomes.push(h.ok(submit_ran(vec![job("late")], vec![ran(0, "z")])));
-    let completed: Vec<&ApplyResult> = outcomes
-        .iter()
-        .map(|o| match o {
-            Outcome::Batch(parts) => &parts[2],
-            o => panic!("{o:?}"),
-        })
-        .collect();
+    completed.push(submit_ran(&mut h, vec![job("late")], 1, vec![ran(0, "z")]).remove(2));
     expect![[r#"
         [
             Ok(
@@ -415,18 +417,8 @@ fn a_result_for_a_job_that_already_existed_is_not_taken() {
     let mut h = Harness::with_stream(props());
     let keyed = |input: &str| NewJob { key: Some(IdempotencyKey::new("k").unwrap()), ..job(input) };
     h.submit("s", vec![keyed("first")]);
-    let cmd = Command::SubmitRan {
-        stream: name("s"),
-        jobs: vec![keyed("second")],
-        peer: PeerId(1),
-        max: 1,
-        ran: vec![ran(0, "x")],
-    };
-    let Outcome::Batch(parts) = h.ok(cmd) else { panic!("not a batch") };
-    let granted: Vec<u64> = match &parts[1] {
-        Ok(Outcome::Leased(g)) => g.iter().map(|g| g.job.0).collect(),
-        o => panic!("{o:?}"),
-    };
+    let parts = submit_ran(&mut h, vec![keyed("second")], 1, vec![ran(0, "x")]);
+    let granted: Vec<u64> = grants_of(&parts[1]).iter().map(|&(job, _)| job).collect();
     assert_eq!(granted, [0], "the entry's lease took the job that existed");
     assert_eq!(parts[2], Ok(Outcome::Completed(vec![Err(LeaseError::NotGranted { job: JobId(0) })])));
     expect![[r#"
