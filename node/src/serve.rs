@@ -244,9 +244,9 @@ async fn run_job(exec: Executor, metrics: Option<Arc<Metrics>>, a: Attempt) -> R
             args: &a.spec.args,
             env: &a.spec.env,
             input: &a.spec.input,
-            timeout_ms: a.job_timeout_ms,
-            fuel: a.fuel,
-            memory_limit_bytes: a.memory_limit_bytes,
+            timeout_ms: a.limits.job_timeout_ms,
+            fuel: a.limits.fuel,
+            memory_limit_bytes: a.limits.memory_limit_bytes,
         })
         .await;
     if let Some(m) = &metrics {

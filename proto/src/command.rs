@@ -46,6 +46,11 @@ impl RunLimits {
     pub fn of(g: &LeaseGrant) -> RunLimits {
         RunLimits { job_timeout_ms: g.job_timeout_ms, fuel: g.fuel, memory_limit_bytes: g.memory_limit_bytes }
     }
+
+    /// The limits of a stream's jobs, as a lease of one grants them.
+    pub fn of_props(p: &StreamProps) -> RunLimits {
+        RunLimits { job_timeout_ms: p.job_timeout_ms, fuel: p.fuel, memory_limit_bytes: p.memory_limit_bytes }
+    }
 }
 
 /// A job of a [`Command::SubmitRan`] that its leader ran before writing it,

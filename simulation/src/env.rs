@@ -221,8 +221,8 @@ impl JobRunner for SimRunner {
                 Err(ErrorRecord::new(ErrorKind::Trap, "wasm trap: unreachable"))
             } else if hang && (120..170).contains(&pick) {
                 // The executor enforces the job timeout on a job that never ends.
-                SimRuntime::sleep(Duration::from_millis(a.job_timeout_ms)).await;
-                Err(ErrorRecord::new(ErrorKind::Timeout, format!("ran past {} ms", a.job_timeout_ms)))
+                SimRuntime::sleep(Duration::from_millis(a.limits.job_timeout_ms)).await;
+                Err(ErrorRecord::new(ErrorKind::Timeout, format!("ran past {} ms", a.limits.job_timeout_ms)))
             } else if slow && (170..270).contains(&pick) {
                 let ms = a.lease_ttl_ms * (12 + r2 % 14) / 10;
                 SimRuntime::sleep(Duration::from_millis(ms)).await;

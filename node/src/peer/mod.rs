@@ -299,7 +299,7 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
                     continue;
                 };
                 let e = lease.early.swap_remove(i);
-                ran.push((Ran { index: e.index, limits: e.attempt.limits(), result, stderr_tail }, e));
+                ran.push((Ran { index: e.index, limits: e.attempt.limits, result, stderr_tail }, e));
                 lease.free += 1;
             }
         }

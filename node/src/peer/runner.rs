@@ -15,9 +15,7 @@ use super::Runtime;
 pub struct Attempt {
     pub module: ModuleHash,
     pub spec: JobSpec,
-    pub job_timeout_ms: u64,
-    pub fuel: Option<u64>,
-    pub memory_limit_bytes: u64,
+    pub limits: RunLimits,
     /// The lease's TTL between renewals (not the guest's business; the
     /// simulator's slow jobs outlast it on purpose).
     pub lease_ttl_ms: u64,
@@ -26,19 +24,7 @@ pub struct Attempt {
 impl Attempt {
     /// The attempt a lease grants.
     pub fn of(g: &LeaseGrant) -> Attempt {
-        Attempt {
-            module: g.module,
-            spec: g.spec.clone(),
-            job_timeout_ms: g.job_timeout_ms,
-            fuel: g.fuel,
-            memory_limit_bytes: g.memory_limit_bytes,
-            lease_ttl_ms: g.lease_ttl_ms,
-        }
-    }
-
-    /// The limits it runs under, as a [`impetus_proto::Ran`] reports them.
-    pub fn limits(&self) -> RunLimits {
-        RunLimits { job_timeout_ms: self.job_timeout_ms, fuel: self.fuel, memory_limit_bytes: self.memory_limit_bytes }
+        Attempt { module: g.module, spec: g.spec.clone(), limits: RunLimits::of(g), lease_ttl_ms: g.lease_ttl_ms }
     }
 
     /// The attempt a lease of `job`, submitted to a stream with `props`,
@@ -47,9 +33,7 @@ impl Attempt {
         Attempt {
             module: job.module,
             spec: job.spec.clone(),
-            job_timeout_ms: props.job_timeout_ms,
-            fuel: props.fuel,
-            memory_limit_bytes: props.memory_limit_bytes,
+            limits: RunLimits::of_props(props),
             lease_ttl_ms: props.lease_ttl_ms,
         }
     }
