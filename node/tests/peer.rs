@@ -202,6 +202,39 @@ async fn shutdown_lets_running_jobs_finish_and_reports_them() {
     assert_eq!(p.read(|st| st.job(JobId(1)).unwrap().status), JobStatus::Queued);
 }
 
+/// A stopping peer is marked draining in the registry (the cluster leases
+/// it nothing and does not make it a Raft member while it drains); when it
+/// comes back on the same id the mark is cleared and it runs jobs again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_peer_is_marked_draining_and_its_restart_clears_the_mark() {
+    let (log, snapshots) = (MemLogStore::<TypeConfig>::new(), MemSnapshotStore::new());
+    let c = consensus_on(&log, &snapshots, default_raft_config(), Some(PeerNode::new("mem-1"))).await;
+    let raft = c.raft().clone();
+    let p = Peer::start(TokioRuntime, c, FakeRunner::default(), PeerConfig::default(), None).await.unwrap();
+    let (id, s) = (p.id(), setup(&p, StreamProps::default()).await);
+    assert!(!p.read(|st| st.peer(id).unwrap().draining));
+    tokio::time::timeout(Duration::from_secs(10), p.shutdown()).await.expect("shutdown within 10 s");
+    assert!(p.read(|st| st.peer(id).unwrap().draining), "marked draining");
+    write(&p, Command::Submit { stream: s, jobs: vec![new_job("3")] }).await.unwrap();
+    assert!(p.read(|st| st.leasable_streams(id).is_empty()), "a draining peer is leased nothing");
+    raft.shutdown().await.unwrap();
+
+    let again = consensus_on(&log, &snapshots, default_raft_config(), None).await;
+    // The one voter elects itself (a cluster peer's writes wait for that).
+    for _ in 0..100 {
+        if again.status().leader == Some(1) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let p = Peer::start(TokioRuntime, again, FakeRunner::default(), PeerConfig::default(), Some(id)).await.unwrap();
+    assert_eq!(p.id(), id, "back on its id");
+    assert!(!p.read(|st| st.peer(id).unwrap().draining), "the mark is cleared");
+    let done = wait_final(&p, 1).await;
+    assert_eq!((done[0].status, done[0].result.as_deref()), (JobStatus::Succeeded, Some(&b"9"[..])), "{done:?}");
+    p.read(|st| st.check_invariants());
+}
+
 /// On the leader, a submit also leases its jobs to this peer's free slots
 /// in the same entry: when the submit is acknowledged they are already
 /// leased here (one replicated write before a job starts, not two), never

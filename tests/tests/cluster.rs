@@ -197,7 +197,8 @@ fn a_dead_workers_jobs_run_elsewhere_and_a_late_completion_is_refused() {
     let _serial = serial();
     let rt = rt();
     let dir = tempfile::tempdir().unwrap();
-    let mut peers = cluster(dir.path(), 3, &["--capacity", "2"]);
+    // Room on the voters for all eight re-runs at once.
+    let mut peers = cluster(dir.path(), 3, &["--capacity", "4"]);
     let join = peers[0].addr.clone();
     for i in 4..=5 {
         peers.push(PeerProc::start(&dir.path().join(format!("p{i}")), &["--join", &join, "--capacity", "4"]).unwrap());
@@ -206,8 +207,17 @@ fn a_dead_workers_jobs_run_elsewhere_and_a_late_completion_is_refused() {
     let (w4, w5) = (id_of(&st, &peers[3]), id_of(&st, &peers[4]));
     let voters: Vec<PeerId> = st.voters.clone();
 
-    // Eight 4-second jobs, only the two workers may take them.
+    // Each worker compiles the module first, so that the long jobs below
+    // start running the moment they are leased.
     let c = rt.block_on(Client::connect(&peers[0].addr, None)).unwrap();
+    for (name, w) in [("warm-4", w4), ("warm-5", w5)] {
+        let props = StreamProps { pin: [w].into_iter().collect(), ..StreamProps::default() };
+        let warm = rt.block_on(submit(&c, name, props, "sleep", vec!["0".into()]));
+        let done = rt.block_on(wait_all(&c, &warm, Duration::from_secs(60)));
+        assert_eq!((done[0].status, done[0].peer), (JobStatus::Succeeded, Some(w)), "{done:?}");
+    }
+
+    // Eight 4-second jobs, only the two workers may take them.
     let props = StreamProps {
         lease_ttl_ms: 1_500,
         max_attempts: 5,
@@ -232,22 +242,40 @@ fn a_dead_workers_jobs_run_elsewhere_and_a_late_completion_is_refused() {
     let s = StreamName::new("long").unwrap();
     let patch = impetus_proto::StreamPatch { pin: Some(voters.iter().copied().collect()), ..Default::default() };
     rt.block_on(c.update_stream(&s, patch)).unwrap();
+
+    // After the lease TTL every job runs again on a voter, under a new
+    // fencing token. While those runs go on (4 s each), worker 4 wakes up:
+    // its runs, which began first, end at once and it reports them with the
+    // old tokens. The cluster refuses each one as stale, not merely as late.
+    let rerunning = || {
+        ids.iter().all(|id| {
+            let r = rt.block_on(c.job(*id)).unwrap();
+            r.attempts >= 2
+                && matches!(r.status, JobStatus::Leased | JobStatus::Running)
+                && r.lease.is_some_and(|l| voters.contains(&l.peer))
+        })
+    };
+    wait_for(Duration::from_secs(60), || rerunning().then_some(()))
+        .unwrap_or_else(|| panic!("the jobs did not run again on the voters; logs:\n{}", logs(&peers)));
+    peers[3].signal("CONT");
+    let refused = wait_for(Duration::from_secs(30), || {
+        let log = peers[3].log_text();
+        (log.matches("result rejected").count() >= 4).then_some(log)
+    })
+    .unwrap_or_else(|| panic!("the late worker did not report its 4 jobs; log:\n{}", tail(&peers[3].log_text(), 60)));
+    let rejected: Vec<&str> = refused.lines().filter(|l| l.contains("result rejected")).collect();
+    assert!(
+        rejected.iter().all(|l| l.contains("stale fencing token")),
+        "{rejected:#?}\nworker 4's log:\n{}",
+        tail(&refused, 40)
+    );
+
     let records = rt.block_on(wait_all(&c, &ids, Duration::from_secs(90)));
     for r in &records {
         assert_eq!(r.status, JobStatus::Succeeded, "{r:?}");
         assert!(voters.contains(&r.peer.unwrap()), "ran again on a voter after the lease TTL: {r:?}");
         assert!(r.attempts >= 2, "the expired attempt was counted: {r:?}");
     }
-
-    // Worker 4 wakes up: its jobs finish and it reports them with the old
-    // fencing tokens. The cluster refuses every one of them.
-    peers[3].signal("CONT");
-    let refused = wait_for(Duration::from_secs(30), || {
-        let log = peers[3].log_text();
-        (log.matches("result rejected").count() > 0).then_some(log)
-    })
-    .unwrap_or_else(|| panic!("the late worker reported nothing; log:\n{}", tail(&peers[3].log_text(), 60)));
-    assert!(refused.contains("stale") || refused.contains("not leased") || refused.contains("lease"), "{refused}");
     let stats = rt.block_on(c.stream(&s)).unwrap().stats;
     assert_eq!((stats.succeeded, stats.completed_total), (8, 8), "no late completion was accepted: {stats:?}");
     let after = rt.block_on(wait_all(&c, &ids, Duration::from_secs(5)));

@@ -55,8 +55,9 @@ pub trait Consensus: Send + Sync + 'static {
     }
 }
 
-/// One turn of a worker, against `c`'s state: hand back orphaned leases if
-/// asked, commit the worker's commands, lease up to `lease_max` jobs from
+/// One turn of a worker, against `c`'s state: at a peer's start
+/// (`release_orphans`), clear the draining mark its last run left and hand
+/// back its orphaned leases; commit the worker's commands, lease up to `lease_max` jobs from
 /// the streams it may lease from — all as one entry (group commit). On an
 /// idle leader with a deadline due (a delayed job, an expiring lease) a bare
 /// `Tick` advances time.
@@ -66,16 +67,20 @@ pub async fn serve_work<C: Consensus + ?Sized>(
     req: WorkRequest,
 ) -> Result<WorkReply, ConsensusError> {
     let WorkRequest { peer, cmds, lease_max, release_orphans } = req;
-    let (registered, held, streams, due) = c.read(|s| {
+    let (registered, drained, held, streams, due) = c.read(|s| {
         let held = if release_orphans { s.leases_held_by(peer) } else { Vec::new() };
-        (s.has_peer(peer), held, s.leasable_streams_idle(peer), s.poll_timeout().is_some_and(|t| t <= now))
+        let drained = release_orphans && s.peer(peer).is_some_and(|p| p.draining);
+        (s.has_peer(peer), drained, held, s.leasable_streams_idle(peer), s.poll_timeout().is_some_and(|t| t <= now))
     });
     let released = held.len() as u32;
     let lease = lease_max > 0 && !streams.is_empty();
     let status = c.status();
-    let tick = cmds.is_empty() && !lease && held.is_empty() && due && status.leader == Some(status.node);
+    let tick = cmds.is_empty() && !lease && held.is_empty() && !drained && due && status.leader == Some(status.node);
     let sent = cmds.len();
-    let mut all = Vec::with_capacity(sent + 3);
+    let mut all = Vec::with_capacity(sent + 4);
+    if drained {
+        all.push(Command::DrainPeer { peer, draining: false });
+    }
     if !held.is_empty() {
         all.push(Command::Release { peer, leases: held });
     }
@@ -97,6 +102,12 @@ pub async fn serve_work<C: Consensus + ?Sized>(
             Err(e) => vec![Err(e); parts],
         },
     };
+    if drained && !outcomes.is_empty() {
+        match outcomes.remove(0) {
+            Ok(_) => tracing::info!(%peer, "back from draining: the registry's mark is cleared"),
+            Err(e) => tracing::warn!(%peer, error = %e, "clearing the draining mark refused"),
+        }
+    }
     if released > 0 && !outcomes.is_empty() {
         if let Err(e) = outcomes.remove(0) {
             tracing::warn!(%peer, error = %e, "handing back orphaned leases refused");

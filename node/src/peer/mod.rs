@@ -31,6 +31,8 @@ use tokio::sync::Notify;
 /// machine; and the pause between tries.
 const START_WAIT: Duration = Duration::from_secs(10);
 const START_WAIT_STEP: Duration = Duration::from_millis(100);
+/// How long setting the registry's draining mark may take.
+const DRAIN_MARK_WAIT: Duration = Duration::from_secs(5);
 
 pub use consensus::{serve_work, Consensus, ConsensusError, RaftStatus};
 pub use runner::{Attempt, JobRunner, RunReport};
@@ -508,6 +510,24 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
         done
     }
 
+    /// Set this peer's `draining` mark in the registry. Bounded by
+    /// [`DRAIN_MARK_WAIT`]: a peer cut off from the leader drains all the
+    /// same, and a failure is only logged.
+    async fn mark_draining(&self, draining: bool) {
+        let inner = &self.inner;
+        let cmd = Command::DrainPeer { peer: inner.id, draining };
+        tokio::select! {
+            r = inner.consensus.write(inner.rt.now(), cmd) => match r {
+                Ok(Ok(_)) => tracing::info!(peer = %inner.id, draining, "registry updated"),
+                Ok(Err(e)) => tracing::warn!(peer = %inner.id, draining, error = %e, "the registry refused the draining mark"),
+                Err(e) => tracing::warn!(peer = %inner.id, draining, error = %e, "could not set the draining mark"),
+            },
+            () = inner.rt.sleep(DRAIN_MARK_WAIT) => {
+                tracing::warn!(peer = %inner.id, draining, "setting the draining mark timed out");
+            }
+        }
+    }
+
     /// Wake the worker loop (new work may be ready).
     fn wake(&self) {
         self.inner.wake.notify_one();
@@ -520,9 +540,14 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
 
     /// Stop leasing, let running jobs finish (up to the grace period), report
     /// their results, release what is left. Resolves when that is done.
+    /// The registry marks the peer draining first, so the cluster neither
+    /// leases to it nor makes it a Raft member meanwhile.
     pub async fn shutdown(&self) {
-        self.inner.stopping.store(true, Ordering::SeqCst);
+        let first = !self.inner.stopping.swap(true, Ordering::SeqCst);
         self.inner.wake.notify_one();
+        if first {
+            self.mark_draining(true).await;
+        }
         while !self.inner.stopped_flag.load(Ordering::SeqCst) {
             let notified = self.inner.stopped.notified();
             if self.inner.stopped_flag.load(Ordering::SeqCst) {
