@@ -790,11 +790,14 @@ async fn a_peer_without_client_streams_is_named_and_falls_back() {
     let behaviour = client_protocol_behaviour(ProtocolSupport::Full);
     let mut old = build_swarm(keypair, &TransportConfig::default(), behaviour).unwrap();
     old.listen_on("/ip4/127.0.0.1/tcp/0".parse().unwrap()).unwrap();
-    let addr = loop {
-        if let SwarmEvent::NewListenAddr { address, .. } = old.select_next_some().await {
-            break address;
+    let listening = async {
+        loop {
+            if let SwarmEvent::NewListenAddr { address, .. } = old.select_next_some().await {
+                break address;
+            }
         }
     };
+    let addr = tokio::time::timeout(Duration::from_secs(10), listening).await.expect("listening within 10 s");
     let task = tokio::spawn(async move {
         loop {
             if let SwarmEvent::Behaviour(request_response::Event::Message {

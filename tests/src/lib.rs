@@ -174,7 +174,8 @@ impl PeerProc {
         if let Some(k) = &self.authkey {
             cmd.env("IMPETUS_AUTHKEY", k);
         }
-        cmd.args(["--peer", &self.addr]).args(args).stdin(Stdio::null()).output().expect("running the impetus CLI")
+        cmd.args(["--peer", &self.addr]).args(args);
+        output_within(cmd, CLI_LIMIT).unwrap_or_else(|e| panic!("impetus {args:?}: {e}"))
     }
 
     /// Run a CLI command that must succeed; return its stdout.
@@ -286,4 +287,39 @@ pub async fn submit_until_done(
         }
     }
     bail!("paced job {id} not done 10 s after its submit")
+}
+
+/// Longest a CLI command of a test may run.
+pub const CLI_LIMIT: Duration = Duration::from_secs(120);
+
+/// Run `cmd` to its end and collect its output, as `Command::output` does,
+/// but kill it and fail if it runs past `limit`.
+pub fn output_within(mut cmd: Command, limit: Duration) -> Result<Output> {
+    use std::io::Read;
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    };
+    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if start.elapsed() >= limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("still running after {limit:?}: killed");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let join = |t: std::thread::JoinHandle<Vec<u8>>| t.join().unwrap_or_default();
+    Ok(Output { status, stdout: join(stdout), stderr: join(stderr) })
 }

@@ -367,12 +367,9 @@ fn without_the_authkey_no_peer_or_client_gets_in() {
     // Clients: no key, a wrong key: refused; the right key: served.
     for args in [vec!["--peer", p1.addr.as_str()], vec!["--peer", p1.addr.as_str(), "--authkey", "wrong-key"]] {
         for cmd in [vec!["stream", "list"], vec!["submit", wasm("noop").to_str().unwrap(), "--stream", "private"]] {
-            let out = std::process::Command::new(impetus_tests::impetus_bin())
-                .env_remove("IMPETUS_AUTHKEY")
-                .args(&args)
-                .args(&cmd)
-                .output()
-                .unwrap();
+            let mut run = std::process::Command::new(impetus_tests::impetus_bin());
+            run.env_remove("IMPETUS_AUTHKEY").args(&args).args(&cmd);
+            let out = impetus_tests::output_within(run, impetus_tests::CLI_LIMIT).unwrap();
             let err = String::from_utf8_lossy(&out.stderr);
             assert!(!out.status.success(), "{args:?} {cmd:?} got in: {}", String::from_utf8_lossy(&out.stdout));
             assert!(err.contains("authkey"), "the error suggests the authkey: {err}");
