@@ -263,3 +263,56 @@ fn a_short_job_is_done_when_its_submit_is_acknowledged() {
         acked.iter().map(|(n, _, _)| (JobStatus::Succeeded, 1, (n * n).to_string())).collect();
     assert_eq!(got, want);
 }
+
+/// GET `path` from `addr` over plain HTTP/1.0; the body.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or_else(|| panic!("not HTTP: {resp}"));
+    assert!(head.starts_with("HTTP/1.") && head.contains(" 200 "), "{head}");
+    body.to_string()
+}
+
+/// The value of the one sample `name` (with its labels) in a Prometheus text page.
+fn sample(page: &str, name: &str) -> f64 {
+    let found: Vec<f64> =
+        page.lines().filter_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok()).collect();
+    assert_eq!(found.len(), 1, "one sample {name} in:\n{page}");
+    found[0]
+}
+
+/// `--metrics ADDR` serves Prometheus metrics of the peer and its streams,
+/// and `--log-format json` makes every log line one JSON object.
+#[test]
+fn a_peer_serves_its_metrics_and_logs_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = format!("127.0.0.1:{}", impetus_tests::free_port());
+    let p = PeerProc::start(&dir.path().join("p"), &["--metrics", &metrics, "--log-format", "json"]).unwrap();
+    p.ok(&["stream", "create", "m1"]);
+    let square = wasm("square");
+    for i in 0..3 {
+        let out = p.ok(&["submit", square.to_str().unwrap(), "--stream", "m1", "--input", &i.to_string(), "--wait"]);
+        assert_eq!(out.trim(), (i * i).to_string());
+    }
+    let page = http_get(&metrics, "/metrics");
+    assert!(sample(&page, "impetus_raft_term") >= 1.0);
+    assert_eq!(sample(&page, "impetus_raft_is_leader"), 1.0);
+    let (commit, applied) = (sample(&page, "impetus_raft_commit_index"), sample(&page, "impetus_raft_applied_index"));
+    assert!(commit >= 5.0 && applied >= 5.0, "stream, module, 3 submits at least: {commit} {applied}");
+    assert_eq!(sample(&page, r#"impetus_stream_jobs{stream="m1",status="succeeded"}"#), 3.0);
+    assert_eq!(sample(&page, r#"impetus_stream_jobs{stream="m1",status="queued"}"#), 0.0);
+    assert_eq!(sample(&page, r#"impetus_stream_submitted_total{stream="m1"}"#), 3.0);
+
+    let log = p.log_text();
+    let lines: Vec<&str> = log.lines().collect();
+    assert!(lines.len() >= 3, "{log}");
+    for line in &lines {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v.get("level").is_some() && v.get("fields").is_some(), "{line}");
+    }
+    assert!(log.contains("impetus peer ready"), "{log}");
+}
