@@ -20,7 +20,7 @@ use crate::metrics::Metrics;
 use crate::net::raft_rpc::P2pRaftNetwork;
 use crate::net::{Handlers, NetConfig, Server};
 use crate::peer::membership::{self, Policy};
-use crate::peer::{Attempt, Consensus, JobRunner, Peer, PeerConfig, RunReport};
+use crate::peer::{Attempt, Consensus, JobRunner, Peer, PeerConfig, RaftStatus, RunReport};
 use crate::raft_consensus::RaftConsensus;
 use crate::rt::TokioRuntime;
 
@@ -385,7 +385,7 @@ pub async fn run_peer(
     };
     let metrics_server = match &opts.metrics {
         Some(maddr) => {
-            match start_metrics(maddr, metrics.clone(), local.clone(), net.handle.clone(), peer.id()).await {
+            match start_metrics(maddr, metrics.clone(), consensus.clone(), net.handle.clone(), peer.id()).await {
                 Ok(server) => Some(server),
                 Err(e) => {
                     // Stop the worker loop before the job threads go.
@@ -604,10 +604,53 @@ fn forget_membership(data_dir: &Path) {
     }
 }
 
+/// How often a worker's metrics refresh their view of the cluster from
+/// the leader.
+const WORKER_VIEW_EVERY: Duration = Duration::from_secs(2);
+
+/// The cluster as a worker's metrics show it: the leader's Raft status and
+/// streams, as last fetched.
+type ClusterView = Arc<std::sync::Mutex<Option<(RaftStatus, Vec<impetus_proto::StreamInfo>)>>>;
+
+/// Keep `view` fresh while this peer is a worker (it holds no replica of
+/// its own): every [`WORKER_VIEW_EVERY`], ask the leader for its status. A
+/// failed fetch keeps the last view.
+async fn refresh_worker_view(consensus: ClusterConsensus, me: PeerId, view: ClusterView) {
+    loop {
+        if !holds_replica(&consensus.local.status()) {
+            match consensus.to_leader(ClientRequest::Status).await {
+                Ok(ClientResponse::Status(st)) => {
+                    let raft = RaftStatus {
+                        node: me.0,
+                        leader: st.leader.map(|l| l.0),
+                        term: st.term,
+                        commit_index: st.commit_index,
+                        applied_index: st.applied_index,
+                        voters: st.voters.iter().map(|v| v.0).collect(),
+                        learners: st.learners.iter().map(|l| l.0).collect(),
+                    };
+                    *view.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some((raft, st.streams));
+                }
+                Ok(other) => tracing::debug!(answer = other.kind(), "metrics: unexpected answer to Status"),
+                Err(e) => tracing::debug!(error = %e, "metrics: could not fetch the cluster's status"),
+            }
+        }
+        tokio::time::sleep(WORKER_VIEW_EVERY).await;
+    }
+}
+
+/// Whether this peer is a voter or learner (its replica is the cluster's).
+fn holds_replica(s: &RaftStatus) -> bool {
+    s.voters.contains(&s.node) || s.learners.contains(&s.node)
+}
+
+/// Serve `/metrics`. A voter or learner shows its own replica; a worker
+/// the leader's view, refreshed every [`WORKER_VIEW_EVERY`] (its own Raft
+/// knows no leader and holds no streams).
 async fn start_metrics(
     addr: &str,
     metrics: Arc<Metrics>,
-    local: Arc<RaftConsensus<TypeConfig>>,
+    consensus: ClusterConsensus,
     net: crate::net::NetHandle,
     me: PeerId,
 ) -> Result<(tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>), ServeError> {
@@ -615,9 +658,17 @@ async fn start_metrics(
         .await
         .map_err(|e| ServeError::Listen { addr: addr.to_owned(), reason: format!("metrics: {e}") })?;
     tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving /metrics");
+    let view = ClusterView::default();
+    let refresher = tokio::spawn(refresh_worker_view(consensus.clone(), me, view.clone()));
+    let local = consensus.local.clone();
     let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || {
-        let raft = local.status();
-        let streams = local.read(|s| s.streams());
+        let own = local.status();
+        let fetched = if holds_replica(&own) {
+            None
+        } else {
+            view.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+        };
+        let (raft, streams) = fetched.unwrap_or_else(|| (own, local.read(|s| s.streams())));
         metrics.render(&crate::metrics::Snapshot {
             peer: me.0,
             raft: &raft,
@@ -635,6 +686,7 @@ async fn start_metrics(
         {
             tracing::warn!(error = %e, "metrics server stopped");
         }
+        refresher.abort();
     });
     Ok((stop, task))
 }

@@ -323,3 +323,24 @@ pub fn output_within(mut cmd: Command, limit: Duration) -> Result<Output> {
     let join = |t: std::thread::JoinHandle<Vec<u8>>| t.join().unwrap_or_default();
     Ok(Output { status, stdout: join(stdout), stderr: join(stderr) })
 }
+
+/// GET `path` from `addr` over plain HTTP/1.0; the body.
+pub fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or_else(|| panic!("not HTTP: {resp}"));
+    assert!(head.starts_with("HTTP/1.") && head.contains(" 200 "), "{head}");
+    body.to_string()
+}
+
+/// The value of the one sample `name` (with its labels) in a Prometheus text page.
+pub fn sample(page: &str, name: &str) -> f64 {
+    let found: Vec<f64> =
+        page.lines().filter_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok()).collect();
+    assert_eq!(found.len(), 1, "one sample {name} in:\n{page}");
+    found[0]
+}

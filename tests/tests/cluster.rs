@@ -120,8 +120,13 @@ fn three_peers_become_voters_and_later_peers_workers_that_run_jobs() {
     let mut peers = cluster(dir.path(), 3, &["--capacity", "2"]);
     formed(&rt, &peers, 3, 0);
     let join = peers[0].addr.clone();
+    let metrics = format!("127.0.0.1:{}", impetus_tests::free_port());
     for i in 4..=5 {
-        peers.push(PeerProc::start(&dir.path().join(format!("p{i}")), &["--join", &join, "--capacity", "2"]).unwrap());
+        let mut args = vec!["--join", &join, "--capacity", "2"];
+        if i == 5 {
+            args.extend(["--metrics", &metrics]);
+        }
+        peers.push(PeerProc::start(&dir.path().join(format!("p{i}")), &args).unwrap());
     }
     let st = formed(&rt, &peers, 3, 2);
     assert_eq!(st.peers.len(), 5, "each peer registered once: {:?}", st.peers);
@@ -144,6 +149,21 @@ fn three_peers_become_voters_and_later_peers_workers_that_run_jobs() {
     for w in workers {
         assert!(ran.get(&w).copied().unwrap_or(0) > 0, "worker {w} ran no job: {ran:?}");
     }
+    // A worker's /metrics show the cluster as its leader sees it (its own
+    // Raft knows no leader and holds no streams).
+    let page = wait_for(Duration::from_secs(10), || {
+        let page = impetus_tests::http_get(&metrics, "/metrics");
+        page.contains(r#"impetus_stream_jobs{stream="shared",status="succeeded"} 40"#).then_some(page)
+    })
+    .unwrap_or_else(|| {
+        panic!("the worker's metrics do not show the stream: {}", impetus_tests::http_get(&metrics, "/metrics"))
+    });
+    let leader = rt.block_on(c.status()).unwrap().leader.unwrap();
+    assert_eq!(impetus_tests::sample(&page, "impetus_raft_leader"), leader.0 as f64);
+    assert_eq!(impetus_tests::sample(&page, "impetus_raft_is_leader"), 0.0);
+    assert!(impetus_tests::sample(&page, "impetus_raft_term") >= 1.0);
+    assert!(impetus_tests::sample(&page, "impetus_raft_commit_index") >= 40.0);
+
     // `impetus status` names every peer and its role.
     let out = peers[2].ok(&["status"]);
     assert_eq!(out.matches("voter").count(), 3, "{out}");

@@ -264,27 +264,6 @@ fn a_short_job_is_done_when_its_submit_is_acknowledged() {
     assert_eq!(got, want);
 }
 
-/// GET `path` from `addr` over plain HTTP/1.0; the body.
-fn http_get(addr: &str, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or_else(|| panic!("not HTTP: {resp}"));
-    assert!(head.starts_with("HTTP/1.") && head.contains(" 200 "), "{head}");
-    body.to_string()
-}
-
-/// The value of the one sample `name` (with its labels) in a Prometheus text page.
-fn sample(page: &str, name: &str) -> f64 {
-    let found: Vec<f64> =
-        page.lines().filter_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok()).collect();
-    assert_eq!(found.len(), 1, "one sample {name} in:\n{page}");
-    found[0]
-}
-
 /// `--metrics ADDR` serves Prometheus metrics of the peer and its streams,
 /// and `--log-format json` makes every log line one JSON object.
 #[test]
@@ -298,14 +277,17 @@ fn a_peer_serves_its_metrics_and_logs_json() {
         let out = p.ok(&["submit", square.to_str().unwrap(), "--stream", "m1", "--input", &i.to_string(), "--wait"]);
         assert_eq!(out.trim(), (i * i).to_string());
     }
-    let page = http_get(&metrics, "/metrics");
-    assert!(sample(&page, "impetus_raft_term") >= 1.0);
-    assert_eq!(sample(&page, "impetus_raft_is_leader"), 1.0);
-    let (commit, applied) = (sample(&page, "impetus_raft_commit_index"), sample(&page, "impetus_raft_applied_index"));
+    let page = impetus_tests::http_get(&metrics, "/metrics");
+    assert!(impetus_tests::sample(&page, "impetus_raft_term") >= 1.0);
+    assert_eq!(impetus_tests::sample(&page, "impetus_raft_is_leader"), 1.0);
+    let (commit, applied) = (
+        impetus_tests::sample(&page, "impetus_raft_commit_index"),
+        impetus_tests::sample(&page, "impetus_raft_applied_index"),
+    );
     assert!(commit >= 5.0 && applied >= 5.0, "stream, module, 3 submits at least: {commit} {applied}");
-    assert_eq!(sample(&page, r#"impetus_stream_jobs{stream="m1",status="succeeded"}"#), 3.0);
-    assert_eq!(sample(&page, r#"impetus_stream_jobs{stream="m1",status="queued"}"#), 0.0);
-    assert_eq!(sample(&page, r#"impetus_stream_submitted_total{stream="m1"}"#), 3.0);
+    assert_eq!(impetus_tests::sample(&page, r#"impetus_stream_jobs{stream="m1",status="succeeded"}"#), 3.0);
+    assert_eq!(impetus_tests::sample(&page, r#"impetus_stream_jobs{stream="m1",status="queued"}"#), 0.0);
+    assert_eq!(impetus_tests::sample(&page, r#"impetus_stream_submitted_total{stream="m1"}"#), 3.0);
 
     let log = p.log_text();
     let lines: Vec<&str> = log.lines().collect();
