@@ -200,6 +200,23 @@ impl PeerProc {
         }
     }
 
+    /// Wait (bounded) for the process to exit by itself; its exit status,
+    /// or `None` if it still runs after `limit` (or was never started).
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut()?;
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            if start.elapsed() >= limit {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// SIGTERM, then wait (bounded) for a clean exit. Returns whether it exited 0.
     pub fn stop(&mut self) -> Result<bool> {
         let Some(mut child) = self.child.take() else { return Ok(false) };
