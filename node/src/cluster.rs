@@ -61,8 +61,10 @@ fn service_error(e: ServiceError) -> ConsensusError {
     }
 }
 
-fn unexpected(resp: &ClientResponse) -> ConsensusError {
-    ConsensusError::Unavailable(format!("unexpected answer {}", resp.kind()))
+/// The leader answered `asked` with something else (a peer of another
+/// version, or a bug): name both.
+fn unexpected(asked: &str, resp: &ClientResponse) -> ConsensusError {
+    ConsensusError::Unavailable(format!("the leader answered {asked} with {}", resp.kind()))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -183,7 +185,7 @@ impl ClusterConsensus {
         match self.to_leader(ClientRequest::Forward(cmd.without_results())).await? {
             ClientResponse::Written { index, result } => Ok((index, result)),
             ClientResponse::Error(e) => Err(service_error(e)),
-            other => Err(unexpected(&other)),
+            other => Err(unexpected("a forwarded write", &other)),
         }
     }
 
@@ -195,7 +197,7 @@ impl ClusterConsensus {
             Err(ConsensusError::NotLeader { .. }) => match self.to_leader(ClientRequest::ReadIndex).await? {
                 ClientResponse::ReadIndex(i) => i,
                 ClientResponse::Error(e) => return Err(service_error(e)),
-                other => return Err(unexpected(&other)),
+                other => return Err(unexpected("a read-index request", &other)),
             },
             Err(e) => return Err(e),
         };
@@ -248,7 +250,7 @@ impl Consensus for ClusterConsensus {
         match self.to_leader(ClientRequest::Work(req)).await? {
             ClientResponse::Work(reply) => Ok(reply),
             ClientResponse::Error(e) => Err(service_error(e)),
-            other => Err(unexpected(&other)),
+            other => Err(unexpected("a worker's turn", &other)),
         }
     }
 }

@@ -507,7 +507,7 @@ async fn join_once(target: &str, authkey: Option<&str>, info: &PeerInfo) -> Resu
     let peer = match client.request(ClientRequest::Join { info: info.clone() }).await.map_err(|e| e.to_string())? {
         ClientResponse::Joined { peer } => peer,
         ClientResponse::Error(e) => return Err(e.to_string()),
-        other => return Err(format!("unexpected answer {}", other.kind())),
+        other => return Err(format!("{target} answered a join request with {}", other.kind())),
     };
     // Whom to ask who leads, later: the voters, by their full addresses.
     let st = client.status().await.map_err(|e| e.to_string())?;
@@ -573,7 +573,7 @@ async fn leave_cluster<R: crate::peer::Runtime, X: JobRunner>(service: &ClusterS
             match service.consensus.to_leader(ClientRequest::Leave { peer: me }).await {
                 Ok(ClientResponse::Left) => Ok(()),
                 Ok(ClientResponse::Error(e)) => Err(e.to_string()),
-                Ok(other) => Err(format!("unexpected answer {}", other.kind())),
+                Ok(other) => Err(format!("the leader answered a leave request with {}", other.kind())),
                 Err(e) => Err(e.to_string()),
             }
         }

@@ -160,7 +160,7 @@ async fn leave(g: &Global) -> anyhow::Result<u8> {
             Ok(exit::OK)
         }
         ClientResponse::Error(e) => bail!("{me} refused to leave: {e}"),
-        other => bail!("unexpected answer from {me}: {}", other.kind()),
+        other => bail!("{me} answered the leave request with {} (a peer of another version?)", other.kind()),
     }
 }
 
