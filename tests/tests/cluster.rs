@@ -460,3 +460,48 @@ fn peer_leave_drains_a_peer_and_takes_it_out_of_the_cluster() {
 fn client_of(rt: &tokio::runtime::Runtime, p: &PeerProc) -> Client {
     rt.block_on(Client::connect(&p.addr, None)).unwrap()
 }
+
+/// SIGTERM drains a voter: the registry marks it draining, it takes no new
+/// lease, the jobs it runs finish there and are committed, then it leaves
+/// Raft membership (a worker takes its seat) and exits 0.
+#[test]
+fn sigterm_drains_a_voter_running_jobs_then_it_leaves() {
+    let _serial = serial();
+    let rt = rt();
+    let dir = tempfile::tempdir().unwrap();
+    let mut peers = cluster(dir.path(), 4, &["--capacity", "4"]);
+    let st = formed(&rt, &peers, 3, 1);
+    let at = (0..3).find(|&i| Some(id_of(&st, &peers[i])) != st.leader).unwrap();
+    let v = id_of(&st, &peers[at]);
+    let c = client_of(&rt, &peers[(at + 1) % 3]);
+
+    // Four 3-second jobs pinned to the voter, then four more it has no room for.
+    let props = StreamProps { pin: [v].into_iter().collect(), ..StreamProps::default() };
+    let running = rt.block_on(submit(&c, "drain", props, "sleep", vec!["3000".into(); 4]));
+    let leased_to_v = |id: &JobId| rt.block_on(c.job(*id)).unwrap().lease.is_some_and(|l| l.peer == v);
+    wait_for(Duration::from_secs(30), || running.iter().all(leased_to_v).then_some(()))
+        .unwrap_or_else(|| panic!("the voter did not take its jobs; logs:\n{}", logs(&peers)));
+
+    peers[at].signal("TERM");
+    wait_for(Duration::from_secs(3), || {
+        status(&rt, &peers[(at + 1) % 3]).filter(|s| s.peers.iter().any(|p| p.id == v && p.draining))
+    })
+    .unwrap_or_else(|| panic!("the registry does not show the voter draining; logs:\n{}", logs(&peers)));
+    let queued = rt.block_on(submit(&c, "drain", StreamProps::default(), "sleep", vec!["10".into(); 4]));
+
+    let exited = peers[at].wait_exit(Duration::from_secs(60));
+    assert!(exited.is_some_and(|s| s.success()), "the voter did not exit 0: {exited:?}\n{}", logs(&peers));
+    let records = rt.block_on(wait_all(&c, &running, Duration::from_secs(30)));
+    for r in &records {
+        assert_eq!((r.status, r.peer, r.attempts), (JobStatus::Succeeded, Some(v), 1), "finished where it ran: {r:?}");
+    }
+    for id in &queued {
+        let r = rt.block_on(c.job(*id)).unwrap();
+        assert!(r.peer.is_none() && r.lease.is_none(), "a draining peer took a new lease: {r:?}");
+    }
+    let st = wait_for(Duration::from_secs(30), || {
+        status(&rt, &peers[(at + 1) % 3]).filter(|s| s.voters.len() == 3 && s.peers.iter().all(|p| p.id != v))
+    })
+    .unwrap_or_else(|| panic!("the voter did not leave, or no peer took its seat; logs:\n{}", logs(&peers)));
+    assert!(!st.voters.contains(&v), "{st:?}");
+}
