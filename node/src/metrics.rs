@@ -27,7 +27,8 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use impetus_proto::{StreamInfo, StreamStats};
+use impetus_proto::{ran_results, ApplyResult, Command, JobId, Outcome, StreamInfo, StreamStats};
+use impetus_queue::State;
 use prometheus_client::encoding::text::{encode_eof, encode_registry};
 use prometheus_client::encoding::{EncodeCounterValue, EncodeGaugeValue, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
@@ -51,6 +52,33 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 const JOB_SECONDS_BUCKETS: [f64; 16] =
     [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0];
 
+/// Upper bounds of the `impetus_job_latency_seconds` buckets: from the
+/// millisecond the state machine's clock counts to a day.
+const LATENCY_SECONDS_BUCKETS: [f64; 18] =
+    [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0, 86400.0];
+
+/// The jobs that `cmd` ended in success, as `result` says: accepted
+/// completions, results written with their submit, and those in a batch.
+fn succeeded(cmd: &Command, result: &ApplyResult) -> Vec<JobId> {
+    match (cmd, result) {
+        (Command::Complete { completions, .. }, Ok(Outcome::Completed(rs))) => {
+            completions.iter().zip(rs).filter(|(_, r)| r.is_ok()).map(|(c, _)| c.job).collect()
+        }
+        (Command::SubmitRan { ran, .. }, Ok(Outcome::Batch(parts))) => match parts.as_slice() {
+            [submitted, _, completed] => ran_results(ran.iter().map(|r| r.index), submitted, completed)
+                .into_iter()
+                .filter(|(_, r)| r.is_ok())
+                .map(|(s, _)| s.job)
+                .collect(),
+            _ => Vec::new(),
+        },
+        (Command::Batch(cmds), Ok(Outcome::Batch(outcomes))) => {
+            cmds.iter().zip(outcomes).flat_map(|(c, o)| succeeded(c, o)).collect()
+        }
+        _ => Vec::new(),
+    }
+}
+
 /// How long a client may take to send its request headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long [`serve`] waits for open connections to finish once shut down.
@@ -67,6 +95,7 @@ pub struct Metrics {
     registry: Registry,
     jobs_run: ByOutcome,
     job_seconds: Histogram,
+    job_latency: Histogram,
     leases: Counter,
 }
 
@@ -91,7 +120,14 @@ impl Metrics {
             job_seconds.clone(),
         );
         registry.register("impetus_leases_granted", "Job leases granted to this peer", leases.clone());
-        Metrics { registry, jobs_run, job_seconds, leases }
+        let job_latency = Histogram::new(LATENCY_SECONDS_BUCKETS);
+        registry.register_with_unit(
+            "impetus_job_latency",
+            "Submit to success of the jobs this replica applied, by the cluster's clock (a worker has none)",
+            Unit::Seconds,
+            job_latency.clone(),
+        );
+        Metrics { registry, jobs_run, job_seconds, job_latency, leases }
     }
 
     /// A job this peer ran finished: `outcome` is "succeeded" or "failed"; `seconds` is how long it ran
@@ -99,6 +135,18 @@ impl Metrics {
     pub fn job_finished(&self, outcome: &str, seconds: f64) {
         self.jobs_run.inc(outcome);
         self.job_seconds.observe(seconds.max(0.0));
+    }
+
+    /// This replica applied `cmd` with `result`; `state` is the state after
+    /// it. Each job it ended in success adds its submit → success time (the
+    /// leader's stamps on the two entries) to `impetus_job_latency_seconds`.
+    pub fn applied(&self, state: &State, cmd: &Command, result: &ApplyResult) {
+        for job in succeeded(cmd, result) {
+            if let Some(j) = state.job(job) {
+                let ms = j.updated_at.since(j.created_at);
+                self.job_latency.observe(ms as f64 / 1e3);
+            }
+        }
     }
 
     /// This peer was granted `n` leases.
@@ -460,6 +508,60 @@ mod tests {
         RaftStatus { node: 2, leader: Some(2), term: 7, commit_index: 120, applied_index: 118, ..Default::default() }
     }
 
+    /// The value of sample `name` in a rendered page.
+    fn sample(page: &str, name: &str) -> Option<f64> {
+        page.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[test]
+    fn job_latency_counts_each_success_from_its_submit_to_its_result() {
+        use impetus_proto::{Completion, JobSpec, ModuleHash, NewJob, PeerInfo, PeerRole, Stamp};
+        let mut st = State::new();
+        let mut index = 0;
+        let mut at = |ms: u64, cmd: &Command| {
+            index += 1;
+            st.apply(Stamp { index, now: Timestamp(ms) }, cmd)
+        };
+        let Ok(Outcome::PeerRegistered { peer }) =
+            at(1_000, &Command::RegisterPeer { info: PeerInfo::default(), role: PeerRole::Voter })
+        else {
+            panic!("not registered")
+        };
+        let bytes = b"\0asm module".to_vec();
+        let module = ModuleHash::of(&bytes);
+        at(1_000, &Command::PutModule { hash: module, bytes }).unwrap();
+        let name = StreamName::new("s").unwrap();
+        at(1_000, &Command::CreateStream { name: name.clone(), props: StreamProps::default() }).unwrap();
+        let job = NewJob { module, spec: JobSpec::default(), priority: None, delay_ms: 0, key: None };
+        at(1_000, &Command::Submit { stream: name.clone(), jobs: vec![job; 2] }).unwrap();
+        let Ok(Outcome::Leased(grants)) = at(1_200, &Command::Lease { peer, streams: vec![name], max: 2 }) else {
+            panic!("not leased")
+        };
+        // One good result, one with a stale token, in one batch.
+        let done = |g: &impetus_proto::LeaseGrant, token| Command::Complete {
+            peer,
+            completions: vec![Completion { job: g.job, token, result: b"ok".to_vec(), stderr_tail: vec![] }],
+        };
+        let stale = impetus_proto::FencingToken(grants[1].token.0 - 1);
+        let batch = Command::Batch(vec![done(&grants[0], grants[0].token), done(&grants[1], stale)]);
+        let result = at(1_250, &batch);
+
+        let metrics = Metrics::new();
+        metrics.applied(&st, &batch, &result);
+        let (raft, streams) = (leader(), Vec::new());
+        let page = metrics.render(&Snapshot {
+            peer: 2,
+            raft: &raft,
+            streams: &streams,
+            raft_streams_opened: 0,
+            client_streams_opened: 0,
+        });
+        assert_eq!(sample(&page, "impetus_job_latency_seconds_count"), Some(1.0), "{page}");
+        assert_eq!(sample(&page, "impetus_job_latency_seconds_sum"), Some(0.25), "{page}");
+        assert_eq!(sample(&page, r#"impetus_job_latency_seconds_bucket{le="0.25"}"#), Some(1.0), "{page}");
+        assert_eq!(sample(&page, r#"impetus_job_latency_seconds_bucket{le="0.1"}"#), Some(0.0), "{page}");
+    }
+
     #[test]
     fn render_known_snapshot() {
         let metrics = Metrics::new();
@@ -480,7 +582,12 @@ mod tests {
         assert!(out.ends_with("\n# EOF\n"), "{out}");
         assert_eq!(out.matches("# EOF").count(), 1, "{out}");
         // Everything but the histogram's buckets, which are many.
-        let shown: Vec<&str> = out.lines().filter(|l| !l.starts_with("impetus_job_run_seconds_bucket")).collect();
+        let shown: Vec<&str> = out
+            .lines()
+            .filter(|l| {
+                !l.starts_with("impetus_job_run_seconds_bucket") && !l.starts_with("impetus_job_latency_seconds_bucket")
+            })
+            .collect();
         expect![[r##"
             # HELP impetus_jobs_run Jobs this peer ran to the end, by outcome.
             # TYPE impetus_jobs_run counter
@@ -494,6 +601,11 @@ mod tests {
             # HELP impetus_leases_granted Job leases granted to this peer.
             # TYPE impetus_leases_granted counter
             impetus_leases_granted_total 5
+            # HELP impetus_job_latency_seconds Submit to success of the jobs this replica applied, by the cluster's clock (a worker has none).
+            # TYPE impetus_job_latency_seconds histogram
+            # UNIT impetus_job_latency_seconds seconds
+            impetus_job_latency_seconds_sum 0.0
+            impetus_job_latency_seconds_count 0
             # HELP impetus_peer_id This peer's id.
             # TYPE impetus_peer_id gauge
             impetus_peer_id 2

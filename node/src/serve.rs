@@ -312,6 +312,9 @@ pub async fn run_peer(
     // cluster as node 1. A worker holds no Raft state: after a restart it
     // joins again through its `--join` peers and gets its id back.
     let (log, sm) = impetus_raft::open_stores::<TypeConfig>(&raft_dir).await?;
+    let metrics = Arc::new(Metrics::new());
+    let observed = metrics.clone();
+    let sm = sm.with_observer(Arc::new(move |state, cmd, result| observed.applied(state, cmd, result)));
     let holds_state = log.index_range().is_some() || log.purged().is_some() || sm.handle().last_applied().is_some();
     let mut contacts = Vec::new();
     let (node_id, founder) = match known_id {
@@ -354,7 +357,6 @@ pub async fn run_peer(
 
     let executor = Executor::new(ExecConfig::default())?;
     let cfg = PeerConfig { capacity: opts.capacity.max(1), info, ..PeerConfig::default() };
-    let metrics = Arc::new(Metrics::new());
     let job_threads = JobThreads::new().map_err(ServeError::JobThreads)?;
     let runner = WasmRunner::new(executor, Some(metrics.clone()), &job_threads);
     let peer = Peer::start(TokioRuntime, consensus.clone(), runner, cfg, Some(PeerId(node_id))).await?;

@@ -43,7 +43,7 @@ pub use error::RaftError;
 pub use mem_log::MemLogStore;
 pub use openraft;
 pub use snapshot_store::{MemSnapshotStore, SnapshotStore, StoredSnapshot};
-pub use state_machine::{Applied, StateHandle, StateMachineStore};
+pub use state_machine::{Applied, ApplyObserver, StateHandle, StateMachineStore};
 #[cfg(feature = "sled")]
 pub use wal_log::WalLogStore;
 

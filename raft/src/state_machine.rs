@@ -8,7 +8,7 @@ use std::marker::PhantomData;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use futures::{Stream, TryStreamExt};
-use impetus_proto::{ApplyResult, Outcome, Stamp};
+use impetus_proto::{ApplyResult, Command, Outcome, Stamp};
 use impetus_queue::State;
 use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
@@ -37,7 +37,7 @@ impl Applied {
     }
 
     /// Apply one log entry; returns what a waiting client receives.
-    fn apply_entry(&mut self, entry: Entry, check_invariants: bool) -> ApplyResult {
+    fn apply_entry(&mut self, entry: Entry, check_invariants: bool, observer: Option<&ApplyObserver>) -> ApplyResult {
         let log_id = entry.log_id;
         let result = match entry.payload {
             EntryPayload::Normal(req) => {
@@ -45,6 +45,9 @@ impl Applied {
                 let result = self.state.apply(stamp, &req.cmd);
                 if check_invariants {
                     self.state.check_invariants();
+                }
+                if let Some(observe) = observer {
+                    observe(&self.state, &req.cmd, &result);
                 }
                 result
             }
@@ -60,6 +63,11 @@ impl Applied {
         result
     }
 }
+
+/// Told of every command this replica applies, with the state after it
+/// and the outcome (for metrics). Runs under the state's write lock: it
+/// must be quick and must not block.
+pub type ApplyObserver = Arc<dyn Fn(&State, &Command, &ApplyResult) + Send + Sync>;
 
 /// The body of a snapshot: what a follower receives and what is stored.
 #[derive(Debug, Serialize, Deserialize)]
@@ -155,6 +163,7 @@ pub struct StateMachineStore<C> {
     handle: StateHandle,
     snapshots: SnapshotStore,
     check_invariants: bool,
+    observer: Option<ApplyObserver>,
     _config: PhantomData<fn() -> C>,
 }
 
@@ -188,8 +197,15 @@ impl<C> StateMachineStore<C> {
             handle: StateHandle(Arc::new(RwLock::new(applied))),
             snapshots,
             check_invariants: false,
+            observer: None,
             _config: PhantomData,
         })
+    }
+
+    /// Tell `observer` of every command applied from now on.
+    pub fn with_observer(mut self, observer: ApplyObserver) -> StateMachineStore<C> {
+        self.observer = Some(observer);
+        self
     }
 
     /// Call [`State::check_invariants`] after every applied command (tests,
@@ -260,7 +276,7 @@ impl<C: ImpetusConfig> RaftStateMachine<C> for StateMachineStore<C> {
     {
         while let Some((entry, responder)) = entries.try_next().await? {
             let index = entry.log_id.index;
-            let result = self.handle.write_guard().apply_entry(entry, self.check_invariants);
+            let result = self.handle.write_guard().apply_entry(entry, self.check_invariants, self.observer.as_ref());
             tracing::trace!(index, ok = result.is_ok(), "applied");
             if let Some(responder) = responder {
                 responder.send(result);

@@ -288,6 +288,8 @@ fn a_peer_serves_its_metrics_and_logs_json() {
     assert_eq!(impetus_tests::sample(&page, r#"impetus_stream_jobs{stream="m1",status="succeeded"}"#), 3.0);
     assert_eq!(impetus_tests::sample(&page, r#"impetus_stream_jobs{stream="m1",status="queued"}"#), 0.0);
     assert_eq!(impetus_tests::sample(&page, r#"impetus_stream_submitted_total{stream="m1"}"#), 3.0);
+    assert_eq!(impetus_tests::sample(&page, "impetus_job_latency_seconds_count"), 3.0, "submit → success of each job");
+    assert_eq!(impetus_tests::sample(&page, "impetus_jobs_run_total{outcome=\"succeeded\"}"), 3.0);
 
     let log = p.log_text();
     let lines: Vec<&str> = log.lines().collect();
