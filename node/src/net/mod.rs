@@ -15,6 +15,10 @@
 //!   pipelined ([`raft_pipeline`]);
 //! - identify, Kademlia (server mode) and, when enabled, mDNS: peers learn
 //!   each other's addresses; mDNS discoveries are reported to the joiner.
+//!   Raft and client streams are opened by peer id alone: when no
+//!   connection is up, the swarm dials the addresses Kademlia's routing
+//!   table holds for that id (fed by identify and mDNS), besides those the
+//!   registry and the Raft membership carry, which request-response dials.
 //!
 //! The swarm runs in one task ([`Server::start`]); everything else talks to
 //! it through a cheap [`NetHandle`]. Every inbound request is handled in its
