@@ -17,7 +17,9 @@ use crate::records::{JobRecord, JobStatus, PeerInfo, PeerRecord, PeerRole, Strea
 use crate::wire;
 
 /// Version of the client protocol encoding. A peer refuses any other.
-pub const CLIENT_API_VERSION: u8 = 2;
+/// 2: `Submitted` carries the job's status; 3: a `PeerRecord` carries its
+/// idle slots per stream.
+pub const CLIENT_API_VERSION: u8 = 3;
 
 /// A client's request to a peer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -488,14 +490,14 @@ mod tests {
         let mut bytes = encode_request(&ClientRequest::Status);
         bytes[0] = CLIENT_API_VERSION + 1;
         let err = decode_request(&bytes).unwrap_err();
-        assert!(matches!(err, DecodeError::Version { found: 3, expected: 2, .. }), "{err:?}");
-        assert_eq!(err.to_string(), "unsupported client request version 3 (this build speaks version 2)");
+        assert!(matches!(err, DecodeError::Version { found: 4, expected: 3, .. }), "{err:?}");
+        assert_eq!(err.to_string(), "unsupported client request version 4 (this build speaks version 3)");
 
         let mut bytes = encode_response(&ClientResponse::HasModule(false));
         bytes[0] = 0;
         assert_eq!(
             decode_response(&bytes).unwrap_err().to_string(),
-            "unsupported client response version 0 (this build speaks version 2)"
+            "unsupported client response version 0 (this build speaks version 3)"
         );
     }
 

@@ -425,6 +425,11 @@ pub struct PeerRecord {
     pub rss_bytes: u64,
     /// Jobs this peer holds leases on, per stream.
     pub leased: Vec<(StreamName, u32)>,
+    /// Idle slots per stream: how many more jobs of each stream a lease by
+    /// this peer could take now (its pin, max per peer and spawn frequency),
+    /// within the capacity its leases leave free. Streams with none are left
+    /// out; a draining peer has none.
+    pub idle: Vec<(StreamName, u32)>,
 }
 
 #[cfg(test)]

@@ -153,6 +153,17 @@ impl State {
                 let n = self.data.streams.get(idx)?.leased_by_peer.get(&id).copied()?;
                 Some((name.clone(), n))
             })
+            .collect::<Vec<_>>();
+        let busy: u32 = leased.iter().map(|(_, n)| *n).sum();
+        let free = p.info.capacity.saturating_sub(busy);
+        let idle = self
+            .data
+            .stream_names
+            .keys()
+            .filter_map(|name| {
+                let n = self.lease_allowance(name, id).min(free);
+                (n > 0).then(|| (name.clone(), n))
+            })
             .collect();
         Some(PeerRecord {
             id,
@@ -163,6 +174,7 @@ impl State {
             last_heartbeat: p.last_heartbeat,
             rss_bytes: p.rss_bytes,
             leased,
+            idle,
         })
     }
 

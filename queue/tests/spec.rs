@@ -763,6 +763,26 @@ fn peers_register_with_ids_never_reused_and_heartbeat() {
 }
 
 #[test]
+fn a_peers_registry_entry_shows_its_idle_slots_per_stream() {
+    let mut h = Harness::with_stream(StreamProps { mpps: 2, ..props() });
+    let p = PeerId(1);
+    let other = h.register();
+    h.ok(Command::CreateStream { name: name("wide"), props: props() });
+    let pin = [other].into_iter().collect();
+    h.ok(Command::CreateStream { name: name("pinned"), props: StreamProps { pin, ..props() } });
+    h.ok(Command::Heartbeat { peer: p, info: PeerInfo { capacity: 4, ..PeerInfo::default() }, rss_bytes: 0 });
+    h.submit("s", vec![job("1")]);
+    h.lease(p, 1);
+    let r = h.state.peer(p).unwrap();
+    assert_eq!(r.leased, [(name("s"), 1)]);
+    // s: its max per peer (2) less the job running; wide: the 3 slots the
+    // capacity leaves; pinned: none, it runs on peer-2 only.
+    assert_eq!(r.idle, [(name("s"), 1), (name("wide"), 3)]);
+    h.ok(Command::DrainPeer { peer: p, draining: true });
+    assert_eq!(h.state.peer(p).unwrap().idle, [], "a draining peer takes nothing");
+}
+
+#[test]
 fn removing_a_peer_returns_its_jobs_without_counting_attempts() {
     let mut h = Harness::with_stream(props());
     h.submit("s", vec![job("1"), job("2")]);

@@ -270,6 +270,14 @@ fn a_dead_workers_jobs_run_elsewhere_and_a_late_completion_is_refused() {
     };
     wait_for(Duration::from_secs(30), || (held(w4) == 4 && held(w5) == 4).then_some(()))
         .unwrap_or_else(|| panic!("the workers did not take the jobs; logs:\n{}", logs(&peers)));
+    // Past the 1.5 s lease TTL the workers still hold them: they renew
+    // their leases through the leader while the jobs run.
+    std::thread::sleep(Duration::from_millis(2_000));
+    for id in &ids {
+        let r = rt.block_on(c.job(*id)).unwrap();
+        let by_worker = r.lease.is_some_and(|l| l.peer == w4 || l.peer == w5);
+        assert!(by_worker && r.attempts == 1, "a lease was not renewed: {r:?}");
+    }
 
     // Worker 4 freezes (it will wake up late), worker 5 dies.
     peers[3].signal("STOP");
@@ -504,4 +512,26 @@ fn sigterm_drains_a_voter_running_jobs_then_it_leaves() {
     })
     .unwrap_or_else(|| panic!("the voter did not leave, or no peer took its seat; logs:\n{}", logs(&peers)));
     assert!(!st.voters.contains(&v), "{st:?}");
+}
+
+/// `--voters 5`: five peers form a cluster of five voters (it survives two
+/// failures), and it still commits with two of them killed.
+#[test]
+fn five_voters_with_voters_5_survive_two_kills() {
+    let _serial = serial();
+    let rt = rt();
+    let dir = tempfile::tempdir().unwrap();
+    let mut peers = cluster(dir.path(), 5, &["--voters", "5"]);
+    let st = formed(&rt, &peers, 5, 0);
+    let leader = st.leader.unwrap_or_else(|| panic!("no leader: {st:?}"));
+    // Kill two voters that do not lead; the other three still commit.
+    let doomed: Vec<usize> = (0..5).filter(|&i| id_of(&st, &peers[i]) != leader).take(2).collect();
+    for &i in &doomed {
+        peers[i].kill9();
+    }
+    let alive = (0..5).find(|i| !doomed.contains(i)).unwrap();
+    let c = client_of(&rt, &peers[alive]);
+    let ids = rt.block_on(submit(&c, "five", StreamProps::default(), "noop", vec![String::new(); 20]));
+    let records = rt.block_on(wait_all(&c, &ids, Duration::from_secs(60)));
+    assert!(records.iter().all(|r| r.status == JobStatus::Succeeded), "{records:?}");
 }

@@ -100,12 +100,7 @@ pub fn render(st: &ClusterStatus, g: &Global, now: u64, rates: Option<&Rates>) -
         if p.id == st.peer {
             role.push_str(" (me)");
         }
-        let running = if p.leased.is_empty() {
-            "-".to_owned()
-        } else {
-            p.leased.iter().map(|(s, n)| format!("{s}:{n}")).collect::<Vec<_>>().join(" ")
-        };
-        let busy: u32 = p.leased.iter().map(|(_, n)| *n).sum();
+        let running = per_stream(&p.leased);
         let addr = p.info.addresses.first().map(|a| a.split("/p2p/").next().unwrap_or(a)).unwrap_or("-");
         peers.row(vec![
             p.id.to_string(),
@@ -117,7 +112,7 @@ pub fn render(st: &ClusterStatus, g: &Global, now: u64, rates: Option<&Rates>) -
             if p.draining { "yes" } else { "no" }.into(),
             format!("{} ago", age(p.last_heartbeat, now)),
             running,
-            p.info.capacity.saturating_sub(busy).to_string(),
+            per_stream(&p.idle),
         ]);
     }
     if peers.is_empty() {
@@ -156,6 +151,14 @@ pub fn render(st: &ClusterStatus, g: &Global, now: u64, rates: Option<&Rates>) -
     out
 }
 
+/// `stream:n stream:n`, or `-` for none.
+fn per_stream(counts: &[(StreamName, u32)]) -> String {
+    if counts.is_empty() {
+        return "-".to_owned();
+    }
+    counts.iter().map(|(s, n)| format!("{s}:{n}")).collect::<Vec<_>>().join(" ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,6 +189,7 @@ mod tests {
                 last_heartbeat: Timestamp(9_000),
                 rss_bytes: 50 << 20,
                 leased: vec![(s1.clone(), 3)],
+                idle: vec![(s1.clone(), 1)],
             }],
             streams: vec![StreamInfo {
                 name: s1,
@@ -212,7 +216,7 @@ mod tests {
             cluster via 127.0.0.1:7420 (peer-1): leader peer-1, term 2, commit 40, applied 40
 
             PEER    ADDRESS                  HOST   PID  RSS MB  ROLE                 DRAINING  HEARTBEAT  RUNNING  IDLE SLOTS
-            peer-1  /ip4/127.0.0.1/tcp/7420  box   4242    50.0  voter (leader) (me)  no           1s ago  s1:3              5
+            peer-1  /ip4/127.0.0.1/tcp/7420  box   4242    50.0  voter (leader) (me)  no           1s ago  s1:3     s1:1
 
             STREAM  DEPTH  RUNNING  SUCCEEDED  DEAD  OLDEST PENDING  COMPLETED
             s1          6        3         10     0               -         10
