@@ -142,9 +142,8 @@ impl Metrics {
     /// leader's stamps on the two entries) to `impetus_job_latency_seconds`.
     pub fn applied(&self, state: &State, cmd: &Command, result: &ApplyResult) {
         for job in succeeded(cmd, result) {
-            if let Some(j) = state.job(job) {
-                let ms = j.updated_at.since(j.created_at);
-                self.job_latency.observe(ms as f64 / 1e3);
+            if let Some((created, done)) = state.job_times(job) {
+                self.job_latency.observe(done.since(created) as f64 / 1e3);
             }
         }
     }

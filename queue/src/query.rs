@@ -2,7 +2,7 @@
 
 use impetus_proto::{
     FencingToken, JobId, JobRecord, JobSpec, JobStatus, Lease, ModuleHash, PeerId, PeerRecord, StreamInfo, StreamName,
-    StreamStats,
+    StreamStats, Timestamp,
 };
 
 use crate::state::{Job, Stream};
@@ -11,6 +11,12 @@ use crate::{JobFilter, State};
 impl State {
     pub fn job(&self, id: JobId) -> Option<JobRecord> {
         self.data.jobs.get(&id).map(|j| self.record(id, j))
+    }
+
+    /// When a job was created and last changed (its result's time once it
+    /// ended), without copying its record.
+    pub fn job_times(&self, id: JobId) -> Option<(Timestamp, Timestamp)> {
+        self.data.jobs.get(&id).map(|j| (j.created_at, j.updated_at))
     }
 
     /// The status of each job in `ids` (`None`: no such job), in order.
