@@ -95,7 +95,7 @@ impl Node {
             membership::manage(rt, m, policy, Duration::from_millis(500), move || !a.load(Ordering::SeqCst)).await
         });
         let (w, a) = (world.clone(), alive.clone());
-        spawn_killable(&alive, async move { start_peer(w, id, consensus, a).await });
+        spawn_killable(&alive, async move { start_peer(w, id, Some(consensus), a).await });
         world.event(format_args!("n{id} started"));
         self.running = Some(Running { alive, raft, state });
         Ok(())
@@ -119,11 +119,57 @@ impl Node {
     }
 }
 
+/// A simulated worker: a peer with no Raft node, whose turns, writes and
+/// module fetches go to the leader over the simulated network.
+pub(crate) struct Worker {
+    pub id: NodeId,
+    /// The kill switch of the running incarnation.
+    pub running: Option<Arc<AtomicBool>>,
+    /// Virtual ms at which a crashed worker restarts.
+    pub down_until: Option<u64>,
+}
+
+impl Worker {
+    pub fn new(id: NodeId) -> Worker {
+        Worker { id, running: None, down_until: None }
+    }
+
+    /// Start (or restart) the worker's peer: it registers through the
+    /// leader, or re-uses its peer id (its hello hands back orphaned leases).
+    pub fn start(&mut self, world: &Arc<World>) {
+        let id = self.id;
+        let alive = Arc::new(AtomicBool::new(true));
+        let (w, a) = (world.clone(), alive.clone());
+        spawn_killable(&alive, async move { start_peer(w, id, None, a).await });
+        world.event(format_args!("n{id} (worker) started"));
+        self.running = Some(alive);
+    }
+
+    /// Crash: the peer's tasks die (what it ran is lost; its leases expire
+    /// unless a restart hands them back).
+    pub fn crash(&mut self, world: &World) {
+        let Some(alive) = self.running.take() else { return };
+        let id = self.id;
+        alive.store(false, Ordering::SeqCst);
+        if let Some(b) = lock(&world.books).get_mut(&id) {
+            b.peer = None;
+        }
+        lock(&world.audit).crashes += 1;
+        world.event(format_args!("n{id} (worker) CRASHED"));
+    }
+}
+
 /// Start the real peer on a node (register, or re-use its peer id after a
-/// restart once its replica knows it), retrying until it works.
-async fn start_peer(world: Arc<World>, id: NodeId, consensus: Arc<RaftConsensus<SimConfig>>, alive: Arc<AtomicBool>) {
+/// restart once its replica knows it), retrying until it works. `replica`
+/// is the node's Raft replica; a worker has none.
+async fn start_peer(
+    world: Arc<World>,
+    id: NodeId,
+    replica: Option<Arc<RaftConsensus<SimConfig>>>,
+    alive: Arc<AtomicBool>,
+) {
     let known = lock(&world.books).get(&id).and_then(|b| b.peer_id);
-    if let Some(pid) = known {
+    if let (Some(pid), Some(consensus)) = (known, &replica) {
         for _ in 0..60 {
             if consensus.read(|s| s.peer(pid).is_some()) {
                 break;
@@ -133,14 +179,20 @@ async fn start_peer(world: Arc<World>, id: NodeId, consensus: Arc<RaftConsensus<
     }
     loop {
         let rt = SimRt::new(world.clone(), id, alive.clone());
-        let c = SimConsensus::new(world.clone(), id, consensus.clone());
+        let c = match &replica {
+            Some(consensus) => SimConsensus::new(world.clone(), id, consensus.clone()),
+            None => SimConsensus::worker(world.clone(), id),
+        };
         match Peer::start(rt, c, SimRunner::new(&world, id), peer_config(id), known).await {
             Ok(p) => {
                 world.event(format_args!("n{id} peer {} running", p.id()));
                 let mut books = lock(&world.books);
                 let b = books.entry(id).or_default();
                 b.peer_id = Some(p.id());
-                b.peer = Some(p);
+                // An incarnation that crashed while it started leaves no peer to talk to.
+                if alive.load(Ordering::SeqCst) {
+                    b.peer = Some(p);
+                }
                 return;
             }
             Err(e) => {

@@ -11,8 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use impetus_node::peer::{Attempt, Consensus, ConsensusError, JobRunner, RaftStatus, RunReport, Runtime};
+use impetus_node::peer::{serve_work, Attempt, Consensus, ConsensusError, JobRunner, RaftStatus, RunReport, Runtime};
 use impetus_node::raft_consensus::RaftConsensus;
+use impetus_proto::api::{WorkReply, WorkRequest};
 use impetus_proto::{ApplyResult, Command, ErrorKind, ErrorRecord, ModuleHash, Timestamp};
 use impetus_queue::State;
 use impetus_raft::openraft::AsyncRuntime;
@@ -83,41 +84,80 @@ impl Runtime for SimRt {
     }
 }
 
-/// Consensus as a peer of the simulated cluster sees it: reads and status
-/// from its own Raft node (the real `RaftConsensus`); writes go to its own
-/// node when it leads, else are forwarded to the leader it knows over the
-/// simulated network (the leader stamps them with its clock).
+/// How long a worker keeps asking the leader for a module (as
+/// `impetus_node::cluster::NO_LEADER_WAIT`).
+const MODULE_FETCH_WAIT_MS: u64 = 5_000;
+
+/// Consensus as a peer of the simulated cluster sees it.
+///
+/// - On a voter (or learner): reads and status from its own Raft node (the
+///   real `RaftConsensus`); writes go to its own node when it leads, else are
+///   forwarded to the leader it knows over the simulated network (the
+///   leader stamps them with its clock).
+/// - On a worker (no Raft state, as `ClusterConsensus` without a replica):
+///   it asks a voter who leads, then sends its writes, its worker turns
+///   (`serve_work` runs on the leader) and module fetches to the leader over
+///   the simulated network; it reads an empty state and knows no leader.
 pub struct SimConsensus {
     world: Arc<World>,
     node: NodeId,
-    local: Arc<RaftConsensus<SimConfig>>,
+    replica: Replica,
+}
+
+enum Replica {
+    /// A Raft node's own replica.
+    Local(Arc<RaftConsensus<SimConfig>>),
+    /// A worker: no replica; what it reads is this empty state.
+    Worker(Box<State>),
 }
 
 impl std::fmt::Debug for SimConsensus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SimConsensus").field("node", &self.node).finish()
+        let role = match self.replica {
+            Replica::Local(_) => "voter",
+            Replica::Worker(_) => "worker",
+        };
+        f.debug_struct("SimConsensus").field("node", &self.node).field("role", &role).finish()
     }
 }
 
 impl SimConsensus {
+    /// The consensus of a Raft node (voter or learner) with its replica.
     pub(crate) fn new(world: Arc<World>, node: NodeId, local: Arc<RaftConsensus<SimConfig>>) -> SimConsensus {
-        SimConsensus { world, node, local }
+        SimConsensus { world, node, replica: Replica::Local(local) }
+    }
+
+    /// The consensus of a worker: no replica, everything through the leader.
+    pub(crate) fn worker(world: Arc<World>, node: NodeId) -> SimConsensus {
+        SimConsensus { world, node, replica: Replica::Worker(Box::new(State::new())) }
+    }
+
+    fn local(&self) -> Option<Arc<RaftConsensus<SimConfig>>> {
+        match &self.replica {
+            Replica::Local(l) => Some(l.clone()),
+            Replica::Worker(_) => None,
+        }
     }
 }
 
 impl Consensus for SimConsensus {
     fn write(&self, now: Timestamp, cmd: Command) -> impl Future<Output = Result<ApplyResult, ConsensusError>> + Send {
-        let (world, node, local) = (self.world.clone(), self.node, self.local.clone());
+        let (world, node, local) = (self.world.clone(), self.node, self.local());
         async move {
-            let leader = local.status().leader;
-            let res = match leader {
-                Some(l) if l == node => with_timeout(local.write(now, cmd.clone())).await,
-                Some(l) => world.forward(node, l, cmd.clone()).await,
-                None => {
-                    // Like a real client of a peer with no leader: wait a little.
-                    crate::world::sleep_ms(20).await;
-                    Err(ConsensusError::Unavailable("no leader known".into()))
-                }
+            let res = match &local {
+                Some(local) => match local.status().leader {
+                    Some(l) if l == node => with_timeout(local.write(now, cmd.clone())).await,
+                    Some(l) => world.forward(node, l, cmd.clone()).await,
+                    None => {
+                        // Like a real client of a peer with no leader: wait a little.
+                        crate::world::sleep_ms(20).await;
+                        Err(ConsensusError::Unavailable("no leader known".into()))
+                    }
+                },
+                None => match world.find_leader(node).await {
+                    Ok(l) => world.forward(node, l, cmd.clone()).await,
+                    Err(e) => Err(e),
+                },
             };
             world.observe_write(node, &cmd, &res);
             res
@@ -125,21 +165,85 @@ impl Consensus for SimConsensus {
     }
 
     fn read<T>(&self, f: impl FnOnce(&State) -> T) -> T {
-        self.local.read(f)
+        match &self.replica {
+            Replica::Local(local) => local.read(f),
+            Replica::Worker(empty) => f(empty),
+        }
     }
 
     fn status(&self) -> RaftStatus {
-        self.local.status()
+        match &self.replica {
+            Replica::Local(local) => local.status(),
+            Replica::Worker(_) => RaftStatus { node: self.node, ..RaftStatus::default() },
+        }
     }
 
     fn holds_state(&self) -> impl Future<Output = bool> + Send {
-        let local = self.local.clone();
-        async move { local.holds_state().await }
+        let local = self.local();
+        async move {
+            match local {
+                Some(local) => local.holds_state().await,
+                None => false,
+            }
+        }
     }
 
     fn catch_up(&self) -> impl Future<Output = Result<(), ConsensusError>> + Send {
-        let local = self.local.clone();
-        async move { local.catch_up().await }
+        let local = self.local();
+        async move {
+            match local {
+                Some(local) => local.catch_up().await,
+                None => Err(ConsensusError::Unavailable("a worker holds no replica".into())),
+            }
+        }
+    }
+
+    fn module(&self, hash: ModuleHash) -> impl Future<Output = Option<Vec<u8>>> + Send {
+        let (world, node, local) = (self.world.clone(), self.node, self.local());
+        async move {
+            if let Some(local) = local {
+                return local.read(|s| s.module(&hash).map(<[u8]>::to_vec));
+            }
+            // As `ClusterConsensus::to_leader`: ask again for a while (a
+            // fetch that fails costs the job an attempt).
+            let deadline = crate::trace::vnow_ms() + MODULE_FETCH_WAIT_MS;
+            loop {
+                let got = match world.find_leader(node).await {
+                    Ok(leader) => world.fetch_module(node, leader, hash).await,
+                    Err(e) => Err(e),
+                };
+                match got {
+                    Ok(bytes) => return bytes,
+                    Err(e) if crate::trace::vnow_ms() >= deadline => {
+                        world.event(format_args!("n{node} module fetch failed: {e}"));
+                        return None;
+                    }
+                    Err(_) => crate::world::sleep_ms(50).await,
+                }
+            }
+        }
+    }
+
+    async fn work(&self, now: Timestamp, req: WorkRequest) -> Result<WorkReply, ConsensusError> {
+        if matches!(self.replica, Replica::Local(_)) {
+            return serve_work(self, now, req).await;
+        }
+        let (world, node) = (&self.world, self.node);
+        let res = match world.find_leader(node).await {
+            Ok(leader) => world.forward_work(node, leader, req).await,
+            Err(e) => Err(e),
+        };
+        match &res {
+            Ok(reply) => {
+                let leased = match &reply.leased {
+                    Some(Ok(impetus_proto::Outcome::Leased(grants))) => grants.len(),
+                    _ => 0,
+                };
+                world.event(format_args!("n{node} (worker) turn ok: leased {leased}"));
+            }
+            Err(e) => world.event(format_args!("n{node} (worker) turn failed: {e}")),
+        }
+        res
     }
 }
 

@@ -11,7 +11,8 @@
 //!
 //! - [`run`] runs one seed and returns a [`RunReport`]: the failure (which
 //!   checker, why), the last trace events and the event-trace hash.
-//! - [`Options`] chooses the seed, the peers, the nemesis steps, the jobs,
+//! - [`Options`] chooses the seed, the peers (Raft voters) and workers (peers
+//!   with no Raft node), the nemesis steps, the jobs,
 //!   the [`Faults`] and (tests only) a planted [`Bug`].
 
 mod check;
@@ -42,6 +43,10 @@ pub struct Options {
     pub seed: u64,
     /// Raft voters, each also running a peer (worker).
     pub peers: usize,
+    /// Workers: peers with no Raft node (ids `peers+1 ..= peers+workers`),
+    /// whose turns, writes and module fetches go to the leader over the
+    /// simulated network.
+    pub workers: usize,
     /// Nemesis steps: each waits 100–700 virtual ms, then injects one fault.
     pub steps: u32,
     /// Jobs the client submits.
@@ -61,6 +66,7 @@ impl Default for Options {
         Options {
             seed: 0,
             peers: 3,
+            workers: 1,
             steps: 20,
             jobs: 50,
             faults: Faults::all(),
@@ -75,8 +81,8 @@ impl Options {
     /// The command that replays this run.
     pub fn replay_command(&self) -> String {
         let mut cmd = format!(
-            "cargo run -p impetus-simulation --release -- --seed {} --peers {} --steps {} --jobs {} --faults {}",
-            self.seed, self.peers, self.steps, self.jobs, self.faults
+            "cargo run -p impetus-simulation --release -- --seed {} --peers {} --workers {} --steps {} --jobs {} --faults {}",
+            self.seed, self.peers, self.workers, self.steps, self.jobs, self.faults
         );
         if self.bug != Bug::None {
             cmd.push_str(&format!(" --plant-bug {}", self.bug.name()));
@@ -118,6 +124,8 @@ pub struct Stats {
     /// Jobs done in the entry that submitted them (results their leader
     /// wrote with the submit).
     pub done_in_submit: u64,
+    /// Completions of workers' peers the leader accepted.
+    pub worker_completions: u64,
 }
 
 thread_local! {
@@ -204,10 +212,35 @@ pub fn run(options: Options) -> RunReport {
         writes_failed: audit.writes_failed,
         crashes: audit.crashes,
         done_in_submit: audit.done_in_submit,
+        worker_completions: audit.worker_completions,
     };
     drop(audit);
     let report =
         RunReport { options, failure, trace_hash: world.trace.hash_hex(), last_events: world.trace.last(), stats };
     world.clear();
     report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Workers (peers with no Raft node) register, lease and complete jobs
+    /// through the leader under the faults, and the run's checks pass.
+    #[test]
+    fn workers_complete_jobs_through_the_leader() {
+        let reports: Vec<RunReport> =
+            (0..3).map(|seed| run(Options { seed, workers: 2, jobs: 20, steps: 10, ..Options::default() })).collect();
+        for r in &reports {
+            assert!(r.failure.is_none(), "seed {}: {:?}\n{}", r.options.seed, r.failure, r.last_events.join("\n"));
+        }
+        let by_workers: u64 = reports.iter().map(|r| r.stats.worker_completions).sum();
+        assert!(by_workers > 0, "no job was completed by a worker");
+    }
+
+    #[test]
+    fn the_replay_command_names_the_workers() {
+        let cmd = Options { workers: 3, ..Options::default() }.replay_command();
+        assert!(cmd.contains("--workers 3"), "{cmd}");
+    }
 }

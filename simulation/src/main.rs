@@ -34,6 +34,9 @@ struct Args {
     /// Peers: the first founds the cluster, the others join as learners and are promoted up to 3 voters; each runs a worker.
     #[arg(long, default_value_t = 3)]
     peers: usize,
+    /// Workers: peers with no Raft node that work through the leader (0..=4).
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
     /// Nemesis steps (each 100–700 virtual ms, one fault).
     #[arg(long, default_value_t = 20)]
     steps: u32,
@@ -81,9 +84,13 @@ fn real_main() -> anyhow::Result<bool> {
     if args.peers == 0 || args.peers > 7 {
         bail!("--peers must be 1..=7");
     }
+    if args.workers > 4 {
+        bail!("--workers must be 0..=4, not {}", args.workers);
+    }
     let base = Options {
         seed: 0,
         peers: args.peers,
+        workers: args.workers,
         steps: args.steps,
         jobs: args.jobs,
         faults,
@@ -99,10 +106,12 @@ fn real_main() -> anyhow::Result<bool> {
     let mut last_hash = String::new();
     let mut failed = 0u64;
     let mut done_in_submit = 0u64;
+    let mut worker_completions = 0u64;
     for (i, &seed) in seeds.iter().enumerate() {
         let opts = Options { seed, ..base.clone() };
         let report = run(opts.clone());
         done_in_submit += report.stats.done_in_submit;
+        worker_completions += report.stats.worker_completions;
         if let Some(f) = &report.failure {
             failed += 1;
             print_failure(&report, f.checker, &f.message);
@@ -124,14 +133,15 @@ fn real_main() -> anyhow::Result<bool> {
         if args.seed.is_some() {
             let s = &report.stats;
             println!(
-                "seed {seed}: {} ({} virtual ms, {} events, {} writes ok, {} failed, {} crashes, {} jobs done in their submit's entry)",
+                "seed {seed}: {} ({} virtual ms, {} events, {} writes ok, {} failed, {} crashes, {} jobs done in their submit's entry, {} by workers)",
                 if report.failure.is_none() { "ok" } else { "FAILED" },
                 s.virtual_ms,
                 s.events,
                 s.writes_ok,
                 s.writes_failed,
                 s.crashes,
-                s.done_in_submit
+                s.done_in_submit,
+                s.worker_completions
             );
             if args.verbose && report.failure.is_none() {
                 for e in &report.last_events {
@@ -147,7 +157,7 @@ fn real_main() -> anyhow::Result<bool> {
     let secs = started.elapsed().as_secs_f64();
     if args.seed.is_none() && failed == 0 {
         println!(
-            "all {} seeds passed in {:.1} s ({:.2} seeds/s){}; {done_in_submit} jobs were done in their submit's entry",
+            "all {} seeds passed in {:.1} s ({:.2} seeds/s){}; {done_in_submit} jobs were done in their submit's entry, {worker_completions} by workers",
             seeds.len(),
             secs,
             seeds.len() as f64 / secs,

@@ -14,7 +14,7 @@ use impetus_raft::openraft::AsyncRuntime;
 use impetus_raft::{NodeId, PeerNode};
 use openraft_rt_sim::SimRuntime;
 
-use crate::cluster::Node;
+use crate::cluster::{Node, Worker};
 use crate::env::MODULE;
 use crate::faults::Fault;
 use crate::trace::vnow_ms;
@@ -44,9 +44,10 @@ pub(crate) fn stream_props() -> StreamProps {
 
 pub(crate) async fn run(world: Arc<World>) -> Result<(), Failure> {
     let n = world.opts.peers as NodeId;
+    let total = n + world.opts.workers as NodeId;
     if world.has(Fault::Clock) {
         let mut skew = lock(&world.skew);
-        for id in 1..=n {
+        for id in 1..=total {
             let s = world.rng().range(0, 601) as i64 - 300;
             skew.insert(id, s);
         }
@@ -73,6 +74,11 @@ pub(crate) async fn run(world: Arc<World>) -> Result<(), Failure> {
     }
     lock(&world.net).faulty = true;
     world.event("cluster initialized; faults on");
+    // Workers: peers with no Raft node, which register and work through the leader.
+    let mut workers: Vec<Worker> = (n + 1..=total).map(Worker::new).collect();
+    for w in &mut workers {
+        w.start(&world);
+    }
 
     drop(SimRuntime::spawn(sampler(world.clone())));
     drop(SimRuntime::spawn(client(world.clone())));
@@ -81,8 +87,8 @@ pub(crate) async fn run(world: Arc<World>) -> Result<(), Failure> {
     for _ in 0..world.opts.steps {
         let wait = world.rng().range(100, 700);
         sleep_ms(wait).await;
-        restart_due(&world, &mut nodes).await?;
-        nemesis_step(&world, &mut nodes).await;
+        restart_due(&world, &mut nodes, &mut workers).await?;
+        nemesis_step(&world, &mut nodes, &mut workers).await;
     }
 
     // Heal everything.
@@ -95,6 +101,12 @@ pub(crate) async fn run(world: Arc<World>) -> Result<(), Failure> {
         if node.running.is_none() {
             node.down_until = None;
             node.start(&world).await.map_err(|e| fail("restart", e))?;
+        }
+    }
+    for w in &mut workers {
+        if w.running.is_none() {
+            w.down_until = None;
+            w.start(&world);
         }
     }
     let healed_at = vnow_ms();
@@ -142,7 +154,7 @@ pub(crate) async fn run(world: Arc<World>) -> Result<(), Failure> {
     crate::check::final_checks(&world, &nodes).await
 }
 
-async fn restart_due(world: &Arc<World>, nodes: &mut [Node]) -> Result<(), Failure> {
+async fn restart_due(world: &Arc<World>, nodes: &mut [Node], workers: &mut [Worker]) -> Result<(), Failure> {
     let now = vnow_ms();
     for node in nodes.iter_mut() {
         if node.running.is_none() && node.down_until.is_some_and(|t| t <= now) {
@@ -150,10 +162,18 @@ async fn restart_due(world: &Arc<World>, nodes: &mut [Node]) -> Result<(), Failu
             node.start(world).await.map_err(|e| fail("restart", e))?;
         }
     }
+    for w in workers.iter_mut() {
+        if w.running.is_none() && w.down_until.is_some_and(|t| t <= now) {
+            w.down_until = None;
+            w.start(world);
+        }
+    }
     Ok(())
 }
 
-async fn nemesis_step(world: &Arc<World>, nodes: &mut [Node]) {
+/// One fault on a node chosen by the seed among voters and workers (a
+/// slow disk only on a voter: a worker has none).
+async fn nemesis_step(world: &Arc<World>, nodes: &mut [Node], workers: &mut [Worker]) {
     let mut options = Vec::new();
     for f in [Fault::Partition, Fault::OneWay, Fault::Crash, Fault::Clock, Fault::Disk] {
         if world.has(f) {
@@ -163,7 +183,8 @@ async fn nemesis_step(world: &Arc<World>, nodes: &mut [Node]) {
     if world.has(Fault::Partition) || world.has(Fault::OneWay) {
         options.push(None); // heal the partitions
     }
-    let n = nodes.len() as u64;
+    let voters = nodes.len() as u64;
+    let n = voters + workers.len() as u64;
     let (choice, a, b, x) = {
         let mut r = world.rng();
         let Some(choice) = r.pick(&options) else { return };
@@ -192,17 +213,27 @@ async fn nemesis_step(world: &Arc<World>, nodes: &mut [Node]) {
             }
         }
         Some(Fault::Crash) => {
-            // Usually at most a minority is down; sometimes a power cut takes a
-            // majority (safe for correct code: only availability suffers).
+            // Usually at most a minority of the voters is down; sometimes a
+            // power cut takes a majority (safe for correct code: only
+            // availability suffers). Workers do not count.
             let power_cut = x % 4 == 0;
-            let limit = if power_cut { n - 1 } else { (n - 1) / 2 };
+            let limit = if power_cut { voters - 1 } else { (voters - 1) / 2 };
             let mut victims = vec![a];
             if power_cut && b != a {
                 victims.push(b);
             }
             for v in victims {
+                if v > voters {
+                    let w = &mut workers[(v - voters - 1) as usize];
+                    if w.running.is_none() {
+                        continue;
+                    }
+                    w.crash(world);
+                    w.down_until = Some(vnow_ms() + world.rng().range(300, 3_000));
+                    continue;
+                }
                 if nodes_down(nodes) >= limit {
-                    break;
+                    continue;
                 }
                 let node = &mut nodes[(v - 1) as usize];
                 if node.running.is_none() {
@@ -222,6 +253,7 @@ async fn nemesis_step(world: &Arc<World>, nodes: &mut [Node]) {
             world.event(format_args!("nemesis: n{a} clock jumps {jump} ms (skew now {now} ms)"));
         }
         Some(Fault::Disk) => {
+            let a = (a - 1) % voters + 1;
             let every = 1 + x % 40;
             lock(&world.books).entry(a).or_default().flush_every_ms = every;
             world.event(format_args!("nemesis: n{a} disk flushes every {every} ms"));
@@ -257,10 +289,15 @@ pub(crate) fn hex_short(h: &[u8; 32]) -> String {
     h[..6].iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// A running peer to talk to (any live node with a started peer).
+/// A running peer to talk to (any live Raft node with a started peer: a
+/// bare `Peer` on a worker has no replica to read from; the real node
+/// forwards reads to the leader).
 fn pick_peer(world: &World) -> Option<(NodeId, SimPeer)> {
-    let candidates: Vec<(NodeId, SimPeer)> =
-        lock(&world.books).iter().filter_map(|(id, b)| b.peer.clone().map(|p| (*id, p))).collect();
+    let candidates: Vec<(NodeId, SimPeer)> = lock(&world.books)
+        .iter()
+        .filter(|(id, _)| !world.is_worker(**id))
+        .filter_map(|(id, b)| b.peer.clone().map(|p| (*id, p)))
+        .collect();
     if candidates.is_empty() {
         return None;
     }

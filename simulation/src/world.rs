@@ -8,9 +8,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use impetus_node::peer::{Consensus, ConsensusError, Peer};
+use impetus_node::peer::{serve_work, Consensus, ConsensusError, Peer};
 use impetus_node::raft_consensus::RaftConsensus;
-use impetus_proto::{ran_results, ApplyResult, Command, JobId, Outcome, PeerId, Timestamp};
+use impetus_proto::api::{WorkReply, WorkRequest};
+use impetus_proto::{ran_results, ApplyResult, Command, JobId, ModuleHash, Outcome, PeerId, Timestamp};
 use impetus_raft::openraft::base::{BoxFuture, BoxStream};
 use impetus_raft::openraft::errors::{Fatal, RPCError, RaftError, ReplicationClosed, StreamingError, Unreachable};
 use impetus_raft::openraft::network::{stream_append_sequential, RPCOption, RaftNetworkFactory, RaftNetworkV2};
@@ -91,6 +92,9 @@ pub(crate) struct Audit {
     pub crashes: u64,
     /// Jobs whose results their leader wrote with their submit.
     pub done_in_submit: u64,
+    /// Completions accepted from workers' peers (the leader writes them for
+    /// the worker's turn).
+    pub worker_completions: u64,
 }
 
 /// Per-node disk and peer bookkeeping.
@@ -173,6 +177,16 @@ impl World {
         lock(&self.net).live.keys().copied().collect()
     }
 
+    /// Whether `node` is a worker: a peer with no Raft node (ids after the voters').
+    pub fn is_worker(&self, node: NodeId) -> bool {
+        node > self.opts.peers as NodeId
+    }
+
+    /// The registered peer ids of the workers' peers.
+    fn worker_peer_ids(&self) -> BTreeSet<PeerId> {
+        lock(&self.books).iter().filter(|(id, _)| self.is_worker(**id)).filter_map(|(_, b)| b.peer_id).collect()
+    }
+
     pub fn link_open(&self, from: NodeId, to: NodeId) -> bool {
         !lock(&self.net).blocked.contains(&(from, to))
     }
@@ -202,6 +216,7 @@ impl World {
         let name = cmd_name(cmd);
         match res {
             Ok(Ok(outcome)) => {
+                let workers = self.worker_peer_ids();
                 let mut a = lock(&self.audit);
                 a.writes_ok += 1;
                 let pairs: Vec<(&Command, Option<&Outcome>)> = match (cmd, outcome) {
@@ -213,11 +228,14 @@ impl World {
                 let mut accepted = Vec::new();
                 for (c, o) in pairs {
                     match (c, o) {
-                        (Command::Complete { completions, .. }, Some(Outcome::Completed(rs))) => {
+                        (Command::Complete { peer, completions }, Some(Outcome::Completed(rs))) => {
                             for (comp, r) in completions.iter().zip(rs) {
                                 if r.is_ok() {
                                     *a.accepted_completions.entry(comp.job).or_default() += 1;
                                     accepted.push(comp.job.0);
+                                    if workers.contains(peer) {
+                                        a.worker_completions += 1;
+                                    }
                                 }
                             }
                         }
@@ -248,6 +266,93 @@ impl World {
                 self.event(format_args!("n{node} write {name} failed: {e}"));
             }
         }
+    }
+
+    /// Carry a request of a worker from `from` to `to`: delay, loss, a cut
+    /// link, the target down. What the target runs comes next; then
+    /// [`World::carry_response`] with the same plan.
+    async fn carry_request(&self, from: NodeId, to: NodeId, what: &str) -> Result<(Live, Plan), ConsensusError> {
+        let plan = self.plan();
+        sleep_ms(plan.delay_ms).await;
+        if plan.drop_request || !self.link_open(from, to) {
+            return Err(ConsensusError::Unavailable(format!("{what} n{from}->n{to}: request lost")));
+        }
+        match self.live(to) {
+            Some(live) => Ok((live, plan)),
+            None => Err(ConsensusError::Unavailable(format!("{what} n{from}->n{to}: n{to} is down"))),
+        }
+    }
+
+    /// Carry the response of a [`World::carry_request`] back.
+    async fn carry_response(&self, from: NodeId, to: NodeId, what: &str, plan: Plan) -> Result<(), ConsensusError> {
+        sleep_ms(plan.resp_delay_ms).await;
+        if plan.drop_response || !self.link_open(to, from) {
+            return Err(ConsensusError::Unavailable(format!("{what} n{from}->n{to}: response lost")));
+        }
+        Ok(())
+    }
+
+    /// A worker asks a live Raft node, chosen by the seed, who leads.
+    pub async fn find_leader(&self, from: NodeId) -> Result<NodeId, ConsensusError> {
+        let ids = self.live_ids();
+        let pick = self.rng().pick(&ids);
+        let Some(to) = pick else {
+            sleep_ms(20).await;
+            return Err(ConsensusError::Unavailable("no Raft node is up".into()));
+        };
+        let (live, plan) = self.carry_request(from, to, "leader?").await?;
+        let leader = live.consensus.status().leader;
+        self.carry_response(from, to, "leader?", plan).await?;
+        match leader {
+            Some(l) => Ok(l),
+            None => {
+                // Like a real worker while no leader is known: wait a little.
+                sleep_ms(20).await;
+                Err(ConsensusError::Unavailable(format!("n{to} knows no leader")))
+            }
+        }
+    }
+
+    /// A worker fetches a module's bytes from the leader `to`.
+    pub async fn fetch_module(
+        &self,
+        from: NodeId,
+        to: NodeId,
+        hash: ModuleHash,
+    ) -> Result<Option<Vec<u8>>, ConsensusError> {
+        let (live, plan) = self.carry_request(from, to, "module").await?;
+        let bytes = live.consensus.read(|s| s.module(&hash).map(<[u8]>::to_vec));
+        self.carry_response(from, to, "module", plan).await?;
+        Ok(bytes)
+    }
+
+    /// Carry a worker's turn from `from` to the leader `to`, which runs
+    /// `serve_work` on its own state (its writes observed like any other)
+    /// in a task of its own: the worker going down mid-turn does not stop it.
+    pub async fn forward_work(
+        self: &Arc<Self>,
+        from: NodeId,
+        to: NodeId,
+        req: WorkRequest,
+    ) -> Result<WorkReply, ConsensusError> {
+        let (live, plan) = self.carry_request(from, to, "work").await?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let world = self.clone();
+        drop(SimRuntime::spawn(async move {
+            let status = live.consensus.status();
+            let res = if status.leader == Some(to) {
+                let c = SimConsensus::new(world.clone(), to, live.consensus);
+                serve_work(&c, world.clock_now(to), req).await
+            } else {
+                Err(ConsensusError::NotLeader { leader: None, leader_id: status.leader })
+            };
+            // The worker may be gone: then no one reads the answer.
+            let _ = tx.send(res);
+        }));
+        let res =
+            rx.await.unwrap_or_else(|_| Err(ConsensusError::Unavailable(format!("work n{from}->n{to}: no answer"))));
+        self.carry_response(from, to, "work", plan).await?;
+        res
     }
 
     /// Forward a write from `from` to the leader `to` over the simulated
