@@ -268,7 +268,7 @@ impl World {
         }
     }
 
-    /// Carry a request of a worker from `from` to `to`: delay, loss, a cut
+    /// Carry a request of a peer (a forwarded write, a worker's ask) from `from` to `to`: delay, loss, a cut
     /// link, the target down. What the target runs comes next; then
     /// [`World::carry_response`] with the same plan.
     async fn carry_request(&self, from: NodeId, to: NodeId, what: &str) -> Result<(Live, Plan), ConsensusError> {
@@ -358,21 +358,11 @@ impl World {
     /// Forward a write from `from` to the leader `to` over the simulated
     /// network; the leader stamps it with its own clock.
     pub async fn forward(&self, from: NodeId, to: NodeId, cmd: Command) -> Result<ApplyResult, ConsensusError> {
-        let plan = self.plan();
-        sleep_ms(plan.delay_ms).await;
-        if plan.drop_request || !self.link_open(from, to) {
-            return Err(ConsensusError::Unavailable(format!("forward n{from}->n{to}: request lost")));
-        }
-        let Some(leader) = self.live(to) else {
-            return Err(ConsensusError::Unavailable(format!("forward n{from}->n{to}: n{to} is down")));
-        };
+        let (leader, plan) = self.carry_request(from, to, "forward").await?;
         let now = self.clock_now(to);
         // As a peer forwards: results it ran as leader are not another's to write.
         let res = with_timeout(leader.consensus.write(now, cmd.without_results())).await;
-        sleep_ms(plan.resp_delay_ms).await;
-        if plan.drop_response || !self.link_open(to, from) {
-            return Err(ConsensusError::Unavailable(format!("forward n{from}->n{to}: response lost")));
-        }
+        self.carry_response(from, to, "forward", plan).await?;
         res
     }
 }
