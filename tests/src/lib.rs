@@ -309,9 +309,18 @@ pub async fn submit_until_done(
 /// Longest a CLI command of a test may run.
 pub const CLI_LIMIT: Duration = Duration::from_secs(120);
 
-/// Run `cmd` to its end and collect its output, as `Command::output` does,
-/// but kill it and fail if it runs past `limit`.
-pub fn output_within(mut cmd: Command, limit: Duration) -> Result<Output> {
+/// What a command run by [`run_bounded`] printed, and how it ended:
+/// `status` is `None` when it was killed past its limit.
+#[derive(Debug)]
+pub struct Bounded {
+    pub status: Option<std::process::ExitStatus>,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+/// Run `cmd` to its end and collect its output, killing it after `limit`
+/// (what it printed until then is kept).
+pub fn run_bounded(mut cmd: Command, limit: Duration) -> std::io::Result<Bounded> {
     use std::io::Read;
     let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
     let drain = |pipe: Option<Box<dyn Read + Send>>| {
@@ -328,17 +337,27 @@ pub fn output_within(mut cmd: Command, limit: Duration) -> Result<Output> {
     let start = Instant::now();
     let status = loop {
         if let Some(status) = child.try_wait()? {
-            break status;
+            break Some(status);
         }
         if start.elapsed() >= limit {
             let _ = child.kill();
             let _ = child.wait();
-            bail!("still running after {limit:?}: killed");
+            break None;
         }
         std::thread::sleep(Duration::from_millis(10));
     };
     let join = |t: std::thread::JoinHandle<Vec<u8>>| t.join().unwrap_or_default();
-    Ok(Output { status, stdout: join(stdout), stderr: join(stderr) })
+    Ok(Bounded { status, stdout: join(stdout), stderr: join(stderr) })
+}
+
+/// Run `cmd` to its end and collect its output, as `Command::output` does,
+/// but kill it and fail if it runs past `limit`.
+pub fn output_within(cmd: Command, limit: Duration) -> Result<Output> {
+    let ran = run_bounded(cmd, limit)?;
+    match ran.status {
+        Some(status) => Ok(Output { status, stdout: ran.stdout, stderr: ran.stderr }),
+        None => bail!("still running after {limit:?}: killed; stderr:\n{}", String::from_utf8_lossy(&ran.stderr)),
+    }
 }
 
 /// GET `path` from `addr` over plain HTTP/1.0; the body.

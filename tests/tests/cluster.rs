@@ -149,7 +149,7 @@ fn three_peers_become_voters_and_later_peers_workers_that_run_jobs() {
     }
 
     // 40 jobs of 300 ms on 10 slots: every peer takes part, workers included.
-    let c = rt.block_on(Client::connect(&peers[4].addr, None)).unwrap();
+    let c = client_of(&rt, &peers[4]);
     let ids = rt.block_on(submit(&c, "shared", StreamProps::default(), "sleep", vec!["300".into(); 40]));
     let records = rt.block_on(wait_all(&c, &ids, Duration::from_secs(120)));
     let mut ran: BTreeMap<PeerId, usize> = BTreeMap::new();
@@ -188,7 +188,7 @@ fn killing_the_leader_with_2000_jobs_in_flight_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let mut peers = cluster(dir.path(), 3, &["--capacity", "8"]);
     formed(&rt, &peers, 3, 0);
-    let c = rt.block_on(Client::connect(&peers[1].addr, None)).unwrap();
+    let c = client_of(&rt, &peers[1]);
     let props = StreamProps { lease_ttl_ms: 2_000, max_attempts: 10, mpps: 8, ..StreamProps::default() };
     let ids = rt.block_on(submit(&c, "inflight", props, "sleep", vec!["5".into(); 2000]));
     assert_eq!(ids.len(), 2000, "every job acknowledged");
@@ -202,10 +202,7 @@ fn killing_the_leader_with_2000_jobs_in_flight_loses_nothing() {
     let commit_before = before.commit_index;
     peers[at].kill9();
     let killed = Instant::now();
-    let survivors: Vec<Client> = (0..peers.len())
-        .filter(|&i| i != at)
-        .map(|i| rt.block_on(Client::connect(&peers[i].addr, None)).unwrap())
-        .collect();
+    let survivors: Vec<Client> = (0..peers.len()).filter(|&i| i != at).map(|i| client_of(&rt, &peers[i])).collect();
     let failover = wait_for(Duration::from_secs(30), || {
         survivors.iter().find_map(|sc| {
             let st = rt.block_on(sc.status()).ok()?;
@@ -244,7 +241,7 @@ fn a_dead_workers_jobs_run_elsewhere_and_a_late_completion_is_refused() {
 
     // Each worker compiles the module first, so that the long jobs below
     // start running the moment they are leased.
-    let c = rt.block_on(Client::connect(&peers[0].addr, None)).unwrap();
+    let c = client_of(&rt, &peers[0]);
     for (name, w) in [("warm-4", w4), ("warm-5", w5)] {
         let props = StreamProps { pin: [w].into_iter().collect(), ..StreamProps::default() };
         let warm = rt.block_on(submit(&c, name, props, "sleep", vec!["0".into()]));
@@ -353,7 +350,7 @@ fn a_voter_killed_and_restarted_catches_up_to_the_same_state() {
     let dir = tempfile::tempdir().unwrap();
     let mut peers = cluster(dir.path(), 3, &["--capacity", "4"]);
     formed(&rt, &peers, 3, 0);
-    let c = rt.block_on(Client::connect(&peers[0].addr, None)).unwrap();
+    let c = client_of(&rt, &peers[0]);
     let first =
         rt.block_on(submit(&c, "catchup", StreamProps::default(), "square", (0..200).map(|i| i.to_string()).collect()));
     rt.block_on(wait_all(&c, &first, Duration::from_secs(120)));
@@ -438,7 +435,7 @@ fn a_voter_gone_past_the_timeout_is_replaced_by_a_worker() {
     .unwrap_or_else(|| panic!("the dead voter was not replaced; logs:\n{}", logs(&peers)));
     assert_eq!(st.voters.len(), 3, "{st:?}");
     // The cluster still commits with the new voter set.
-    let c = rt.block_on(Client::connect(&peers[3].addr, None)).unwrap();
+    let c = client_of(&rt, &peers[3]);
     let ids = rt.block_on(submit(&c, "after", StreamProps::default(), "square", vec!["9".into()]));
     let done = rt.block_on(wait_all(&c, &ids, Duration::from_secs(60)));
     assert_eq!(String::from_utf8_lossy(done[0].result.as_deref().unwrap()).trim(), "81");

@@ -6,7 +6,6 @@
 //! saying so.
 
 use std::collections::BTreeSet;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -37,34 +36,11 @@ struct Ran {
 }
 
 /// Run `cmd` to completion, killing it after `limit`.
-fn run_bounded(mut cmd: Command, limit: Duration) -> std::io::Result<Ran> {
-    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
-    let mut out = child.stdout.take().expect("piped stdout");
-    let mut err = child.stderr.take().expect("piped stderr");
-    let out = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break Some(status);
-        }
-        if start.elapsed() >= limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let (stdout, stderr) = (out.join().unwrap_or_default(), err.join().unwrap_or_default());
-    Ok(match status {
+fn run_bounded(cmd: Command, limit: Duration) -> std::io::Result<Ran> {
+    let r = impetus_tests::run_bounded(cmd, limit)?;
+    let (stdout, stderr) =
+        (String::from_utf8_lossy(&r.stdout).into_owned(), String::from_utf8_lossy(&r.stderr).into_owned());
+    Ok(match r.status {
         Some(s) => Ran { ok: s.success(), status: s.to_string(), stdout, stderr },
         None => Ran { ok: false, status: format!("killed after {limit:?}"), stdout, stderr },
     })
