@@ -857,3 +857,51 @@ async fn a_request_to_a_peer_ends_within_its_bound_in_all() {
     a.stop().await.unwrap();
     drop(silent);
 }
+
+/// Kademlia: a peer reaches one it was never told about. A joined B (A
+/// dialed B, so B saw only A's outbound port); C knows only B. Identify
+/// gives B the address A listens on, Kademlia's bootstrap (run when its
+/// routing table gains a peer) asks B for the peers closest to C, and C
+/// then reaches A by peer id alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_reaches_one_it_was_never_told_about_through_kademlia() {
+    use libp2p::multiaddr::Protocol;
+    let bind = || async {
+        Server::bind(NetConfig { listen: "/ip4/127.0.0.1/tcp/0".parse().unwrap(), ..NetConfig::default() })
+            .await
+            .unwrap()
+    };
+    let b = start(None).await;
+    let b_addr =
+        b.addr.clone().with(Protocol::P2p(Client::connect(&b.addr.to_string(), None).await.unwrap().peer_id()));
+    let (a, c) = (bind().await, bind().await);
+    let a_by_id = Multiaddr::empty().with(Protocol::P2p(a.peer_id()));
+    let handlers = Handlers::default();
+    handlers.set_client(Arc::new(Fake::default()));
+    let (a, c) = (a.start(Arc::new(handlers)), c.start(Arc::new(Handlers::default())));
+    let status = |r: Result<ClientResponse, _>| match r {
+        Ok(ClientResponse::Status(st)) => Ok(st.peer),
+        other => Err(format!("{other:?}")),
+    };
+
+    // C has no address for A.
+    let before = c.handle.client_within(&a_by_id, ClientRequest::Status, Duration::from_secs(2)).await;
+    assert!(status(before).is_err(), "C reached A before anyone told it of A");
+    // A joins B; C meets B.
+    assert_eq!(status(a.handle.client(&b_addr, ClientRequest::Status).await), Ok(PeerId(1)));
+    assert_eq!(status(c.handle.client(&b_addr, ClientRequest::Status).await), Ok(PeerId(1)));
+
+    let t = Instant::now();
+    let reached = loop {
+        let r = status(c.handle.client_within(&a_by_id, ClientRequest::Status, Duration::from_secs(1)).await);
+        if r.is_ok() || t.elapsed() > Duration::from_secs(15) {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(reached, Ok(PeerId(1)), "C did not reach A by its peer id within 15 s");
+    for s in [a, c] {
+        s.stop().await.unwrap();
+    }
+    b.stop().await;
+}

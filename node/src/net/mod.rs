@@ -15,10 +15,16 @@
 //!   pipelined ([`raft_pipeline`]);
 //! - identify, Kademlia (server mode) and, when enabled, mDNS: peers learn
 //!   each other's addresses; mDNS discoveries are reported to the joiner.
+//!   Identify feeds Kademlia the addresses a peer listens on (a peer that
+//!   dialed in shows only its outbound port), and Kademlia bootstraps
+//!   0.5 s after its routing table gains a peer and every 5 minutes
+//!   (libp2p-kad's defaults): it asks the peers it knows for the peers
+//!   closest to itself, so a peer learns of others it was never told about.
 //!   Raft and client streams are opened by peer id alone: when no
 //!   connection is up, the swarm dials the addresses Kademlia's routing
-//!   table holds for that id (fed by identify and mDNS), besides those the
-//!   registry and the Raft membership carry, which request-response dials.
+//!   table holds for that id, besides those the registry and the Raft
+//!   membership carry, which request-response dials. Test:
+//!   `a_peer_reaches_one_it_was_never_told_about_through_kademlia`.
 //!
 //! The swarm runs in one task ([`Server::start`]); everything else talks to
 //! it through a cheap [`NetHandle`]. Every inbound request is handled in its
