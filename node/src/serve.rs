@@ -291,8 +291,14 @@ pub async fn run_peer(
     }
     let keypair = load_or_create_identity(&opts.data_dir.join("identity"))?;
     let mdns = opts.mdns.unwrap_or_else(|| !crate::net::is_loopback(&listen));
-    let server =
-        Server::bind(NetConfig { listen, keypair: Some(keypair), authkey: opts.authkey.clone(), mdns }).await?;
+    let server = Server::bind(NetConfig {
+        listen,
+        keypair: Some(keypair),
+        authkey: opts.authkey.clone(),
+        mdns,
+        ..NetConfig::default()
+    })
+    .await?;
     let handlers = Arc::new(Handlers::default());
     let net = server.start(handlers.clone());
     let addr = net.handle.local_addr().to_string();

@@ -905,3 +905,89 @@ async fn a_peer_reaches_one_it_was_never_told_about_through_kademlia() {
     }
     b.stop().await;
 }
+
+/// Forwards TCP connections from a port of its own to `target`, one pair
+/// of tasks per connection. While `frozen`, bytes are read and dropped in
+/// both directions, as on a link that went dead with no FIN or RST; the
+/// end of the side that dialed in (it closed) is reported on `closed`.
+async fn blackhole_proxy(
+    target: u16,
+    frozen: Arc<std::sync::atomic::AtomicBool>,
+) -> (u16, tokio::sync::mpsc::UnboundedReceiver<Instant>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (closed, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((inbound, _)) = listener.accept().await {
+            let Ok(outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else { return };
+            let ((mut in_r, mut in_w), (mut out_r, mut out_w)) = (inbound.into_split(), outbound.into_split());
+            let (f1, f2, closed) = (frozen.clone(), frozen.clone(), closed.clone());
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n @ 1..) = in_r.read(&mut buf).await {
+                    if !f1.load(Ordering::SeqCst) && out_w.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                let _ = closed.send(Instant::now());
+            });
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n @ 1..) = out_r.read(&mut buf).await {
+                    if !f2.load(Ordering::SeqCst) && in_w.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (port, rx)
+}
+
+/// A connection that goes dead without a FIN or RST (a host that lost
+/// power, a cut link) is found by a failed ping and closed; the next
+/// request dials again instead of waiting on the dead connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_connection_is_closed_by_a_failed_ping_and_the_next_request_dials_again() {
+    use impetus_node::net::Liveness;
+    use libp2p::multiaddr::Protocol;
+    let b = start(None).await;
+    let b_id = Client::connect(&b.addr.to_string(), None).await.unwrap().peer_id();
+    let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (proxy, mut closed) = blackhole_proxy(port(&b.addr), frozen.clone()).await;
+    let via_proxy: Multiaddr =
+        format!("/ip4/127.0.0.1/tcp/{proxy}").parse::<Multiaddr>().unwrap().with(Protocol::P2p(b_id));
+    let liveness = Liveness { interval: Duration::from_millis(200), timeout: Duration::from_millis(500) };
+    let a =
+        Server::bind(NetConfig { listen: "/ip4/127.0.0.1/tcp/0".parse().unwrap(), liveness, ..NetConfig::default() })
+            .await
+            .unwrap()
+            .start(Arc::new(Handlers::default()));
+    let status = |r: Result<ClientResponse, _>| match r {
+        Ok(ClientResponse::Status(st)) => Ok(st.peer),
+        other => Err(format!("{other:?}")),
+    };
+    assert_eq!(status(a.handle.client(&via_proxy, ClientRequest::Status).await), Ok(PeerId(1)));
+
+    // The link goes dead: A closes the connection within a ping's
+    // interval and timeout.
+    let t = Instant::now();
+    frozen.store(true, Ordering::SeqCst);
+    let at = tokio::time::timeout(Duration::from_secs(10), closed.recv()).await;
+    let took = at.ok().flatten().map(|at| at.duration_since(t));
+    assert!(
+        took.is_some_and(|d| d >= liveness.timeout && d < Duration::from_secs(3)),
+        "A did not close the dead connection within 3 s (closed after {took:?})"
+    );
+
+    // The link is back: the next request dials a new connection. (The
+    // proxy sees the socket close a moment before A's swarm task hears of
+    // it and drops the streams pooled on it: give it that moment.)
+    frozen.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let again = a.handle.client_within(&via_proxy, ClientRequest::Status, Duration::from_secs(5)).await;
+    assert_eq!(status(again), Ok(PeerId(1)), "after the close");
+    a.stop().await.unwrap();
+    b.stop().await;
+}
