@@ -248,7 +248,7 @@ impl<C: ImpetusConfig> Membership for RaftConsensus<C> {
             s.peers()
                 .into_iter()
                 .filter(|p| !p.draining && !v.voters.contains(&p.id.0) && !v.learners.contains(&p.id.0))
-                .map(|p| (p.id.0, now.since(p.last_heartbeat)))
+                .map(|p| (p.id.0, (now.since(p.last_heartbeat), p.info.seat)))
                 .collect()
         });
         for (id, matched) in m.replication.iter().flatten() {

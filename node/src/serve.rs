@@ -12,7 +12,7 @@ use libp2p::identity::Keypair;
 use tokio::sync::Notify;
 
 use impetus_proto::api::{ClientRequest, ClientResponse};
-use impetus_proto::{ModuleHash, PeerId, PeerInfo};
+use impetus_proto::{ModuleHash, PeerId, PeerInfo, Seat};
 
 use crate::cluster::{ClusterConsensus, ClusterService};
 use crate::exec::{ExecConfig, ExecError, Executor, RunSpec};
@@ -48,6 +48,8 @@ pub struct PeerOptions {
     pub mdns: Option<bool>,
     /// Serve Prometheus `/metrics` on this `host:port`.
     pub metrics: Option<String>,
+    /// Whether this peer may take a voter seat (`--voter`, `--worker`).
+    pub seat: Seat,
 }
 
 impl PeerOptions {
@@ -68,6 +70,7 @@ impl PeerOptions {
             voter_timeout: DEFAULT_VOTER_TIMEOUT,
             mdns: None,
             metrics: None,
+            seat: Seat::Any,
         }
     }
 }
@@ -82,6 +85,11 @@ pub const DEFAULT_VOTER_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum ServeError {
     #[error("could not join the cluster through {tried} (last error: {last}); is a peer running there, with the same --authkey?")]
     Join { tried: String, last: String },
+    #[error(
+        "a --worker peer cannot found a cluster (it never holds Raft state), and it has no --join address \
+         and found no peer by mDNS: start a member first and give its address with --join ADDR"
+    )]
+    WorkerCannotFound,
     #[error("this peer is node {raft} in Raft but {registry} in the registry; its data directory is inconsistent")]
     Identity { raft: u64, registry: u64 },
     #[error("invalid listen address {addr:?}: {reason}")]
@@ -312,6 +320,7 @@ pub async fn run_peer(
         addresses: vec![addr.clone()],
         capacity: opts.capacity,
         labels: vec![],
+        seat: opts.seat,
     };
     // Who am I in Raft? A restarted member keeps its id and its replica. A
     // new peer joins (the leader registers it as a worker) or founds the
@@ -336,6 +345,7 @@ pub async fn run_peer(
                 }
             };
             match (joined, known_id) {
+                (None, None) if opts.seat == Seat::Never => return Err(ServeError::WorkerCannotFound),
                 (None, None) => (FOUNDER, true),
                 (None, Some(id)) => {
                     return Err(ServeError::Join {

@@ -18,8 +18,8 @@ use crate::wire;
 
 /// Version of the client protocol encoding. A peer refuses any other.
 /// 2: `Submitted` carries the job's status; 3: a `PeerRecord` carries its
-/// idle slots per stream.
-pub const CLIENT_API_VERSION: u8 = 3;
+/// idle slots per stream; 4: a `PeerInfo` carries its `Seat`.
+pub const CLIENT_API_VERSION: u8 = 4;
 
 /// A client's request to a peer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -414,6 +414,7 @@ mod tests {
                     addresses: vec!["/ip4/127.0.0.1/tcp/7421/p2p/12D3KooW".into()],
                     capacity: 4,
                     labels: vec![],
+                    seat: crate::records::Seat::Never,
                 },
             },
             ClientRequest::Leave { peer: PeerId(3) },
@@ -490,14 +491,14 @@ mod tests {
         let mut bytes = encode_request(&ClientRequest::Status);
         bytes[0] = CLIENT_API_VERSION + 1;
         let err = decode_request(&bytes).unwrap_err();
-        assert!(matches!(err, DecodeError::Version { found: 4, expected: 3, .. }), "{err:?}");
-        assert_eq!(err.to_string(), "unsupported client request version 4 (this build speaks version 3)");
+        assert!(matches!(err, DecodeError::Version { found: 5, expected: 4, .. }), "{err:?}");
+        assert_eq!(err.to_string(), "unsupported client request version 5 (this build speaks version 4)");
 
         let mut bytes = encode_response(&ClientResponse::HasModule(false));
         bytes[0] = 0;
         assert_eq!(
             decode_response(&bytes).unwrap_err().to_string(),
-            "unsupported client response version 0 (this build speaks version 3)"
+            "unsupported client response version 0 (this build speaks version 4)"
         );
     }
 

@@ -23,6 +23,6 @@ pub use command::{
 pub use error::{DecodeError, InvalidInput};
 pub use ids::{FencingToken, IdempotencyKey, JobId, ModuleHash, PeerId, StreamName, Timestamp};
 pub use records::{
-    ErrorKind, ErrorRecord, JobRecord, JobSpec, JobStatus, Lease, PeerInfo, PeerRecord, PeerRole, StreamInfo,
+    ErrorKind, ErrorRecord, JobRecord, JobSpec, JobStatus, Lease, PeerInfo, PeerRecord, PeerRole, Seat, StreamInfo,
     StreamPatch, StreamProps, StreamStats,
 };

@@ -401,6 +401,20 @@ pub enum PeerRole {
     Worker,
 }
 
+/// Whether a peer may take a voter seat (`impetus peer --voter|--worker`).
+///
+/// The leader fills open seats with workers, `Preferred` ones first (lowest
+/// id first within each kind); a `Never` peer stays a worker: it runs jobs
+/// and holds no Raft state, whatever seats are open (a spot instance, a
+/// machine for jobs only).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Seat {
+    Preferred,
+    #[default]
+    Any,
+    Never,
+}
+
 /// What a peer says about itself when it registers or heartbeats.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerInfo {
@@ -410,6 +424,8 @@ pub struct PeerInfo {
     /// Jobs it can run at once.
     pub capacity: u32,
     pub labels: Vec<String>,
+    /// Whether it may take a voter seat.
+    pub seat: Seat,
 }
 
 /// A peer in the registry (disbatch-style).

@@ -23,9 +23,12 @@ pub(crate) fn remember_invalid(e: &crate::error::InvalidInput) {
 }
 
 /// Version of the command encoding (Raft log entries, client requests).
-pub const COMMAND_VERSION: u8 = 1;
-/// Version of the state-machine snapshot encoding.
-pub const SNAPSHOT_VERSION: u8 = 1;
+/// 2: a `PeerInfo` carries its `Seat`. A peer refuses a log of another
+/// version by name instead of misreading it.
+pub const COMMAND_VERSION: u8 = 2;
+/// Version of the state-machine snapshot encoding. 2: a `PeerRecord`
+/// carries its idle slots per stream, its `PeerInfo` its `Seat`.
+pub const SNAPSHOT_VERSION: u8 = 2;
 
 /// Encode a value as `[version, postcard...]`.
 pub fn encode<T: Serialize>(version: u8, value: &T) -> Vec<u8> {
@@ -113,8 +116,8 @@ mod tests {
         let hex = |c: &Command| encode_command(c).iter().map(|b| format!("{b:02x}")).collect::<String>();
         expect_test::expect![[r#"
             [
-                "01060701017303",
-                "01150200050273310183d9dab06011479163c7c4d5fa735f911bac86729f56aaa115b7eed2eb66e022010133000133010a0000",
+                "02060701017303",
+                "02150200050273310183d9dab06011479163c7c4d5fa735f911bac86729f56aaa115b7eed2eb66e022010133000133010a0000",
             ]
         "#]]
         .assert_debug_eq(&[hex(&lease), hex(&batch)]);
@@ -134,7 +137,7 @@ mod tests {
         expect_test::expect![[r#"
             [
                 "empty message: expected a version byte",
-                "unsupported command version 9 (this build speaks version 1)",
+                "unsupported command version 9 (this build speaks version 2)",
                 "malformed command: Hit the end of buffer, expected more data",
                 "malformed command: The original data was not well encoded",
             ]

@@ -751,7 +751,14 @@ fn peers_register_with_ids_never_reused_and_heartbeat() {
     let c = h.register();
     assert_eq!((a, b, c), (PeerId(1), PeerId(2), PeerId(3)));
     h.advance(5_000);
-    let info = PeerInfo { host: "h1".into(), pid: 42, addresses: vec![], capacity: 8, labels: vec!["gpu".into()] };
+    let info = PeerInfo {
+        host: "h1".into(),
+        pid: 42,
+        addresses: vec![],
+        capacity: 8,
+        labels: vec!["gpu".into()],
+        seat: impetus_proto::Seat::Preferred,
+    };
     h.ok(Command::Heartbeat { peer: a, info: info.clone(), rss_bytes: 1 << 20 });
     h.ok(Command::SetPeerRole { peer: a, role: PeerRole::Voter });
     let r = h.state.peer(a).unwrap();

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use impetus_proto::api::{ClientRequest, ClientResponse, ClusterStatus};
 use impetus_proto::{
-    JobId, JobRecord, JobSpec, JobStatus, ModuleHash, NewJob, PeerId, PeerRole, StreamName, StreamProps,
+    JobId, JobRecord, JobSpec, JobStatus, ModuleHash, NewJob, PeerId, PeerRole, Seat, StreamName, StreamProps,
 };
 use impetus_sdk::Client;
 use impetus_tests::{wait_for, wasm, PeerProc};
@@ -531,4 +531,62 @@ fn five_voters_with_voters_5_survive_two_kills() {
     let ids = rt.block_on(submit(&c, "five", StreamProps::default(), "noop", vec![String::new(); 20]));
     let records = rt.block_on(wait_all(&c, &ids, Duration::from_secs(60)));
     assert!(records.iter().all(|r| r.status == JobStatus::Succeeded), "{records:?}");
+}
+
+/// `impetus peer --worker` never takes a voter seat, even while seats are
+/// open, and cannot found a cluster; `--voter` is shown in the registry
+/// (which of several workers the leader picks first is `plan`'s unit test).
+#[test]
+fn worker_peers_never_take_a_voter_seat_but_run_jobs() {
+    let _serial = serial();
+    let rt = rt();
+    let dir = tempfile::tempdir().unwrap();
+    // Alone, a --worker peer has no cluster to join.
+    let mut alone = std::process::Command::new(impetus_tests::impetus_bin());
+    alone.args(["peer", "--worker", "--listen", "127.0.0.1:0", "--data-dir"]).arg(dir.path().join("alone"));
+    let out = impetus_tests::output_within(alone, Duration::from_secs(60)).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a lone --worker peer started: {stderr}");
+    assert!(stderr.contains("a --worker peer cannot found a cluster"), "{stderr}");
+
+    let mut peers = cluster(dir.path(), 1, &[]);
+    let join = peers[0].addr.clone();
+    for (name, seat) in [("p2", "--worker"), ("p3", "--worker")] {
+        peers.push(PeerProc::start(&dir.path().join(name), &["--join", &join, seat]).unwrap());
+    }
+    // Two seats are open, yet after several rounds of the membership
+    // manager (every 0.5 s; a plain joiner is a learner within 1 s) the
+    // founder still votes alone.
+    formed(&rt, &peers, 1, 2);
+    std::thread::sleep(Duration::from_secs(3));
+    let st = formed(&rt, &peers, 1, 2);
+    let pure = [id_of(&st, &peers[1]), id_of(&st, &peers[2])];
+    // Later peers fill the seats; the --worker ones stay workers.
+    for (name, seat) in [("p4", "--voter"), ("p5", "--capacity")] {
+        let mut args = vec!["--join", join.as_str(), seat];
+        if seat == "--capacity" {
+            args.push("2");
+        }
+        peers.push(PeerProc::start(&dir.path().join(name), &args).unwrap());
+    }
+    let st = formed(&rt, &peers, 3, 2);
+    assert_eq!(workers_of(&st), pure.to_vec(), "{st:?}");
+    let seat = |p: &PeerProc| st.peers.iter().find(|r| r.id == id_of(&st, p)).map(|r| r.info.seat);
+    assert_eq!(
+        peers.iter().map(seat).collect::<Vec<_>>(),
+        [Seat::Any, Seat::Never, Seat::Never, Seat::Preferred, Seat::Any].map(Some).to_vec()
+    );
+    let out = peers[0].ok(&["status"]);
+    assert_eq!(out.matches("worker (--worker)").count(), 2, "{out}");
+    assert_eq!(out.matches("voter (--voter)").count(), 1, "{out}");
+
+    // They run jobs: a stream pinned to them.
+    let c = client_of(&rt, &peers[0]);
+    let props = StreamProps { pin: pure.into_iter().collect(), ..StreamProps::default() };
+    let ids = rt.block_on(submit(&c, "pure", props, "sleep", vec!["100".into(); 20]));
+    let records = rt.block_on(wait_all(&c, &ids, Duration::from_secs(120)));
+    for r in &records {
+        assert_eq!(r.status, JobStatus::Succeeded, "{r:?}");
+        assert!(r.peer.is_some_and(|p| pure.contains(&p)), "ran on {:?}, not a --worker peer", r.peer);
+    }
 }

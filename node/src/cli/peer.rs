@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use impetus_node::serve::{self, PeerOptions};
+use impetus_proto::Seat;
 use nix::errno::Errno;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -27,13 +28,16 @@ finish (bounded), their results are committed, then it exits. A second signal ex
 
 The first peer started without --join founds a cluster. Peers started with --join (any \
 member's address) join it as workers: they run jobs and hold no Raft state. While there are \
-fewer voters than --voters (3), the leader makes workers learners, then voters. On a LAN, peers listening on a non-loopback address find each other by mDNS \
+fewer voters than --voters (3), the leader makes workers learners, then voters: those started \
+with --voter first, never those started with --worker (a peer already a member stays one: \
+`impetus peer leave` it first). On a LAN, peers listening on a non-loopback address find each other by mDNS \
 with no --join. On SIGTERM a member of a larger cluster also leaves its membership (and \
 forgets its Raft state, so a later start joins afresh); a single-peer cluster keeps its data.
 
 Examples:
   impetus peer                                          127.0.0.1:7420, data in .impetus/peer
   impetus peer --listen 127.0.0.1:7421 --data-dir .impetus/p2 --join 127.0.0.1:7420
+  impetus peer --listen 127.0.0.1:7422 --data-dir .impetus/p3 --join 127.0.0.1:7420 --worker
   impetus peer --listen 0.0.0.0:7420 --data-dir /var/lib/impetus --metrics 0.0.0.0:9420
   impetus peer leave --peer 127.0.0.1:7421               drain that peer and take it out
   impetus peer --daemon --pid-dir /run/impetus --log-dir /var/log/impetus
@@ -66,6 +70,12 @@ pub struct PeerArgs {
     /// Jobs run at once on this peer [default: 2 × available cores].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub capacity: Option<u32>,
+    /// Take a voter seat before other workers when one is open.
+    #[arg(long, conflicts_with = "worker")]
+    pub voter: bool,
+    /// Never take a voter seat: only run jobs, hold no Raft state (needs --join or mDNS: it cannot found a cluster).
+    #[arg(long)]
+    pub worker: bool,
     /// Run in the foreground (the default).
     #[arg(long, conflicts_with = "daemon")]
     pub foreground: bool,
@@ -135,6 +145,11 @@ pub fn run(g: &Global, args: PeerArgs) -> anyhow::Result<u8> {
         voter_timeout: Duration::from_secs(args.voter_timeout),
         mdns: args.mdns,
         metrics: args.metrics,
+        seat: match (args.voter, args.worker) {
+            (true, _) => Seat::Preferred,
+            (_, true) => Seat::Never,
+            _ => Seat::Any,
+        },
         ..PeerOptions::new(args.listen, args.data_dir)
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;

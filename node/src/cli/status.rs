@@ -97,6 +97,11 @@ pub fn render(st: &ClusterStatus, g: &Global, now: u64, rates: Option<&Rates>) -
         if Some(p.id) == st.leader {
             role.push_str(" (leader)");
         }
+        match p.info.seat {
+            impetus_proto::Seat::Preferred => role.push_str(" (--voter)"),
+            impetus_proto::Seat::Never => role.push_str(" (--worker)"),
+            impetus_proto::Seat::Any => {}
+        }
         if p.id == st.peer {
             role.push_str(" (me)");
         }
@@ -182,6 +187,7 @@ mod tests {
                     addresses: vec!["/ip4/127.0.0.1/tcp/7420/p2p/12D3KooW".into()],
                     capacity: 8,
                     labels: vec![],
+                    seat: impetus_proto::Seat::Preferred,
                 },
                 role: PeerRole::Voter,
                 draining: false,
@@ -215,8 +221,8 @@ mod tests {
         expect_test::expect![[r#"
             cluster via 127.0.0.1:7420 (peer-1): leader peer-1, term 2, commit 40, applied 40
 
-            PEER    ADDRESS                  HOST   PID  RSS MB  ROLE                 DRAINING  HEARTBEAT  RUNNING  IDLE SLOTS
-            peer-1  /ip4/127.0.0.1/tcp/7420  box   4242    50.0  voter (leader) (me)  no           1s ago  s1:3     s1:1
+            PEER    ADDRESS                  HOST   PID  RSS MB  ROLE                           DRAINING  HEARTBEAT  RUNNING  IDLE SLOTS
+            peer-1  /ip4/127.0.0.1/tcp/7420  box   4242    50.0  voter (leader) (--voter) (me)  no           1s ago  s1:3     s1:1
 
             STREAM  DEPTH  RUNNING  SUCCEEDED  DEAD  OLDEST PENDING  COMPLETED
             s1          6        3         10     0               -         10

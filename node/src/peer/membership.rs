@@ -15,15 +15,18 @@
 //!    replaced by such a learner; with no learner to take its place it stays
 //!    (removing it would shrink the quorum's fault tolerance for nothing).
 //! 4. Fewer answering learners than voters missing (below the target, or
-//!    silent): the answering worker with the lowest id becomes a learner, so
-//!    it catches up and rule 2 or 3 applies. Other workers hold no Raft
-//!    state.
+//!    silent): an answering worker becomes a learner, so it catches up and
+//!    rule 2 or 3 applies: one started with `--voter` ([`Seat::Preferred`])
+//!    first, then any other but those started with `--worker`
+//!    ([`Seat::Never`]), lowest id first. Other workers hold no Raft state.
 //!
 //! Node ids are peer ids from the registry, so they are never reused.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::time::Duration;
+
+use impetus_proto::Seat;
 
 use super::{ConsensusError, Runtime};
 
@@ -41,8 +44,9 @@ pub struct View {
     /// Per follower: milliseconds since it last answered the leader.
     pub silent_ms: BTreeMap<u64, u64>,
     /// Registered peers outside membership (not draining): milliseconds
-    /// since their last heartbeat, by the state machine's clock.
-    pub workers: BTreeMap<u64, u64>,
+    /// since their last heartbeat, by the state machine's clock, and
+    /// whether they may take a seat.
+    pub workers: BTreeMap<u64, (u64, Seat)>,
 }
 
 /// A membership change.
@@ -94,7 +98,11 @@ pub fn plan(v: &View, p: &Policy) -> Option<Change> {
     if standing_by >= missing {
         return None;
     }
-    v.workers.iter().find(|(_, silent)| **silent < p.dead_after_ms).map(|(id, _)| Change::AddLearner(*id))
+    v.workers
+        .iter()
+        .filter(|(_, (silent, seat))| *silent < p.dead_after_ms && *seat != Seat::Never)
+        .min_by_key(|(id, (_, seat))| (*seat, **id))
+        .map(|(id, _)| Change::AddLearner(*id))
 }
 
 /// Raft membership as the manager drives it.
@@ -147,6 +155,10 @@ mod tests {
         }
     }
 
+    fn workers(w: &[(u64, u64, Seat)]) -> BTreeMap<u64, (u64, Seat)> {
+        w.iter().map(|&(id, silent, seat)| (id, (silent, seat))).collect()
+    }
+
     #[test]
     fn only_the_leader_changes_membership() {
         let v = View { is_leader: false, ..view(&[1], &[2, 3]) };
@@ -184,7 +196,7 @@ mod tests {
     #[test]
     fn workers_become_learners_only_while_voters_are_missing() {
         let mut v = view(&[1], &[]);
-        v.workers = BTreeMap::from([(5, 100), (2, 60_000), (4, 100)]);
+        v.workers = workers(&[(5, 100, Seat::Any), (2, 60_000, Seat::Any), (4, 100, Seat::Any)]);
         assert_eq!(plan(&v, &Policy::default()), Some(Change::AddLearner(4)), "lowest answering worker");
         v.learners.insert(4);
         v.matched.insert(4, 0);
@@ -197,7 +209,7 @@ mod tests {
         assert_eq!(plan(&v, &Policy::default()), None, "both catching up: wait");
         v.matched.insert(4, 5_000);
         assert_eq!(plan(&v, &Policy::default()), Some(Change::Promote(4)));
-        let full = View { workers: BTreeMap::from([(7, 10)]), ..view(&[1, 2, 3], &[]) };
+        let full = View { workers: workers(&[(7, 10, Seat::Any)]), ..view(&[1, 2, 3], &[]) };
         assert_eq!(plan(&full, &Policy::default()), None, "three voters: the rest stay workers");
     }
 
@@ -205,12 +217,25 @@ mod tests {
     fn a_silent_voter_with_no_learner_brings_in_a_worker() {
         let mut v = view(&[1, 2, 3], &[]);
         v.silent_ms.insert(3, 20_000);
-        v.workers = BTreeMap::from([(6, 100)]);
+        v.workers = workers(&[(6, 100, Seat::Any)]);
         assert_eq!(plan(&v, &Policy::default()), Some(Change::AddLearner(6)));
         v.learners.insert(6);
         v.matched.insert(6, 5_000);
         v.silent_ms.insert(6, 10);
         assert_eq!(plan(&v, &Policy::default()), Some(Change::Replace { dead: 3, with: 6 }));
+    }
+
+    #[test]
+    fn a_voter_seat_goes_to_a_preferred_worker_first_and_never_to_one_that_refuses() {
+        let mut v = view(&[1], &[]);
+        v.workers = workers(&[(2, 100, Seat::Never), (3, 100, Seat::Any), (4, 100, Seat::Preferred)]);
+        assert_eq!(plan(&v, &Policy::default()), Some(Change::AddLearner(4)), "--voter first");
+        v.workers.remove(&4);
+        assert_eq!(plan(&v, &Policy::default()), Some(Change::AddLearner(3)), "then any, before a lower --worker");
+        v.workers.remove(&3);
+        assert_eq!(plan(&v, &Policy::default()), None, "a --worker peer never takes a seat");
+        v.workers.insert(5, (60_000, Seat::Preferred));
+        assert_eq!(plan(&v, &Policy::default()), None, "nor does a silent one");
     }
 
     #[test]
