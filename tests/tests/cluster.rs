@@ -26,8 +26,22 @@ fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
 
-/// A founder and `n - 1` peers that join it, started one after the other.
-fn cluster(dir: &Path, n: usize, extra: &[&str]) -> Vec<PeerProc> {
+/// What a test of this file runs in: its turn (one test at a time), a
+/// runtime for the SDK, a directory, and its peers. Bind all four: they
+/// drop in reverse order, so the peers are killed before their directory
+/// goes and the next test starts.
+type Fixture = (std::sync::MutexGuard<'static, ()>, tokio::runtime::Runtime, tempfile::TempDir, Vec<PeerProc>);
+
+/// A founder and `n - 1` peers that join it, started one after the other,
+/// each with `extra` arguments.
+fn cluster(n: usize, extra: &[&str]) -> Fixture {
+    let turn = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let peers = start_peers(dir.path(), n, extra);
+    (turn, rt(), dir, peers)
+}
+
+fn start_peers(dir: &Path, n: usize, extra: &[&str]) -> Vec<PeerProc> {
     let first = PeerProc::start(&dir.join("p1"), extra).unwrap();
     let join = first.addr.clone();
     let mut peers = vec![first];
@@ -114,10 +128,7 @@ async fn wait_all(c: &Client, ids: &[JobId], limit: Duration) -> Vec<JobRecord> 
 
 #[test]
 fn three_peers_become_voters_and_later_peers_workers_that_run_jobs() {
-    let _serial = serial();
-    let rt = rt();
-    let dir = tempfile::tempdir().unwrap();
-    let mut peers = cluster(dir.path(), 3, &["--capacity", "2"]);
+    let (_turn, rt, dir, mut peers) = cluster(3, &["--capacity", "2"]);
     formed(&rt, &peers, 3, 0);
     let join = peers[0].addr.clone();
     let metrics = format!("127.0.0.1:{}", impetus_tests::free_port());
@@ -183,10 +194,7 @@ fn three_peers_become_voters_and_later_peers_workers_that_run_jobs() {
 
 #[test]
 fn killing_the_leader_with_2000_jobs_in_flight_loses_nothing() {
-    let _serial = serial();
-    let rt = rt();
-    let dir = tempfile::tempdir().unwrap();
-    let mut peers = cluster(dir.path(), 3, &["--capacity", "8"]);
+    let (_turn, rt, _dir, mut peers) = cluster(3, &["--capacity", "8"]);
     formed(&rt, &peers, 3, 0);
     let c = client_of(&rt, &peers[1]);
     let props = StreamProps { lease_ttl_ms: 2_000, max_attempts: 10, mpps: 8, ..StreamProps::default() };
@@ -226,11 +234,8 @@ fn killing_the_leader_with_2000_jobs_in_flight_loses_nothing() {
 
 #[test]
 fn a_dead_workers_jobs_run_elsewhere_and_a_late_completion_is_refused() {
-    let _serial = serial();
-    let rt = rt();
-    let dir = tempfile::tempdir().unwrap();
     // Room on the voters for all eight re-runs at once.
-    let mut peers = cluster(dir.path(), 3, &["--capacity", "4"]);
+    let (_turn, rt, dir, mut peers) = cluster(3, &["--capacity", "4"]);
     let join = peers[0].addr.clone();
     for i in 4..=5 {
         peers.push(PeerProc::start(&dir.path().join(format!("p{i}")), &["--join", &join, "--capacity", "4"]).unwrap());
@@ -345,10 +350,7 @@ fn digest(rt: &tokio::runtime::Runtime, p: &PeerProc) -> Option<(u64, String)> {
 
 #[test]
 fn a_voter_killed_and_restarted_catches_up_to_the_same_state() {
-    let _serial = serial();
-    let rt = rt();
-    let dir = tempfile::tempdir().unwrap();
-    let mut peers = cluster(dir.path(), 3, &["--capacity", "4"]);
+    let (_turn, rt, _dir, mut peers) = cluster(3, &["--capacity", "4"]);
     formed(&rt, &peers, 3, 0);
     let c = client_of(&rt, &peers[0]);
     let first =
@@ -421,10 +423,7 @@ fn without_the_authkey_no_peer_or_client_gets_in() {
 
 #[test]
 fn a_voter_gone_past_the_timeout_is_replaced_by_a_worker() {
-    let _serial = serial();
-    let rt = rt();
-    let dir = tempfile::tempdir().unwrap();
-    let mut peers = cluster(dir.path(), 4, &["--voter-timeout", "2"]);
+    let (_turn, rt, _dir, mut peers) = cluster(4, &["--voter-timeout", "2"]);
     let st = formed(&rt, &peers, 3, 1);
     let (gone, spare) = (id_of(&st, &peers[2]), id_of(&st, &peers[3]));
     assert!(st.voters.contains(&gone) && workers_of(&st) == [spare], "{st:?}");
@@ -443,10 +442,7 @@ fn a_voter_gone_past_the_timeout_is_replaced_by_a_worker() {
 
 #[test]
 fn peer_leave_drains_a_peer_and_takes_it_out_of_the_cluster() {
-    let _serial = serial();
-    let rt = rt();
-    let dir = tempfile::tempdir().unwrap();
-    let mut peers = cluster(dir.path(), 4, &[]);
+    let (_turn, rt, _dir, mut peers) = cluster(4, &[]);
     let st = formed(&rt, &peers, 3, 1);
     let leaving = id_of(&st, &peers[3]);
     let out = peers[3].ok(&["peer", "leave"]);
@@ -471,10 +467,7 @@ fn client_of(rt: &tokio::runtime::Runtime, p: &PeerProc) -> Client {
 /// Raft membership (a worker takes its seat) and exits 0.
 #[test]
 fn sigterm_drains_a_voter_running_jobs_then_it_leaves() {
-    let _serial = serial();
-    let rt = rt();
-    let dir = tempfile::tempdir().unwrap();
-    let mut peers = cluster(dir.path(), 4, &["--capacity", "4"]);
+    let (_turn, rt, _dir, mut peers) = cluster(4, &["--capacity", "4"]);
     let st = formed(&rt, &peers, 3, 1);
     let at = (0..3).find(|&i| Some(id_of(&st, &peers[i])) != st.leader).unwrap();
     let v = id_of(&st, &peers[at]);
@@ -515,10 +508,7 @@ fn sigterm_drains_a_voter_running_jobs_then_it_leaves() {
 /// failures), and it still commits with two of them killed.
 #[test]
 fn five_voters_with_voters_5_survive_two_kills() {
-    let _serial = serial();
-    let rt = rt();
-    let dir = tempfile::tempdir().unwrap();
-    let mut peers = cluster(dir.path(), 5, &["--voters", "5"]);
+    let (_turn, rt, _dir, mut peers) = cluster(5, &["--voters", "5"]);
     let st = formed(&rt, &peers, 5, 0);
     let leader = st.leader.unwrap_or_else(|| panic!("no leader: {st:?}"));
     // Kill two voters that do not lead; the other three still commit.
@@ -538,10 +528,8 @@ fn five_voters_with_voters_5_survive_two_kills() {
 /// (which of several workers the leader picks first is `plan`'s unit test).
 #[test]
 fn worker_peers_never_take_a_voter_seat_but_run_jobs() {
-    let _serial = serial();
-    let rt = rt();
-    let dir = tempfile::tempdir().unwrap();
-    // Alone, a --worker peer has no cluster to join.
+    let (_turn, rt, dir, mut peers) = cluster(1, &[]);
+    // With no --join, a --worker peer has no cluster to join.
     let mut alone = std::process::Command::new(impetus_tests::impetus_bin());
     alone.args(["peer", "--worker", "--listen", "127.0.0.1:0", "--data-dir"]).arg(dir.path().join("alone"));
     let out = impetus_tests::output_within(alone, Duration::from_secs(60)).unwrap();
@@ -549,7 +537,6 @@ fn worker_peers_never_take_a_voter_seat_but_run_jobs() {
     assert!(!out.status.success(), "a lone --worker peer started: {stderr}");
     assert!(stderr.contains("a --worker peer cannot found a cluster"), "{stderr}");
 
-    let mut peers = cluster(dir.path(), 1, &[]);
     let join = peers[0].addr.clone();
     for (name, seat) in [("p2", "--worker"), ("p3", "--worker")] {
         peers.push(PeerProc::start(&dir.path().join(name), &["--join", &join, seat]).unwrap());
