@@ -211,6 +211,7 @@ impl StreamStats {
 /// back to `Delayed` (or `Queued` when the backoff is zero) carrying the error
 /// record; with none left it goes to `Dead`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum JobStatus {
     /// Ready to be leased.
     Queued,

@@ -17,7 +17,7 @@ pub enum JobsCommand {
         stream: Option<StreamName>,
         /// Only jobs with this status.
         #[arg(long, value_enum)]
-        status: Option<StatusArg>,
+        status: Option<JobStatus>,
         /// At most this many jobs.
         #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=impetus_proto::limits::MAX_BATCH as i64))]
         limit: u32,
@@ -42,31 +42,6 @@ pub enum JobsCommand {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum StatusArg {
-    Queued,
-    Delayed,
-    Leased,
-    Running,
-    Succeeded,
-    Dead,
-    Cancelled,
-}
-
-impl From<StatusArg> for JobStatus {
-    fn from(s: StatusArg) -> JobStatus {
-        match s {
-            StatusArg::Queued => JobStatus::Queued,
-            StatusArg::Delayed => JobStatus::Delayed,
-            StatusArg::Leased => JobStatus::Leased,
-            StatusArg::Running => JobStatus::Running,
-            StatusArg::Succeeded => JobStatus::Succeeded,
-            StatusArg::Dead => JobStatus::Dead,
-            StatusArg::Cancelled => JobStatus::Cancelled,
-        }
-    }
-}
-
 fn job_error(e: ClientError) -> anyhow::Error {
     with_stream_hint(e)
 }
@@ -78,8 +53,7 @@ pub async fn run(g: &Global, cmd: JobsCommand) -> anyhow::Result<u8> {
             if let Some(s) = &stream {
                 client.stream(s).await.map_err(with_stream_hint)?;
             }
-            let jobs =
-                client.jobs(stream.as_ref(), status.map(Into::into), after, limit).await.context("listing jobs")?;
+            let jobs = client.jobs(stream.as_ref(), status, after, limit).await.context("listing jobs")?;
             if g.json {
                 let v: Vec<_> = jobs.iter().map(job_json).collect();
                 print_json(&v)?;
@@ -251,7 +225,7 @@ mod tests {
             panic!("not jobs list")
         };
         assert_eq!(stream.map(|s| s.to_string()), Some("s1".into()));
-        assert_eq!(status.map(JobStatus::from), Some(JobStatus::Dead));
+        assert_eq!(status, Some(JobStatus::Dead));
         assert_eq!(limit, 5);
         assert_eq!(after, Some(JobId(9)));
         assert!(Cli::try_parse_from(["impetus", "jobs", "list", "--status", "bogus"]).is_err());
