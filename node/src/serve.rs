@@ -90,6 +90,8 @@ pub enum ServeError {
          and found no peer by mDNS: start a member first and give its address with --join ADDR"
     )]
     WorkerCannotFound,
+    #[error("the Raft node stopped: {reason}; fix the cause (a full disk?) and start the peer again")]
+    RaftStopped { reason: String },
     #[error("this peer is node {raft} in Raft but {registry} in the registry; its data directory is inconsistent")]
     Identity { raft: u64, registry: u64 },
     #[error("invalid listen address {addr:?}: {reason}")]
@@ -419,6 +421,16 @@ pub async fn run_peer(
     tokio::select! {
         () = &mut shutdown => {}
         () = leave.notified() => {}
+        reason = raft_stopped(&raft) => {
+            // Nothing can be committed through this replica any more: stop,
+            // and say why. The jobs it holds go back to the queue when
+            // their leases expire; what the cluster acknowledged is on a
+            // quorum of the others.
+            tracing::error!(peer = %peer.id(), %reason, "the Raft node stopped; this peer stops");
+            stopping.store(true, Ordering::SeqCst);
+            manager.abort();
+            return Err(ServeError::RaftStopped { reason });
+        }
     }
     tracing::info!(peer = %peer.id(), "shutting down: draining running jobs");
     stopping.store(true, Ordering::SeqCst);
@@ -654,6 +666,24 @@ async fn refresh_worker_view(consensus: ClusterConsensus, me: PeerId, view: Clus
             }
         }
         tokio::time::sleep(WORKER_VIEW_EVERY).await;
+    }
+}
+
+/// Completes when the Raft node stops on its own, with what stopped it:
+/// a storage error (a full disk, a failed write or sync) is fatal to it.
+async fn raft_stopped(raft: &impetus_raft::Raft) -> String {
+    use impetus_raft::openraft::async_runtime::WatchReceiver;
+    let mut metrics = raft.metrics();
+    loop {
+        if let Err(fatal) = &metrics.borrow_watched().running_state {
+            return fatal.to_string();
+        }
+        if metrics.changed().await.is_err() {
+            return match &metrics.borrow_watched().running_state {
+                Err(fatal) => fatal.to_string(),
+                Ok(()) => "it shut down".to_owned(),
+            };
+        }
     }
 }
 

@@ -30,6 +30,8 @@ struct Fake {
     modules: Mutex<BTreeMap<ModuleHash, Vec<u8>>>,
     writes: Mutex<Vec<Command>>,
     requests: AtomicUsize,
+    /// Job reads still to refuse as "unavailable" (an election).
+    unavailable: AtomicUsize,
 }
 
 fn record(id: JobId, stream: &StreamName, job: &NewJob) -> JobRecord {
@@ -102,6 +104,11 @@ impl ClientService for Fake {
         self.requests.fetch_add(1, Ordering::Relaxed);
         match req {
             ClientRequest::Write(cmd) => ClientResponse::Applied(self.write(cmd)),
+            ClientRequest::JobStatuses(_) | ClientRequest::GetJob(_)
+                if self.unavailable.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() =>
+            {
+                ClientResponse::Error(ServiceError::Unavailable("electing a leader".into()))
+            }
             ClientRequest::JobStatuses(ids) => {
                 let mut jobs = self.jobs.lock().unwrap();
                 ClientResponse::JobStatuses(ids.iter().map(|id| jobs.get_mut(id).map(|job| look(job).status)).collect())
@@ -990,4 +997,24 @@ async fn a_dead_connection_is_closed_by_a_failed_ping_and_the_next_request_dials
     assert_eq!(status(again), Ok(PeerId(1)), "after the close");
     a.stop().await.unwrap();
     b.stop().await;
+}
+
+/// `wait` rides out reads refused for a passing reason (an election, a
+/// membership change): it asks again until its timeout. Other errors end it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_asks_again_when_a_read_is_refused_for_a_passing_reason() {
+    let server = start(None).await;
+    let client = Client::connect(&server.addr.to_string(), None).await.unwrap();
+    let s = StreamName::new("s").unwrap();
+    client.create_stream(&s, StreamProps::default()).await.unwrap();
+    let ids: Vec<JobId> =
+        client.submit(&s, vec![new_job("a"), new_job("b")]).await.unwrap().into_iter().map(|d| d.job).collect();
+    server.fake.unavailable.store(5, Ordering::SeqCst);
+    let done = client.wait(&ids, Duration::from_secs(10), |_, _| {}).await.unwrap();
+    assert!(done.iter().all(|r| r.status == JobStatus::Succeeded), "{done:?}");
+    assert_eq!(server.fake.unavailable.load(Ordering::SeqCst), 0, "every refusal was asked again");
+    // A job the cluster does not know is not a passing reason.
+    let err = client.wait(&[JobId(99)], Duration::from_secs(10), |_, _| {}).await.unwrap_err();
+    assert!(err.to_string().contains("vanished"), "{err}");
+    server.stop().await;
 }

@@ -65,6 +65,19 @@ pub enum ClientError {
     Protocol(String),
 }
 
+impl ClientError {
+    /// Whether the same request may succeed if sent again shortly: the
+    /// cluster is electing a leader or changing membership, or the
+    /// connection dropped. A read is always safe to send again.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Transport(_)
+                | ClientError::Service(ServiceError::NotLeader { .. } | ServiceError::Unavailable(_))
+        )
+    }
+}
+
 /// The outcome of [`Client::data_cas`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CasOutcome {
@@ -329,7 +342,9 @@ impl Client {
     /// Wait until every job in `ids` is final (Succeeded, Dead or
     /// Cancelled), polling with a backoff from 5 ms to 200 ms, and return
     /// their records in the order of `ids`. `progress(done, total)` is called
-    /// after every poll. Fails with [`ClientError::Timeout`] after `timeout`.
+    /// after every poll. A read refused for a passing reason
+    /// ([`ClientError::is_transient`]: an election, a membership change) is
+    /// asked again. Fails with [`ClientError::Timeout`] after `timeout`.
     pub async fn wait(
         &self,
         ids: &[JobId],
@@ -357,7 +372,9 @@ impl Client {
                 .collect::<Vec<_>>();
             let polled = tokio::time::timeout_at(deadline, poll).await.map_err(|_| timed_out(pending.len()))?;
             let mut finished = Vec::new();
-            for chunk in polled {
+            // A read that failed for a passing reason (an election, a
+            // membership change) is asked again next round.
+            for chunk in polled.into_iter().filter(|c| !c.as_ref().is_err_and(ClientError::is_transient)) {
                 for (id, status) in chunk? {
                     match status {
                         Some(s) if s.is_final() => finished.push(id),
@@ -372,7 +389,7 @@ impl Client {
                 .collect::<Vec<_>>();
             let records = tokio::time::timeout_at(deadline, records).await.map_err(|_| timed_out(pending.len()))?;
             let before = pending.len();
-            for rec in records {
+            for rec in records.into_iter().filter(|r| !r.as_ref().is_err_and(ClientError::is_transient)) {
                 let rec = rec?;
                 pending.remove(&rec.id);
                 done.insert(rec.id, rec);

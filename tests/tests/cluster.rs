@@ -86,7 +86,7 @@ fn formed(rt: &tokio::runtime::Runtime, peers: &[PeerProc], voters: usize, worke
 }
 
 fn logs(peers: &[PeerProc]) -> String {
-    peers.iter().map(|p| format!("--- {} ---\n{}\n", p.addr, tail(&p.log_text(), 40))).collect()
+    peers.iter().map(|p| format!("--- {} ---\n{}\n", p.addr, tail(&p.log_text(), 80))).collect()
 }
 
 fn tail(s: &str, n: usize) -> String {
@@ -576,4 +576,78 @@ fn worker_peers_never_take_a_voter_seat_but_run_jobs() {
         assert_eq!(r.status, JobStatus::Succeeded, "{r:?}");
         assert!(r.peer.is_some_and(|p| pure.contains(&p)), "ran on {:?}, not a --worker peer", r.peer);
     }
+}
+
+/// A tmpfs of `mib` MiB at `dir` (a small disk for one peer), unmounted when
+/// dropped. Needs root (CAP_SYS_ADMIN), like the mDNS test's namespaces.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: &Path, mib: u32) -> SmallDisk {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut cmd = std::process::Command::new("mount");
+        cmd.args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"]).arg(dir);
+        let out = impetus_tests::output_within(cmd, Duration::from_secs(30)).unwrap();
+        assert!(
+            out.status.success(),
+            "cannot mount a tmpfs at {}: {}\nthis test needs root (CAP_SYS_ADMIN) to give one peer a small disk",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        SmallDisk(dir.to_path_buf())
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        // Lazy: detached now, gone once the peer's files are closed.
+        let mut cmd = std::process::Command::new("umount");
+        cmd.arg("-l").arg(&self.0);
+        let _ = impetus_tests::output_within(cmd, Duration::from_secs(30));
+    }
+}
+
+/// A voter whose disk fills stops with an error that names the problem,
+/// and nothing acknowledged is lost: the others commit on, a worker takes
+/// its seat, and every acknowledged job succeeds.
+#[test]
+fn a_voter_whose_disk_fills_stops_naming_it_and_nothing_acknowledged_is_lost() {
+    let (_turn, rt, dir, mut peers) = cluster(1, &["--voter-timeout", "2"]);
+    let _disk = SmallDisk::mount(&dir.path().join("p2"), 1);
+    let join = peers[0].addr.clone();
+    for name in ["p2", "p3", "p4"] {
+        peers.push(PeerProc::start(&dir.path().join(name), &["--join", &join, "--voter-timeout", "2"]).unwrap());
+    }
+    let st = formed(&rt, &peers, 3, 1);
+    let (full, spare) = (id_of(&st, &peers[1]), id_of(&st, &peers[3]));
+    assert!(st.voters.contains(&full) && !st.voters.contains(&spare), "{st:?}");
+
+    // 64 KiB jobs, 4 to a submit, through p3: 4 MiB of log against p2's 1.
+    let c = client_of(&rt, &peers[2]);
+    let s = StreamName::new("big").unwrap();
+    rt.block_on(c.create_stream(&s, StreamProps::default())).unwrap();
+    let module = rt.block_on(c.put_module(std::fs::read(wasm("noop")).unwrap())).unwrap();
+    let (mut acked, mut refused) = (Vec::new(), Vec::new());
+    for batch in 0..16 {
+        let inputs = (0..4).map(|i| format!("{batch}-{i}-{}", "x".repeat((64 << 10) - 16)));
+        match rt.block_on(c.submit(&s, noop_jobs(module, inputs))) {
+            Ok(done) => acked.extend(done.into_iter().map(|d| d.job)),
+            Err(e) => refused.push(e.to_string()),
+        }
+    }
+    // p2 stops, naming the problem.
+    let exit = peers[1].wait_exit(Duration::from_secs(60));
+    let log = peers[1].log_text();
+    assert!(exit.is_some_and(|e| !e.success()), "p2 did not stop with an error ({exit:?}); logs:\n{}", logs(&peers));
+    assert!(log.contains("No space left on device"), "p2's log does not name the full disk:\n{}", tail(&log, 40));
+
+    // The spare takes its seat; every acknowledged job succeeds.
+    let seated = wait_for(Duration::from_secs(60), || {
+        status(&rt, &peers[0]).filter(|st| st.voters.contains(&spare) && !st.voters.contains(&full))
+    });
+    assert!(seated.is_some(), "the spare did not replace the full voter; logs:\n{}", logs(&peers));
+    assert!(acked.len() >= 32, "only {} jobs acknowledged; refused: {refused:?}", acked.len());
+    let records = rt.block_on(wait_all(&c, &acked, Duration::from_secs(120)));
+    assert!(records.iter().all(|r| r.status == JobStatus::Succeeded), "an acknowledged job did not succeed");
+    eprintln!("disk full: {} jobs acknowledged, {} submits refused: {refused:?}", acked.len(), refused.len());
 }
