@@ -1,5 +1,5 @@
 //! The checkers that run after the cluster has finished (the invariant
-//! checks on every voter's apply run during the run: see `with_invariant_checks`).
+//! checks on every replica's apply run during the run: see `with_invariant_checks`).
 //!
 //! - **acked-lost**: every acknowledged submit's job exists, under its key, final.
 //! - **result**: every Succeeded job has a result, and it is the right one.
@@ -8,12 +8,13 @@
 //!   accepted only with the job's current, live lease (token and peer); a
 //!   lease is granted only on a job with no live lease; at most one
 //!   accepted completion per job (no result committed twice).
-//! - **divergence**: voters sampled at the same applied index hold the same
-//!   snapshot bytes, which equal the replayed state's at that index; at the
-//!   end all voters are equal.
+//! - **divergence**: replicas (voters, learners, workers made members)
+//!   sampled at the same applied index hold the same snapshot bytes, which
+//!   equal the replayed state's at that index; at the end all replicas at
+//!   the same applied index are equal.
 //! - **double-result**: completions the writers saw accepted, per job, ≤ 1.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use impetus_proto::{
     ran_results, Command, FencingToken, JobId, JobStatus, Lease, LeaseGrant, Outcome, PeerId, Stamp, StreamName,
@@ -129,24 +130,41 @@ pub(crate) async fn final_checks(world: &World, nodes: &[Node]) -> Result<(), Fa
         .map_err(|e| fail("log-audit", format!("reading the leader's log: {e}")))?;
     let samples = std::mem::take(&mut lock(&world.audit).samples);
     replay(world, &entries, &samples)?;
+    count_workers_made_members(world, &entries);
 
-    // All voters equal at the end.
-    let finals: Vec<(NodeId, u64, [u8; 32])> = nodes
-        .iter()
-        .filter_map(|n| n.running.as_ref().map(|r| (n.id, r)))
-        .map(|(id, r)| r.state.read(|s| (id, s.applied_index(), *blake3::hash(&s.snapshot()).as_bytes())))
-        .collect();
-    if let Some(first) = finals.first() {
-        for other in &finals[1..] {
-            if other.1 == first.1 && other.2 != first.2 {
-                return Err(fail(
-                    "divergence",
-                    format!("n{} and n{} differ at applied index {}", first.0, other.0, first.1),
-                ));
+    // All replicas (workers made members included) equal at the end: any
+    // two at the same applied index hold the same state.
+    let mut finals: BTreeMap<u64, (NodeId, [u8; 32])> = BTreeMap::new();
+    for (id, r) in nodes.iter().filter_map(|n| n.running.as_ref().map(|r| (n.id, r))) {
+        let (index, hash) = r.state.read(|s| (s.applied_index(), *blake3::hash(&s.snapshot()).as_bytes()));
+        match finals.get(&index) {
+            Some((first, h)) if *h != hash => {
+                return Err(fail("divergence", format!("n{first} and n{id} differ at applied index {index}")));
+            }
+            Some(_) => {}
+            None => {
+                finals.insert(index, (id, hash));
             }
         }
     }
     Ok(())
+}
+
+/// How many workers the committed log made learners, and voters.
+fn count_workers_made_members(world: &World, entries: &[Entry]) {
+    let (mut learners, mut voters) = (BTreeSet::new(), BTreeSet::new());
+    for entry in entries {
+        if let EntryPayload::Membership(m) = &entry.payload {
+            learners.extend(m.nodes().map(|(id, _)| *id).filter(|id| world.is_worker(*id)));
+            voters.extend(m.voter_ids().filter(|id| world.is_worker(*id)));
+        }
+    }
+    if !learners.is_empty() {
+        world.event(format_args!("workers made learners {learners:?}, voters {voters:?}"));
+    }
+    let mut a = lock(&world.audit);
+    a.workers_learners = learners.len() as u64;
+    a.workers_voters = voters.len() as u64;
 }
 
 /// A (job, token, peer) presented by a command, with the job's lease before it.

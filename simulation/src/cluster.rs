@@ -1,14 +1,19 @@
 //! The simulated peers' lifecycle: start, crash (losing unflushed log
 //! writes), restart from what was durable.
+//!
+//! Every peer runs a Raft node, as in production (`impetus_node::serve`):
+//! the founder and the peers the scenario adds as learners start as
+//! members; a worker's node is not a member until the leader's membership
+//! manager makes it a learner (then maybe a voter).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use impetus_node::peer::membership::{self, Policy};
-use impetus_node::peer::{Consensus, Peer, PeerConfig};
+use impetus_node::peer::{Peer, PeerConfig};
 use impetus_node::raft_consensus::RaftConsensus;
-use impetus_proto::PeerInfo;
+use impetus_proto::{PeerId, PeerInfo};
 use impetus_raft::openraft::AsyncRuntime;
 use impetus_raft::{
     raft_config, start_node, MemLogStore, MemSnapshotStore, NodeId, SnapshotStore, StateHandle, StateMachineStore,
@@ -22,7 +27,14 @@ use crate::world::{lock, sleep_ms, Live, NetFactory, SimRaft, World};
 /// No snapshots in a short run: the log checker replays the whole log.
 const SNAPSHOT_EVERY: u64 = 1_000_000;
 
-/// One simulated peer: its durable storage and, while it runs, its Raft node.
+/// The membership manager replaces a voter silent this long (production's
+/// `--voter-timeout` is 10 s; a run's nemesis lasts about 8 virtual s, and
+/// its crashes 0.3–3 s, so some voters stay silent past this one).
+const DEAD_AFTER_MS: u64 = 2_000;
+
+/// One simulated peer: its durable storage and, while it runs, its Raft
+/// node and peer. A worker (`World::is_worker`) is one whose node starts
+/// outside membership.
 pub(crate) struct Node {
     pub id: NodeId,
     pub log: MemLogStore<crate::world::SimConfig>,
@@ -46,7 +58,12 @@ pub(crate) fn peer_config(id: NodeId) -> PeerConfig {
         heartbeat_interval: Duration::from_secs(1),
         shutdown_grace: Duration::from_secs(1),
         early_wait: impetus_node::peer::early::EARLY_WAIT,
-        info: PeerInfo { host: format!("sim-{id}"), capacity: 4, ..PeerInfo::default() },
+        info: PeerInfo {
+            host: format!("sim-{id}"),
+            addresses: vec![format!("sim-{id}")],
+            capacity: 4,
+            ..PeerInfo::default()
+        },
     }
 }
 
@@ -90,13 +107,13 @@ impl Node {
             });
         }
         let (rt, m, a) = (SimRt::new(world.clone(), id, alive.clone()), consensus.clone(), alive.clone());
-        let policy = Policy { target_voters: world.opts.peers.min(3), ..Policy::default() };
+        let policy = Policy { dead_after_ms: DEAD_AFTER_MS, ..Policy::default() };
         spawn_killable(&alive, async move {
             membership::manage(rt, m, policy, Duration::from_millis(500), move || !a.load(Ordering::SeqCst)).await
         });
         let (w, a) = (world.clone(), alive.clone());
-        spawn_killable(&alive, async move { start_peer(w, id, Some(consensus), a).await });
-        world.event(format_args!("n{id} started"));
+        spawn_killable(&alive, async move { start_peer(w, id, consensus, a).await });
+        world.event(format_args!("n{id}{} started", if world.is_worker(id) { " (worker)" } else { "" }));
         self.running = Some(Running { alive, raft, state });
         Ok(())
     }
@@ -119,79 +136,24 @@ impl Node {
     }
 }
 
-/// A simulated worker: a peer with no Raft node, whose turns, writes and
-/// module fetches go to the leader over the simulated network.
-pub(crate) struct Worker {
-    pub id: NodeId,
-    /// The kill switch of the running incarnation.
-    pub running: Option<Arc<AtomicBool>>,
-    /// Virtual ms at which a crashed worker restarts.
-    pub down_until: Option<u64>,
-}
-
-impl Worker {
-    pub fn new(id: NodeId) -> Worker {
-        Worker { id, running: None, down_until: None }
-    }
-
-    /// Start (or restart) the worker's peer: it registers through the
-    /// leader, or re-uses its peer id (its hello hands back orphaned leases).
-    pub fn start(&mut self, world: &Arc<World>) {
-        let id = self.id;
-        let alive = Arc::new(AtomicBool::new(true));
-        let (w, a) = (world.clone(), alive.clone());
-        spawn_killable(&alive, async move { start_peer(w, id, None, a).await });
-        world.event(format_args!("n{id} (worker) started"));
-        self.running = Some(alive);
-    }
-
-    /// Crash: the peer's tasks die (what it ran is lost; its leases expire
-    /// unless a restart hands them back).
-    pub fn crash(&mut self, world: &World) {
-        let Some(alive) = self.running.take() else { return };
-        let id = self.id;
-        alive.store(false, Ordering::SeqCst);
-        if let Some(b) = lock(&world.books).get_mut(&id) {
-            b.peer = None;
-        }
-        lock(&world.audit).crashes += 1;
-        world.event(format_args!("n{id} (worker) CRASHED"));
-    }
-}
-
-/// Start the real peer on a node (register, or re-use its peer id after a
-/// restart once its replica knows it), retrying until it works. `replica`
-/// is the node's Raft replica; a worker has none.
-async fn start_peer(
-    world: Arc<World>,
-    id: NodeId,
-    replica: Option<Arc<RaftConsensus<SimConfig>>>,
-    alive: Arc<AtomicBool>,
-) {
-    let known = lock(&world.books).get(&id).and_then(|b| b.peer_id);
-    if let (Some(pid), Some(consensus)) = (known, &replica) {
-        for _ in 0..60 {
-            if consensus.read(|s| s.peer(pid).is_some()) {
-                break;
-            }
-            sleep_ms(50).await;
-        }
-    }
+/// Start the real peer on a node with its registry id (= its Raft id, as
+/// production's `run_peer` does: the founder registers itself, the others
+/// joined before they started), retrying until it works. A registry id
+/// other than the node's is a broken invariant.
+async fn start_peer(world: Arc<World>, id: NodeId, consensus: Arc<RaftConsensus<SimConfig>>, alive: Arc<AtomicBool>) {
     loop {
         let rt = SimRt::new(world.clone(), id, alive.clone());
-        let c = match &replica {
-            Some(consensus) => SimConsensus::new(world.clone(), id, consensus.clone()),
-            None => SimConsensus::worker(world.clone(), id),
-        };
-        match Peer::start(rt, c, SimRunner::new(&world, id), peer_config(id), known).await {
+        let c = SimConsensus::new(world.clone(), id, consensus.clone());
+        match Peer::start(rt, c, SimRunner::new(&world, id), peer_config(id), Some(PeerId(id))).await {
+            Ok(p) if p.id() != PeerId(id) => {
+                world.violation("restart", format!("n{id}: its peer registered as {}", p.id()));
+                return;
+            }
             Ok(p) => {
                 world.event(format_args!("n{id} peer {} running", p.id()));
-                let mut books = lock(&world.books);
-                let b = books.entry(id).or_default();
-                b.peer_id = Some(p.id());
                 // An incarnation that crashed while it started leaves no peer to talk to.
                 if alive.load(Ordering::SeqCst) {
-                    b.peer = Some(p);
+                    lock(&world.books).entry(id).or_default().peer = Some(p);
                 }
                 return;
             }

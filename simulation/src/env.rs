@@ -84,152 +84,124 @@ impl Runtime for SimRt {
     }
 }
 
-/// How long a worker keeps asking the leader for a module (as
+/// How long a peer keeps asking the leader for a module (as
 /// `impetus_node::cluster::NO_LEADER_WAIT`).
 const MODULE_FETCH_WAIT_MS: u64 = 5_000;
 
-/// Consensus as a peer of the simulated cluster sees it.
+/// Consensus as a peer of the simulated cluster sees it, as
+/// `impetus_node::cluster::ClusterConsensus` does: every peer has a Raft
+/// node and reads its own replica.
 ///
-/// - On a voter (or learner): reads and status from its own Raft node (the
-///   real `RaftConsensus`); writes go to its own node when it leads, else are
-///   forwarded to the leader it knows over the simulated network (the
-///   leader stamps them with its clock).
-/// - On a worker (no Raft state, as `ClusterConsensus` without a replica):
-///   it asks a voter who leads, then sends its writes, its worker turns
-///   (`serve_work` runs on the leader) and module fetches to the leader over
-///   the simulated network; it reads an empty state and knows no leader.
+/// - A voter works on its own replica (`serve_work`); its writes go to its
+///   own node when it leads, else are forwarded to the leader it knows over
+///   the simulated network (the leader stamps them with its clock).
+/// - A peer outside the voters (a worker, whose node is no member, or a
+///   learner) sends its writes and worker turns (`serve_work` runs on the
+///   leader) to the leader: the one its Raft knows, else the one a voter
+///   names.
+/// - A module missing from the replica is fetched from the leader.
 pub struct SimConsensus {
     world: Arc<World>,
     node: NodeId,
-    replica: Replica,
-}
-
-enum Replica {
-    /// A Raft node's own replica.
-    Local(Arc<RaftConsensus<SimConfig>>),
-    /// A worker: no replica; what it reads is this empty state.
-    Worker(Box<State>),
+    local: Arc<RaftConsensus<SimConfig>>,
 }
 
 impl std::fmt::Debug for SimConsensus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let role = match self.replica {
-            Replica::Local(_) => "voter",
-            Replica::Worker(_) => "worker",
-        };
-        f.debug_struct("SimConsensus").field("node", &self.node).field("role", &role).finish()
+        f.debug_struct("SimConsensus").field("node", &self.node).field("voter", &self.is_voter()).finish()
     }
 }
 
 impl SimConsensus {
-    /// The consensus of a Raft node (voter or learner) with its replica.
     pub(crate) fn new(world: Arc<World>, node: NodeId, local: Arc<RaftConsensus<SimConfig>>) -> SimConsensus {
-        SimConsensus { world, node, replica: Replica::Local(local) }
+        SimConsensus { world, node, local }
     }
 
-    /// The consensus of a worker: no replica, everything through the leader.
-    pub(crate) fn worker(world: Arc<World>, node: NodeId) -> SimConsensus {
-        SimConsensus { world, node, replica: Replica::Worker(Box::new(State::new())) }
+    /// Whether this peer is a voter: it works on its own replica
+    /// (`ClusterConsensus::is_voter`).
+    fn is_voter(&self) -> bool {
+        self.local.status().voters.contains(&self.node)
     }
 
-    fn local(&self) -> Option<Arc<RaftConsensus<SimConfig>>> {
-        match &self.replica {
-            Replica::Local(l) => Some(l.clone()),
-            Replica::Worker(_) => None,
+    /// The leader to send to from outside the voters: the one this node's
+    /// Raft knows (never itself), else the one a voter names.
+    async fn leader(&self) -> Result<NodeId, ConsensusError> {
+        match self.local.status().leader.filter(|l| *l != self.node) {
+            Some(l) => Ok(l),
+            None => self.world.find_leader(self.node).await,
         }
     }
 }
 
 impl Consensus for SimConsensus {
-    fn write(&self, now: Timestamp, cmd: Command) -> impl Future<Output = Result<ApplyResult, ConsensusError>> + Send {
-        let (world, node, local) = (self.world.clone(), self.node, self.local());
-        async move {
-            let res = match &local {
-                Some(local) => match local.status().leader {
-                    Some(l) if l == node => with_timeout(local.write(now, cmd.clone())).await,
-                    Some(l) => world.forward(node, l, cmd.clone()).await,
-                    None => {
-                        // Like a real client of a peer with no leader: wait a little.
-                        crate::world::sleep_ms(20).await;
-                        Err(ConsensusError::Unavailable("no leader known".into()))
-                    }
-                },
-                None => match world.find_leader(node).await {
-                    Ok(l) => world.forward(node, l, cmd.clone()).await,
-                    Err(e) => Err(e),
-                },
-            };
-            world.observe_write(node, &cmd, &res);
-            res
-        }
+    async fn write(&self, now: Timestamp, cmd: Command) -> Result<ApplyResult, ConsensusError> {
+        let (world, node, local) = (&self.world, self.node, &self.local);
+        let res = if self.is_voter() {
+            match local.status().leader {
+                Some(l) if l == node => with_timeout(local.write(now, cmd.clone())).await,
+                Some(l) => world.forward(node, l, cmd.clone()).await,
+                None => {
+                    // Like a real client of a peer with no leader: wait a little.
+                    crate::world::sleep_ms(20).await;
+                    Err(ConsensusError::Unavailable("no leader known".into()))
+                }
+            }
+        } else {
+            match self.leader().await {
+                Ok(l) => world.forward(node, l, cmd.clone()).await,
+                Err(e) => Err(e),
+            }
+        };
+        world.observe_write(node, &cmd, &res);
+        res
     }
 
     fn read<T>(&self, f: impl FnOnce(&State) -> T) -> T {
-        match &self.replica {
-            Replica::Local(local) => local.read(f),
-            Replica::Worker(empty) => f(empty),
-        }
+        self.local.read(f)
     }
 
     fn status(&self) -> RaftStatus {
-        match &self.replica {
-            Replica::Local(local) => local.status(),
-            Replica::Worker(_) => RaftStatus { node: self.node, ..RaftStatus::default() },
-        }
+        self.local.status()
     }
 
-    fn holds_state(&self) -> impl Future<Output = bool> + Send {
-        let local = self.local();
-        async move {
-            match local {
-                Some(local) => local.holds_state().await,
-                None => false,
-            }
-        }
+    async fn holds_state(&self) -> bool {
+        self.local.holds_state().await
     }
 
-    fn catch_up(&self) -> impl Future<Output = Result<(), ConsensusError>> + Send {
-        let local = self.local();
-        async move {
-            match local {
-                Some(local) => local.catch_up().await,
-                None => Err(ConsensusError::Unavailable("a worker holds no replica".into())),
-            }
-        }
+    async fn catch_up(&self) -> Result<(), ConsensusError> {
+        self.local.catch_up().await
     }
 
-    fn module(&self, hash: ModuleHash) -> impl Future<Output = Option<Vec<u8>>> + Send {
-        let (world, node, local) = (self.world.clone(), self.node, self.local());
-        async move {
-            if let Some(local) = local {
-                return local.read(|s| s.module(&hash).map(<[u8]>::to_vec));
-            }
-            // As `ClusterConsensus::to_leader`: ask again for a while (a
-            // fetch that fails costs the job an attempt).
-            let deadline = crate::trace::vnow_ms() + MODULE_FETCH_WAIT_MS;
-            loop {
-                let got = match world.find_leader(node).await {
-                    Ok(leader) => world.fetch_module(node, leader, hash).await,
-                    Err(e) => Err(e),
-                };
-                match got {
-                    Ok(bytes) => return bytes,
-                    Err(e) if crate::trace::vnow_ms() >= deadline => {
-                        world.event(format_args!("n{node} module fetch failed: {e}"));
-                        return None;
-                    }
-                    Err(_) => crate::world::sleep_ms(50).await,
+    async fn module(&self, hash: ModuleHash) -> Option<Vec<u8>> {
+        if let Some(bytes) = self.local.read(|s| s.module(&hash).map(<[u8]>::to_vec)) {
+            return Some(bytes);
+        }
+        // As `ClusterConsensus::to_leader`: ask again for a while (a
+        // fetch that fails costs the job an attempt).
+        let (world, node) = (&self.world, self.node);
+        let deadline = crate::trace::vnow_ms() + MODULE_FETCH_WAIT_MS;
+        loop {
+            let got = match self.leader().await {
+                Ok(leader) => world.fetch_module(node, leader, hash).await,
+                Err(e) => Err(e),
+            };
+            match got {
+                Ok(bytes) => return bytes,
+                Err(e) if crate::trace::vnow_ms() >= deadline => {
+                    world.event(format_args!("n{node} module fetch failed: {e}"));
+                    return None;
                 }
+                Err(_) => crate::world::sleep_ms(50).await,
             }
         }
     }
 
     async fn work(&self, now: Timestamp, req: WorkRequest) -> Result<WorkReply, ConsensusError> {
-        if matches!(self.replica, Replica::Local(_)) {
+        if self.is_voter() {
             return serve_work(self, now, req).await;
         }
         let (world, node) = (&self.world, self.node);
-        let res = match world.find_leader(node).await {
+        let res = match self.leader().await {
             Ok(leader) => world.forward_work(node, leader, req).await,
             Err(e) => Err(e),
         };
@@ -239,9 +211,9 @@ impl Consensus for SimConsensus {
                     Some(Ok(impetus_proto::Outcome::Leased(grants))) => grants.len(),
                     _ => 0,
                 };
-                world.event(format_args!("n{node} (worker) turn ok: leased {leased}"));
+                world.event(format_args!("n{node} (not a voter) turn ok: leased {leased}"));
             }
-            Err(e) => world.event(format_args!("n{node} (worker) turn failed: {e}")),
+            Err(e) => world.event(format_args!("n{node} (not a voter) turn failed: {e}")),
         }
         res
     }

@@ -11,9 +11,10 @@
 //!
 //! - [`run`] runs one seed and returns a [`RunReport`]: the failure (which
 //!   checker, why), the last trace events and the event-trace hash.
-//! - [`Options`] chooses the seed, the peers (Raft voters) and workers (peers
-//!   with no Raft node), the nemesis steps, the jobs,
-//!   the [`Faults`] and (tests only) a planted [`Bug`].
+//! - [`Options`] chooses the seed, the peers (Raft members from the start)
+//!   and workers (peers whose Raft node is no member until the leader's
+//!   membership manager adds it), the nemesis steps, the jobs, the
+//!   [`Faults`] and (tests only) a planted [`Bug`].
 
 mod check;
 mod cluster;
@@ -41,11 +42,15 @@ pub use world::{SimConfig, SimPeer, SimRaft};
 #[derive(Clone, Debug)]
 pub struct Options {
     pub seed: u64,
-    /// Raft voters, each also running a peer (worker).
+    /// Raft members from the start (the founder, then learners the
+    /// membership manager promotes up to 3 voters), each also running a
+    /// peer (worker loop).
     pub peers: usize,
-    /// Workers: peers with no Raft node (ids `peers+1 ..= peers+workers`),
-    /// whose turns, writes and module fetches go to the leader over the
-    /// simulated network.
+    /// Workers (ids `peers+1 ..= peers+workers`): peers whose Raft node is
+    /// no member at first, so their turns, writes and module fetches go to
+    /// the leader over the simulated network. The membership manager makes
+    /// the lowest answering one a learner while voters are missing or silent
+    /// (then a voter); from then on it is a member like the others.
     pub workers: usize,
     /// Nemesis steps: each waits 100–700 virtual ms, then injects one fault.
     pub steps: u32,
@@ -126,6 +131,10 @@ pub struct Stats {
     pub done_in_submit: u64,
     /// Completions of workers' peers the leader accepted.
     pub worker_completions: u64,
+    /// Workers the membership manager made learners (the committed log
+    /// holds them in a membership), and voters.
+    pub workers_learners: u64,
+    pub workers_voters: u64,
 }
 
 thread_local! {
@@ -213,6 +222,8 @@ pub fn run(options: Options) -> RunReport {
         crashes: audit.crashes,
         done_in_submit: audit.done_in_submit,
         worker_completions: audit.worker_completions,
+        workers_learners: audit.workers_learners,
+        workers_voters: audit.workers_voters,
     };
     drop(audit);
     let report =
@@ -225,8 +236,9 @@ pub fn run(options: Options) -> RunReport {
 mod tests {
     use super::*;
 
-    /// Workers (peers with no Raft node) register, lease and complete jobs
-    /// through the leader under the faults, and the run's checks pass.
+    /// Workers (peers whose Raft node is no member) register, lease and
+    /// complete jobs through the leader under the faults, and the run's
+    /// checks pass.
     #[test]
     fn workers_complete_jobs_through_the_leader() {
         let reports: Vec<RunReport> =
@@ -236,6 +248,19 @@ mod tests {
         }
         let by_workers: u64 = reports.iter().map(|r| r.stats.worker_completions).sum();
         assert!(by_workers > 0, "no job was completed by a worker");
+    }
+
+    /// The founder alone: the membership manager makes workers learners,
+    /// then voters, to reach 3 voters, and the checks pass on their replicas.
+    #[test]
+    fn workers_become_learners_and_voters() {
+        let reports: Vec<RunReport> = (0..2)
+            .map(|seed| run(Options { seed, peers: 1, workers: 2, jobs: 20, steps: 10, ..Options::default() }))
+            .collect();
+        for r in &reports {
+            assert!(r.failure.is_none(), "seed {}: {:?}\n{}", r.options.seed, r.failure, r.last_events.join("\n"));
+        }
+        assert!(reports.iter().map(|r| r.stats.workers_voters).sum::<u64>() > 0, "no worker became a voter");
     }
 
     #[test]

@@ -31,10 +31,10 @@ struct Args {
     /// Faults: `all`, `none`, or a comma list (delay,drop,dup,reorder,partition,oneway,crash,clock,disk,trap,hang,slow,client).
     #[arg(long, default_value = "all")]
     faults: String,
-    /// Peers: the first founds the cluster, the others join as learners and are promoted up to 3 voters; each runs a worker.
+    /// Peers: the first founds the cluster, the others join as learners and are promoted up to 3 voters; each runs a worker loop.
     #[arg(long, default_value_t = 3)]
     peers: usize,
-    /// Workers: peers with no Raft node that work through the leader (0..=4).
+    /// Workers: peers whose Raft node is no member at first; they work through the leader until the membership manager makes them learners (0..=4).
     #[arg(long, default_value_t = 1)]
     workers: usize,
     /// Nemesis steps (each 100–700 virtual ms, one fault).
@@ -107,11 +107,14 @@ fn real_main() -> anyhow::Result<bool> {
     let mut failed = 0u64;
     let mut done_in_submit = 0u64;
     let mut worker_completions = 0u64;
+    let (mut workers_learners, mut workers_voters) = (0u64, 0u64);
     for (i, &seed) in seeds.iter().enumerate() {
         let opts = Options { seed, ..base.clone() };
         let report = run(opts.clone());
         done_in_submit += report.stats.done_in_submit;
         worker_completions += report.stats.worker_completions;
+        workers_learners += report.stats.workers_learners;
+        workers_voters += report.stats.workers_voters;
         if let Some(f) = &report.failure {
             failed += 1;
             print_failure(&report, f.checker, &f.message);
@@ -133,7 +136,7 @@ fn real_main() -> anyhow::Result<bool> {
         if args.seed.is_some() {
             let s = &report.stats;
             println!(
-                "seed {seed}: {} ({} virtual ms, {} events, {} writes ok, {} failed, {} crashes, {} jobs done in their submit's entry, {} by workers)",
+                "seed {seed}: {} ({} virtual ms, {} events, {} writes ok, {} failed, {} crashes, {} jobs done in their submit's entry, {} by workers; {} workers made learners, {} voters)",
                 if report.failure.is_none() { "ok" } else { "FAILED" },
                 s.virtual_ms,
                 s.events,
@@ -141,7 +144,9 @@ fn real_main() -> anyhow::Result<bool> {
                 s.writes_failed,
                 s.crashes,
                 s.done_in_submit,
-                s.worker_completions
+                s.worker_completions,
+                s.workers_learners,
+                s.workers_voters
             );
             if args.verbose && report.failure.is_none() {
                 for e in &report.last_events {
@@ -157,7 +162,7 @@ fn real_main() -> anyhow::Result<bool> {
     let secs = started.elapsed().as_secs_f64();
     if args.seed.is_none() && failed == 0 {
         println!(
-            "all {} seeds passed in {:.1} s ({:.2} seeds/s){}; {done_in_submit} jobs were done in their submit's entry, {worker_completions} by workers",
+            "all {} seeds passed in {:.1} s ({:.2} seeds/s){}; {done_in_submit} jobs were done in their submit's entry, {worker_completions} by workers; {workers_learners} workers were made learners, {workers_voters} voters",
             seeds.len(),
             secs,
             seeds.len() as f64 / secs,

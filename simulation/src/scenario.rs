@@ -5,20 +5,22 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use impetus_node::peer::Consensus;
+use impetus_node::raft_consensus::RaftConsensus;
 use impetus_proto::api::{ClientRequest, ClientResponse};
 use impetus_proto::{
-    ApplyError, Command, IdempotencyKey, JobSpec, ModuleHash, NewJob, Outcome, StreamName, StreamProps,
+    ApplyError, Command, IdempotencyKey, JobSpec, ModuleHash, NewJob, Outcome, PeerId, PeerRole, StreamName,
+    StreamProps,
 };
-use impetus_queue::JobFilter;
+use impetus_queue::{JobFilter, State};
 use impetus_raft::openraft::AsyncRuntime;
 use impetus_raft::{NodeId, PeerNode};
 use openraft_rt_sim::SimRuntime;
 
-use crate::cluster::{Node, Worker};
+use crate::cluster::{peer_config, Node};
 use crate::env::MODULE;
 use crate::faults::Fault;
 use crate::trace::vnow_ms;
-use crate::world::{lock, sleep_ms, SimPeer, World};
+use crate::world::{lock, sleep_ms, SimConfig, SimPeer, World};
 use crate::Failure;
 
 /// After the heal, every job must be final within this many virtual ms.
@@ -52,19 +54,27 @@ pub(crate) async fn run(world: Arc<World>) -> Result<(), Failure> {
             skew.insert(id, s);
         }
     }
-    let mut nodes: Vec<Node> = (1..=n).map(|id| Node::new(&world, id)).collect();
-    for node in &mut nodes {
+    // As in production: the first peer founds a one-voter cluster and
+    // registers itself; every other peer joins (the leader registers it as a
+    // worker: the next id, its node id) and starts its Raft node. The peers
+    // up to `peers` are added as learners here; the workers are left to the
+    // membership manager (running on every node, acting on the leader),
+    // which promotes learners and, while voters are missing or silent, adds
+    // workers as learners, all under the faults.
+    let mut nodes: Vec<Node> = (1..=total).map(|id| Node::new(&world, id)).collect();
+    nodes[0].start(&world).await.map_err(|e| fail("startup", e))?;
+    let first = world.live(1).ok_or_else(|| fail("startup", "n1 not running"))?;
+    let founder = BTreeMap::from([(1, PeerNode::new("sim-1"))]);
+    first.raft.initialize(founder).await.map_err(|e| fail("startup", format!("initialize: {e}")))?;
+    for id in 2..=total {
+        join(&world, &first.consensus, id).await?;
+    }
+    for node in &mut nodes[1..] {
         node.start(&world).await.map_err(|e| fail("startup", e))?;
     }
-    // As in production: the first peer founds a one-voter cluster, the
-    // others join as learners, and the real membership manager (running on
-    // every node, acting on the leader) promotes them under the faults.
-    let first = nodes[0].running.as_ref().map(|r| r.raft.clone()).ok_or_else(|| fail("startup", "n1 not running"))?;
-    let founder = BTreeMap::from([(1, PeerNode::new("sim-1"))]);
-    first.initialize(founder).await.map_err(|e| fail("startup", format!("initialize: {e}")))?;
     for id in 2..=n {
         let mut tries = 0;
-        while let Err(e) = first.add_learner(id, PeerNode::new(format!("sim-{id}")), false).await {
+        while let Err(e) = first.raft.add_learner(id, PeerNode::new(format!("sim-{id}")), false).await {
             tries += 1;
             if tries > 100 {
                 return Err(fail("startup", format!("add learner n{id}: {e}")));
@@ -74,11 +84,6 @@ pub(crate) async fn run(world: Arc<World>) -> Result<(), Failure> {
     }
     lock(&world.net).faulty = true;
     world.event("cluster initialized; faults on");
-    // Workers: peers with no Raft node, which register and work through the leader.
-    let mut workers: Vec<Worker> = (n + 1..=total).map(Worker::new).collect();
-    for w in &mut workers {
-        w.start(&world);
-    }
 
     drop(SimRuntime::spawn(sampler(world.clone())));
     drop(SimRuntime::spawn(client(world.clone())));
@@ -87,8 +92,8 @@ pub(crate) async fn run(world: Arc<World>) -> Result<(), Failure> {
     for _ in 0..world.opts.steps {
         let wait = world.rng().range(100, 700);
         sleep_ms(wait).await;
-        restart_due(&world, &mut nodes, &mut workers).await?;
-        nemesis_step(&world, &mut nodes, &mut workers).await;
+        restart_due(&world, &mut nodes).await?;
+        nemesis_step(&world, &mut nodes).await;
     }
 
     // Heal everything.
@@ -101,12 +106,6 @@ pub(crate) async fn run(world: Arc<World>) -> Result<(), Failure> {
         if node.running.is_none() {
             node.down_until = None;
             node.start(&world).await.map_err(|e| fail("restart", e))?;
-        }
-    }
-    for w in &mut workers {
-        if w.running.is_none() {
-            w.down_until = None;
-            w.start(&world);
         }
     }
     let healed_at = vnow_ms();
@@ -128,25 +127,32 @@ pub(crate) async fn run(world: Arc<World>) -> Result<(), Failure> {
     }
     world.event(format_args!("all jobs final {} ms after the heal", vnow_ms() - healed_at));
 
-    // Let every voter apply what the leader applied, under one leader all
+    // Let every member apply what the leader applied, under one leader all
     // agree on. The leader that judged the work done may be one cut off
     // before the heal that has yet to learn of a newer term: it steps down
     // after the heal, and the next leader's first entry is applied too.
     let quiet_from = vnow_ms();
     loop {
+        // Every member, the workers made members included, holds the replica.
+        let newest = world.newest_status();
+        let members: Vec<NodeId> = newest.voters.into_iter().chain(newest.learners).collect();
         let views: Vec<(u64, Option<NodeId>)> = nodes
             .iter()
+            .filter(|n| members.contains(&n.id))
             .filter_map(|n| Some((n.running.as_ref()?, world.live(n.id)?)))
             .map(|(r, live)| (r.state.read(|s| s.applied_index()), live.consensus.status().leader))
             .collect();
         let top = views.iter().map(|v| v.0).max().unwrap_or(0);
         let leader = views.first().and_then(|v| v.1);
         let agreed = leader.is_some() && views.iter().all(|v| v.1 == leader);
-        if views.len() == nodes.len() && agreed && views.iter().all(|v| v.0 == top) && leader_view(&world).is_some() {
+        if views.len() == members.len() && agreed && views.iter().all(|v| v.0 == top) && leader_view(&world).is_some() {
             break;
         }
         if vnow_ms() - quiet_from > 20_000 {
-            return Err(fail("liveness", format!("voters did not converge under one leader within 20 s: {views:?}")));
+            return Err(fail(
+                "liveness",
+                format!("members {members:?} did not converge under one leader within 20 s: {views:?}"),
+            ));
         }
         sleep_ms(50).await;
     }
@@ -154,7 +160,37 @@ pub(crate) async fn run(world: Arc<World>) -> Result<(), Failure> {
     crate::check::final_checks(&world, &nodes).await
 }
 
-async fn restart_due(world: &Arc<World>, nodes: &mut [Node], workers: &mut [Worker]) -> Result<(), Failure> {
+/// Join peer `id` as `ClusterService::join` does on the leader (here the
+/// founder, before the faults): register it as a worker, the same id again
+/// for the same address. Its registry id must be its node id, so the
+/// founder registers first.
+async fn join(world: &World, leader: &RaftConsensus<SimConfig>, id: NodeId) -> Result<(), Failure> {
+    let info = peer_config(id).info;
+    let registered = |s: &State| s.peers().into_iter().find(|p| p.info.addresses == info.addresses).map(|p| p.id);
+    for _ in 0..200 {
+        let founder_first = leader.read(|s| s.peer(PeerId(1)).is_some());
+        let peer = match leader.read(registered) {
+            Some(peer) => Some(peer),
+            None if !founder_first => None,
+            None => {
+                let cmd = Command::RegisterPeer { info: info.clone(), role: PeerRole::Worker };
+                match leader.write(world.clock_now(1), cmd).await {
+                    Ok(Ok(Outcome::PeerRegistered { peer })) => Some(peer),
+                    Ok(other) => return Err(fail("startup", format!("join n{id}: {other:?}"))),
+                    Err(_) => None,
+                }
+            }
+        };
+        match peer {
+            Some(peer) if peer.0 == id => return Ok(()),
+            Some(peer) => return Err(fail("startup", format!("n{id} joined as {peer}"))),
+            None => sleep_ms(50).await,
+        }
+    }
+    Err(fail("startup", format!("n{id} could not join within 10 s")))
+}
+
+async fn restart_due(world: &Arc<World>, nodes: &mut [Node]) -> Result<(), Failure> {
     let now = vnow_ms();
     for node in nodes.iter_mut() {
         if node.running.is_none() && node.down_until.is_some_and(|t| t <= now) {
@@ -162,18 +198,11 @@ async fn restart_due(world: &Arc<World>, nodes: &mut [Node], workers: &mut [Work
             node.start(world).await.map_err(|e| fail("restart", e))?;
         }
     }
-    for w in workers.iter_mut() {
-        if w.running.is_none() && w.down_until.is_some_and(|t| t <= now) {
-            w.down_until = None;
-            w.start(world);
-        }
-    }
     Ok(())
 }
 
-/// One fault on a node chosen by the seed among voters and workers (a
-/// slow disk only on a voter: a worker has none).
-async fn nemesis_step(world: &Arc<World>, nodes: &mut [Node], workers: &mut [Worker]) {
+/// One fault on a node chosen by the seed among all peers.
+async fn nemesis_step(world: &Arc<World>, nodes: &mut [Node]) {
     let mut options = Vec::new();
     for f in [Fault::Partition, Fault::OneWay, Fault::Crash, Fault::Clock, Fault::Disk] {
         if world.has(f) {
@@ -183,8 +212,7 @@ async fn nemesis_step(world: &Arc<World>, nodes: &mut [Node], workers: &mut [Wor
     if world.has(Fault::Partition) || world.has(Fault::OneWay) {
         options.push(None); // heal the partitions
     }
-    let voters = nodes.len() as u64;
-    let n = voters + workers.len() as u64;
+    let n = nodes.len() as u64;
     let (choice, a, b, x) = {
         let mut r = world.rng();
         let Some(choice) = r.pick(&options) else { return };
@@ -215,24 +243,18 @@ async fn nemesis_step(world: &Arc<World>, nodes: &mut [Node], workers: &mut [Wor
         Some(Fault::Crash) => {
             // Usually at most a minority of the voters is down; sometimes a
             // power cut takes a majority (safe for correct code: only
-            // availability suffers). Workers do not count.
+            // availability suffers). Peers outside the voters do not count.
+            let voters = world.newest_status().voters;
             let power_cut = x % 4 == 0;
-            let limit = if power_cut { voters - 1 } else { (voters - 1) / 2 };
+            let most = voters.len().saturating_sub(1);
+            let limit = if power_cut { most } else { most / 2 };
             let mut victims = vec![a];
             if power_cut && b != a {
                 victims.push(b);
             }
             for v in victims {
-                if v > voters {
-                    let w = &mut workers[(v - voters - 1) as usize];
-                    if w.running.is_none() {
-                        continue;
-                    }
-                    w.crash(world);
-                    w.down_until = Some(vnow_ms() + world.rng().range(300, 3_000));
-                    continue;
-                }
-                if nodes_down(nodes) >= limit {
+                let down = |id: &&NodeId| nodes.get(**id as usize - 1).is_some_and(|n| n.running.is_none());
+                if voters.contains(&v) && voters.iter().filter(down).count() >= limit {
                     continue;
                 }
                 let node = &mut nodes[(v - 1) as usize];
@@ -253,7 +275,6 @@ async fn nemesis_step(world: &Arc<World>, nodes: &mut [Node], workers: &mut [Wor
             world.event(format_args!("nemesis: n{a} clock jumps {jump} ms (skew now {now} ms)"));
         }
         Some(Fault::Disk) => {
-            let a = (a - 1) % voters + 1;
             let every = 1 + x % 40;
             lock(&world.books).entry(a).or_default().flush_every_ms = every;
             world.event(format_args!("nemesis: n{a} disk flushes every {every} ms"));
@@ -262,19 +283,23 @@ async fn nemesis_step(world: &Arc<World>, nodes: &mut [Node], workers: &mut [Wor
     }
 }
 
-fn nodes_down(nodes: &[Node]) -> u64 {
-    nodes.iter().filter(|n| n.running.is_none()).count() as u64
-}
-
-/// Every 100 ms, hash each live voter's state at its applied index.
+/// Every 100 ms, hash each live replica's state at its applied index (a
+/// worker's node, no member yet, holds none), and trace the membership
+/// when it changes.
 async fn sampler(world: Arc<World>) {
     let mut last: BTreeMap<NodeId, u64> = BTreeMap::new();
+    let mut membership = (Vec::new(), Vec::new());
     loop {
         sleep_ms(100).await;
+        let newest = world.newest_status();
+        if (&newest.voters, &newest.learners) != (&membership.0, &membership.1) {
+            world.event(format_args!("membership: voters {:?}, learners {:?}", newest.voters, newest.learners));
+            membership = (newest.voters, newest.learners);
+        }
         for id in world.live_ids() {
             let Some(live) = world.live(id) else { continue };
             let (index, bytes) = live.consensus.read(|s| (s.applied_index(), s.snapshot()));
-            if last.get(&id) == Some(&index) {
+            if index == 0 || last.get(&id) == Some(&index) {
                 continue;
             }
             last.insert(id, index);
@@ -289,9 +314,8 @@ pub(crate) fn hex_short(h: &[u8; 32]) -> String {
     h[..6].iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// A running peer to talk to (any live Raft node with a started peer: a
-/// bare `Peer` on a worker has no replica to read from; the real node
-/// forwards reads to the leader).
+/// A running peer to talk to: one of those that started as members (the
+/// client keeps to them; a worker's peer would forward its writes).
 fn pick_peer(world: &World) -> Option<(NodeId, SimPeer)> {
     let candidates: Vec<(NodeId, SimPeer)> = lock(&world.books)
         .iter()

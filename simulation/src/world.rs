@@ -8,10 +8,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use impetus_node::peer::{serve_work, Consensus, ConsensusError, Peer};
+use impetus_node::peer::{serve_work, Consensus, ConsensusError, Peer, RaftStatus};
 use impetus_node::raft_consensus::RaftConsensus;
 use impetus_proto::api::{WorkReply, WorkRequest};
-use impetus_proto::{ran_results, ApplyResult, Command, JobId, ModuleHash, Outcome, PeerId, Timestamp};
+use impetus_proto::{ran_results, ApplyResult, Command, JobId, ModuleHash, Outcome, Timestamp};
 use impetus_raft::openraft::base::{BoxFuture, BoxStream};
 use impetus_raft::openraft::errors::{Fatal, RPCError, RaftError, ReplicationClosed, StreamingError, Unreachable};
 use impetus_raft::openraft::network::{stream_append_sequential, RPCOption, RaftNetworkFactory, RaftNetworkV2};
@@ -84,7 +84,7 @@ pub(crate) struct Audit {
     pub violations: Vec<(&'static str, String)>,
     /// Completions the writers saw accepted, per job.
     pub accepted_completions: BTreeMap<JobId, u32>,
-    /// Snapshot hashes sampled on voters: state applied index → (node → hash).
+    /// Snapshot hashes sampled on replicas: state applied index → (node → hash).
     pub samples: BTreeMap<u64, BTreeMap<NodeId, [u8; 32]>>,
     pub client_done: bool,
     pub writes_ok: u64,
@@ -95,13 +95,15 @@ pub(crate) struct Audit {
     /// Completions accepted from workers' peers (the leader writes them for
     /// the worker's turn).
     pub worker_completions: u64,
+    /// Workers the committed log made learners, and voters.
+    pub workers_learners: u64,
+    pub workers_voters: u64,
 }
 
 /// Per-node disk and peer bookkeeping.
 #[derive(Default)]
 pub(crate) struct NodeBook {
-    /// Registered peer id of this node's `Peer` (kept across restarts).
-    pub peer_id: Option<PeerId>,
+    /// This node's running `Peer` (its registry id is the node id).
     pub peer: Option<SimPeer>,
     /// Flush interval of the slow disk (ms), when the disk fault is on.
     pub flush_every_ms: u64,
@@ -177,14 +179,19 @@ impl World {
         lock(&self.net).live.keys().copied().collect()
     }
 
-    /// Whether `node` is a worker: a peer with no Raft node (ids after the voters').
+    /// Whether `node` started as a worker: outside Raft membership (ids
+    /// after the peers').
     pub fn is_worker(&self, node: NodeId) -> bool {
         node > self.opts.peers as NodeId
     }
 
-    /// The registered peer ids of the workers' peers.
-    fn worker_peer_ids(&self) -> BTreeSet<PeerId> {
-        lock(&self.books).iter().filter(|(id, _)| self.is_worker(**id)).filter_map(|(_, b)| b.peer_id).collect()
+    /// The status of the most advanced live node (highest term, its leader
+    /// first, then commit index): whose membership the nemesis and the end
+    /// go by.
+    pub fn newest_status(&self) -> RaftStatus {
+        let live: Vec<Live> = lock(&self.net).live.values().cloned().collect();
+        let statuses = live.iter().map(|l| l.consensus.status());
+        statuses.max_by_key(|s| (s.term, s.leader == Some(s.node), s.commit_index)).unwrap_or_default()
     }
 
     pub fn link_open(&self, from: NodeId, to: NodeId) -> bool {
@@ -216,7 +223,6 @@ impl World {
         let name = cmd_name(cmd);
         match res {
             Ok(Ok(outcome)) => {
-                let workers = self.worker_peer_ids();
                 let mut a = lock(&self.audit);
                 a.writes_ok += 1;
                 let pairs: Vec<(&Command, Option<&Outcome>)> = match (cmd, outcome) {
@@ -233,7 +239,7 @@ impl World {
                                 if r.is_ok() {
                                     *a.accepted_completions.entry(comp.job).or_default() += 1;
                                     accepted.push(comp.job.0);
-                                    if workers.contains(peer) {
+                                    if self.is_worker(peer.0) {
                                         a.worker_completions += 1;
                                     }
                                 }
@@ -292,13 +298,16 @@ impl World {
         Ok(())
     }
 
-    /// A worker asks a live Raft node, chosen by the seed, who leads.
+    /// A peer whose Raft knows no leader asks a live voter, chosen by the
+    /// seed, who leads.
     pub async fn find_leader(&self, from: NodeId) -> Result<NodeId, ConsensusError> {
-        let ids = self.live_ids();
+        let live: Vec<(NodeId, Live)> = lock(&self.net).live.iter().map(|(id, l)| (*id, l.clone())).collect();
+        let ids: Vec<NodeId> =
+            live.into_iter().filter(|(id, l)| l.consensus.status().voters.contains(id)).map(|(id, _)| id).collect();
         let pick = self.rng().pick(&ids);
         let Some(to) = pick else {
             sleep_ms(20).await;
-            return Err(ConsensusError::Unavailable("no Raft node is up".into()));
+            return Err(ConsensusError::Unavailable("no voter is up".into()));
         };
         let (live, plan) = self.carry_request(from, to, "leader?").await?;
         let leader = live.consensus.status().leader;
