@@ -709,3 +709,71 @@ async fn a_result_its_entry_does_not_grant_is_dropped_and_the_job_runs_again() {
     assert_eq!(runner.runs_of("4"), 2, "the dropped run, then the run of its own lease");
     p.read(|st| st.check_invariants());
 }
+
+/// Consensus that refuses the first worker turn carrying a heartbeat (the
+/// turn was lost on its way to the leader).
+struct LosesAHeartbeat {
+    raft: RaftConsensus<TypeConfig>,
+    lost: std::sync::atomic::AtomicBool,
+}
+
+impl Consensus for LosesAHeartbeat {
+    async fn write(&self, now: Timestamp, cmd: Command) -> Result<ApplyResult, impetus_node::peer::ConsensusError> {
+        self.raft.write(now, cmd).await
+    }
+    fn read<T>(&self, f: impl FnOnce(&impetus_queue::State) -> T) -> T {
+        self.raft.read(f)
+    }
+    fn status(&self) -> impetus_node::peer::RaftStatus {
+        self.raft.status()
+    }
+    async fn holds_state(&self) -> bool {
+        self.raft.holds_state().await
+    }
+    async fn catch_up(&self) -> Result<(), impetus_node::peer::ConsensusError> {
+        self.raft.catch_up().await
+    }
+    async fn work(
+        &self,
+        now: Timestamp,
+        req: impetus_proto::api::WorkRequest,
+    ) -> Result<impetus_proto::api::WorkReply, impetus_node::peer::ConsensusError> {
+        let beats = req.cmds.iter().any(|c| matches!(c, Command::Heartbeat { .. }));
+        if beats && !self.lost.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Err(impetus_node::peer::ConsensusError::Unavailable("lost by the test".into()));
+        }
+        impetus_node::peer::serve_work(self, now, req).await
+    }
+}
+
+/// A heartbeat lost with its turn goes out with the next turn, not a whole
+/// heartbeat interval later (the leader would see the peer silent, and its
+/// membership manager pass it over).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_lost_with_its_turn_is_sent_with_the_next() {
+    let raft = consensus_on(
+        &MemLogStore::<TypeConfig>::new(),
+        &MemSnapshotStore::new(),
+        default_raft_config(),
+        Some(PeerNode::new("mem-1")),
+    )
+    .await;
+    let c = LosesAHeartbeat { raft, lost: Default::default() };
+    let cfg = PeerConfig {
+        poll_interval: Duration::from_millis(100),
+        heartbeat_interval: Duration::from_secs(60),
+        ..PeerConfig::default()
+    };
+    let p = Peer::start(TokioRuntime, c, FakeRunner::default(), cfg, None).await.unwrap();
+    let registered = p.read(|st| st.peer(p.id()).unwrap().last_heartbeat);
+    let mut beat = registered;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        beat = p.read(|st| st.peer(p.id()).unwrap().last_heartbeat);
+        if beat > registered {
+            break;
+        }
+    }
+    assert!(beat > registered, "no heartbeat within 2 s of the lost one (interval 60 s)");
+    p.shutdown().await;
+}

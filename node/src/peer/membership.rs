@@ -9,8 +9,10 @@
 //!
 //! Rules, in order:
 //! 1. Only the leader changes membership, one change at a time.
-//! 2. Fewer voters than the target: promote the caught-up, answering learner
-//!    with the lowest id.
+//! 2. Fewer voters than the target: promote the caught-up learner with the
+//!    lowest id that answered within `fresh_ms` (a learner that crashed a
+//!    moment ago still counts as answering until `dead_after_ms`, and a
+//!    voter that cannot vote stalls every commit).
 //! 3. A voter silent for `dead_after_ms` (never the leader itself) is
 //!    replaced by such a learner; with no learner to take its place it stays
 //!    (removing it would shrink the quorum's fault tolerance for nothing).
@@ -69,11 +71,13 @@ pub struct Policy {
     pub dead_after_ms: u64,
     /// A follower within this many entries of the leader's log is caught up.
     pub caught_up_lag: u64,
+    /// A learner is promoted only if it answered the leader this recently.
+    pub fresh_ms: u64,
 }
 
 impl Default for Policy {
     fn default() -> Policy {
-        Policy { target_voters: 3, dead_after_ms: 10_000, caught_up_lag: 1_000 }
+        Policy { target_voters: 3, dead_after_ms: 10_000, caught_up_lag: 1_000, fresh_ms: 1_000 }
     }
 }
 
@@ -84,7 +88,8 @@ pub fn plan(v: &View, p: &Policy) -> Option<Change> {
     }
     let answering = |id: &u64| *id == v.me || v.silent_ms.get(id).is_some_and(|ms| *ms < p.dead_after_ms);
     let caught_up = |id: &u64| v.matched.get(id).is_some_and(|m| v.last_log.saturating_sub(*m) <= p.caught_up_lag);
-    let candidate = v.learners.iter().find(|id| answering(id) && caught_up(id)).copied();
+    let fresh = |id: &u64| v.silent_ms.get(id).is_some_and(|ms| *ms < p.fresh_ms);
+    let candidate = v.learners.iter().find(|id| fresh(id) && caught_up(id)).copied();
     let dead: Vec<u64> = v.voters.iter().copied().filter(|id| *id != v.me && !answering(id)).collect();
     if v.voters.len() < p.target_voters {
         if let Some(id) = candidate {
@@ -182,6 +187,15 @@ mod tests {
         assert_eq!(plan(&v, &Policy::default()), None);
         v.silent_ms.remove(&3);
         assert_eq!(plan(&v, &Policy::default()), None, "a learner that never answered is not promoted");
+    }
+
+    #[test]
+    fn a_learner_that_has_not_answered_for_a_moment_waits() {
+        let mut v = view(&[1], &[2]);
+        v.silent_ms.insert(2, 1_500);
+        assert_eq!(plan(&v, &Policy::default()), None, "silent 1.5 s: it may have just crashed");
+        v.silent_ms.insert(2, 50);
+        assert_eq!(plan(&v, &Policy::default()), Some(Change::Promote(2)));
     }
 
     #[test]

@@ -231,6 +231,8 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
             sent.push(Sent::Renew(renew.iter().map(|(id, _)| *id).collect()));
             cmds.push(Command::Renew { peer: me, leases: renew });
         }
+        // A heartbeat lost with its turn is sent again with the next one.
+        let heartbeat_before = self.last_heartbeat;
         if now.since(self.last_heartbeat) >= inner.cfg.heartbeat_interval.as_millis() as u64 {
             self.last_heartbeat = now;
             let cmd = Command::Heartbeat { peer: me, info: inner.cfg.info.clone(), rss_bytes: inner.rt.rss_bytes() };
@@ -263,8 +265,10 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
         let reply = match inner.consensus.work(now, req).await {
             Ok(reply) => reply,
             Err(e) => {
-                // Nothing is lost: results are kept and sent again next turn.
+                // Nothing is lost: results (and a heartbeat) are kept and
+                // sent again next turn.
                 inner.slots.give(lease_max);
+                self.last_heartbeat = heartbeat_before;
                 tracing::warn!(peer = %me, error = %e, "could not reach consensus; will retry");
                 self.completions = completions;
                 self.failures = failures;
