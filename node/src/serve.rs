@@ -80,6 +80,9 @@ pub const DEFAULT_VOTERS: usize = 3;
 /// A voter silent this long is replaced, by default.
 pub const DEFAULT_VOTER_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How often the peer looks whether its Raft node stopped on its own.
+const RAFT_CHECK_EVERY: Duration = Duration::from_millis(500);
+
 /// Why a peer could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -671,18 +674,16 @@ async fn refresh_worker_view(consensus: ClusterConsensus, me: PeerId, view: Clus
 
 /// Completes when the Raft node stops on its own, with what stopped it:
 /// a storage error (a full disk, a failed write or sync) is fatal to it.
+/// Looked at twice a second: the metrics channel changes with every
+/// append, and waking on each would cost the hot path a wake-up per write.
 async fn raft_stopped(raft: &impetus_raft::Raft) -> String {
     use impetus_raft::openraft::async_runtime::WatchReceiver;
-    let mut metrics = raft.metrics();
+    let metrics = raft.metrics();
+    let mut every = tokio::time::interval(RAFT_CHECK_EVERY);
     loop {
+        every.tick().await;
         if let Err(fatal) = &metrics.borrow_watched().running_state {
             return fatal.to_string();
-        }
-        if metrics.changed().await.is_err() {
-            return match &metrics.borrow_watched().running_state {
-                Err(fatal) => fatal.to_string(),
-                Ok(()) => "it shut down".to_owned(),
-            };
         }
     }
 }
