@@ -375,11 +375,19 @@ struct Gate {
     fail: std::sync::atomic::AtomicBool,
     /// Each `SubmitRan` committed: its results, and the outcome of each.
     submits_ran: Mutex<Vec<(usize, ApplyResult)>>,
+    /// Refuse the next worker turn that carries a heartbeat (lost on its
+    /// way to the leader).
+    lose_heartbeat: std::sync::atomic::AtomicBool,
 }
 
 impl Default for Gate {
     fn default() -> Gate {
-        Gate { permits: tokio::sync::Semaphore::new(0), fail: Default::default(), submits_ran: Default::default() }
+        Gate {
+            permits: tokio::sync::Semaphore::new(0),
+            fail: Default::default(),
+            submits_ran: Default::default(),
+            lose_heartbeat: Default::default(),
+        }
     }
 }
 
@@ -424,15 +432,30 @@ impl Consensus for Gated {
     async fn catch_up(&self) -> Result<(), impetus_node::peer::ConsensusError> {
         self.raft.catch_up().await
     }
+    async fn work(
+        &self,
+        now: Timestamp,
+        req: impetus_proto::api::WorkRequest,
+    ) -> Result<impetus_proto::api::WorkReply, impetus_node::peer::ConsensusError> {
+        let beats = req.cmds.iter().any(|c| matches!(c, Command::Heartbeat { .. }));
+        if beats && self.gate.lose_heartbeat.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            return Err(impetus_node::peer::ConsensusError::Unavailable("lost by the test".into()));
+        }
+        impetus_node::peer::serve_work(self, now, req).await
+    }
 }
 
 type GatedPeer = Peer<TokioRuntime, Gated, FakeRunner>;
 
 /// A one-voter peer whose submits wait at the gate returned.
 async fn gated_peer(cfg: PeerConfig, runner: FakeRunner) -> (GatedPeer, Arc<Gate>) {
+    gated_peer_with(cfg, runner, Gate::default()).await
+}
+
+async fn gated_peer_with(cfg: PeerConfig, runner: FakeRunner, gate: Gate) -> (GatedPeer, Arc<Gate>) {
     let log = MemLogStore::<TypeConfig>::new();
     let raft = consensus_on(&log, &MemSnapshotStore::new(), default_raft_config(), Some(PeerNode::new("mem-1"))).await;
-    let gate = Arc::new(Gate::default());
+    let gate = Arc::new(gate);
     let p = Peer::start(TokioRuntime, Gated { raft, gate: gate.clone() }, runner, cfg, None).await.unwrap();
     (p, gate)
 }
@@ -710,61 +733,18 @@ async fn a_result_its_entry_does_not_grant_is_dropped_and_the_job_runs_again() {
     p.read(|st| st.check_invariants());
 }
 
-/// Consensus that refuses the first worker turn carrying a heartbeat (the
-/// turn was lost on its way to the leader).
-struct LosesAHeartbeat {
-    raft: RaftConsensus<TypeConfig>,
-    lost: std::sync::atomic::AtomicBool,
-}
-
-impl Consensus for LosesAHeartbeat {
-    async fn write(&self, now: Timestamp, cmd: Command) -> Result<ApplyResult, impetus_node::peer::ConsensusError> {
-        self.raft.write(now, cmd).await
-    }
-    fn read<T>(&self, f: impl FnOnce(&impetus_queue::State) -> T) -> T {
-        self.raft.read(f)
-    }
-    fn status(&self) -> impetus_node::peer::RaftStatus {
-        self.raft.status()
-    }
-    async fn holds_state(&self) -> bool {
-        self.raft.holds_state().await
-    }
-    async fn catch_up(&self) -> Result<(), impetus_node::peer::ConsensusError> {
-        self.raft.catch_up().await
-    }
-    async fn work(
-        &self,
-        now: Timestamp,
-        req: impetus_proto::api::WorkRequest,
-    ) -> Result<impetus_proto::api::WorkReply, impetus_node::peer::ConsensusError> {
-        let beats = req.cmds.iter().any(|c| matches!(c, Command::Heartbeat { .. }));
-        if beats && !self.lost.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            return Err(impetus_node::peer::ConsensusError::Unavailable("lost by the test".into()));
-        }
-        impetus_node::peer::serve_work(self, now, req).await
-    }
-}
-
 /// A heartbeat lost with its turn goes out with the next turn, not a whole
 /// heartbeat interval later (the leader would see the peer silent, and its
 /// membership manager pass it over).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_heartbeat_lost_with_its_turn_is_sent_with_the_next() {
-    let raft = consensus_on(
-        &MemLogStore::<TypeConfig>::new(),
-        &MemSnapshotStore::new(),
-        default_raft_config(),
-        Some(PeerNode::new("mem-1")),
-    )
-    .await;
-    let c = LosesAHeartbeat { raft, lost: Default::default() };
     let cfg = PeerConfig {
         poll_interval: Duration::from_millis(100),
         heartbeat_interval: Duration::from_secs(60),
         ..PeerConfig::default()
     };
-    let p = Peer::start(TokioRuntime, c, FakeRunner::default(), cfg, None).await.unwrap();
+    let gate = Gate { lose_heartbeat: true.into(), ..Gate::default() };
+    let (p, gate) = gated_peer_with(cfg, FakeRunner::default(), gate).await;
     let registered = p.read(|st| st.peer(p.id()).unwrap().last_heartbeat);
     let mut beat = registered;
     for _ in 0..50 {
@@ -774,6 +754,7 @@ async fn a_heartbeat_lost_with_its_turn_is_sent_with_the_next() {
             break;
         }
     }
+    assert!(!gate.lose_heartbeat.load(std::sync::atomic::Ordering::SeqCst), "no heartbeat was lost");
     assert!(beat > registered, "no heartbeat within 2 s of the lost one (interval 60 s)");
     p.shutdown().await;
 }
