@@ -28,7 +28,9 @@ pub struct NewJob {
 pub struct Completion {
     pub job: JobId,
     pub token: FencingToken,
+    #[serde(with = "serde_bytes")]
     pub result: Vec<u8>,
+    #[serde(with = "serde_bytes")]
     pub stderr_tail: Vec<u8>,
 }
 
@@ -60,7 +62,9 @@ pub struct Ran {
     /// The job's position in the submit.
     pub index: u32,
     pub limits: RunLimits,
+    #[serde(with = "serde_bytes")]
     pub result: Vec<u8>,
+    #[serde(with = "serde_bytes")]
     pub stderr_tail: Vec<u8>,
 }
 
@@ -85,7 +89,9 @@ pub struct Failure {
     pub job: JobId,
     pub token: FencingToken,
     pub error: ErrorRecord,
+    #[serde(with = "serde_bytes")]
     pub stdout_tail: Vec<u8>,
+    #[serde(with = "serde_bytes")]
     pub stderr_tail: Vec<u8>,
 }
 
@@ -114,6 +120,7 @@ pub enum Command {
     /// Store a wasm module once under its content hash.
     PutModule {
         hash: ModuleHash,
+        #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
     },
     Submit {
@@ -153,7 +160,9 @@ pub enum Command {
     },
     DataPut {
         stream: StreamName,
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
         value: Vec<u8>,
     },
     DataDelete {
@@ -164,8 +173,11 @@ pub enum Command {
     /// value equals `expected` (`None` = absent).
     DataCas {
         stream: StreamName,
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
         expected: Option<Vec<u8>>,
+        #[serde(with = "serde_bytes")]
         new: Option<Vec<u8>>,
     },
     /// Register a new peer; the state machine assigns its id.
@@ -445,6 +457,7 @@ pub enum Outcome {
     /// Whether the compare-and-set took effect, and the value now stored.
     DataCas {
         swapped: bool,
+        #[serde(with = "serde_bytes")]
         current: Option<Vec<u8>>,
     },
     PeerRegistered {

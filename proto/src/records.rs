@@ -335,6 +335,7 @@ pub struct JobSpec {
     /// Environment variables, in order.
     pub env: Vec<(String, String)>,
     /// Bytes on stdin.
+    #[serde(with = "serde_bytes")]
     pub input: Vec<u8>,
 }
 
@@ -387,10 +388,13 @@ pub struct JobRecord {
     pub updated_at: Timestamp,
     pub key: Option<IdempotencyKey>,
     /// The result (stdout) of the successful attempt.
+    #[serde(with = "serde_bytes")]
     pub result: Option<Vec<u8>>,
     /// The error record of the last failed attempt.
     pub error: Option<ErrorRecord>,
+    #[serde(with = "serde_bytes")]
     pub stdout_tail: Vec<u8>,
+    #[serde(with = "serde_bytes")]
     pub stderr_tail: Vec<u8>,
 }
 

@@ -202,4 +202,22 @@ mod tests {
             }
         }
     }
+
+    /// Byte fields are written as one block (`serde_bytes`), which in
+    /// postcard is the same bytes as a sequence of `u8`: logs, snapshots
+    /// and peers from before read the same.
+    #[test]
+    fn byte_fields_encode_as_a_plain_sequence_of_bytes() {
+        #[derive(serde::Serialize)]
+        struct Plain {
+            args: Vec<String>,
+            env: Vec<(String, String)>,
+            input: Vec<u8>,
+        }
+        let spec = JobSpec { args: vec!["a".into()], env: vec![], input: vec![0, 1, 127, 128, 200, 255] };
+        let plain = Plain { args: spec.args.clone(), env: vec![], input: spec.input.clone() };
+        assert_eq!(encode(1, &spec), encode(1, &plain));
+        let back: JobSpec = postcard::from_bytes(&encode(1, &plain)[1..]).unwrap();
+        assert_eq!(back, spec);
+    }
 }
