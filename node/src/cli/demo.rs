@@ -14,7 +14,7 @@ use impetus_proto::api::ClusterStatus;
 use impetus_proto::command::NewJob;
 use impetus_proto::ids::{IdempotencyKey, PeerId, StreamName};
 use impetus_proto::records::{JobSpec, JobStatus, StreamProps};
-use impetus_sdk::{Client, ClientError, ServiceError};
+use impetus_sdk::{Client, ClientError};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -269,16 +269,11 @@ fn stop_all(mut peers: Vec<PeerChild>) -> anyhow::Result<Duration> {
     }
 }
 
-/// Whether `e` is a failure of the moment: the cluster is electing a
-/// leader, the peer cannot reach it yet, or the connection dropped.
+/// Whether `e` is a failure of the moment ([`ClientError::is_transient`]):
+/// the cluster is electing a leader, the peer cannot reach it yet, or the
+/// connection dropped.
 fn transient(e: &anyhow::Error) -> bool {
-    matches!(
-        e.downcast_ref::<ClientError>(),
-        Some(
-            ClientError::Service(ServiceError::Unavailable(_) | ServiceError::NotLeader { .. })
-                | ClientError::Transport(_)
-        )
-    )
+    e.downcast_ref::<ClientError>().is_some_and(ClientError::is_transient)
 }
 
 /// Run `op` until it succeeds, fails for good, or `deadline` comes: a
