@@ -175,8 +175,7 @@ impl Running {
 }
 
 async fn start(authkey: Option<&str>) -> Running {
-    let listen: Multiaddr = "/ip4/127.0.0.1/tcp/0".parse().unwrap();
-    start_with(NetConfig { listen, authkey: authkey.map(str::to_owned), ..NetConfig::default() }).await
+    start_with(NetConfig { authkey: authkey.map(str::to_owned), ..loopback() }).await
 }
 
 async fn start_with(cfg: NetConfig) -> Running {
@@ -189,6 +188,19 @@ async fn start_with(cfg: NetConfig) -> Running {
         let _ = stopped.await;
     }));
     Running { addr, fake, stop: Some(stop), task }
+}
+
+/// A network config on a free loopback port.
+fn loopback() -> NetConfig {
+    NetConfig { listen: "/ip4/127.0.0.1/tcp/0".parse().unwrap(), ..NetConfig::default() }
+}
+
+/// Which peer answered a `Status` request; otherwise what came instead.
+fn answered_by(r: Result<ClientResponse, impetus_node::net::NetError>) -> Result<PeerId, String> {
+    match r {
+        Ok(ClientResponse::Status(st)) => Ok(st.peer),
+        other => Err(format!("{other:?}")),
+    }
 }
 
 fn port(addr: &Multiaddr) -> u16 {
@@ -415,8 +427,7 @@ async fn a_panicking_handler_answers_an_internal_error() {
             }
         }
     }
-    let listen: Multiaddr = "/ip4/127.0.0.1/tcp/0".parse().unwrap();
-    let server = Server::bind(NetConfig { listen, ..NetConfig::default() }).await.unwrap();
+    let server = Server::bind(loopback()).await.unwrap();
     let addr = server.listen_addr().to_string();
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(server.run(Arc::new(Panics), async move {
@@ -444,7 +455,7 @@ fn look((rec, reads): &mut (JobRecord, u32)) -> &JobRecord {
 /// each answered by the remote handler in order, open a single stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raft_rpcs_to_one_peer_share_one_stream() {
-    let bind = || Server::bind(NetConfig { listen: "/ip4/127.0.0.1/tcp/0".parse().unwrap(), ..NetConfig::default() });
+    let bind = || Server::bind(loopback());
     let (a, b) = (bind().await.unwrap(), bind().await.unwrap());
     let b_addr = b.listen_addr().clone().with(libp2p::multiaddr::Protocol::P2p(b.peer_id()));
     // B grants every vote and remembers the terms it was asked, in order.
@@ -478,7 +489,7 @@ async fn raft_rpcs_to_one_peer_share_one_stream() {
 
 /// Two bound servers, `b` answering with `handlers`; A's Raft connection to B.
 async fn raft_pair(handlers: Handlers) -> (Swarm, Swarm, P2pConnection) {
-    let bind = || Server::bind(NetConfig { listen: "/ip4/127.0.0.1/tcp/0".parse().unwrap(), ..NetConfig::default() });
+    let bind = || Server::bind(loopback());
     let (a, b) = (bind().await.unwrap(), bind().await.unwrap());
     let b_addr = b.listen_addr().clone().with(libp2p::multiaddr::Protocol::P2p(b.peer_id()));
     let rb = b.start(Arc::new(handlers));
@@ -673,10 +684,7 @@ async fn a_follower_without_sessions_gets_one_append_at_a_time() {
         }
     });
 
-    let a = Server::bind(NetConfig { listen: "/ip4/127.0.0.1/tcp/0".parse().unwrap(), ..NetConfig::default() })
-        .await
-        .unwrap()
-        .start(Arc::new(Handlers::default()));
+    let a = Server::bind(loopback()).await.unwrap().start(Arc::new(Handlers::default()));
     // The old peer dials A, so A is connected to it.
     old.dial(a.handle.local_addr().clone()).unwrap();
     let (connected, is_connected) = oneshot::channel();
@@ -764,10 +772,7 @@ async fn requests_between_peers_share_one_client_stream() {
     let b = start(None).await;
     let b_id = Client::connect(&b.addr.to_string(), None).await.unwrap().peer_id();
     let b_addr = b.addr.clone().with(libp2p::multiaddr::Protocol::P2p(b_id));
-    let a = Server::bind(NetConfig { listen: "/ip4/127.0.0.1/tcp/0".parse().unwrap(), ..NetConfig::default() })
-        .await
-        .unwrap()
-        .start(Arc::new(Handlers::default()));
+    let a = Server::bind(loopback()).await.unwrap().start(Arc::new(Handlers::default()));
     for _ in 0..5 {
         match a.handle.client(&b_addr, ClientRequest::Status).await.unwrap() {
             ClientResponse::Status(st) => assert_eq!(st.peer, PeerId(1)),
@@ -824,10 +829,7 @@ async fn a_peer_without_client_streams_is_named_and_falls_back() {
         "{err:?}"
     );
 
-    let a = Server::bind(NetConfig { listen: "/ip4/127.0.0.1/tcp/0".parse().unwrap(), ..NetConfig::default() })
-        .await
-        .unwrap()
-        .start(Arc::new(Handlers::default()));
+    let a = Server::bind(loopback()).await.unwrap().start(Arc::new(Handlers::default()));
     let old_addr = addr.with(libp2p::multiaddr::Protocol::P2p(old_id));
     // The first request dials by request-response (the swarm knew no
     // address); the second finds the stream refused and falls back too.
@@ -850,10 +852,7 @@ async fn a_request_to_a_peer_ends_within_its_bound_in_all() {
     let peer = libp2p::identity::Keypair::generate_ed25519().public().to_peer_id();
     let addr: libp2p::Multiaddr =
         format!("/ip4/127.0.0.1/tcp/{}/p2p/{peer}", silent.local_addr().unwrap().port()).parse().unwrap();
-    let a = Server::bind(NetConfig { listen: "/ip4/127.0.0.1/tcp/0".parse().unwrap(), ..NetConfig::default() })
-        .await
-        .unwrap()
-        .start(Arc::new(Handlers::default()));
+    let a = Server::bind(loopback()).await.unwrap().start(Arc::new(Handlers::default()));
     for limit in [Duration::from_millis(300), Duration::from_millis(2000)] {
         let t = Instant::now();
         let err = a.handle.client_within(&addr, ClientRequest::Status, limit).await.unwrap_err();
@@ -873,11 +872,7 @@ async fn a_request_to_a_peer_ends_within_its_bound_in_all() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_reaches_one_it_was_never_told_about_through_kademlia() {
     use libp2p::multiaddr::Protocol;
-    let bind = || async {
-        Server::bind(NetConfig { listen: "/ip4/127.0.0.1/tcp/0".parse().unwrap(), ..NetConfig::default() })
-            .await
-            .unwrap()
-    };
+    let bind = || async { Server::bind(loopback()).await.unwrap() };
     let b = start(None).await;
     let b_addr =
         b.addr.clone().with(Protocol::P2p(Client::connect(&b.addr.to_string(), None).await.unwrap().peer_id()));
@@ -886,21 +881,17 @@ async fn a_peer_reaches_one_it_was_never_told_about_through_kademlia() {
     let handlers = Handlers::default();
     handlers.set_client(Arc::new(Fake::default()));
     let (a, c) = (a.start(Arc::new(handlers)), c.start(Arc::new(Handlers::default())));
-    let status = |r: Result<ClientResponse, _>| match r {
-        Ok(ClientResponse::Status(st)) => Ok(st.peer),
-        other => Err(format!("{other:?}")),
-    };
 
     // C has no address for A.
     let before = c.handle.client_within(&a_by_id, ClientRequest::Status, Duration::from_secs(2)).await;
-    assert!(status(before).is_err(), "C reached A before anyone told it of A");
+    assert!(answered_by(before).is_err(), "C reached A before anyone told it of A");
     // A joins B; C meets B.
-    assert_eq!(status(a.handle.client(&b_addr, ClientRequest::Status).await), Ok(PeerId(1)));
-    assert_eq!(status(c.handle.client(&b_addr, ClientRequest::Status).await), Ok(PeerId(1)));
+    assert_eq!(answered_by(a.handle.client(&b_addr, ClientRequest::Status).await), Ok(PeerId(1)));
+    assert_eq!(answered_by(c.handle.client(&b_addr, ClientRequest::Status).await), Ok(PeerId(1)));
 
     let t = Instant::now();
     let reached = loop {
-        let r = status(c.handle.client_within(&a_by_id, ClientRequest::Status, Duration::from_secs(1)).await);
+        let r = answered_by(c.handle.client_within(&a_by_id, ClientRequest::Status, Duration::from_secs(1)).await);
         if r.is_ok() || t.elapsed() > Duration::from_secs(15) {
             break r;
         }
@@ -966,16 +957,8 @@ async fn a_dead_connection_is_closed_by_a_failed_ping_and_the_next_request_dials
     let via_proxy: Multiaddr =
         format!("/ip4/127.0.0.1/tcp/{proxy}").parse::<Multiaddr>().unwrap().with(Protocol::P2p(b_id));
     let liveness = Liveness { interval: Duration::from_millis(200), timeout: Duration::from_millis(500) };
-    let a =
-        Server::bind(NetConfig { listen: "/ip4/127.0.0.1/tcp/0".parse().unwrap(), liveness, ..NetConfig::default() })
-            .await
-            .unwrap()
-            .start(Arc::new(Handlers::default()));
-    let status = |r: Result<ClientResponse, _>| match r {
-        Ok(ClientResponse::Status(st)) => Ok(st.peer),
-        other => Err(format!("{other:?}")),
-    };
-    assert_eq!(status(a.handle.client(&via_proxy, ClientRequest::Status).await), Ok(PeerId(1)));
+    let a = Server::bind(NetConfig { liveness, ..loopback() }).await.unwrap().start(Arc::new(Handlers::default()));
+    assert_eq!(answered_by(a.handle.client(&via_proxy, ClientRequest::Status).await), Ok(PeerId(1)));
 
     // The link goes dead: A closes the connection within a ping's
     // interval and timeout.
@@ -994,7 +977,7 @@ async fn a_dead_connection_is_closed_by_a_failed_ping_and_the_next_request_dials
     frozen.store(false, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let again = a.handle.client_within(&via_proxy, ClientRequest::Status, Duration::from_secs(5)).await;
-    assert_eq!(status(again), Ok(PeerId(1)), "after the close");
+    assert_eq!(answered_by(again), Ok(PeerId(1)), "after the close");
     a.stop().await.unwrap();
     b.stop().await;
 }
