@@ -314,14 +314,11 @@ pub(crate) fn hex_short(h: &[u8; 32]) -> String {
     h[..6].iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// A running peer to talk to: one of those that started as members (the
-/// client keeps to them; a worker's peer would forward its writes).
+/// A running peer to talk to, any of them, as a real client may: a worker,
+/// or a learner, forwards what it is asked to the leader.
 fn pick_peer(world: &World) -> Option<(NodeId, SimPeer)> {
-    let candidates: Vec<(NodeId, SimPeer)> = lock(&world.books)
-        .iter()
-        .filter(|(id, _)| !world.is_worker(**id))
-        .filter_map(|(id, b)| b.peer.clone().map(|p| (*id, p)))
-        .collect();
+    let candidates: Vec<(NodeId, SimPeer)> =
+        lock(&world.books).iter().filter_map(|(id, b)| b.peer.clone().map(|p| (*id, p))).collect();
     if candidates.is_empty() {
         return None;
     }
