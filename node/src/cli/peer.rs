@@ -211,6 +211,39 @@ fn shutdown_signal(detached: bool) -> std::io::Result<impl std::future::Future<O
 /// Start `impetus peer ... --foreground --detached` (which calls `setsid`
 /// first: a new session, no terminal) with its output in the log file;
 /// write the pid file.
+/// The command line `--daemon` starts the peer with: every option of this
+/// one (the data directory made absolute), in the foreground, detached. The
+/// authkey is not among them: it goes through the environment (`ps` shows
+/// a command line). A new `impetus peer` option must be added here; the test
+/// `the_daemon_is_started_with_every_option` fails until it is.
+fn foreground_args(g: &Global, args: &PeerArgs, data_dir: &Path) -> Vec<std::ffi::OsString> {
+    let mut v: Vec<std::ffi::OsString> = vec!["--log-format".into(), g.log_format.to_string().into()];
+    v.extend((0..g.verbose).map(|_| "-v".into()));
+    v.extend(["peer", "--foreground", "--detached", "--listen", &args.listen].map(Into::into));
+    v.extend(["--data-dir".into(), data_dir.as_os_str().to_owned()]);
+    if let Some(c) = args.capacity {
+        v.extend(["--capacity".into(), c.to_string().into()]);
+    }
+    for j in &args.join {
+        v.extend(["--join".into(), j.into()]);
+    }
+    v.extend(["--voters".into(), args.voters.to_string().into()]);
+    v.extend(["--voter-timeout".into(), args.voter_timeout.to_string().into()]);
+    if let Some(m) = args.mdns {
+        v.extend(["--mdns", if m { "on" } else { "off" }].map(Into::into));
+    }
+    if let Some(m) = &args.metrics {
+        v.extend(["--metrics".into(), m.into()]);
+    }
+    if args.voter {
+        v.push("--voter".into());
+    }
+    if args.worker {
+        v.push("--worker".into());
+    }
+    v
+}
+
 fn daemonize(g: &Global, args: &PeerArgs) -> anyhow::Result<u8> {
     let pid_file = args.pid_dir.join(PID_FILE);
     if let Some(pid) = read_pid(&pid_file)? {
@@ -236,24 +269,7 @@ fn daemonize(g: &Global, args: &PeerArgs) -> anyhow::Result<u8> {
     let data_dir = absolute(&args.data_dir)?;
 
     let mut cmd = Process::new(&exe);
-    cmd.arg("--log-format").arg(g.log_format.to_string());
-    for _ in 0..g.verbose {
-        cmd.arg("-v");
-    }
-    cmd.args(["peer", "--foreground", "--detached", "--listen", &args.listen]).arg("--data-dir").arg(&data_dir);
-    if let Some(c) = args.capacity {
-        cmd.arg("--capacity").arg(c.to_string());
-    }
-    for j in &args.join {
-        cmd.arg("--join").arg(j);
-    }
-    cmd.arg("--voters").arg(args.voters.to_string()).arg("--voter-timeout").arg(args.voter_timeout.to_string());
-    if let Some(m) = args.mdns {
-        cmd.arg("--mdns").arg(if m { "on" } else { "off" });
-    }
-    if let Some(m) = &args.metrics {
-        cmd.arg("--metrics").arg(m);
-    }
+    cmd.args(foreground_args(g, args, &data_dir));
     // The key goes through the environment, not the command line (ps shows that).
     match &g.authkey {
         Some(k) => cmd.env("IMPETUS_AUTHKEY", k),
@@ -380,6 +396,71 @@ mod tests {
         assert_eq!(p.join, vec!["a:1", "b:2"]);
         assert!(Cli::try_parse_from(["impetus", "peer", "--daemon", "--foreground"]).is_err());
         assert!(Cli::try_parse_from(["impetus", "peer", "--capacity", "0"]).is_err());
+    }
+
+    /// `--daemon` starts the peer with the same options: a flag left out
+    /// here once made `--daemon --worker` peers take voter seats.
+    #[test]
+    fn the_daemon_is_started_with_every_option() {
+        let given = [
+            "-vv",
+            "--log-format",
+            "json",
+            "peer",
+            "--daemon",
+            "--pid-dir",
+            "/tmp/p",
+            "--log-dir",
+            "/tmp/l",
+            "--listen",
+            "127.0.0.1:7521",
+            "--join",
+            "a:1",
+            "--join",
+            "b:2",
+            "--voters",
+            "5",
+            "--voter-timeout",
+            "7",
+            "--mdns",
+            "off",
+            "--metrics",
+            "127.0.0.1:9000",
+            "--data-dir",
+            "/tmp/d",
+            "--capacity",
+            "3",
+            "--worker",
+        ];
+        let cli = Cli::try_parse_from(std::iter::once("impetus").chain(given)).unwrap();
+        let Command::Peer(args) = cli.command else { panic!("not a peer command") };
+        let child = foreground_args(&cli.global, &args, Path::new("/tmp/d"));
+        let again = Cli::try_parse_from(std::iter::once("impetus".into()).chain(child)).unwrap();
+        assert_eq!((again.global.verbose, again.global.log_format), (2, crate::cli::LogFormat::Json));
+        let Command::Peer(mut started) = again.command else { panic!("not a peer command") };
+        assert!(started.foreground && started.detached && !started.daemon);
+        // Only what says how to start differs.
+        (started.foreground, started.detached, started.daemon) = (false, false, true);
+        (started.pid_dir, started.log_dir) = (args.pid_dir.clone(), args.log_dir.clone());
+        assert_eq!(format!("{started:?}"), format!("{args:?}"));
+
+        // Every option of `impetus peer` is one the test above sets (so one
+        // added later fails here until `foreground_args` forwards it).
+        let set: std::collections::BTreeSet<&str> =
+            given.iter().filter_map(|a| a.strip_prefix("--")).chain(["voter", "foreground", "detached"]).collect();
+        let cmd = <Cli as clap::CommandFactory>::command();
+        let peer = cmd.find_subcommand("peer").unwrap();
+        for a in peer.get_arguments().filter(|a| !a.is_global_set()) {
+            let long = a.get_long().unwrap_or_default();
+            assert!(
+                set.contains(long),
+                "`impetus peer --{long}` is not checked: forward it in foreground_args, then add it here"
+            );
+        }
+        // --voter is the other seat: forwarded too.
+        let voter = Cli::try_parse_from(["impetus", "peer", "--voter"]).unwrap();
+        let Command::Peer(v) = voter.command else { panic!("not a peer command") };
+        assert!(foreground_args(&voter.global, &v, Path::new("/d")).contains(&"--voter".into()));
     }
 
     #[test]
