@@ -83,6 +83,21 @@ impl ClusterConsensus {
         }
     }
 
+    /// Members to ask who leads from now on, besides those known.
+    pub fn add_contacts(&self, addrs: impl IntoIterator<Item = String>) {
+        let mut c = lock(&self.contacts);
+        for a in addrs {
+            if !c.contains(&a) && a != self.net.local_addr().to_string() {
+                c.push(a);
+            }
+        }
+    }
+
+    /// The members this peer asks who leads.
+    pub fn contacts(&self) -> Vec<String> {
+        lock(&self.contacts).clone()
+    }
+
     /// Whether this peer is a voter: it works on its own replica.
     pub fn is_voter(&self) -> bool {
         let s = self.local.status();
@@ -108,14 +123,7 @@ impl ClusterConsensus {
                 |id: PeerId| st.peers.iter().find(|p| p.id == id).and_then(|p| p.info.addresses.first().cloned());
             let members: Vec<String> = st.voters.iter().filter_map(|v| addr_of(*v)).collect();
             let leader = st.leader.and_then(addr_of);
-            {
-                let mut c = lock(&self.contacts);
-                for m in members {
-                    if !c.contains(&m) {
-                        c.push(m);
-                    }
-                }
-            }
+            self.add_contacts(members);
             if let Some(l) = leader {
                 *lock(&self.leader_hint) = Some(l.clone());
                 return Some(l);
@@ -383,14 +391,25 @@ impl<R: Runtime, X: JobRunner> ClusterService<R, X> {
         }
     }
 
-    /// On the leader: take `peer` out of the registry and of membership.
+    /// On the leader: take `peer` out of membership, then out of the
+    /// registry. In that order: a peer stopped between the two steps is
+    /// either still a member and registered (it left nothing), or a
+    /// registered worker, never a member the registry does not know (which
+    /// would register a second id when it starts again).
     pub async fn remove(&self, peer: PeerId) -> Result<(), ConsensusError> {
         let c = &self.consensus;
-        if c.local.read(|s| s.peer(peer).is_some()) {
-            // Its leases go back to the queue; it has drained already.
-            c.local.write_indexed(self.peer.now(), Command::RemovePeer { peer }).await?.1.ok();
+        if peer == self.peer.id() {
+            // The leader leaving: once out of membership it leads no more,
+            // and asks the next leader, found through the other members.
+            c.add_contacts(
+                c.local.read(|s| s.peers()).iter().filter(|p| p.id != peer).flat_map(|p| p.info.addresses.clone()),
+            );
         }
         c.local.remove_member(peer.0).await?;
+        if c.local.read(|s| s.peer(peer).is_some()) {
+            // Its leases go back to the queue; it has drained already.
+            c.write_indexed(self.peer.now(), Command::RemovePeer { peer }).await?.1.ok();
+        }
         tracing::info!(%peer, "a peer left the cluster");
         Ok(())
     }

@@ -90,14 +90,13 @@ impl<C: ImpetusConfig> RaftConsensus<C> {
         Ok((resp.log_id.index(), resp.data))
     }
 
-    /// Run one membership change, after any other from this peer, retrying
-    /// (bounded) while one from an earlier leader is still in flight.
-    async fn changing<T, F, Fut>(&self, what: &str, f: F) -> Result<T, ConsensusError>
+    /// Run one membership change, retrying (bounded) while one from an
+    /// earlier leader is still in flight. The caller holds `changing`.
+    async fn retrying<T, F, Fut>(&self, what: &str, f: F) -> Result<T, ConsensusError>
     where
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<T, RaftError<C, ClientWriteError<C>>>>,
     {
-        let _one_at_a_time = self.changing.lock().await;
         let deadline = Instant_::<C>::now() + CHANGE_WAIT;
         loop {
             match f().await {
@@ -112,17 +111,32 @@ impl<C: ImpetusConfig> RaftConsensus<C> {
         }
     }
 
+    /// The membership as it is now, read after the changes before it
+    /// (`changing` held): a change computed from an older view could undo
+    /// one made meanwhile. `None` if this peer no longer leads as a voter
+    /// (it took itself out): it changes nothing then.
+    fn view_to_change(&self) -> Result<View, ConsensusError> {
+        let v = self.view();
+        if v.is_leader && v.voters.contains(&self.node) {
+            Ok(v)
+        } else {
+            Err(ConsensusError::NotLeader { leader: None, leader_id: None })
+        }
+    }
+
     /// Add `id` at `addr` as a learner (does not wait for it to catch up).
     pub async fn add_learner(&self, id: u64, addr: String) -> Result<(), ConsensusError> {
+        let _one_at_a_time = self.changing.lock().await;
         let node = PeerNode { addr };
-        self.changing("add learner", || self.raft.add_learner(id, node.clone(), false)).await?;
+        self.retrying("add learner", || self.raft.add_learner(id, node.clone(), false)).await?;
         Ok(())
     }
 
     /// Take `id` out of membership: out of the voters (a caught-up learner
     /// takes its place if there is one), then out of the nodes.
     pub async fn remove_member(&self, id: u64) -> Result<(), ConsensusError> {
-        let view = self.view();
+        let _one_at_a_time = self.changing.lock().await;
+        let view = self.view_to_change()?;
         if view.voters.contains(&id) {
             let mut voters = view.voters.clone();
             voters.remove(&id);
@@ -133,12 +147,12 @@ impl<C: ImpetusConfig> RaftConsensus<C> {
                 voters.insert(*with);
             }
             let change = ChangeMembers::ReplaceAllVoters(voters);
-            self.changing("remove voter", || self.raft.change_membership(change.clone(), false)).await?;
+            self.retrying("remove voter", || self.raft.change_membership(change.clone(), false)).await?;
         }
         let still_there = self.raft.metrics().borrow_watched().membership_config.membership().get_node(&id).is_some();
         if still_there {
             let change = ChangeMembers::RemoveNodes(BTreeSet::from([id]));
-            self.changing("remove node", || self.raft.change_membership(change.clone(), false)).await?;
+            self.retrying("remove node", || self.raft.change_membership(change.clone(), false)).await?;
         }
         Ok(())
     }
@@ -272,14 +286,7 @@ impl<C: ImpetusConfig> Membership for RaftConsensus<C> {
     }
 
     async fn change(&self, c: Change) -> Result<(), ConsensusError> {
-        let members = match c {
-            Change::Promote(id) => ChangeMembers::AddVoterIds(BTreeSet::from([id])),
-            Change::Replace { dead, with } => {
-                let mut voters = self.view().voters;
-                voters.remove(&dead);
-                voters.insert(with);
-                ChangeMembers::ReplaceAllVoters(voters)
-            }
+        let (_one_at_a_time, members) = match c {
             Change::AddLearner(id) => {
                 let addr = self.state.read(|s| s.peer(PeerId(id)).and_then(|p| p.info.addresses.first().cloned()));
                 let Some(addr) = addr else {
@@ -287,11 +294,19 @@ impl<C: ImpetusConfig> Membership for RaftConsensus<C> {
                 };
                 return self.add_learner(id, addr).await;
             }
+            Change::Promote(id) => (self.changing.lock().await, ChangeMembers::AddVoterIds(BTreeSet::from([id]))),
+            Change::Replace { dead, with } => {
+                let one = self.changing.lock().await;
+                let mut voters = self.view_to_change()?.voters;
+                voters.remove(&dead);
+                voters.insert(with);
+                (one, ChangeMembers::ReplaceAllVoters(voters))
+            }
         };
         // `retain = true`: a replaced voter stays a learner, so it catches up
         // and can serve again if it was only slow; the policy replaces it
         // again only if it is needed.
-        self.changing("membership policy", || self.raft.change_membership(members.clone(), true)).await?;
+        self.retrying("membership policy", || self.raft.change_membership(members.clone(), true)).await?;
         Ok(())
     }
 }

@@ -336,13 +336,15 @@ pub async fn run_peer(
     let observed = metrics.clone();
     let sm = sm.with_observer(Arc::new(move |state, cmd, result| observed.applied(state, cmd, result)));
     let holds_state = log.index_range().is_some() || log.purged().is_some() || sm.handle().last_applied().is_some();
-    let mut contacts = Vec::new();
+    // The members this peer knew when it last joined or left a cluster.
+    let saved = read_contacts(&opts.data_dir);
+    let mut contacts = saved.clone();
     let (node_id, founder) = match known_id {
         Some(id) if holds_state => (id.0, false),
         _ => {
             // A signal while looking for the cluster stops the peer at once.
             let joined = tokio::select! {
-                r = find_and_join(&net.handle, &opts, &info, mdns) => r?,
+                r = find_and_join(&net.handle, &opts, &saved, &info, mdns) => r?,
                 () = &mut shutdown => {
                     tracing::info!("stopped before joining a cluster");
                     net.stop().await?;
@@ -362,6 +364,7 @@ pub async fn run_peer(
                     if known_id != Some(id) {
                         std::fs::write(&id_file, id.0.to_string()).map_err(data_err(&id_file))?;
                     }
+                    save_contacts(&opts.data_dir, &members);
                     contacts = members;
                     (id.0, false)
                 }
@@ -380,7 +383,19 @@ pub async fn run_peer(
     let cfg = PeerConfig { capacity: opts.capacity.max(1), info, ..PeerConfig::default() };
     let job_threads = JobThreads::new().map_err(ServeError::JobThreads)?;
     let runner = WasmRunner::new(executor, Some(metrics.clone()), &job_threads);
-    let peer = Peer::start(TokioRuntime, consensus.clone(), runner, cfg, Some(PeerId(node_id))).await?;
+    // A restarted member may wait minutes here for its cluster to have a
+    // leader again (its peers starting too); a signal stops it at once.
+    let peer = tokio::select! {
+        r = Peer::start(TokioRuntime, consensus.clone(), runner, cfg, Some(PeerId(node_id))) => r?,
+        () = &mut shutdown => {
+            tracing::info!("stopped while waiting for the cluster");
+            if let Err(e) = raft.shutdown().await {
+                tracing::warn!(error = %e, "raft shutdown");
+            }
+            net.stop().await?;
+            return Ok(());
+        }
+    };
     if peer.id().0 != node_id {
         tracing::error!(peer = %peer.id(), node_id, "the registry and Raft disagree on this peer's id");
         peer.shutdown().await;
@@ -438,6 +453,10 @@ pub async fn run_peer(
     tracing::info!(peer = %peer.id(), "shutting down: draining running jobs");
     stopping.store(true, Ordering::SeqCst);
     peer.shutdown().await;
+    // Where the cluster is, for a later start that holds no Raft state
+    // (this one leaving, or a worker): it joins there again instead of
+    // founding a new cluster beside the old one.
+    save_contacts(&opts.data_dir, &cluster_addresses(&consensus, &addr));
     let left = leave_cluster(&service).await;
     manager.abort();
     if let Some((stop, task)) = metrics_server {
@@ -489,23 +508,79 @@ fn load_or_create_identity(path: &Path) -> Result<Keypair, ServeError> {
     }
 }
 
-/// No `--join` and no cluster found by mDNS: `None` (found one). Otherwise
-/// join it and return the id the leader gave this peer and the addresses
-/// of the cluster's voters.
+/// No `--join`, no saved contacts and no cluster found by mDNS: `None`
+/// (found one). Otherwise join it and return the id the leader gave this
+/// peer and the addresses of the cluster's voters.
+///
+/// A peer that was in a cluster (`saved`: `DATA_DIR/contacts`) joins it
+/// again through those members, and never founds another: two clusters
+/// answering for one set of addresses would be a split brain.
 async fn find_and_join(
     net: &crate::net::NetHandle,
     opts: &PeerOptions,
+    saved: &[String],
     info: &PeerInfo,
     mdns: bool,
 ) -> Result<Option<(PeerId, Vec<String>)>, ServeError> {
+    let authkey = opts.authkey.as_deref();
+    if opts.join.is_empty() && !saved.is_empty() {
+        tracing::info!(contacts = ?saved, "joining the cluster this peer was in");
+        return join_cluster(saved, authkey, info).await.map(Some).map_err(|e| match e {
+            ServeError::Join { tried, last } => ServeError::Join {
+                tried,
+                last: format!(
+                    "{last}; these are the members this peer knew ({}); to found a new cluster instead, remove that file",
+                    contacts_file(&opts.data_dir).display()
+                ),
+            },
+            other => other,
+        });
+    }
     let mut join = opts.join.clone();
     if join.is_empty() && mdns {
-        join = mdns_cluster(net, opts.authkey.as_deref()).await;
+        join = mdns_cluster(net, authkey).await;
     }
     if join.is_empty() {
         return Ok(None);
     }
-    join_cluster(&join, opts.authkey.as_deref(), info).await.map(Some)
+    join_cluster(&join, authkey, info).await.map(Some)
+}
+
+fn contacts_file(data_dir: &Path) -> PathBuf {
+    data_dir.join("contacts")
+}
+
+/// The members saved by [`save_contacts`] (none if there is no file).
+fn read_contacts(data_dir: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(contacts_file(data_dir)).unwrap_or_default();
+    text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_owned).collect()
+}
+
+/// Keep `members` (addresses, one per line) in `DATA_DIR/contacts`. Not
+/// fatal: a peer that cannot write it still runs (and says so).
+fn save_contacts(data_dir: &Path, members: &[String]) {
+    if members.is_empty() {
+        return;
+    }
+    let path = contacts_file(data_dir);
+    let text = format!("# the members of this peer's cluster, as it last knew them\n{}\n", members.join("\n"));
+    if let Err(e) = std::fs::write(&path, text) {
+        tracing::warn!(path = %path.display(), error = %e, "could not save the cluster's members");
+    }
+}
+
+/// The addresses of the cluster's other peers, voters first, as this peer
+/// knows them: its replica's registry and the contacts it asks.
+fn cluster_addresses(consensus: &ClusterConsensus, me: &str) -> Vec<String> {
+    let (status, peers) = (consensus.local.status(), consensus.local.read(|s| s.peers()));
+    let voters_first = peers.iter().filter(|p| status.voters.contains(&p.id.0)).chain(peers.iter());
+    let mut out: Vec<String> = Vec::new();
+    for a in voters_first.flat_map(|p| p.info.addresses.iter().cloned()).chain(consensus.contacts()) {
+        if a != me && !out.contains(&a) {
+            out.push(a);
+        }
+    }
+    out
 }
 
 /// Ask the `--join` peers, in turn, to let this peer in; returns its id

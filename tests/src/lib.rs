@@ -136,6 +136,12 @@ impl PeerProc {
     }
 
     fn spawn(&mut self) -> Result<()> {
+        self.launch()?;
+        self.wait_ready(Duration::from_secs(30))
+    }
+
+    /// Start the process, without waiting for it to answer.
+    fn launch(&mut self) -> Result<()> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
         let child = Command::new(impetus_bin())
             .arg("peer")
@@ -147,7 +153,7 @@ impl PeerProc {
             .spawn()
             .context("spawning impetus peer")?;
         self.child = Some(child);
-        self.wait_ready(Duration::from_secs(30))
+        Ok(())
     }
 
     /// Wait until the peer answers `status`.
@@ -237,6 +243,13 @@ impl PeerProc {
     pub fn restart(&mut self) -> Result<()> {
         assert!(self.child.is_none(), "restart of a running peer");
         self.spawn()
+    }
+
+    /// Start the peer again on the same address and data dir, without
+    /// waiting for it to answer (peers that need each other to start).
+    pub fn relaunch(&mut self) -> Result<()> {
+        assert!(self.child.is_none(), "restart of a running peer");
+        self.launch()
     }
 
     /// Send `sig` (`STOP`, `CONT`, ...) to the process.

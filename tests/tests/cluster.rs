@@ -504,6 +504,57 @@ fn sigterm_drains_a_voter_running_jobs_then_it_leaves() {
     assert!(!st.voters.contains(&v), "{st:?}");
 }
 
+/// The whole cluster stopped at once (SIGTERM to every peer, as a machine
+/// shutting down does) and started again with the same commands comes back
+/// as one cluster with its data: the peers that managed to leave on the way
+/// down rejoin through the members they knew (`DATA_DIR/contacts`) instead
+/// of founding a new, empty cluster beside the old one.
+#[test]
+fn a_cluster_stopped_at_once_and_started_again_keeps_its_data() {
+    let (_turn, rt, _dir, mut peers) = cluster(3, &[]);
+    formed(&rt, &peers, 3, 0);
+    let c = client_of(&rt, &peers[0]);
+    let ids =
+        rt.block_on(submit(&c, "kept", StreamProps::default(), "square", (0..20).map(|i| i.to_string()).collect()));
+    rt.block_on(wait_all(&c, &ids, Duration::from_secs(60)));
+    drop(c);
+
+    for p in &peers {
+        p.signal("TERM");
+    }
+    for p in &mut peers {
+        let exited = p.wait_exit(Duration::from_secs(60));
+        assert!(exited.is_some(), "a peer did not stop on SIGTERM; logs:\n{}", logs(&peers));
+    }
+    for p in &mut peers {
+        p.relaunch().unwrap();
+    }
+    for p in &mut peers {
+        p.wait_ready(Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}"));
+    }
+    // Every peer answers for one cluster, with one leader and three voters...
+    let st = wait_for(Duration::from_secs(60), || {
+        let all: Vec<ClusterStatus> = peers.iter().filter_map(|p| status(&rt, p)).collect();
+        let one = all.len() == 3 && all.iter().all(|s| s.leader.is_some() && s.leader == all[0].leader);
+        (one && all[0].voters.len() == 3).then(|| all[0].clone())
+    })
+    .unwrap_or_else(|| {
+        let all: Vec<_> = peers.iter().map(|p| status(&rt, p)).collect();
+        panic!("no single cluster of three voters after the restart: {all:?}; logs:\n{}", logs(&peers))
+    });
+    // ... and that cluster has the jobs it acknowledged before, with their results.
+    for p in &peers {
+        let c = client_of(&rt, p);
+        let records = rt.block_on(wait_all(&c, &ids, Duration::from_secs(30)));
+        let results: Vec<String> = records
+            .iter()
+            .map(|r| String::from_utf8_lossy(r.result.as_deref().unwrap_or_default()).trim().to_owned())
+            .collect();
+        let squares: Vec<String> = (0..20).map(|i: u64| (i * i).to_string()).collect();
+        assert_eq!(results, squares, "asked through {} (cluster {st:?})", p.addr);
+    }
+}
+
 /// `--voters 5`: five peers form a cluster of five voters (it survives two
 /// failures), and it still commits with two of them killed.
 #[test]

@@ -20,17 +20,21 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use impetus_proto::api::WorkRequest;
+use impetus_proto::api::{WorkReply, WorkRequest};
 use impetus_proto::{
     ran_results, ApplyResult, Command, JobId, JobStatus, NewJob, Outcome, PeerId, PeerInfo, PeerRole, Ran, StreamName,
 };
 use tokio::sync::Notify;
 
 /// How long a restarted peer tries to catch its replica up before it looks
-/// itself up (see [`Peer::start`]): longer than a few elections on a loaded
-/// machine; and the pause between tries.
-const START_WAIT: Duration = Duration::from_secs(10);
+/// itself up, and then waits for a leader to answer (see [`Peer::start`]):
+/// the other members may be starting too (a whole cluster restarted), so
+/// this is minutes, said in the log while it lasts; and the pause between
+/// tries.
+const START_WAIT: Duration = Duration::from_secs(180);
 const START_WAIT_STEP: Duration = Duration::from_millis(100);
+/// How often a starting peer says it is still waiting for its cluster.
+const START_WAIT_SAY: u64 = 5_000;
 /// How long setting the registry's draining mark may take.
 const DRAIN_MARK_WAIT: Duration = Duration::from_secs(5);
 
@@ -187,6 +191,26 @@ impl<R, C, X> std::fmt::Debug for Peer<R, C, X> {
 }
 
 impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
+    /// The first turn of a restarted peer, asked again (bounded by
+    /// [`START_WAIT`]) while there is no leader to answer it: nothing was
+    /// proposed then, so asking again applies nothing twice.
+    async fn hello(rt: &R, consensus: &C, hello: WorkRequest) -> Result<WorkReply, ConsensusError> {
+        let deadline = rt.now().saturating_add_ms(START_WAIT.as_millis() as u64);
+        let mut said = rt.now();
+        loop {
+            match consensus.work(rt.now(), hello.clone()).await {
+                Err(e @ ConsensusError::NotLeader { .. }) if rt.now() < deadline => {
+                    if rt.now().since(said) >= START_WAIT_SAY {
+                        said = rt.now();
+                        tracing::info!(peer = %hello.peer, error = %e, "waiting for the cluster to have a leader");
+                    }
+                    rt.sleep(START_WAIT_STEP).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Start a peer: register it (or re-use `id` from an earlier run of this
     /// peer), hand back leases an earlier incarnation left behind, and start
     /// the worker loop.
@@ -206,11 +230,15 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
             // asks the leader directly).
             if consensus.holds_state().await {
                 let deadline = rt.now().saturating_add_ms(START_WAIT.as_millis() as u64);
+                let mut said = rt.now();
                 while !consensus.read(|s| s.peer(id).is_some()) && rt.now() < deadline {
                     match consensus.catch_up().await {
                         Ok(()) => break,
                         Err(e) => {
-                            tracing::debug!(peer = %id, error = %e, "no read point yet; waiting before looking this peer up");
+                            if rt.now().since(said) >= START_WAIT_SAY {
+                                said = rt.now();
+                                tracing::info!(peer = %id, error = %e, "waiting for the cluster to have a leader");
+                            }
                             rt.sleep(START_WAIT_STEP).await;
                         }
                     }
@@ -223,7 +251,7 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
         let known = match id {
             Some(id) => {
                 let hello = WorkRequest { peer: id, cmds: Vec::new(), lease_max: 0, release_orphans: true };
-                let reply = consensus.work(rt.now(), hello).await?;
+                let reply = Self::hello(&rt, &consensus, hello).await?;
                 if reply.released > 0 {
                     tracing::info!(peer = %id, released = reply.released, "handed back leases left by an earlier run");
                 }
