@@ -49,7 +49,8 @@ struct Args {
     /// Print the last trace events of a passing run too (with --seed).
     #[arg(long)]
     verbose: bool,
-    /// Log every trace event to stderr as it happens (with --seed).
+    /// Log every trace event to stderr as it happens (with --seed); `RUST_LOG` adds other targets, e.g.
+    /// `RUST_LOG=impetus_simulation::trace=info,impetus_node::peer::membership=info`.
     #[arg(long)]
     print_trace: bool,
     /// Tests of the checkers only: plant a bug (stale-token, ack-before-flush, forget-requeue).
@@ -73,7 +74,10 @@ fn real_main() -> anyhow::Result<bool> {
     if args.print_trace {
         tracing_subscriber::fmt()
             .with_writer(std::io::stderr)
-            .with_env_filter(tracing_subscriber::EnvFilter::new("impetus_simulation::trace=info"))
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("impetus_simulation::trace=info")),
+            )
             .without_time()
             .with_target(false)
             .with_level(false)

@@ -22,6 +22,15 @@
 //!    first, then any other but those started with `--worker`
 //!    ([`Seat::Never`]), lowest id first. Other workers hold no Raft state.
 //!
+//! A replaced voter stays a learner however long it is silent (the leader
+//! keeps trying to replicate to it): a node taken out of membership while it
+//! is cut off never learns so, keeps the configuration it last saw, and
+//! when it comes back campaigns forever in a cluster that no longer
+//! replicates to it. (A rule that dropped learners silent for twice the
+//! voter timeout did exactly that in the simulator, seed 150.) Peers leave
+//! membership by draining (`impetus peer leave`, SIGTERM), which they see
+//! through.
+//!
 //! Node ids are peer ids from the registry, so they are never reused.
 
 use std::collections::{BTreeMap, BTreeSet};
