@@ -458,6 +458,38 @@ fn peer_leave_drains_a_peer_and_takes_it_out_of_the_cluster() {
     assert!(!peers[3].data_dir.join("raft").exists(), "a peer that left forgets its Raft state");
 }
 
+/// A leader that leaves (`impetus peer leave`) hands its lead to a voter,
+/// which starts an election at once: the others do not wait out their
+/// election timeout with no leader.
+#[test]
+fn a_leader_that_leaves_hands_its_lead_to_a_voter() {
+    let (_turn, rt, _dir, mut peers) = cluster(4, &[]);
+    let st = formed(&rt, &peers, 3, 1);
+    let old = st.leader.unwrap();
+    let at = (0..4).find(|&i| id_of(&st, &peers[i]) == old).unwrap();
+    peers[at].ok(&["peer", "leave"]);
+    let exited = peers[at].wait_exit(Duration::from_secs(30));
+    assert!(exited.is_some_and(|s| s.success()), "the leader did not exit 0: {exited:?}\n{}", logs(&peers));
+    let asked = (at + 1) % 4;
+    let st = wait_for(Duration::from_secs(30), || {
+        status(&rt, &peers[asked]).filter(|s| s.leader.is_some_and(|l| l != old) && s.voters.len() == 3)
+    })
+    .unwrap_or_else(|| panic!("no new leader with three voters; logs:\n{}", logs(&peers)));
+    let new = st.leader.unwrap();
+    let handed: Vec<String> = peers
+        .iter()
+        .flat_map(|p| {
+            p.log_text()
+                .lines()
+                .filter(|l| l.contains("the leader hands its lead over"))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(!handed.is_empty(), "no peer was handed the lead; logs:\n{}", logs(&peers));
+    assert!(handed.iter().all(|l| l.contains(&format!("to={}", new.0))), "handed to another than {new}: {handed:?}");
+}
+
 fn client_of(rt: &tokio::runtime::Runtime, p: &PeerProc) -> Client {
     rt.block_on(Client::connect(&p.addr, None)).unwrap()
 }

@@ -27,7 +27,8 @@ use impetus_raft::openraft::base::{BoxFuture, BoxStream};
 use impetus_raft::openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use impetus_raft::openraft::network::{stream_append_sequential, RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use impetus_raft::openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use impetus_raft::openraft::OptionalSend;
 use impetus_raft::{NodeId, PeerNode, Raft, Snapshot, SnapshotData, SnapshotMeta, TypeConfig, Vote};
@@ -59,7 +60,15 @@ pub enum RaftRpc {
     Append(AppendEntriesRequest<TypeConfig>),
     Vote(VoteRequest<TypeConfig>),
     PreVote(VoteRequest<TypeConfig>),
-    Snapshot { vote: Vote, meta: SnapshotMeta, data: Vec<u8> },
+    Snapshot {
+        vote: Vote,
+        meta: SnapshotMeta,
+        data: Vec<u8>,
+    },
+    /// A leader leaving membership hands its lead to this node, which
+    /// starts an election at once instead of after its election timeout.
+    /// (Last, so the other variants keep their encoding.)
+    TransferLeader(TransferLeaderRequest<TypeConfig>),
 }
 
 impl RaftRpc {
@@ -77,6 +86,7 @@ impl RaftRpc {
             RaftRpc::Vote(_) => "vote",
             RaftRpc::PreVote(_) => "pre-vote",
             RaftRpc::Snapshot { .. } => "snapshot",
+            RaftRpc::TransferLeader(_) => "transfer-leader",
         }
     }
 }
@@ -89,6 +99,7 @@ pub enum RaftReply {
     Snapshot(SnapshotResponse<TypeConfig>),
     /// The receiver could not handle it (not started yet, stopped, fatal).
     Error(String),
+    TransferLeader(TransferLeaderResponse<TypeConfig>),
 }
 
 pub(super) fn encode<T: Serialize>(v: &T) -> io::Result<Vec<u8>> {
@@ -163,6 +174,10 @@ pub async fn answer(raft: &Raft, rpc: RaftRpc) -> RaftReply {
         RaftRpc::Snapshot { vote, meta, data } => {
             let snapshot = Snapshot { meta, snapshot: SnapshotData::new(data) };
             raft.install_full_snapshot(vote, snapshot).await.map_or_else(fatal, RaftReply::Snapshot)
+        }
+        RaftRpc::TransferLeader(r) => {
+            tracing::info!(to = %r.to_node_id(), "the leader hands its lead over");
+            raft.handle_transfer_leader(r).await.map_or_else(fatal, RaftReply::TransferLeader)
         }
     }
 }
@@ -389,6 +404,17 @@ impl RaftNetworkV2<TypeConfig> for P2pConnection {
         match self.call(RaftRpc::PreVote(rpc), option.hard_ttl()).await? {
             RaftReply::Vote(r) => Ok(r),
             other => Err(unexpected("pre-vote", other)),
+        }
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        match self.call(RaftRpc::TransferLeader(req), option.hard_ttl()).await? {
+            RaftReply::TransferLeader(r) => Ok(r),
+            other => Err(unexpected("transfer-leader", other)),
         }
     }
 
