@@ -245,6 +245,11 @@ impl PeerProc {
         self.spawn()
     }
 
+    /// Replace the extra arguments the next (re)start passes.
+    pub fn set_extra(&mut self, extra: &[&str]) {
+        self.extra = extra.iter().map(|s| s.to_string()).collect();
+    }
+
     /// Start the peer again on the same address and data dir, without
     /// waiting for it to answer (peers that need each other to start).
     pub fn relaunch(&mut self) -> Result<()> {

@@ -488,6 +488,17 @@ fn a_leader_that_leaves_hands_its_lead_to_a_voter() {
         .collect();
     assert!(!handed.is_empty(), "no peer was handed the lead; logs:\n{}", logs(&peers));
     assert!(handed.iter().all(|l| l.contains(&format!("to={}", new.0))), "handed to another than {new}: {handed:?}");
+
+    // Started again with no --join, the peer that left joins the same
+    // cluster through the members it saved (DATA_DIR/contacts), under a new
+    // id; it does not found a second cluster at its old address.
+    assert!(peers[at].data_dir.join("contacts").exists() && !peers[at].data_dir.join("raft").exists());
+    peers[at].set_extra(&[]);
+    peers[at].restart().unwrap();
+    let st = wait_for(Duration::from_secs(30), || status(&rt, &peers[at]).filter(|s| s.leader == Some(new)))
+        .unwrap_or_else(|| panic!("the peer that left did not rejoin; logs:\n{}", logs(&peers)));
+    let again = id_of(&st, &peers[at]);
+    assert!(again != old && st.peers.len() == 4, "rejoined as {again} (was {old}): {st:?}");
 }
 
 fn client_of(rt: &tokio::runtime::Runtime, p: &PeerProc) -> Client {
