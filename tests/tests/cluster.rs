@@ -501,6 +501,29 @@ fn a_leader_that_leaves_hands_its_lead_to_a_voter() {
     assert!(again != old && st.peers.len() == 4, "rejoined as {again} (was {old}): {st:?}");
 }
 
+/// A voter taken out of the cluster while it was down (here the leader is
+/// asked to remove it), started again on its old data, believes it is still
+/// a member, and the cluster refuses its turns: it says what happened and
+/// what to do, by name, instead of only "part of a worker command refused"
+/// every turn.
+#[test]
+fn a_member_removed_while_away_says_so_when_started_again() {
+    let (_turn, rt, _dir, mut peers) = cluster(3, &[]);
+    let st = formed(&rt, &peers, 3, 0);
+    let at = (0..3).find(|&i| Some(id_of(&st, &peers[i])) != st.leader).unwrap();
+    let gone = id_of(&st, &peers[at]);
+    let lead = (0..3).find(|&i| Some(id_of(&st, &peers[i])) == st.leader).unwrap();
+    peers[at].kill9();
+    let c = client_of(&rt, &peers[lead]);
+    let resp = rt.block_on(c.request(ClientRequest::Leave { peer: gone })).unwrap();
+    assert!(matches!(resp, ClientResponse::Left), "{resp:?}");
+    peers[at].relaunch().unwrap();
+    wait_for(Duration::from_secs(40), || {
+        peers[at].log_text().contains("the cluster no longer has this peer").then_some(())
+    })
+    .unwrap_or_else(|| panic!("the removed peer did not say so; log:\n{}", tail(&peers[at].log_text(), 30)));
+}
+
 fn client_of(rt: &tokio::runtime::Runtime, p: &PeerProc) -> Client {
     rt.block_on(Client::connect(&p.addr, None)).unwrap()
 }

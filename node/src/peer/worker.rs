@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use impetus_proto::api::WorkRequest;
 use impetus_proto::{
-    Command, Completion, ErrorKind, ErrorRecord, Failure, FencingToken, JobId, LeaseGrant, Outcome, StreamName,
-    Timestamp,
+    ApplyError, Command, Completion, ErrorKind, ErrorRecord, Failure, FencingToken, JobId, LeaseGrant, Outcome,
+    StreamName, Timestamp,
 };
 
 use super::{Attempt, Consensus, Inner, JobRunner, RunReport, Runtime};
@@ -61,6 +61,7 @@ pub(super) async fn run<R: Runtime, C: Consensus, X: JobRunner>(
         tracked: BTreeMap::new(),
         last_heartbeat: Timestamp::ZERO,
         grace_deadline: None,
+        said_removed: false,
     };
     let poll = inner.cfg.poll_interval;
     // A job granted by a fused submit only needs tracking: a turn then
@@ -108,6 +109,8 @@ struct Worker<R, C, X> {
     tracked: BTreeMap<StreamName, (Timestamp, u64)>,
     last_heartbeat: Timestamp,
     grace_deadline: Option<Timestamp>,
+    /// Whether this peer has said that the cluster no longer has it.
+    said_removed: bool,
 }
 
 /// Run a job granted by a fused submit: the worker loop learns of it first
@@ -300,6 +303,20 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
                                 run.lost = true;
                             }
                         }
+                    }
+                }
+                // The committed registry does not know this peer: it was
+                // taken out of the cluster (`Leave`) while it was away, and
+                // its state here is stale. Say what to do, once.
+                (_, Err(ApplyError::UnknownPeer(p))) if p == me => {
+                    if !self.said_removed {
+                        self.said_removed = true;
+                        tracing::error!(
+                            peer = %me,
+                            "the cluster no longer has this peer (it was taken out while away) and refuses its \
+                             turns: stop it and start it on a fresh data directory (or move DATA_DIR/raft and \
+                             DATA_DIR/peer-id aside); it then joins afresh through DATA_DIR/contacts"
+                        );
                     }
                 }
                 (_, Err(e)) => tracing::warn!(peer = %me, error = %e, "part of a worker command refused"),
