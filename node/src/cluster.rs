@@ -93,9 +93,19 @@ impl ClusterConsensus {
         }
     }
 
-    /// The members this peer asks who leads.
-    pub fn contacts(&self) -> Vec<String> {
-        lock(&self.contacts).clone()
+    /// The addresses of the cluster's other peers as this peer knows them,
+    /// voters first: its replica's registry, then the contacts it asks.
+    pub fn cluster_addresses(&self) -> Vec<String> {
+        let (status, peers) = (self.local.status(), self.local.read(|s| s.peers()));
+        let voters_first = peers.iter().filter(|p| status.voters.contains(&p.id.0)).chain(peers.iter());
+        let me = self.net.local_addr().to_string();
+        let mut out: Vec<String> = Vec::new();
+        for a in voters_first.flat_map(|p| p.info.addresses.iter().cloned()).chain(lock(&self.contacts).clone()) {
+            if a != me && !out.contains(&a) {
+                out.push(a);
+            }
+        }
+        out
     }
 
     /// Whether this peer is a voter: it works on its own replica.
@@ -401,9 +411,7 @@ impl<R: Runtime, X: JobRunner> ClusterService<R, X> {
         if peer == self.peer.id() {
             // The leader leaving: once out of membership it leads no more,
             // and asks the next leader, found through the other members.
-            c.add_contacts(
-                c.local.read(|s| s.peers()).iter().filter(|p| p.id != peer).flat_map(|p| p.info.addresses.clone()),
-            );
+            c.add_contacts(c.cluster_addresses());
         }
         c.local.remove_member(peer.0).await?;
         if c.local.read(|s| s.peer(peer).is_some()) {

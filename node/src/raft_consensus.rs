@@ -113,8 +113,8 @@ impl<C: ImpetusConfig> RaftConsensus<C> {
 
     /// The membership as it is now, read after the changes before it
     /// (`changing` held): a change computed from an older view could undo
-    /// one made meanwhile. `None` if this peer no longer leads as a voter
-    /// (it took itself out): it changes nothing then.
+    /// one made meanwhile. `NotLeader` if this peer no longer leads as a
+    /// voter (it took itself out): it changes nothing then.
     fn view_to_change(&self) -> Result<View, ConsensusError> {
         let v = self.view();
         if v.is_leader && v.voters.contains(&self.node) {

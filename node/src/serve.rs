@@ -456,7 +456,7 @@ pub async fn run_peer(
     // Where the cluster is, for a later start that holds no Raft state
     // (this one leaving, or a worker): it joins there again instead of
     // founding a new cluster beside the old one.
-    save_contacts(&opts.data_dir, &cluster_addresses(&consensus, &addr));
+    save_contacts(&opts.data_dir, &consensus.cluster_addresses());
     let left = leave_cluster(&service).await;
     manager.abort();
     if let Some((stop, task)) = metrics_server {
@@ -567,20 +567,6 @@ fn save_contacts(data_dir: &Path, members: &[String]) {
     if let Err(e) = std::fs::write(&path, text) {
         tracing::warn!(path = %path.display(), error = %e, "could not save the cluster's members");
     }
-}
-
-/// The addresses of the cluster's other peers, voters first, as this peer
-/// knows them: its replica's registry and the contacts it asks.
-fn cluster_addresses(consensus: &ClusterConsensus, me: &str) -> Vec<String> {
-    let (status, peers) = (consensus.local.status(), consensus.local.read(|s| s.peers()));
-    let voters_first = peers.iter().filter(|p| status.voters.contains(&p.id.0)).chain(peers.iter());
-    let mut out: Vec<String> = Vec::new();
-    for a in voters_first.flat_map(|p| p.info.addresses.iter().cloned()).chain(consensus.contacts()) {
-        if a != me && !out.contains(&a) {
-            out.push(a);
-        }
-    }
-    out
 }
 
 /// Ask the `--join` peers, in turn, to let this peer in; returns its id

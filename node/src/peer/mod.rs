@@ -23,6 +23,7 @@ use std::time::Duration;
 use impetus_proto::api::{WorkReply, WorkRequest};
 use impetus_proto::{
     ran_results, ApplyResult, Command, JobId, JobStatus, NewJob, Outcome, PeerId, PeerInfo, PeerRole, Ran, StreamName,
+    Timestamp,
 };
 use tokio::sync::Notify;
 
@@ -173,6 +174,33 @@ pub(crate) struct Inner<R, C, X> {
     pub early_quick: early::Quick,
 }
 
+/// A starting peer's wait for its cluster to have a leader: bounded by
+/// [`START_WAIT`], said in the log every [`START_WAIT_SAY`] ms.
+struct StartWait {
+    deadline: Timestamp,
+    said: Timestamp,
+}
+
+impl StartWait {
+    fn new<R: Runtime>(rt: &R) -> StartWait {
+        let now = rt.now();
+        StartWait { deadline: now.saturating_add_ms(START_WAIT.as_millis() as u64), said: now }
+    }
+
+    fn over<R: Runtime>(&self, rt: &R) -> bool {
+        rt.now() >= self.deadline
+    }
+
+    /// Say why it waits (now and then), then pause before the next try.
+    async fn pause<R: Runtime>(&mut self, rt: &R, peer: PeerId, why: &ConsensusError) {
+        if rt.now().since(self.said) >= START_WAIT_SAY {
+            self.said = rt.now();
+            tracing::info!(%peer, error = %why, "waiting for the cluster to have a leader");
+        }
+        rt.sleep(START_WAIT_STEP).await;
+    }
+}
+
 /// A running peer. Cheap to clone.
 pub struct Peer<R, C, X> {
     inner: Arc<Inner<R, C, X>>,
@@ -195,17 +223,10 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
     /// [`START_WAIT`]) while there is no leader to answer it: nothing was
     /// proposed then, so asking again applies nothing twice.
     async fn hello(rt: &R, consensus: &C, hello: WorkRequest) -> Result<WorkReply, ConsensusError> {
-        let deadline = rt.now().saturating_add_ms(START_WAIT.as_millis() as u64);
-        let mut said = rt.now();
+        let mut wait = StartWait::new(rt);
         loop {
             match consensus.work(rt.now(), hello.clone()).await {
-                Err(e @ ConsensusError::NotLeader { .. }) if rt.now() < deadline => {
-                    if rt.now().since(said) >= START_WAIT_SAY {
-                        said = rt.now();
-                        tracing::info!(peer = %hello.peer, error = %e, "waiting for the cluster to have a leader");
-                    }
-                    rt.sleep(START_WAIT_STEP).await;
-                }
+                Err(e @ ConsensusError::NotLeader { .. }) if !wait.over(rt) => wait.pause(rt, hello.peer, &e).await,
                 other => return other,
             }
         }
@@ -229,18 +250,11 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
             // registering a new id (bounded; a worker holds no state and
             // asks the leader directly).
             if consensus.holds_state().await {
-                let deadline = rt.now().saturating_add_ms(START_WAIT.as_millis() as u64);
-                let mut said = rt.now();
-                while !consensus.read(|s| s.peer(id).is_some()) && rt.now() < deadline {
+                let mut wait = StartWait::new(&rt);
+                while !consensus.read(|s| s.peer(id).is_some()) && !wait.over(&rt) {
                     match consensus.catch_up().await {
                         Ok(()) => break,
-                        Err(e) => {
-                            if rt.now().since(said) >= START_WAIT_SAY {
-                                said = rt.now();
-                                tracing::info!(peer = %id, error = %e, "waiting for the cluster to have a leader");
-                            }
-                            rt.sleep(START_WAIT_STEP).await;
-                        }
+                        Err(e) => wait.pause(&rt, id, &e).await,
                     }
                 }
             }
