@@ -118,8 +118,11 @@ impl ClusterConsensus {
     fn known_leader(&self) -> Option<String> {
         let status = self.local.status();
         // Metrics may still name this peer for a moment after it lost the
-        // lead: that is no leader to forward to.
-        let from_raft = status.leader.filter(|l| *l != status.node).and_then(|l| self.local.member_addr(l));
+        // lead: that is no leader to forward to. A peer outside membership
+        // (a worker, or one taken out) hears from no leader: what its Raft
+        // names is stale.
+        let member = status.voters.contains(&status.node) || status.learners.contains(&status.node);
+        let from_raft = status.leader.filter(|l| member && *l != status.node).and_then(|l| self.local.member_addr(l));
         from_raft.or_else(|| lock(&self.leader_hint).clone())
     }
 
@@ -401,23 +404,15 @@ impl<R: Runtime, X: JobRunner> ClusterService<R, X> {
         }
     }
 
-    /// On the leader: take `peer` out of membership, then out of the
-    /// registry. In that order: a peer stopped between the two steps is
-    /// either still a member and registered (it left nothing), or a
-    /// registered worker, never a member the registry does not know (which
-    /// would register a second id when it starts again).
+    /// On the leader: [`RaftConsensus::remove_peer`]. The leader leaving
+    /// first keeps the other members' addresses: once out of membership it
+    /// leads no more, and finds the next leader through them.
     pub async fn remove(&self, peer: PeerId) -> Result<(), ConsensusError> {
         let c = &self.consensus;
         if peer == self.peer.id() {
-            // The leader leaving: once out of membership it leads no more,
-            // and asks the next leader, found through the other members.
             c.add_contacts(c.cluster_addresses());
         }
-        c.local.remove_member(peer.0).await?;
-        if c.local.read(|s| s.peer(peer).is_some()) {
-            // Its leases go back to the queue; it has drained already.
-            c.write_indexed(self.peer.now(), Command::RemovePeer { peer }).await?.1.ok();
-        }
+        c.local.remove_peer(c, self.peer.now(), peer).await?;
         tracing::info!(%peer, "a peer left the cluster");
         Ok(())
     }

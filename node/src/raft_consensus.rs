@@ -124,14 +124,6 @@ impl<C: ImpetusConfig> RaftConsensus<C> {
         }
     }
 
-    /// Add `id` at `addr` as a learner (does not wait for it to catch up).
-    pub async fn add_learner(&self, id: u64, addr: String) -> Result<(), ConsensusError> {
-        let _one_at_a_time = self.changing.lock().await;
-        let node = PeerNode { addr };
-        self.retrying("add learner", || self.raft.add_learner(id, node.clone(), false)).await?;
-        Ok(())
-    }
-
     /// Take `id` out of membership: out of the voters (a caught-up learner
     /// takes its place if there is one), then out of the nodes.
     pub async fn remove_member(&self, id: u64) -> Result<(), ConsensusError> {
@@ -153,6 +145,34 @@ impl<C: ImpetusConfig> RaftConsensus<C> {
         if still_there {
             let change = ChangeMembers::RemoveNodes(BTreeSet::from([id]));
             self.retrying("remove node", || self.raft.change_membership(change.clone(), false)).await?;
+        }
+        Ok(())
+    }
+
+    /// On the leader: take `peer` out of membership, then out of the
+    /// registry, the registry write going through `cluster` (which forwards
+    /// it to the next leader when `peer` is this one and leads no more).
+    /// In that order: a peer stopped between the two steps is either still
+    /// a member and registered (it left nothing), or a registered worker,
+    /// never a member the registry does not know (which would register a
+    /// second id when it starts again). Its leases go back to the queue
+    /// with its registry entry; it has drained already.
+    /// Call it on the leader: the registry is read from this replica.
+    pub async fn remove_peer(
+        &self,
+        cluster: &impl Consensus,
+        now: Timestamp,
+        peer: PeerId,
+    ) -> Result<(), ConsensusError> {
+        // Marked draining first (its own mark may have failed): the
+        // membership manager adds no draining peer back meanwhile.
+        if self.read(|s| s.peer(peer).is_some_and(|p| !p.draining)) {
+            let _ = cluster.write(now, Command::DrainPeer { peer, draining: true }).await?;
+        }
+        self.remove_member(peer.0).await?;
+        if self.read(|s| s.peer(peer).is_some()) {
+            // `UnknownPeer`: removed meanwhile (a retried leave); done either way.
+            let _ = cluster.write(now, Command::RemovePeer { peer }).await?;
         }
         Ok(())
     }
@@ -196,6 +216,16 @@ impl<C: ImpetusConfig> RaftConsensus<C> {
     pub fn digest(&self) -> (u64, String) {
         self.state.read(|s| (s.applied_index(), blake3::hash(&s.snapshot()).to_hex().to_string()))
     }
+}
+
+/// Whether peer `me`, drained and stopping, should leave the cluster as
+/// `status` shows it: a worker (no Raft membership) leaves the registry, a
+/// member leaves if another voter remains; the last voter stays, it holds
+/// the cluster's data.
+pub fn should_leave(status: &RaftStatus, me: PeerId) -> bool {
+    let member = status.voters.contains(&me.0) || status.learners.contains(&me.0);
+    let others = status.voters.iter().any(|v| *v != me.0);
+    !member || others
 }
 
 impl<C: ImpetusConfig> Consensus for RaftConsensus<C> {
@@ -285,28 +315,41 @@ impl<C: ImpetusConfig> Membership for RaftConsensus<C> {
         v
     }
 
+    /// Planned from a view read before the lock: checked again under it,
+    /// against the view after the changes made meanwhile (a departure's
+    /// above all: the peer leaving must not be added back).
     async fn change(&self, c: Change) -> Result<(), ConsensusError> {
-        let (_one_at_a_time, members) = match c {
+        let one_at_a_time = self.changing.lock().await;
+        let now = self.view_to_change()?;
+        let stale = || ConsensusError::Unavailable(format!("{c:?} no longer fits the membership; planned again"));
+        let members = match c {
             Change::AddLearner(id) => {
+                if !now.workers.contains_key(&id) {
+                    return Err(stale());
+                }
                 let addr = self.state.read(|s| s.peer(PeerId(id)).and_then(|p| p.info.addresses.first().cloned()));
                 let Some(addr) = addr else {
                     return Err(ConsensusError::Unavailable(format!("worker {id} has no address to reach it at")));
                 };
-                return self.add_learner(id, addr).await;
+                let node = PeerNode { addr };
+                self.retrying("add learner", || self.raft.add_learner(id, node.clone(), false)).await?;
+                drop(one_at_a_time);
+                return Ok(());
             }
-            Change::Promote(id) => (self.changing.lock().await, ChangeMembers::AddVoterIds(BTreeSet::from([id]))),
-            Change::Replace { dead, with } => {
-                let one = self.changing.lock().await;
-                let mut voters = self.view_to_change()?.voters;
+            Change::Promote(id) if now.learners.contains(&id) => ChangeMembers::AddVoterIds(BTreeSet::from([id])),
+            Change::Replace { dead, with } if now.voters.contains(&dead) && now.learners.contains(&with) => {
+                let mut voters = now.voters;
                 voters.remove(&dead);
                 voters.insert(with);
-                (one, ChangeMembers::ReplaceAllVoters(voters))
+                ChangeMembers::ReplaceAllVoters(voters)
             }
+            Change::Promote(_) | Change::Replace { .. } => return Err(stale()),
         };
         // `retain = true`: a replaced voter stays a learner, so it catches up
         // and can serve again if it was only slow; the policy replaces it
         // again only if it is needed.
         self.retrying("membership policy", || self.raft.change_membership(members.clone(), true)).await?;
+        drop(one_at_a_time);
         Ok(())
     }
 }

@@ -653,11 +653,7 @@ fn peer_id_of(addr: &str) -> String {
 async fn leave_cluster<R: crate::peer::Runtime, X: JobRunner>(service: &ClusterService<R, X>) -> bool {
     let me = service.peer.id();
     let status = service.consensus.local.status();
-    let member = status.voters.contains(&me.0) || status.learners.contains(&me.0);
-    let others = status.voters.iter().any(|v| *v != me.0);
-    // A worker (no Raft membership) leaves the registry; the last voter
-    // stays: it holds the cluster's data.
-    if member && !others {
+    if !crate::raft_consensus::should_leave(&status, me) {
         return false;
     }
     let res = tokio::time::timeout(LEAVE_TIMEOUT, async {

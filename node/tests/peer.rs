@@ -363,6 +363,31 @@ async fn a_restarted_single_voter_keeps_its_id_however_quick_its_election() {
     }
 }
 
+/// A member whose registry entry was removed (it left, and crashed before
+/// it heard so; or it was taken out while away) is not registered again
+/// when it restarts: a second id would not be its Raft node's. It says
+/// what happened instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_peer_the_registry_no_longer_has_does_not_register_again() {
+    let (log, snapshots) = (MemLogStore::<TypeConfig>::new(), MemSnapshotStore::new());
+    let c = consensus_on(&log, &snapshots, default_raft_config(), Some(PeerNode::new("mem-1"))).await;
+    let raft = c.raft().clone();
+    let p = Peer::start(TokioRuntime, c, FakeRunner::default(), PeerConfig::default(), None).await.unwrap();
+    let id = p.id();
+    write(&p, Command::RemovePeer { peer: id }).await.unwrap();
+    p.shutdown().await;
+    raft.shutdown().await.unwrap();
+
+    let again = consensus_on(&log, &snapshots, default_raft_config(), None).await;
+    let err = Peer::start(TokioRuntime, again, FakeRunner::default(), PeerConfig::default(), Some(id)).await.err();
+    let Some(e @ impetus_node::peer::PeerError::Removed(removed)) = err else {
+        panic!("expected PeerError::Removed, got {err:?}");
+    };
+    assert_eq!(removed, id);
+    let msg = e.to_string();
+    assert!(msg.contains("no longer has this peer") && msg.contains("fresh --data-dir"), "{msg}");
+}
+
 /// Consensus whose submits wait at a gate the test opens, or fail there.
 struct Gated {
     raft: RaftConsensus<TypeConfig>,

@@ -145,6 +145,12 @@ impl State {
         self.data.peers.contains_key(&peer)
     }
 
+    /// Whether the registry has handed out `peer` (registered now or
+    /// removed since): ids are never reused.
+    pub fn peer_id_issued(&self, peer: PeerId) -> bool {
+        (1..=self.data.next_peer).contains(&peer.0)
+    }
+
     pub fn peers(&self) -> Vec<PeerRecord> {
         self.data.peers.keys().filter_map(|&id| self.peer(id)).collect()
     }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use impetus_node::peer::membership::{self, Policy};
-use impetus_node::peer::{Peer, PeerConfig};
+use impetus_node::peer::{Peer, PeerConfig, PeerError};
 use impetus_node::raft_consensus::RaftConsensus;
 use impetus_proto::{PeerId, PeerInfo};
 use impetus_raft::openraft::AsyncRuntime;
@@ -42,12 +42,17 @@ pub(crate) struct Node {
     pub running: Option<Running>,
     /// Virtual ms at which a crashed node restarts.
     pub down_until: Option<u64>,
+    /// A leave is under way (`scenario::leave`).
+    pub leaving: bool,
+    /// It left the cluster: it stays stopped.
+    pub left: bool,
 }
 
 pub(crate) struct Running {
     pub alive: Arc<AtomicBool>,
     pub raft: SimRaft,
     pub state: StateHandle,
+    pub consensus: Arc<RaftConsensus<SimConfig>>,
 }
 
 pub(crate) fn peer_config(id: NodeId) -> PeerConfig {
@@ -78,7 +83,15 @@ impl Node {
         if world.bug() == Bug::AckBeforeFlush {
             log.plant_ack_before_flush(true);
         }
-        Node { id, log, snapshots: MemSnapshotStore::new(), running: None, down_until: None }
+        Node {
+            id,
+            log,
+            snapshots: MemSnapshotStore::new(),
+            running: None,
+            down_until: None,
+            leaving: false,
+            left: false,
+        }
     }
 
     /// Start (or restart) this node's Raft instance and its peer.
@@ -95,6 +108,7 @@ impl Node {
             .await
             .map_err(|e| format!("n{id}: start raft: {e}"))?;
         let consensus = Arc::new(RaftConsensus::new(raft.clone(), state.clone(), id));
+        let member = consensus.clone();
         lock(&world.net).live.insert(id, Live { raft: raft.clone(), consensus: consensus.clone() });
         if world.has(Fault::Disk) {
             let (log, w) = (self.log.clone(), world.clone());
@@ -114,25 +128,45 @@ impl Node {
         let (w, a) = (world.clone(), alive.clone());
         spawn_killable(&alive, async move { start_peer(w, id, consensus, a).await });
         world.event(format_args!("n{id}{} started", if world.is_worker(id) { " (worker)" } else { "" }));
-        self.running = Some(Running { alive, raft, state });
+        self.running = Some(Running { alive, raft, state, consensus: member });
         Ok(())
     }
 
     /// Crash: the peer's tasks die, the Raft node stops, unflushed log writes are lost.
     pub async fn crash(&mut self, world: &World) {
-        let Some(r) = self.running.take() else { return };
+        if self.halt(world).await {
+            self.log.crash();
+            lock(&world.audit).crashes += 1;
+            world.event(format_args!("n{} CRASHED", self.id));
+        }
+    }
+
+    /// Stop as a process stops after `impetus peer leave` or SIGTERM (its
+    /// peer drained before): the log is flushed, nothing is lost. `left`:
+    /// it left the cluster, and is never started again.
+    pub async fn stop(&mut self, world: &World, left: bool) {
+        if self.halt(world).await {
+            self.log.flush();
+            self.left = left;
+            world.event(format_args!("n{} stopped{}", self.id, if left { " (left the cluster)" } else { "" }));
+        }
+    }
+
+    /// The peer's tasks die and the Raft node stops. False if it was not running.
+    async fn halt(&mut self, world: &World) -> bool {
+        let Some(r) = self.running.take() else { return false };
         let id = self.id;
+        self.leaving = false;
         r.alive.store(false, Ordering::SeqCst);
         lock(&world.net).live.remove(&id);
         if let Some(b) = lock(&world.books).get_mut(&id) {
             b.peer = None;
+            b.left = None;
         }
         if SimRuntime::timeout(Duration::from_secs(5), r.raft.shutdown()).await.is_err() {
             world.violation("crash", format!("n{id}: raft shutdown did not finish within 5 s"));
         }
-        self.log.crash();
-        lock(&world.audit).crashes += 1;
-        world.event(format_args!("n{id} CRASHED"));
+        true
     }
 }
 
@@ -142,6 +176,19 @@ impl Node {
 /// other than the node's is a broken invariant.
 async fn start_peer(world: Arc<World>, id: NodeId, consensus: Arc<RaftConsensus<SimConfig>>, alive: Arc<AtomicBool>) {
     loop {
+        match crate::scenario::taken_out(&world, id) {
+            // A real peer in its place joins as a new peer, with a new id;
+            // a simulated node keeps its id, so it stays out.
+            Some(true) => {
+                world.event(format_args!("n{id} was taken out of the cluster: its peer stays out"));
+                return;
+            }
+            Some(false) => {}
+            None => {
+                sleep_ms(100).await;
+                continue;
+            }
+        }
         let rt = SimRt::new(world.clone(), id, alive.clone());
         let c = SimConsensus::new(world.clone(), id, consensus.clone());
         match Peer::start(rt, c, SimRunner::new(&world, id), peer_config(id), Some(PeerId(id))).await {
@@ -155,6 +202,11 @@ async fn start_peer(world: Arc<World>, id: NodeId, consensus: Arc<RaftConsensus<
                 if alive.load(Ordering::SeqCst) {
                     lock(&world.books).entry(id).or_default().peer = Some(p);
                 }
+                return;
+            }
+            Err(e @ PeerError::Removed(_)) => {
+                // As production exits, telling the operator: it stays out.
+                world.event(format_args!("n{id} peer does not start: {e}"));
                 return;
             }
             Err(e) => {

@@ -124,9 +124,12 @@ impl SimConsensus {
     }
 
     /// The leader to send to from outside the voters: the one this node's
-    /// Raft knows (never itself), else the one a voter names.
-    async fn leader(&self) -> Result<NodeId, ConsensusError> {
-        match self.local.status().leader.filter(|l| *l != self.node) {
+    /// Raft knows (never itself; only while it is a member, which hears
+    /// from the leader), else the one a voter names.
+    pub(crate) async fn leader(&self) -> Result<NodeId, ConsensusError> {
+        let s = self.local.status();
+        let member = s.voters.contains(&self.node) || s.learners.contains(&self.node);
+        match s.leader.filter(|l| member && *l != self.node) {
             Some(l) => Ok(l),
             None => self.world.find_leader(self.node).await,
         }

@@ -32,10 +32,14 @@ pub enum Fault {
     Slow,
     /// The client resubmits acknowledged batches (idempotency keys) and hops peers.
     Client,
+    /// A peer drains and leaves the cluster as `impetus peer leave` does
+    /// (at most one per worker, so the voters can be replaced); one whose
+    /// leave fails stops anyway and is started again later.
+    Leave,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 13] = [
+    pub const ALL: [Fault; 14] = [
         Fault::Delay,
         Fault::Drop,
         Fault::Dup,
@@ -49,6 +53,7 @@ impl Fault {
         Fault::Hang,
         Fault::Slow,
         Fault::Client,
+        Fault::Leave,
     ];
 
     pub fn name(self) -> &'static str {
@@ -66,6 +71,7 @@ impl Fault {
             Fault::Hang => "hang",
             Fault::Slow => "slow",
             Fault::Client => "client",
+            Fault::Leave => "leave",
         }
     }
 }

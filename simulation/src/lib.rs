@@ -126,6 +126,9 @@ pub struct Stats {
     pub writes_ok: u64,
     pub writes_failed: u64,
     pub crashes: u64,
+    /// Leaves that took the peer out of the cluster, and those that did not.
+    pub leaves: u64,
+    pub leaves_failed: u64,
     /// Jobs done in the entry that submitted them (results their leader
     /// wrote with the submit).
     pub done_in_submit: u64,
@@ -220,6 +223,8 @@ pub fn run(options: Options) -> RunReport {
         writes_ok: audit.writes_ok,
         writes_failed: audit.writes_failed,
         crashes: audit.crashes,
+        leaves: audit.leaves,
+        leaves_failed: audit.leaves_failed,
         done_in_submit: audit.done_in_submit,
         worker_completions: audit.worker_completions,
         workers_learners: audit.workers_learners,

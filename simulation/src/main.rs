@@ -28,7 +28,7 @@ struct Args {
     /// Print the run's event-trace hash as the last line.
     #[arg(long)]
     trace_hash: bool,
-    /// Faults: `all`, `none`, or a comma list (delay,drop,dup,reorder,partition,oneway,crash,clock,disk,trap,hang,slow,client).
+    /// Faults: `all`, `none`, or a comma list (delay,drop,dup,reorder,partition,oneway,crash,clock,disk,trap,hang,slow,client,leave).
     #[arg(long, default_value = "all")]
     faults: String,
     /// Peers: the first founds the cluster, the others join as learners and are promoted up to 3 voters; each runs a worker loop.
@@ -112,6 +112,7 @@ fn real_main() -> anyhow::Result<bool> {
     let mut done_in_submit = 0u64;
     let mut worker_completions = 0u64;
     let (mut workers_learners, mut workers_voters) = (0u64, 0u64);
+    let (mut leaves, mut leaves_failed) = (0u64, 0u64);
     for (i, &seed) in seeds.iter().enumerate() {
         let opts = Options { seed, ..base.clone() };
         let report = run(opts.clone());
@@ -119,6 +120,8 @@ fn real_main() -> anyhow::Result<bool> {
         worker_completions += report.stats.worker_completions;
         workers_learners += report.stats.workers_learners;
         workers_voters += report.stats.workers_voters;
+        leaves += report.stats.leaves;
+        leaves_failed += report.stats.leaves_failed;
         if let Some(f) = &report.failure {
             failed += 1;
             print_failure(&report, f.checker, &f.message);
@@ -140,13 +143,15 @@ fn real_main() -> anyhow::Result<bool> {
         if args.seed.is_some() {
             let s = &report.stats;
             println!(
-                "seed {seed}: {} ({} virtual ms, {} events, {} writes ok, {} failed, {} crashes, {} jobs done in their submit's entry, {} by workers; {} workers made learners, {} voters)",
+                "seed {seed}: {} ({} virtual ms, {} events, {} writes ok, {} failed, {} crashes, {} leaves ({} failed), {} jobs done in their submit's entry, {} by workers; {} workers made learners, {} voters)",
                 if report.failure.is_none() { "ok" } else { "FAILED" },
                 s.virtual_ms,
                 s.events,
                 s.writes_ok,
                 s.writes_failed,
                 s.crashes,
+                s.leaves,
+                s.leaves_failed,
                 s.done_in_submit,
                 s.worker_completions,
                 s.workers_learners,
@@ -166,7 +171,7 @@ fn real_main() -> anyhow::Result<bool> {
     let secs = started.elapsed().as_secs_f64();
     if args.seed.is_none() && failed == 0 {
         println!(
-            "all {} seeds passed in {:.1} s ({:.2} seeds/s){}; {done_in_submit} jobs were done in their submit's entry, {worker_completions} by workers; {workers_learners} workers were made learners, {workers_voters} voters",
+            "all {} seeds passed in {:.1} s ({:.2} seeds/s){}; {done_in_submit} jobs were done in their submit's entry, {worker_completions} by workers; {workers_learners} workers were made learners, {workers_voters} voters; {leaves} peers left the cluster, {leaves_failed} leaves failed",
             seeds.len(),
             secs,
             seeds.len() as f64 / secs,

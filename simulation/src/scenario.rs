@@ -3,9 +3,10 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use impetus_node::peer::Consensus;
-use impetus_node::raft_consensus::RaftConsensus;
+use impetus_node::raft_consensus::{should_leave, RaftConsensus};
 use impetus_proto::api::{ClientRequest, ClientResponse};
 use impetus_proto::{
     ApplyError, Command, IdempotencyKey, JobSpec, ModuleHash, NewJob, Outcome, PeerId, PeerRole, StreamName,
@@ -17,7 +18,7 @@ use impetus_raft::{NodeId, PeerNode};
 use openraft_rt_sim::SimRuntime;
 
 use crate::cluster::{peer_config, Node};
-use crate::env::MODULE;
+use crate::env::{spawn_killable, SimConsensus, MODULE};
 use crate::faults::Fault;
 use crate::trace::vnow_ms;
 use crate::world::{lock, sleep_ms, SimConfig, SimPeer, World};
@@ -102,8 +103,14 @@ pub(crate) async fn run(world: Arc<World>) -> Result<(), Failure> {
         net.faulty = false;
         net.blocked.clear();
     }
+    // Leaves under way end first (bounded by `LEAVE_WAIT`).
+    let leaves_from = vnow_ms();
+    while nodes.iter().any(|n| n.leaving) && vnow_ms() - leaves_from < 2 * LEAVE_WAIT.as_millis() as u64 {
+        stop_the_leavers(&world, &mut nodes, None).await;
+        sleep_ms(50).await;
+    }
     for node in &mut nodes {
-        if node.running.is_none() {
+        if node.running.is_none() && !node.left {
             node.down_until = None;
             node.start(&world).await.map_err(|e| fail("restart", e))?;
         }
@@ -134,8 +141,8 @@ pub(crate) async fn run(world: Arc<World>) -> Result<(), Failure> {
     let quiet_from = vnow_ms();
     loop {
         // Every member, the workers made members included, holds the replica.
-        let newest = world.newest_status();
-        let members: Vec<NodeId> = newest.voters.into_iter().chain(newest.learners).collect();
+        let members: Vec<NodeId> =
+            leader_status(&world).map(|s| s.voters.into_iter().chain(s.learners).collect()).unwrap_or_default();
         let views: Vec<(u64, Option<NodeId>)> = nodes
             .iter()
             .filter(|n| members.contains(&n.id))
@@ -192,6 +199,8 @@ async fn join(world: &World, leader: &RaftConsensus<SimConfig>, id: NodeId) -> R
 
 async fn restart_due(world: &Arc<World>, nodes: &mut [Node]) -> Result<(), Failure> {
     let now = vnow_ms();
+    let restart_at = now + world.rng().range(300, 3_000);
+    stop_the_leavers(world, nodes, Some(restart_at)).await;
     for node in nodes.iter_mut() {
         if node.running.is_none() && node.down_until.is_some_and(|t| t <= now) {
             node.down_until = None;
@@ -201,10 +210,109 @@ async fn restart_due(world: &Arc<World>, nodes: &mut [Node]) -> Result<(), Failu
     Ok(())
 }
 
+/// How long a leave may take (as `impetus_node::serve`'s `LEAVE_TIMEOUT`).
+const LEAVE_WAIT: Duration = Duration::from_secs(15);
+
+/// `impetus peer leave` on node `a`, as a task of its own: its peer drains
+/// and it leaves the cluster ([`leave`]); once that is over its process
+/// stops ([`stop_the_leavers`]). At most one leave per worker in a run
+/// (those under way and those done), so a voter that leaves can be replaced.
+fn start_leave(world: &Arc<World>, nodes: &mut [Node], a: NodeId) {
+    if nodes.iter().filter(|n| n.leaving || n.left).count() >= world.opts.workers {
+        return;
+    }
+    let Some(node) = nodes.get_mut(a as usize - 1) else { return };
+    let Some(r) = node.running.as_ref() else { return };
+    let Some(peer) = lock(&world.books).get(&a).and_then(|b| b.peer.clone()) else { return };
+    if node.leaving {
+        return;
+    }
+    node.leaving = true;
+    world.event(format_args!("nemesis: n{a} asked to leave the cluster"));
+    let (w, local) = (world.clone(), r.consensus.clone());
+    spawn_killable(&r.alive, async move {
+        let outcome = leave(&w, a, &peer, &local).await;
+        match &outcome {
+            Ok(()) => {
+                lock(&w.audit).leaves += 1;
+                w.event(format_args!("n{a} left the cluster"));
+            }
+            Err(e) => {
+                lock(&w.audit).leaves_failed += 1;
+                w.event(format_args!("n{a} could not leave the cluster: {e}"));
+            }
+        }
+        lock(&w.books).entry(a).or_default().left = Some(outcome);
+    });
+}
+
+/// As `impetus_node::serve` stops a peer asked to leave: the peer drains,
+/// then, unless it is the last voter, it leaves through the leader
+/// (`RaftConsensus::remove_peer`, on this node if it leads), asking again
+/// until it is done or [`LEAVE_WAIT`] has passed.
+async fn leave(
+    world: &Arc<World>,
+    id: NodeId,
+    peer: &SimPeer,
+    local: &Arc<RaftConsensus<SimConfig>>,
+) -> Result<(), String> {
+    peer.shutdown().await;
+    let me = PeerId(id);
+    if !should_leave(&local.status(), me) {
+        return Err("it is the last voter".into());
+    }
+    let cluster = SimConsensus::new(world.clone(), id, local.clone());
+    let asked = async {
+        loop {
+            let s = local.status();
+            let res = if s.leader == Some(id) && s.voters.contains(&id) {
+                local.remove_peer(&cluster, world.clock_now(id), me).await
+            } else {
+                match cluster.leader().await {
+                    Ok(l) => world.forward_leave(id, l, me).await,
+                    Err(e) => Err(e),
+                }
+            };
+            match res {
+                Ok(()) => return,
+                Err(e) => {
+                    world.event(format_args!("n{id} leave: {e}"));
+                    sleep_ms(100).await;
+                }
+            }
+        }
+    };
+    SimRuntime::timeout(LEAVE_WAIT, asked).await.map_err(|_| format!("not done within {LEAVE_WAIT:?}"))
+}
+
+/// Stop the nodes whose leave is over: one that left stays stopped; one
+/// that did not is started again at `restart_at` (as an operator would),
+/// or is left for the heal to start when `None`.
+async fn stop_the_leavers(world: &Arc<World>, nodes: &mut [Node], restart_at: Option<u64>) {
+    for node in nodes.iter_mut() {
+        let outcome = lock(&world.books).get_mut(&node.id).and_then(|b| b.left.take());
+        match outcome {
+            Some(Ok(())) => node.stop(world, true).await,
+            // Done, though its answer was lost: the registry no longer has
+            // it. (Started again, a real peer would join as a new peer with
+            // a new id, which a simulated node, its id fixed, cannot.)
+            Some(Err(_)) if taken_out(world, node.id) == Some(true) => {
+                world.event(format_args!("n{} was taken out; the answer was lost", node.id));
+                node.stop(world, true).await;
+            }
+            Some(Err(_)) => {
+                node.stop(world, false).await;
+                node.down_until = restart_at;
+            }
+            None => {}
+        }
+    }
+}
+
 /// One fault on a node chosen by the seed among all peers.
 async fn nemesis_step(world: &Arc<World>, nodes: &mut [Node]) {
     let mut options = Vec::new();
-    for f in [Fault::Partition, Fault::OneWay, Fault::Crash, Fault::Clock, Fault::Disk] {
+    for f in [Fault::Partition, Fault::OneWay, Fault::Crash, Fault::Clock, Fault::Disk, Fault::Leave] {
         if world.has(f) {
             options.push(Some(f));
         }
@@ -279,6 +387,7 @@ async fn nemesis_step(world: &Arc<World>, nodes: &mut [Node]) {
             lock(&world.books).entry(a).or_default().flush_every_ms = every;
             world.event(format_args!("nemesis: n{a} disk flushes every {every} ms"));
         }
+        Some(Fault::Leave) => start_leave(world, nodes, a),
         Some(_) => {}
     }
 }
@@ -428,12 +537,35 @@ fn all_final(world: &World) -> bool {
     state.1.iter().all(|j| j.status.is_final()) && acked.iter().all(|id| state.1.iter().any(|j| j.id == *id))
 }
 
+/// Whether node `id`'s peer was registered and the leader's registry no
+/// longer has it: it left, its answer lost, or crashed while it left.
+/// `None` while no leader has applied all it committed.
+pub(crate) fn taken_out(world: &World, id: NodeId) -> Option<bool> {
+    let leader = leader_status(world).filter(|s| s.applied_index >= s.commit_index)?;
+    let read = |s: &State| s.peer_id_issued(PeerId(id)) && !s.has_peer(PeerId(id));
+    world.live(leader.node).map(|l| l.consensus.read(read))
+}
+
+/// The status of the leader: a live node leading as a voter of its own
+/// configuration, the newest term if two think so. Not `newest_status`: a
+/// node taken out of membership while away may hold a higher term and a
+/// configuration that still names it, and it is no member.
+fn leader_status(world: &World) -> Option<impetus_node::peer::RaftStatus> {
+    let live: Vec<_> = world.live_ids().into_iter().filter_map(|id| world.live(id)).collect();
+    live.iter()
+        .map(|l| l.consensus.status())
+        .filter(|s| s.leader == Some(s.node) && s.voters.contains(&s.node))
+        .max_by_key(|s| s.term)
+}
+
 /// The jobs as the current leader has applied them.
 pub(crate) fn leader_view(world: &World) -> Option<(NodeId, Vec<impetus_proto::JobRecord>)> {
     for id in world.live_ids() {
         let live = world.live(id)?;
         let st = live.consensus.status();
-        if st.leader == Some(id) {
+        // Not one taken out of membership: it names itself leader still,
+        // as its last vote says, and hears from no one.
+        if st.leader == Some(id) && st.voters.contains(&id) {
             let jobs = live.consensus.read(|s| s.jobs(&JobFilter { limit: usize::MAX, ..JobFilter::default() }));
             return Some((id, jobs));
         }

@@ -11,12 +11,13 @@ use futures::{Stream, StreamExt};
 use impetus_node::peer::{serve_work, Consensus, ConsensusError, Peer, RaftStatus};
 use impetus_node::raft_consensus::RaftConsensus;
 use impetus_proto::api::{WorkReply, WorkRequest};
-use impetus_proto::{ran_results, ApplyResult, Command, JobId, ModuleHash, Outcome, Timestamp};
+use impetus_proto::{ran_results, ApplyResult, Command, JobId, ModuleHash, Outcome, PeerId, Timestamp};
 use impetus_raft::openraft::base::{BoxFuture, BoxStream};
 use impetus_raft::openraft::errors::{Fatal, RPCError, RaftError, ReplicationClosed, StreamingError, Unreachable};
 use impetus_raft::openraft::network::{stream_append_sequential, RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use impetus_raft::openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use impetus_raft::openraft::{AsyncRuntime, OptionalSend};
 use impetus_raft::{ImpetusRaft, NodeId, PeerNode, Snapshot, SnapshotData, Vote};
@@ -90,6 +91,9 @@ pub(crate) struct Audit {
     pub writes_ok: u64,
     pub writes_failed: u64,
     pub crashes: u64,
+    /// Leaves that ended with the peer out of the cluster, and those that did not.
+    pub leaves: u64,
+    pub leaves_failed: u64,
     /// Jobs whose results their leader wrote with their submit.
     pub done_in_submit: u64,
     /// Completions accepted from workers' peers (the leader writes them for
@@ -107,6 +111,9 @@ pub(crate) struct NodeBook {
     pub peer: Option<SimPeer>,
     /// Flush interval of the slow disk (ms), when the disk fault is on.
     pub flush_every_ms: u64,
+    /// How this node's leave ended (`Err` says why it did not leave), once
+    /// it has; the nemesis then stops the node.
+    pub left: Option<Result<(), String>>,
 }
 
 pub(crate) struct World {
@@ -320,6 +327,16 @@ impl World {
                 Err(ConsensusError::Unavailable(format!("n{to} knows no leader")))
             }
         }
+    }
+
+    /// `from` asks the leader `to` to take `peer` out of the cluster, as
+    /// `ClientRequest::Leave` does (`ClusterService::remove` on the leader).
+    pub async fn forward_leave(self: &Arc<Self>, from: NodeId, to: NodeId, peer: PeerId) -> Result<(), ConsensusError> {
+        let (leader, plan) = self.carry_request(from, to, "leave").await?;
+        let cluster = SimConsensus::new(self.clone(), to, leader.consensus.clone());
+        let res = leader.consensus.remove_peer(&cluster, self.clock_now(to), peer).await;
+        self.carry_response(from, to, "leave", plan).await?;
+        res
     }
 
     /// A worker fetches a module's bytes from the leader `to`.
@@ -603,6 +620,18 @@ impl RaftNetworkV2<SimConfig> for Connection {
         let (raft, plan) = self.request("pre_vote").await?;
         let resp = raft.pre_vote(rpc).await.map_err(fatal_rpc)?;
         self.response("pre_vote", plan).await?;
+        Ok(resp)
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<SimConfig>,
+        _option: RPCOption,
+    ) -> Result<TransferLeaderResponse<SimConfig>, RPCError<SimConfig>> {
+        let (raft, plan) = self.request("transfer_leader").await?;
+        let resp = raft.handle_transfer_leader(req).await.map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        self.world.event(format_args!("net n{}->n{} the leader hands its lead over", self.from, self.to));
+        self.response("transfer_leader", plan).await?;
         Ok(resp)
     }
 

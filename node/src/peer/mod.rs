@@ -82,6 +82,15 @@ pub enum PeerError {
     Consensus(#[from] ConsensusError),
     #[error("could not register this peer: {0}")]
     Register(String),
+    /// Its id was issued and is no longer registered: it left the cluster,
+    /// or was removed while away. Registering again would give it another
+    /// id than its Raft state's.
+    #[error(
+        "the cluster no longer has this peer ({0}): it left, or was removed while it was away. Its Raft state \
+         is stale: start it with a fresh --data-dir (or move DATA_DIR/raft and DATA_DIR/peer-id aside) and \
+         it joins again as a new peer"
+    )]
+    Removed(PeerId),
 }
 
 /// This peer's job slots (`capacity` of them), taken by running jobs and by
@@ -273,9 +282,14 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
             }
             None => None,
         };
-        let id = match known {
-            Some(id) => id,
-            None => {
+        let id = match (known, id) {
+            (Some(id), _) => id,
+            // An id this replica saw issued (a restart with Raft state: a
+            // fresh founder's replica has issued none) that the leader no
+            // longer holds: removal from membership came first, so this
+            // replica is nobody's to keep. The operator decides.
+            (None, Some(id)) if consensus.read(|s| s.peer_id_issued(id)) => return Err(PeerError::Removed(id)),
+            (None, _) => {
                 let cmd = Command::RegisterPeer { info: cfg.info.clone(), role: PeerRole::Voter };
                 match consensus.write(rt.now(), cmd).await? {
                     Ok(Outcome::PeerRegistered { peer }) => peer,
@@ -558,7 +572,9 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
     async fn mark_draining(&self, draining: bool) {
         let inner = &self.inner;
         let cmd = Command::DrainPeer { peer: inner.id, draining };
+        // `biased`: tokio's random branch order would break the simulator's determinism.
         tokio::select! {
+            biased;
             r = inner.consensus.write(inner.rt.now(), cmd) => match r {
                 Ok(Ok(_)) => tracing::info!(peer = %inner.id, draining, "registry updated"),
                 Ok(Err(e)) => tracing::warn!(peer = %inner.id, draining, error = %e, "the registry refused the draining mark"),
