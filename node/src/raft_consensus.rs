@@ -127,7 +127,22 @@ impl<C: ImpetusConfig> RaftConsensus<C> {
     /// Take `id` out of membership: out of the voters (a caught-up learner
     /// takes its place if there is one), then out of the nodes.
     pub async fn remove_member(&self, id: u64) -> Result<(), ConsensusError> {
-        let _one_at_a_time = self.changing.lock().await;
+        // Bounded: a change in flight waits for as long as a member its
+        // quorum needs is down (joint consensus), and the caller is an
+        // operator's `peer leave` that deserves an answer.
+        let deadline = Instant_::<C>::now() + CHANGE_WAIT;
+        let _one_at_a_time = loop {
+            if let Ok(one) = self.changing.try_lock() {
+                break one;
+            }
+            if Instant_::<C>::now() >= deadline {
+                return Err(ConsensusError::Unavailable(format!(
+                    "another membership change is still in flight after {CHANGE_WAIT:?} (it may need a member \
+                     that is down); try again"
+                )));
+            }
+            Rt::<C>::sleep(Duration::from_millis(50)).await;
+        };
         let view = self.view_to_change()?;
         if view.voters.contains(&id) {
             let mut voters = view.voters.clone();
@@ -319,6 +334,15 @@ impl<C: ImpetusConfig> Membership for RaftConsensus<C> {
     /// against the view after the changes made meanwhile (a departure's
     /// above all: the peer leaving must not be added back).
     async fn change(&self, c: Change) -> Result<(), ConsensusError> {
+        if let Change::HandOver(to) = c {
+            tracing::info!(to, "this leader is no voter: it hands its lead over");
+            return self
+                .raft
+                .trigger()
+                .transfer_leader(to)
+                .await
+                .map_err(|e| ConsensusError::Unavailable(e.to_string()));
+        }
         let one_at_a_time = self.changing.lock().await;
         let now = self.view_to_change()?;
         let stale = || ConsensusError::Unavailable(format!("{c:?} no longer fits the membership; planned again"));
@@ -343,7 +367,7 @@ impl<C: ImpetusConfig> Membership for RaftConsensus<C> {
                 voters.insert(with);
                 ChangeMembers::ReplaceAllVoters(voters)
             }
-            Change::Promote(_) | Change::Replace { .. } => return Err(stale()),
+            Change::Promote(_) | Change::Replace { .. } | Change::HandOver(_) => return Err(stale()),
         };
         // `retain = true`: a replaced voter stays a learner, so it catches up
         // and can serve again if it was only slow; the policy replaces it

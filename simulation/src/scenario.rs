@@ -152,7 +152,15 @@ pub(crate) async fn run(world: Arc<World>) -> Result<(), Failure> {
         let top = views.iter().map(|v| v.0).max().unwrap_or(0);
         let leader = views.first().and_then(|v| v.1);
         let agreed = leader.is_some() && views.iter().all(|v| v.1 == leader);
-        if views.len() == members.len() && agreed && views.iter().all(|v| v.0 == top) && leader_view(&world).is_some() {
+        // Every entry any replica applied was committed: the members apply
+        // it too (a leader just elected has yet to commit its first entry).
+        let applied_anywhere = lock(&world.audit).samples.keys().next_back().copied().unwrap_or(0);
+        if views.len() == members.len()
+            && agreed
+            && views.iter().all(|v| v.0 == top)
+            && top >= applied_anywhere
+            && leader_view(&world).is_some()
+        {
             break;
         }
         if vnow_ms() - quiet_from > 20_000 {

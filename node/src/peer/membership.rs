@@ -8,7 +8,10 @@
 //! sleeps, through the [`Runtime`] so the simulator can run it.
 //!
 //! Rules, in order:
-//! 1. Only the leader changes membership, one change at a time.
+//! 1. Only the leader changes membership, one change at a time, and only as
+//!    a voter: a leader that is no voter (openraft lets a learner that still
+//!    holds an old configuration win an election, found by the simulator)
+//!    hands its lead to the answering voter with the longest log.
 //! 2. Fewer voters than the target: promote the caught-up learner with the
 //!    lowest id that answered within `fresh_ms` (a learner that crashed a
 //!    moment ago still counts as answering until `dead_after_ms`, and a
@@ -69,6 +72,10 @@ pub enum Change {
     Replace { dead: u64, with: u64 },
     /// Add this worker as a learner (it starts to hold Raft state).
     AddLearner(u64),
+    /// This leader is no voter: hand the lead to this voter. (openraft lets
+    /// a learner that still holds an old configuration win an election, and
+    /// keeps it leading; a leader that is no voter changes no membership.)
+    HandOver(u64),
 }
 
 /// The knobs of [`plan`].
@@ -98,6 +105,11 @@ pub fn plan(v: &View, p: &Policy) -> Option<Change> {
     let answering = |id: &u64| *id == v.me || v.silent_ms.get(id).is_some_and(|ms| *ms < p.dead_after_ms);
     let caught_up = |id: &u64| v.matched.get(id).is_some_and(|m| v.last_log.saturating_sub(*m) <= p.caught_up_lag);
     let fresh = |id: &u64| v.silent_ms.get(id).is_some_and(|ms| *ms < p.fresh_ms);
+    if !v.voters.contains(&v.me) {
+        let matched = |id: &u64| v.matched.get(id).copied().unwrap_or(0);
+        let to = v.voters.iter().filter(|id| fresh(id)).max_by_key(|id| (matched(id), std::cmp::Reverse(**id)));
+        return to.map(|id| Change::HandOver(*id));
+    }
     let candidate = v.learners.iter().find(|id| fresh(id) && caught_up(id)).copied();
     let dead: Vec<u64> = v.voters.iter().copied().filter(|id| *id != v.me && !answering(id)).collect();
     if v.voters.len() < p.target_voters {
@@ -171,6 +183,19 @@ mod tests {
 
     fn workers(w: &[(u64, u64, Seat)]) -> BTreeMap<u64, (u64, Seat)> {
         w.iter().map(|&(id, silent, seat)| (id, (silent, seat))).collect()
+    }
+
+    #[test]
+    fn a_leader_that_is_no_voter_hands_its_lead_to_the_most_caught_up_voter() {
+        let mut v = view(&[2, 3, 4], &[1]);
+        v.matched.insert(3, 5_000);
+        v.matched.insert(2, 4_990);
+        v.silent_ms.insert(4, 60_000);
+        v.matched.insert(4, 5_000);
+        assert_eq!(plan(&v, &Policy::default()), Some(Change::HandOver(3)), "answering, most caught up");
+        v.silent_ms.insert(2, 60_000);
+        v.silent_ms.insert(3, 60_000);
+        assert_eq!(plan(&v, &Policy::default()), None, "no voter answers: wait");
     }
 
     #[test]
