@@ -127,6 +127,8 @@ impl Command {
     /// Logs shown by default: a peer tells what it does, a client only warns.
     pub fn default_log_level(&self) -> &'static str {
         match self {
+            // `impetus peer leave` is a client of the peer it asks.
+            Command::Peer(p) if p.action.is_some() => "warn",
             Command::Peer(_) => "info",
             _ => "warn",
         }
@@ -273,6 +275,13 @@ mod tests {
         assert_eq!(cli.global.verbose, 2);
         assert_eq!(cli.global.log_format, LogFormat::Json);
         assert_eq!(cli.command.default_log_level(), "warn");
+    }
+
+    #[test]
+    fn a_peer_logs_what_it_does_and_a_client_only_warns() {
+        let level = |args: &[&str]| Cli::try_parse_from(args).unwrap().command.default_log_level();
+        assert_eq!(level(&["impetus", "peer", "--listen", "127.0.0.1:7501"]), "info");
+        assert_eq!(level(&["impetus", "peer", "leave"]), "warn", "`peer leave` is a client");
     }
 
     #[test]
