@@ -656,30 +656,43 @@ async fn leave_cluster<R: crate::peer::Runtime, X: JobRunner>(service: &ClusterS
     if !crate::raft_consensus::should_leave(&status, me) {
         return false;
     }
-    let res = tokio::time::timeout(LEAVE_TIMEOUT, async {
-        if status.leader == Some(me.0) {
-            service.remove(me).await.map_err(|e| e.to_string())
-        } else {
-            match service.consensus.to_leader(ClientRequest::Leave { peer: me }).await {
-                Ok(ClientResponse::Left) => Ok(()),
-                Ok(ClientResponse::Error(e)) => Err(e.to_string()),
-                Ok(other) => Err(format!("the leader answered a leave request with {}", other.kind())),
-                Err(e) => Err(e.to_string()),
+    // Asked again until done or `LEAVE_TIMEOUT` (an election, a change in
+    // flight, a lost answer): each step of a departure is done at most once
+    // (`RaftConsensus::remove_peer`). Asked of whoever leads now: a leader
+    // that took itself out of membership leads no more.
+    let mut last = String::from("no answer");
+    let done = tokio::time::timeout(LEAVE_TIMEOUT, async {
+        loop {
+            let s = service.consensus.local.status();
+            let attempt = if s.leader == Some(me.0) && s.voters.contains(&me.0) {
+                service.remove(me).await.map_err(|e| e.to_string())
+            } else {
+                match service.consensus.to_leader(ClientRequest::Leave { peer: me }).await {
+                    Ok(ClientResponse::Left) => Ok(()),
+                    Ok(ClientResponse::Error(e)) => Err(e.to_string()),
+                    Ok(other) => Err(format!("the leader answered a leave request with {}", other.kind())),
+                    Err(e) => Err(e.to_string()),
+                }
+            };
+            match attempt {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::debug!(peer = %me, error = %e, "leaving the cluster: asking again");
+                    last = e;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
             }
         }
     })
     .await;
-    match res {
-        Ok(Ok(())) => {
+    match done {
+        Ok(()) => {
             tracing::info!(peer = %me, "left the cluster");
             true
         }
-        Ok(Err(e)) => {
-            tracing::warn!(peer = %me, error = %e, "could not leave the cluster; it keeps this peer as a member");
-            false
-        }
         Err(_) => {
-            tracing::warn!(peer = %me, "leaving the cluster timed out");
+            tracing::warn!(peer = %me, error = %last, timeout = ?LEAVE_TIMEOUT,
+                "could not leave the cluster; it keeps this peer as a member");
             false
         }
     }
