@@ -110,8 +110,7 @@ impl ClusterConsensus {
 
     /// Whether this peer is a voter: it works on its own replica.
     pub fn is_voter(&self) -> bool {
-        let s = self.local.status();
-        s.voters.contains(&s.node)
+        self.local.status().is_voter()
     }
 
     /// The leader's address as far as this peer knows, never itself.
@@ -121,7 +120,7 @@ impl ClusterConsensus {
         // lead: that is no leader to forward to. A peer outside membership
         // (a worker, or one taken out) hears from no leader: what its Raft
         // names is stale.
-        let member = status.voters.contains(&status.node) || status.learners.contains(&status.node);
+        let member = status.holds_replica();
         let from_raft = status.leader.filter(|l| member && *l != status.node).and_then(|l| self.local.member_addr(l));
         from_raft.or_else(|| lock(&self.leader_hint).clone())
     }

@@ -233,14 +233,12 @@ impl<C: ImpetusConfig> RaftConsensus<C> {
     }
 }
 
-/// Whether peer `me`, drained and stopping, should leave the cluster as
-/// `status` shows it: a worker (no Raft membership) leaves the registry, a
-/// member leaves if another voter remains; the last voter stays, it holds
-/// the cluster's data.
-pub fn should_leave(status: &RaftStatus, me: PeerId) -> bool {
-    let member = status.voters.contains(&me.0) || status.learners.contains(&me.0);
-    let others = status.voters.iter().any(|v| *v != me.0);
-    !member || others
+/// Whether this peer (`status.node`; node ids are peer ids), drained and
+/// stopping, should leave the cluster: a worker (no Raft membership)
+/// leaves the registry, a member leaves if another voter remains; the last
+/// voter stays, it holds the cluster's data.
+pub fn should_leave(status: &RaftStatus) -> bool {
+    !status.holds_replica() || status.voters.iter().any(|v| *v != status.node)
 }
 
 impl<C: ImpetusConfig> Consensus for RaftConsensus<C> {

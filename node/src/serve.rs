@@ -653,7 +653,7 @@ fn peer_id_of(addr: &str) -> String {
 async fn leave_cluster<R: crate::peer::Runtime, X: JobRunner>(service: &ClusterService<R, X>) -> bool {
     let me = service.peer.id();
     let status = service.consensus.local.status();
-    if !crate::raft_consensus::should_leave(&status, me) {
+    if !crate::raft_consensus::should_leave(&status) {
         return false;
     }
     // Asked again until done or `LEAVE_TIMEOUT` (an election, a change in
@@ -663,8 +663,7 @@ async fn leave_cluster<R: crate::peer::Runtime, X: JobRunner>(service: &ClusterS
     let mut last = String::from("no answer");
     let done = tokio::time::timeout(LEAVE_TIMEOUT, async {
         loop {
-            let s = service.consensus.local.status();
-            let attempt = if s.leader == Some(me.0) && s.voters.contains(&me.0) {
+            let attempt = if service.consensus.local.status().leads_as_voter() {
                 service.remove(me).await.map_err(|e| e.to_string())
             } else {
                 match service.consensus.to_leader(ClientRequest::Leave { peer: me }).await {
@@ -720,7 +719,7 @@ type ClusterView = Arc<std::sync::Mutex<Option<(RaftStatus, Vec<impetus_proto::S
 /// failed fetch keeps the last view.
 async fn refresh_worker_view(consensus: ClusterConsensus, me: PeerId, view: ClusterView) {
     loop {
-        if !holds_replica(&consensus.local.status()) {
+        if !consensus.local.status().holds_replica() {
             match consensus.to_leader(ClientRequest::Status).await {
                 Ok(ClientResponse::Status(st)) => {
                     let raft = RaftStatus {
@@ -758,11 +757,6 @@ async fn raft_stopped(raft: &impetus_raft::Raft) -> String {
     }
 }
 
-/// Whether this peer is a voter or learner (its replica is the cluster's).
-fn holds_replica(s: &RaftStatus) -> bool {
-    s.voters.contains(&s.node) || s.learners.contains(&s.node)
-}
-
 /// Serve `/metrics`. A voter or learner shows its own replica; a worker
 /// the leader's view, refreshed every [`WORKER_VIEW_EVERY`] (its own Raft
 /// knows no leader and holds no streams).
@@ -782,7 +776,7 @@ async fn start_metrics(
     let local = consensus.local.clone();
     let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || {
         let own = local.status();
-        let fetched = if holds_replica(&own) {
+        let fetched = if own.holds_replica() {
             None
         } else {
             view.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()

@@ -120,7 +120,7 @@ impl SimConsensus {
     /// Whether this peer is a voter: it works on its own replica
     /// (`ClusterConsensus::is_voter`).
     fn is_voter(&self) -> bool {
-        self.local.status().voters.contains(&self.node)
+        self.local.status().is_voter()
     }
 
     /// The leader to send to from outside the voters: the one this node's
@@ -128,8 +128,7 @@ impl SimConsensus {
     /// from the leader), else the one a voter names.
     pub(crate) async fn leader(&self) -> Result<NodeId, ConsensusError> {
         let s = self.local.status();
-        let member = s.voters.contains(&self.node) || s.learners.contains(&self.node);
-        match s.leader.filter(|l| member && *l != self.node) {
+        match s.leader.filter(|l| s.holds_replica() && *l != self.node) {
             Some(l) => Ok(l),
             None => self.world.find_leader(self.node).await,
         }

@@ -266,14 +266,13 @@ async fn leave(
 ) -> Result<(), String> {
     peer.shutdown().await;
     let me = PeerId(id);
-    if !should_leave(&local.status(), me) {
+    if !should_leave(&local.status()) {
         return Err("it is the last voter".into());
     }
     let cluster = SimConsensus::new(world.clone(), id, local.clone());
     let asked = async {
         loop {
-            let s = local.status();
-            let res = if s.leader == Some(id) && s.voters.contains(&id) {
+            let res = if local.status().leads_as_voter() {
                 local.remove_peer(&cluster, world.clock_now(id), me).await
             } else {
                 match cluster.leader().await {
@@ -562,23 +561,15 @@ fn leader_status(world: &World) -> Option<impetus_node::peer::RaftStatus> {
     let live: Vec<_> = world.live_ids().into_iter().filter_map(|id| world.live(id)).collect();
     live.iter()
         .map(|l| l.consensus.status())
-        .filter(|s| s.leader == Some(s.node) && s.voters.contains(&s.node))
+        .filter(impetus_node::peer::RaftStatus::leads_as_voter)
         .max_by_key(|s| s.term)
 }
 
 /// The jobs as the current leader has applied them.
 pub(crate) fn leader_view(world: &World) -> Option<(NodeId, Vec<impetus_proto::JobRecord>)> {
-    for id in world.live_ids() {
-        let live = world.live(id)?;
-        let st = live.consensus.status();
-        // Not one taken out of membership: it names itself leader still,
-        // as its last vote says, and hears from no one.
-        if st.leader == Some(id) && st.voters.contains(&id) {
-            let jobs = live.consensus.read(|s| s.jobs(&JobFilter { limit: usize::MAX, ..JobFilter::default() }));
-            return Some((id, jobs));
-        }
-    }
-    None
+    let id = leader_status(world)?.node;
+    let jobs = world.live(id)?.consensus.read(|s| s.jobs(&JobFilter { limit: usize::MAX, ..JobFilter::default() }));
+    Some((id, jobs))
 }
 
 fn liveness_summary(world: &World) -> String {

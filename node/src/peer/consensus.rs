@@ -28,6 +28,26 @@ pub struct RaftStatus {
     pub learners: Vec<u64>,
 }
 
+impl RaftStatus {
+    /// This node is a voter.
+    pub fn is_voter(&self) -> bool {
+        self.voters.contains(&self.node)
+    }
+
+    /// This node is a voter or a learner: its replica is the cluster's,
+    /// and it hears from the leader (a node outside membership hears from
+    /// no one: the leader its Raft names is stale).
+    pub fn holds_replica(&self) -> bool {
+        self.is_voter() || self.learners.contains(&self.node)
+    }
+
+    /// This node leads as a voter of its own configuration (not one taken
+    /// out of membership that still names itself leader).
+    pub fn leads_as_voter(&self) -> bool {
+        self.leader == Some(self.node) && self.is_voter()
+    }
+}
+
 pub trait Consensus: Send + Sync + 'static {
     /// Commit `cmd` stamped with `now` and return its outcome once applied on
     /// this peer. Acknowledged only after a quorum has flushed it.
