@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,7 +21,7 @@ use crate::metrics::Metrics;
 use crate::net::raft_rpc::P2pRaftNetwork;
 use crate::net::{Handlers, NetConfig, Server};
 use crate::peer::membership::{self, Policy};
-use crate::peer::{Attempt, Consensus, JobRunner, Peer, PeerConfig, RaftStatus, RunReport};
+use crate::peer::{Attempt, Consensus, JobRunner, Peer, PeerConfig, PeerError, RaftStatus, RunReport};
 use crate::raft_consensus::RaftConsensus;
 use crate::rt::TokioRuntime;
 
@@ -111,6 +112,11 @@ pub enum ServeError {
     Net(#[from] crate::net::NetError),
     #[error("starting the threads jobs run on: {0}")]
     JobThreads(std::io::Error),
+    #[error(
+        "the cluster took this peer out {times} times in a row, each time it joined again; is another peer \
+         using the same address?"
+    )]
+    RemovedAgain { times: usize },
 }
 
 /// How much nicer than the peer's own threads its job threads run, so the
@@ -281,11 +287,76 @@ const LEAVE_TIMEOUT: Duration = Duration::from_secs(15);
 /// drain it: no new leases, running jobs finish (bounded by the grace
 /// period), results are committed, it leaves the cluster's membership if
 /// others remain, Raft shuts down.
+///
+/// A member the cluster took out while it was away (its registry entry is
+/// gone: `impetus peer leave` was asked for it, or its own leave was done
+/// but the answer lost) sets its Raft state aside ([`set_aside`]) and
+/// starts again as a new peer, joining through the members it knew.
 pub async fn run_peer(
     opts: PeerOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let mut shutdown = Box::pin(shutdown);
+    for _ in 0..=MAX_REJOINS {
+        match run_once(&opts, &mut shutdown).await? {
+            Life::Stopped => return Ok(()),
+            Life::Removed(id) => {
+                let kept = set_aside(&opts.data_dir, id)?;
+                tracing::warn!(
+                    peer = %id,
+                    kept = %kept.display(),
+                    "the cluster no longer has this peer: it was taken out while away. Its Raft state is set aside \
+                     (delete it once sure it is not needed) and the peer joins again as a new peer"
+                );
+            }
+        }
+    }
+    Err(ServeError::RemovedAgain { times: MAX_REJOINS + 1 })
+}
+
+/// How a peer's life in a cluster ended.
+enum Life {
+    /// Shut down (a signal, a leave): the process exits.
+    Stopped,
+    /// The cluster no longer has this peer ([`Peer::removed`]): its Raft
+    /// state is stale, and it should join again afresh.
+    Removed(PeerId),
+}
+
+/// Times in a row a peer set aside stale state and joined again before it
+/// gives up: one is the rule; more means something else is wrong.
+const MAX_REJOINS: usize = 2;
+
+/// Move the state of a membership this peer is no longer in
+/// (`DATA_DIR/raft`, `DATA_DIR/peer-id`) into `DATA_DIR/removed-ID[-N]`,
+/// where `ID` is the peer id it had: kept, not deleted, in case the
+/// cluster that answered was not the one that state came from.
+fn set_aside(data_dir: &Path, id: PeerId) -> Result<PathBuf, ServeError> {
+    let base = format!("removed-{}", id.0);
+    let dest = (0..100)
+        .map(|n| data_dir.join(if n == 0 { base.clone() } else { format!("{base}-{n}") }))
+        .find(|d| !d.exists())
+        .ok_or_else(|| ServeError::DataDir {
+            path: data_dir.to_path_buf(),
+            source: std::io::Error::other(format!("too many {base}-N directories; delete old ones")),
+        })?;
+    std::fs::create_dir(&dest).map_err(data_err(&dest))?;
+    for name in ["raft", "peer-id"] {
+        let from = data_dir.join(name);
+        if from.exists() {
+            std::fs::rename(&from, dest.join(name)).map_err(data_err(&from))?;
+        }
+    }
+    std::fs::File::open(data_dir).and_then(|d| d.sync_all()).map_err(data_err(data_dir))?;
+    Ok(dest)
+}
+
+/// One life of the peer in a cluster: from binding its address to
+/// [`Life`].
+async fn run_once<S: Future<Output = ()> + Send>(
+    opts: &PeerOptions,
+    shutdown: &mut Pin<Box<S>>,
+) -> Result<Life, ServeError> {
     let listen = impetus_sdk::transport::resolve_addr(&opts.listen)
         .await
         .map_err(|reason| ServeError::Listen { addr: opts.listen.clone(), reason })?;
@@ -344,11 +415,11 @@ pub async fn run_peer(
         _ => {
             // A signal while looking for the cluster stops the peer at once.
             let joined = tokio::select! {
-                r = find_and_join(&net.handle, &opts, &saved, &info, mdns) => r?,
-                () = &mut shutdown => {
+                r = find_and_join(&net.handle, opts, &saved, &info, mdns) => r?,
+                () = shutdown.as_mut() => {
                     tracing::info!("stopped before joining a cluster");
                     net.stop().await?;
-                    return Ok(());
+                    return Ok(Life::Stopped);
                 }
             };
             match (joined, known_id) {
@@ -385,16 +456,21 @@ pub async fn run_peer(
     let runner = WasmRunner::new(executor, Some(metrics.clone()), &job_threads);
     // A restarted member may wait minutes here for its cluster to have a
     // leader again (its peers starting too); a signal stops it at once.
-    let peer = tokio::select! {
-        r = Peer::start(TokioRuntime, consensus.clone(), runner, cfg, Some(PeerId(node_id))) => r?,
-        () = &mut shutdown => {
+    let started = tokio::select! {
+        r = Peer::start(TokioRuntime, consensus.clone(), runner, cfg, Some(PeerId(node_id))) => r,
+        () = shutdown.as_mut() => {
             tracing::info!("stopped while waiting for the cluster");
-            if let Err(e) = raft.shutdown().await {
-                tracing::warn!(error = %e, "raft shutdown");
-            }
-            net.stop().await?;
-            return Ok(());
+            stop_node(&raft, net).await?;
+            return Ok(Life::Stopped);
         }
+    };
+    let peer = match started {
+        Ok(peer) => peer,
+        Err(PeerError::Removed(id)) => {
+            stop_node(&raft, net).await?;
+            return Ok(Life::Removed(id));
+        }
+        Err(e) => return Err(e.into()),
     };
     if peer.id().0 != node_id {
         tracing::error!(peer = %peer.id(), node_id, "the registry and Raft disagree on this peer's id");
@@ -436,9 +512,10 @@ pub async fn run_peer(
         None => None,
     };
 
-    tokio::select! {
-        () = &mut shutdown => {}
-        () = leave.notified() => {}
+    let removed = tokio::select! {
+        () = shutdown.as_mut() => false,
+        () = leave.notified() => false,
+        () = peer.removed() => true,
         reason = raft_stopped(&raft) => {
             // Nothing can be committed through this replica any more: stop,
             // and say why. The jobs it holds go back to the queue when
@@ -449,15 +526,16 @@ pub async fn run_peer(
             manager.abort();
             return Err(ServeError::RaftStopped { reason });
         }
-    }
-    tracing::info!(peer = %peer.id(), "shutting down: draining running jobs");
+    };
+    tracing::info!(peer = %peer.id(), removed, "shutting down: draining running jobs");
     stopping.store(true, Ordering::SeqCst);
     peer.shutdown().await;
     // Where the cluster is, for a later start that holds no Raft state
     // (this one leaving, or a worker): it joins there again instead of
     // founding a new cluster beside the old one.
     save_contacts(&opts.data_dir, &consensus.cluster_addresses());
-    let left = leave_cluster(&service).await;
+    // A peer the cluster no longer has has nothing to leave.
+    let left = !removed && leave_cluster(&service).await;
     manager.abort();
     if let Some((stop, task)) = metrics_server {
         let _ = stop.send(());
@@ -474,6 +552,15 @@ pub async fn run_peer(
         forget_membership(&opts.data_dir);
     }
     tracing::info!(peer = %peer.id(), left, "peer stopped");
+    Ok(if removed { Life::Removed(peer.id()) } else { Life::Stopped })
+}
+
+/// Shut down a Raft node and the network of a peer that never started.
+async fn stop_node(raft: &impetus_raft::Raft, net: crate::net::Running) -> Result<(), ServeError> {
+    if let Err(e) = raft.shutdown().await {
+        tracing::warn!(error = %e, "raft shutdown");
+    }
+    net.stop().await?;
     Ok(())
 }
 

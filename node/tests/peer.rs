@@ -388,6 +388,25 @@ async fn a_restarted_peer_the_registry_no_longer_has_does_not_register_again() {
     assert!(msg.contains("no longer has this peer") && msg.contains("fresh --data-dir"), "{msg}");
 }
 
+/// A running peer whose registry entry is removed learns it from the
+/// refusal of its next worker turn: `Peer::removed` resolves (the process
+/// then sets its state aside and joins again), and it did not before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_peer_learns_that_the_registry_no_longer_has_it() {
+    let (log, snapshots) = (MemLogStore::<TypeConfig>::new(), MemSnapshotStore::new());
+    let c = consensus_on(&log, &snapshots, default_raft_config(), Some(PeerNode::new("mem-1"))).await;
+    let cfg = PeerConfig { poll_interval: Duration::from_millis(20), ..PeerConfig::default() };
+    let p = Peer::start(TokioRuntime, c, FakeRunner::default(), cfg, None).await.unwrap();
+    let not_yet = tokio::time::timeout(Duration::from_millis(200), p.removed()).await;
+    assert!(not_yet.is_err(), "removed() resolved for a registered peer");
+    write(&p, Command::RemovePeer { peer: p.id() }).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), p.removed())
+        .await
+        .expect("the peer did not learn that the registry no longer has it");
+    p.shutdown().await;
+    p.read(|s| s.check_invariants());
+}
+
 /// Consensus whose submits wait at a gate the test opens, or fail there.
 struct Gated {
     raft: RaftConsensus<TypeConfig>,

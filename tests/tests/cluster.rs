@@ -501,13 +501,30 @@ fn a_leader_that_leaves_hands_its_lead_to_a_voter() {
     assert!(again != old && st.peers.len() == 4, "rejoined as {again} (was {old}): {st:?}");
 }
 
+/// The peer at `p`'s address once the cluster registers it under another
+/// id than `old`, seen from `from`: it joined again as a new peer.
+fn rejoined(rt: &tokio::runtime::Runtime, from: &PeerProc, p: &PeerProc, old: PeerId) -> Option<PeerId> {
+    let st = status(rt, from)?;
+    let port = format!("/tcp/{}/", p.addr.rsplit(':').next()?);
+    let at = st.peers.iter().find(|r| r.info.addresses.iter().any(|a| a.contains(&port)))?;
+    (at.id != old && st.peers.iter().all(|r| r.id != old)).then_some(at.id)
+}
+
+/// The removed peer set its stale Raft state aside (`DATA_DIR/removed-ID`)
+/// instead of deleting it, and says so.
+fn assert_set_aside(p: &PeerProc, old: PeerId) {
+    let kept = p.data_dir.join(format!("removed-{}", old.0));
+    assert!(kept.join("raft").is_dir() && kept.join("peer-id").is_file(), "nothing kept in {}", kept.display());
+    assert!(p.log_text().contains("the cluster no longer has this peer"), "{}", tail(&p.log_text(), 30));
+}
+
 /// A voter taken out of the cluster while it was down (here the leader is
 /// asked to remove it), started again on its old data, believes it is still
-/// a member, and the cluster refuses its turns: it says what happened and
-/// what to do, by name, instead of only "part of a worker command refused"
-/// every turn.
+/// a member; the cluster's registry no longer has it, and ids are never
+/// reused. It sets its stale Raft state aside and joins again as a new
+/// peer, with no operator.
 #[test]
-fn a_member_removed_while_away_says_so_when_started_again() {
+fn a_member_removed_while_down_joins_again_as_a_new_peer_when_started() {
     let (_turn, rt, _dir, mut peers) = cluster(3, &[]);
     let st = formed(&rt, &peers, 3, 0);
     let at = (0..3).find(|&i| Some(id_of(&st, &peers[i])) != st.leader).unwrap();
@@ -522,10 +539,38 @@ fn a_member_removed_while_away_says_so_when_started_again() {
     let resp = rt.block_on(c.request(ClientRequest::Leave { peer: gone })).unwrap();
     assert!(matches!(resp, ClientResponse::Left), "{resp:?}");
     peers[at].relaunch().unwrap();
-    wait_for(Duration::from_secs(40), || {
-        peers[at].log_text().contains("the cluster no longer has this peer").then_some(())
-    })
-    .unwrap_or_else(|| panic!("the removed peer did not say so; log:\n{}", tail(&peers[at].log_text(), 30)));
+    let new = wait_for(Duration::from_secs(60), || rejoined(&rt, &peers[lead], &peers[at], gone))
+        .unwrap_or_else(|| panic!("the removed peer did not join again; log:\n{}", tail(&peers[at].log_text(), 40)));
+    assert!(new.0 > gone.0, "ids are never reused: {new} after {gone}");
+    assert_set_aside(&peers[at], gone);
+    // It works as the new peer: a job pinned to it runs there.
+    let props = StreamProps { pin: [new].into_iter().collect(), ..StreamProps::default() };
+    let ids = rt.block_on(submit(&c, "again", props, "square", vec!["9".into()]));
+    let done = rt.block_on(wait_all(&c, &ids, Duration::from_secs(60)));
+    assert_eq!((done[0].status, done[0].peer), (JobStatus::Succeeded, Some(new)), "{:?}", done[0]);
+}
+
+/// A voter taken out of the cluster while it was frozen (SIGSTOP: a long
+/// pause, a partition) learns it when it wakes, from the refusal of its
+/// next worker turn, and joins again as a new peer without a restart.
+#[test]
+fn a_member_removed_while_frozen_joins_again_as_a_new_peer_when_it_wakes() {
+    let (_turn, rt, _dir, peers) = cluster(3, &[]);
+    let st = formed(&rt, &peers, 3, 0);
+    let at = (0..3).find(|&i| Some(id_of(&st, &peers[i])) != st.leader).unwrap();
+    let gone = id_of(&st, &peers[at]);
+    let lead = (0..3).find(|&i| Some(id_of(&st, &peers[i])) == st.leader).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    peers[at].signal("STOP");
+    let c = client_of(&rt, &peers[lead]);
+    let resp = rt.block_on(c.request(ClientRequest::Leave { peer: gone }));
+    peers[at].signal("CONT");
+    assert!(matches!(resp, Ok(ClientResponse::Left)), "{resp:?}");
+    let new = wait_for(Duration::from_secs(60), || rejoined(&rt, &peers[lead], &peers[at], gone))
+        .unwrap_or_else(|| panic!("the removed peer did not join again; log:\n{}", tail(&peers[at].log_text(), 40)));
+    assert!(new.0 > gone.0, "ids are never reused: {new} after {gone}");
+    assert_set_aside(&peers[at], gone);
+    assert!(peers[at].pid().is_some(), "the peer exited instead of joining again");
 }
 
 fn client_of(rt: &tokio::runtime::Runtime, p: &PeerProc) -> Client {

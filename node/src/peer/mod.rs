@@ -177,6 +177,10 @@ pub(crate) struct Inner<R, C, X> {
     /// Set by the worker loop when it has finished (all results reported).
     pub stopped: Notify,
     pub stopped_flag: AtomicBool,
+    /// Set (and `removed_note` notified) when the cluster answered that its
+    /// registry no longer has this peer: it was taken out while away.
+    pub removed: AtomicBool,
+    pub removed_note: Notify,
     /// Early runs per stream not yet adopted, or orphaned and still running.
     pub early_book: Arc<early::Book>,
     /// Modules whose early runs are worth waiting for.
@@ -311,6 +315,8 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
             stopping: AtomicBool::new(false),
             stopped: Notify::new(),
             stopped_flag: AtomicBool::new(false),
+            removed: AtomicBool::new(false),
+            removed_note: Notify::new(),
             early_book: Arc::new(early::Book::default()),
             early_quick: early::Quick::default(),
         });
@@ -596,14 +602,33 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
         self.inner.consensus.read(f)
     }
 
+    /// Resolves once the cluster has answered that its registry no longer
+    /// has this peer (it was taken out of the cluster while away, and ids
+    /// are never reused): nothing it does is accepted from then on, and its
+    /// Raft state, if any, belongs to a membership it is not in. What to do
+    /// is the caller's: the `impetus peer` process sets that state aside
+    /// and joins again as a new peer.
+    pub async fn removed(&self) {
+        loop {
+            let note = self.inner.removed_note.notified();
+            tokio::pin!(note);
+            note.as_mut().enable();
+            if self.inner.removed.load(Ordering::SeqCst) {
+                return;
+            }
+            note.await;
+        }
+    }
+
     /// Stop leasing, let running jobs finish (up to the grace period), report
     /// their results, release what is left. Resolves when that is done.
     /// The registry marks the peer draining first, so the cluster neither
     /// leases to it nor makes it a Raft member meanwhile.
+    /// A peer the cluster no longer has is not marked: there is no entry.
     pub async fn shutdown(&self) {
         let first = !self.inner.stopping.swap(true, Ordering::SeqCst);
         self.inner.wake.notify_one();
-        if first {
+        if first && !self.inner.removed.load(Ordering::SeqCst) {
             self.mark_draining(true).await;
         }
         while !self.inner.stopped_flag.load(Ordering::SeqCst) {

@@ -307,16 +307,17 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
                 }
                 // The committed registry does not know this peer: it was
                 // taken out of the cluster (`Leave`) while it was away, and
-                // its state here is stale. Say what to do, once.
+                // its state here is stale. Say so once, and tell the owner
+                // of the peer ([`super::Peer::removed`]).
                 (_, Err(ApplyError::UnknownPeer(p))) if p == me => {
                     if !self.said_removed {
                         self.said_removed = true;
-                        tracing::error!(
+                        tracing::warn!(
                             peer = %me,
-                            "the cluster no longer has this peer (it was taken out while away) and refuses its \
-                             turns: stop it and start it on a fresh data directory (or move DATA_DIR/raft and \
-                             DATA_DIR/peer-id aside); it then joins afresh through DATA_DIR/contacts"
+                            "the cluster no longer has this peer (it was taken out while away) and refuses its turns"
                         );
+                        self.inner.removed.store(true, Ordering::SeqCst);
+                        self.inner.removed_note.notify_waiters();
                     }
                 }
                 (_, Err(e)) => tracing::warn!(peer = %me, error = %e, "part of a worker command refused"),
