@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use impetus_node::peer::membership::{self, Policy};
-use impetus_node::peer::{Peer, PeerConfig, PeerError};
+use impetus_node::peer::{Consensus, Peer, PeerConfig, PeerError};
 use impetus_node::raft_consensus::RaftConsensus;
 use impetus_proto::{PeerId, PeerInfo};
 use impetus_raft::openraft::AsyncRuntime;
@@ -177,17 +177,19 @@ impl Node {
 async fn start_peer(world: Arc<World>, id: NodeId, consensus: Arc<RaftConsensus<SimConfig>>, alive: Arc<AtomicBool>) {
     loop {
         match crate::scenario::taken_out(&world, id) {
-            // A real peer in its place joins as a new peer, with a new id;
-            // a simulated node keeps its id, so it stays out.
-            Some(true) => {
-                world.event(format_args!("n{id} was taken out of the cluster: its peer stays out"));
-                return;
-            }
-            Some(false) => {}
             None => {
                 sleep_ms(100).await;
                 continue;
             }
+            // One holding no Raft state (a worker) joins again through
+            // `--join` in production, where the leader gives it a new id; a
+            // simulated node keeps its id, so it stays out. One holding
+            // state starts, and its peer must learn that it was taken out.
+            Some(true) if !consensus.holds_state().await => {
+                world.event(format_args!("n{id} was taken out of the cluster: its peer stays out"));
+                return;
+            }
+            Some(_) => {}
         }
         let rt = SimRt::new(world.clone(), id, alive.clone());
         let c = SimConsensus::new(world.clone(), id, consensus.clone());
@@ -200,13 +202,17 @@ async fn start_peer(world: Arc<World>, id: NodeId, consensus: Arc<RaftConsensus<
                 world.event(format_args!("n{id} peer {} running", p.id()));
                 // An incarnation that crashed while it started leaves no peer to talk to.
                 if alive.load(Ordering::SeqCst) {
-                    lock(&world.books).entry(id).or_default().peer = Some(p);
+                    lock(&world.books).entry(id).or_default().peer = Some(p.clone());
+                    let w = world.clone();
+                    spawn_killable(&alive, async move {
+                        p.removed().await;
+                        learned_removed(&w, id, "from a refused worker turn");
+                    });
                 }
                 return;
             }
-            Err(e @ PeerError::Removed(_)) => {
-                // As production exits, telling the operator: it stays out.
-                world.event(format_args!("n{id} peer does not start: {e}"));
+            Err(PeerError::Removed(_)) => {
+                learned_removed(&world, id, "at start");
                 return;
             }
             Err(e) => {
@@ -215,6 +221,19 @@ async fn start_peer(world: Arc<World>, id: NodeId, consensus: Arc<RaftConsensus<
             }
         }
     }
+}
+
+/// Node `id`'s peer learned that the cluster took it out. Production then
+/// sets its Raft state aside and joins again as a new peer; a simulated
+/// node keeps its id, so the nemesis stops it for good. It must be true:
+/// a member told so by mistake would set aside a replica still counted.
+fn learned_removed(world: &World, id: NodeId, how: &str) {
+    world.event(format_args!("n{id} learned {how} that the cluster took it out"));
+    if crate::scenario::taken_out(world, id) == Some(false) {
+        world.violation("removed", format!("n{id} learned {how} that it was taken out, and the registry has it"));
+    }
+    lock(&world.books).entry(id).or_default().removed = true;
+    lock(&world.audit).removals_learned += 1;
 }
 
 use crate::world::SimConfig;

@@ -101,7 +101,7 @@ impl Options {
 pub struct Failure {
     /// Which checker: `invariant`, `panic`, `acked-lost`, `result`,
     /// `lease-audit`, `double-result`, `divergence`, `idempotency`,
-    /// `liveness`, `log-audit`, `startup`, `restart`, `crash`.
+    /// `liveness`, `log-audit`, `startup`, `restart`, `crash`, `removed`.
     pub checker: &'static str,
     pub message: String,
 }
@@ -129,6 +129,9 @@ pub struct Stats {
     /// Leaves that took the peer out of the cluster, and those that did not.
     pub leaves: u64,
     pub leaves_failed: u64,
+    /// Peers that learned by themselves that the cluster took them out
+    /// (a leave done whose answer was lost).
+    pub removals_learned: u64,
     /// Jobs done in the entry that submitted them (results their leader
     /// wrote with the submit).
     pub done_in_submit: u64,
@@ -225,6 +228,7 @@ pub fn run(options: Options) -> RunReport {
         crashes: audit.crashes,
         leaves: audit.leaves,
         leaves_failed: audit.leaves_failed,
+        removals_learned: audit.removals_learned,
         done_in_submit: audit.done_in_submit,
         worker_completions: audit.worker_completions,
         workers_learners: audit.workers_learners,

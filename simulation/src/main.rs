@@ -112,7 +112,7 @@ fn real_main() -> anyhow::Result<bool> {
     let mut done_in_submit = 0u64;
     let mut worker_completions = 0u64;
     let (mut workers_learners, mut workers_voters) = (0u64, 0u64);
-    let (mut leaves, mut leaves_failed) = (0u64, 0u64);
+    let (mut leaves, mut leaves_failed, mut removals_learned) = (0u64, 0u64, 0u64);
     for (i, &seed) in seeds.iter().enumerate() {
         let opts = Options { seed, ..base.clone() };
         let report = run(opts.clone());
@@ -122,6 +122,7 @@ fn real_main() -> anyhow::Result<bool> {
         workers_voters += report.stats.workers_voters;
         leaves += report.stats.leaves;
         leaves_failed += report.stats.leaves_failed;
+        removals_learned += report.stats.removals_learned;
         if let Some(f) = &report.failure {
             failed += 1;
             print_failure(&report, f.checker, &f.message);
@@ -143,7 +144,7 @@ fn real_main() -> anyhow::Result<bool> {
         if args.seed.is_some() {
             let s = &report.stats;
             println!(
-                "seed {seed}: {} ({} virtual ms, {} events, {} writes ok, {} failed, {} crashes, {} leaves ({} failed), {} jobs done in their submit's entry, {} by workers; {} workers made learners, {} voters)",
+                "seed {seed}: {} ({} virtual ms, {} events, {} writes ok, {} failed, {} crashes, {} leaves ({} failed, {} learned later), {} jobs done in their submit's entry, {} by workers; {} workers made learners, {} voters)",
                 if report.failure.is_none() { "ok" } else { "FAILED" },
                 s.virtual_ms,
                 s.events,
@@ -152,6 +153,7 @@ fn real_main() -> anyhow::Result<bool> {
                 s.crashes,
                 s.leaves,
                 s.leaves_failed,
+                s.removals_learned,
                 s.done_in_submit,
                 s.worker_completions,
                 s.workers_learners,
@@ -171,7 +173,7 @@ fn real_main() -> anyhow::Result<bool> {
     let secs = started.elapsed().as_secs_f64();
     if args.seed.is_none() && failed == 0 {
         println!(
-            "all {} seeds passed in {:.1} s ({:.2} seeds/s){}; {done_in_submit} jobs were done in their submit's entry, {worker_completions} by workers; {workers_learners} workers were made learners, {workers_voters} voters; {leaves} peers left the cluster, {leaves_failed} leaves failed",
+            "all {} seeds passed in {:.1} s ({:.2} seeds/s){}; {done_in_submit} jobs were done in their submit's entry, {worker_completions} by workers; {workers_learners} workers were made learners, {workers_voters} voters; {leaves} peers left the cluster, {leaves_failed} leaves failed, {removals_learned} peers learned they were taken out",
             seeds.len(),
             secs,
             seeds.len() as f64 / secs,

@@ -130,6 +130,7 @@ pub(crate) async fn run(world: Arc<World>) -> Result<(), Failure> {
         if lock(&world.audit).client_done && all_final(&world) {
             break;
         }
+        stop_the_removed(&world, &mut nodes).await;
         sleep_ms(100).await;
     }
     world.event(format_args!("all jobs final {} ms after the heal", vnow_ms() - healed_at));
@@ -163,6 +164,7 @@ pub(crate) async fn run(world: Arc<World>) -> Result<(), Failure> {
         {
             break;
         }
+        stop_the_removed(&world, &mut nodes).await;
         if vnow_ms() - quiet_from > 20_000 {
             return Err(fail(
                 "liveness",
@@ -296,22 +298,30 @@ async fn leave(
 /// that did not is started again at `restart_at` (as an operator would),
 /// or is left for the heal to start when `None`.
 async fn stop_the_leavers(world: &Arc<World>, nodes: &mut [Node], restart_at: Option<u64>) {
+    stop_the_removed(world, nodes).await;
     for node in nodes.iter_mut() {
         let outcome = lock(&world.books).get_mut(&node.id).and_then(|b| b.left.take());
         match outcome {
             Some(Ok(())) => node.stop(world, true).await,
-            // Done, though its answer was lost: the registry no longer has
-            // it. (Started again, a real peer would join as a new peer with
-            // a new id, which a simulated node, its id fixed, cannot.)
-            Some(Err(_)) if taken_out(world, node.id) == Some(true) => {
-                world.event(format_args!("n{} was taken out; the answer was lost", node.id));
-                node.stop(world, true).await;
-            }
+            // Not done, or done with its answer lost (the registry no
+            // longer has it): started again, its peer must learn which.
             Some(Err(_)) => {
                 node.stop(world, false).await;
                 node.down_until = restart_at;
             }
             None => {}
+        }
+    }
+}
+
+/// Stop for good the nodes whose peer learned that the cluster took them
+/// out (a real peer would join again as a new peer, with a new id, which a
+/// simulated node, its id fixed, cannot).
+async fn stop_the_removed(world: &Arc<World>, nodes: &mut [Node]) {
+    for node in nodes.iter_mut() {
+        let removed = lock(&world.books).get_mut(&node.id).is_some_and(|b| std::mem::take(&mut b.removed));
+        if removed {
+            node.stop(world, true).await;
         }
     }
 }

@@ -94,6 +94,8 @@ pub(crate) struct Audit {
     /// Leaves that ended with the peer out of the cluster, and those that did not.
     pub leaves: u64,
     pub leaves_failed: u64,
+    /// Peers that learned by themselves that the cluster took them out.
+    pub removals_learned: u64,
     /// Jobs whose results their leader wrote with their submit.
     pub done_in_submit: u64,
     /// Completions accepted from workers' peers (the leader writes them for
@@ -114,6 +116,9 @@ pub(crate) struct NodeBook {
     /// How this node's leave ended (`Err` says why it did not leave), once
     /// it has; the nemesis then stops the node.
     pub left: Option<Result<(), String>>,
+    /// Its peer learned that the cluster took it out (`PeerError::Removed`
+    /// at start, or `Peer::removed`); the nemesis then stops the node.
+    pub removed: bool,
 }
 
 pub(crate) struct World {
