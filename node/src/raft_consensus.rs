@@ -331,7 +331,18 @@ impl<C: ImpetusConfig> Membership for RaftConsensus<C> {
     /// Planned from a view read before the lock: checked again under it,
     /// against the view after the changes made meanwhile (a departure's
     /// above all: the peer leaving must not be added back).
-    async fn change(&self, c: Change) -> Result<(), ConsensusError> {
+    async fn change(&self, c: Change, now: Timestamp) -> Result<(), ConsensusError> {
+        if let Change::Forget(id) = c {
+            // Still a learner or worker (not promoted meanwhile). One that
+            // answers again just after is refused, learns that it was taken
+            // out, and joins again as a new peer.
+            let v = self.view_to_change()?;
+            if !v.learners.contains(&id) && !v.workers.contains_key(&id) {
+                return Err(ConsensusError::Unavailable(format!("{c:?} no longer fits the membership; planned again")));
+            }
+            tracing::warn!(peer = id, "a peer silent too long is taken out of the cluster");
+            return self.remove_peer(self, now, PeerId(id)).await;
+        }
         if let Change::HandOver(to) = c {
             tracing::info!(to, "this leader is no voter: it hands its lead over");
             return self
@@ -365,7 +376,9 @@ impl<C: ImpetusConfig> Membership for RaftConsensus<C> {
                 voters.insert(with);
                 ChangeMembers::ReplaceAllVoters(voters)
             }
-            Change::Promote(_) | Change::Replace { .. } | Change::HandOver(_) => return Err(stale()),
+            Change::Promote(_) | Change::Replace { .. } | Change::HandOver(_) | Change::Forget(_) => {
+                return Err(stale())
+            }
         };
         // `retain = true`: a replaced voter stays a learner, so it catches up
         // and can serve again if it was only slow; the policy replaces it

@@ -44,6 +44,9 @@ pub struct PeerOptions {
     pub voters: usize,
     /// A voter silent this long is replaced by a caught-up learner.
     pub voter_timeout: Duration,
+    /// A learner or worker silent this long is taken out of the cluster
+    /// (zero: never).
+    pub forget_after: Duration,
     /// mDNS discovery; `None`: on unless the listen address is loopback
     /// (libp2p's mDNS never runs on loopback).
     pub mdns: Option<bool>,
@@ -69,6 +72,7 @@ impl PeerOptions {
             join: vec![],
             voters: DEFAULT_VOTERS,
             voter_timeout: DEFAULT_VOTER_TIMEOUT,
+            forget_after: DEFAULT_FORGET_AFTER,
             mdns: None,
             metrics: None,
             seat: Seat::Any,
@@ -80,6 +84,8 @@ impl PeerOptions {
 pub const DEFAULT_VOTERS: usize = 3;
 /// A voter silent this long is replaced, by default.
 pub const DEFAULT_VOTER_TIMEOUT: Duration = Duration::from_secs(10);
+/// A learner or worker silent this long is taken out, by default.
+pub const DEFAULT_FORGET_AFTER: Duration = Duration::from_secs(600);
 
 /// How often the peer looks whether its Raft node stopped on its own.
 const RAFT_CHECK_EVERY: Duration = Duration::from_millis(500);
@@ -489,6 +495,7 @@ async fn run_once<S: Future<Output = ()> + Send>(
     let policy = Policy {
         target_voters: opts.voters.max(1),
         dead_after_ms: opts.voter_timeout.as_millis() as u64,
+        forget_after_ms: opts.forget_after.as_millis() as u64,
         ..Policy::default()
     };
     let manager = {

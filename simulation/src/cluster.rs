@@ -31,6 +31,9 @@ const SNAPSHOT_EVERY: u64 = 1_000_000;
 /// `--voter-timeout` is 10 s; a run's nemesis lasts about 8 virtual s, and
 /// its crashes 0.3–3 s, so some voters stay silent past this one).
 const DEAD_AFTER_MS: u64 = 2_000;
+/// A learner or worker silent this long is taken out of the cluster
+/// (production: 10 minutes); short, so that runs see it.
+const FORGET_AFTER_MS: u64 = 8_000;
 
 /// One simulated peer: its durable storage and, while it runs, its Raft
 /// node and peer. A worker (`World::is_worker`) is one whose node starts
@@ -121,7 +124,7 @@ impl Node {
             });
         }
         let (rt, m, a) = (SimRt::new(world.clone(), id, alive.clone()), consensus.clone(), alive.clone());
-        let policy = Policy { dead_after_ms: DEAD_AFTER_MS, ..Policy::default() };
+        let policy = Policy { dead_after_ms: DEAD_AFTER_MS, forget_after_ms: FORGET_AFTER_MS, ..Policy::default() };
         spawn_killable(&alive, async move {
             membership::manage(rt, m, policy, Duration::from_millis(500), move || !a.load(Ordering::SeqCst)).await
         });

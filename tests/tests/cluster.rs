@@ -421,9 +421,13 @@ fn without_the_authkey_no_peer_or_client_gets_in() {
     assert!(out.contains("private"), "{out}");
 }
 
+/// A voter killed for good is replaced by a worker after `--voter-timeout`,
+/// then, silent past `--forget-after`, taken out of the cluster: nobody
+/// replicates to it or lists it forever. Started again on its old data, it
+/// learns that it was taken out and joins again as a new peer.
 #[test]
-fn a_voter_gone_past_the_timeout_is_replaced_by_a_worker() {
-    let (_turn, rt, _dir, mut peers) = cluster(4, &["--voter-timeout", "2"]);
+fn a_voter_gone_past_the_timeout_is_replaced_by_a_worker_then_forgotten() {
+    let (_turn, rt, _dir, mut peers) = cluster(4, &["--voter-timeout", "2", "--forget-after", "4"]);
     let st = formed(&rt, &peers, 3, 1);
     let (gone, spare) = (id_of(&st, &peers[2]), id_of(&st, &peers[3]));
     assert!(st.voters.contains(&gone) && workers_of(&st) == [spare], "{st:?}");
@@ -438,6 +442,16 @@ fn a_voter_gone_past_the_timeout_is_replaced_by_a_worker() {
     let ids = rt.block_on(submit(&c, "after", StreamProps::default(), "square", vec!["9".into()]));
     let done = rt.block_on(wait_all(&c, &ids, Duration::from_secs(60)));
     assert_eq!(String::from_utf8_lossy(done[0].result.as_deref().unwrap()).trim(), "81");
+
+    let forgotten = |s: &ClusterStatus| s.peers.iter().all(|p| p.id != gone) && !s.learners.contains(&gone);
+    let st = wait_for(Duration::from_secs(30), || status(&rt, &peers[0]).filter(forgotten))
+        .unwrap_or_else(|| panic!("the dead voter was not forgotten; logs:\n{}", logs(&peers)));
+    assert_eq!((st.voters.len(), st.peers.len()), (3, 3), "{st:?}");
+    peers[2].relaunch().unwrap();
+    let new = wait_for(Duration::from_secs(60), || rejoined(&rt, &peers[0], &peers[2], gone))
+        .unwrap_or_else(|| panic!("the forgotten peer did not join again; log:\n{}", tail(&peers[2].log_text(), 40)));
+    assert!(new.0 > gone.0, "ids are never reused: {new} after {gone}");
+    assert_set_aside(&peers[2], gone);
 }
 
 #[test]

@@ -62,6 +62,9 @@ pub struct PeerArgs {
     /// Replace a voter that has not answered the leader for this many seconds.
     #[arg(long, default_value_t = serve::DEFAULT_VOTER_TIMEOUT.as_secs(), value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
     pub voter_timeout: u64,
+    /// Take a learner or worker that has not answered for this many seconds out of the cluster (0: never); if it comes back, it joins again as a new peer.
+    #[arg(long, default_value_t = serve::DEFAULT_FORGET_AFTER.as_secs(), value_name = "SECS")]
+    pub forget_after: u64,
     /// mDNS discovery: on by default unless listening on loopback (where libp2p's mDNS cannot run).
     #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
     pub mdns: Option<bool>,
@@ -147,6 +150,7 @@ pub fn run(g: &Global, args: PeerArgs) -> anyhow::Result<u8> {
         join: args.join,
         voters: args.voters,
         voter_timeout: Duration::from_secs(args.voter_timeout),
+        forget_after: Duration::from_secs(args.forget_after),
         mdns: args.mdns,
         metrics: args.metrics,
         seat: match (args.voter, args.worker) {
@@ -233,6 +237,7 @@ fn foreground_args(g: &Global, args: &PeerArgs, data_dir: &Path) -> Vec<std::ffi
     }
     v.extend(["--voters".into(), args.voters.to_string().into()]);
     v.extend(["--voter-timeout".into(), args.voter_timeout.to_string().into()]);
+    v.extend(["--forget-after".into(), args.forget_after.to_string().into()]);
     if let Some(m) = args.mdns {
         v.extend(["--mdns", if m { "on" } else { "off" }].map(Into::into));
     }
@@ -426,6 +431,8 @@ mod tests {
             "5",
             "--voter-timeout",
             "7",
+            "--forget-after",
+            "90",
             "--mdns",
             "off",
             "--metrics",

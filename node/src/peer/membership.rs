@@ -25,12 +25,15 @@
 //!    first, then any other but those started with `--worker`
 //!    ([`Seat::Never`]), lowest id first. Other workers hold no Raft state.
 //!
-//! A replaced voter stays a learner however long it is silent (the leader
-//! keeps trying to replicate to it): a node taken out of membership while it
-//! is cut off never learns so, keeps the configuration it last saw, and
-//! when it comes back campaigns forever in a cluster that no longer
-//! replicates to it. (A rule that dropped learners silent for twice the
-//! voter timeout did exactly that in the simulator, seed 150.) Peers leave
+//! 5. Nothing else to do: a learner or worker silent for `forget_after_ms`
+//!    (10 minutes by default; never a voter, which rule 3 replaces first)
+//!    is taken out of membership and the registry, its leases handed back:
+//!    a dead peer is not replicated to, nor listed, forever.
+//!
+//! A peer taken out while it was cut off keeps the configuration it last
+//! saw; when it comes back, the registry refuses it, and it learns that it
+//! was taken out ([`super::Peer::removed`]; the `impetus peer` process
+//! then sets its state aside and joins again as a new peer). Peers leave
 //! membership by draining (`impetus peer leave`, SIGTERM), which they see
 //! through.
 //!
@@ -40,7 +43,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::time::Duration;
 
-use impetus_proto::Seat;
+use impetus_proto::{Seat, Timestamp};
 
 use super::{ConsensusError, Runtime};
 
@@ -68,6 +71,9 @@ pub struct View {
 pub enum Change {
     /// Make this learner a voter.
     Promote(u64),
+    /// Take this silent learner or worker out of membership and the
+    /// registry (a departure: `RaftConsensus::remove_peer`).
+    Forget(u64),
     /// Swap a silent voter for a learner: `voters - dead + with`.
     Replace { dead: u64, with: u64 },
     /// Add this worker as a learner (it starts to hold Raft state).
@@ -89,11 +95,19 @@ pub struct Policy {
     pub caught_up_lag: u64,
     /// A learner is promoted only if it answered the leader this recently.
     pub fresh_ms: u64,
+    /// A learner or worker silent this long is taken out (0: never).
+    pub forget_after_ms: u64,
 }
 
 impl Default for Policy {
     fn default() -> Policy {
-        Policy { target_voters: 3, dead_after_ms: 10_000, caught_up_lag: 1_000, fresh_ms: 1_000 }
+        Policy {
+            target_voters: 3,
+            dead_after_ms: 10_000,
+            caught_up_lag: 1_000,
+            fresh_ms: 1_000,
+            forget_after_ms: 600_000,
+        }
     }
 }
 
@@ -121,22 +135,38 @@ pub fn plan(v: &View, p: &Policy) -> Option<Change> {
     }
     let missing = p.target_voters.saturating_sub(v.voters.len()) + dead.len();
     let standing_by = v.learners.iter().filter(|id| answering(id)).count();
-    if standing_by >= missing {
+    if standing_by < missing {
+        let worker = v
+            .workers
+            .iter()
+            .filter(|(_, (silent, seat))| *silent < p.dead_after_ms && *seat != Seat::Never)
+            .min_by_key(|(id, (_, seat))| (*seat, **id));
+        if let Some((id, _)) = worker {
+            return Some(Change::AddLearner(*id));
+        }
+    }
+    forgotten(v, p).map(Change::Forget)
+}
+
+/// The learner or worker with the lowest id silent for
+/// `forget_after_ms`, if that is set. A learner that never answered this
+/// leader counts from when the leader first tried it.
+fn forgotten(v: &View, p: &Policy) -> Option<u64> {
+    if p.forget_after_ms == 0 {
         return None;
     }
-    v.workers
-        .iter()
-        .filter(|(_, (silent, seat))| *silent < p.dead_after_ms && *seat != Seat::Never)
-        .min_by_key(|(id, (_, seat))| (*seat, **id))
-        .map(|(id, _)| Change::AddLearner(*id))
+    let learners = v.learners.iter().filter(|id| v.silent_ms.get(id).is_some_and(|ms| *ms >= p.forget_after_ms));
+    let workers = v.workers.iter().filter(|(_, (silent, _))| *silent >= p.forget_after_ms).map(|(id, _)| id);
+    learners.chain(workers).filter(|id| **id != v.me).min().copied()
 }
 
 /// Raft membership as the manager drives it.
 pub trait Membership: Send + Sync + 'static {
     /// The current view; `silent_ms` measured by the implementation.
     fn view(&self) -> View;
-    /// Apply a change (waits until it is committed).
-    fn change(&self, c: Change) -> impl Future<Output = Result<(), ConsensusError>> + Send;
+    /// Apply a change (waits until it is committed); `now` stamps the
+    /// registry writes a departure makes.
+    fn change(&self, c: Change, now: Timestamp) -> impl Future<Output = Result<(), ConsensusError>> + Send;
 }
 
 impl<M: Membership> Membership for std::sync::Arc<M> {
@@ -144,8 +174,8 @@ impl<M: Membership> Membership for std::sync::Arc<M> {
         (**self).view()
     }
 
-    fn change(&self, c: Change) -> impl Future<Output = Result<(), ConsensusError>> + Send {
-        (**self).change(c)
+    fn change(&self, c: Change, now: Timestamp) -> impl Future<Output = Result<(), ConsensusError>> + Send {
+        (**self).change(c, now)
     }
 }
 
@@ -155,7 +185,7 @@ pub async fn manage<R: Runtime, M: Membership>(rt: R, m: M, policy: Policy, ever
         let view = m.view();
         if let Some(change) = plan(&view, &policy) {
             tracing::info!(?change, voters = ?view.voters, learners = ?view.learners, "membership change");
-            if let Err(e) = m.change(change.clone()).await {
+            if let Err(e) = m.change(change.clone(), rt.now()).await {
                 tracing::warn!(?change, error = %e, "membership change failed; will retry");
             }
         }
@@ -284,6 +314,38 @@ mod tests {
         assert_eq!(plan(&v, &Policy::default()), None, "a --worker peer never takes a seat");
         v.workers.insert(5, (60_000, Seat::Preferred));
         assert_eq!(plan(&v, &Policy::default()), None, "nor does a silent one");
+    }
+
+    #[test]
+    fn a_learner_or_worker_silent_long_enough_is_forgotten_lowest_id_first() {
+        let mut v = view(&[1, 2, 3], &[4, 5]);
+        v.workers = workers(&[(6, 100, Seat::Any), (7, 599_999, Seat::Any)]);
+        v.silent_ms.insert(5, 599_999);
+        assert_eq!(plan(&v, &Policy::default()), None, "silent, not yet for 10 minutes");
+        v.silent_ms.insert(5, 600_000);
+        assert_eq!(plan(&v, &Policy::default()), Some(Change::Forget(5)));
+        v.workers.insert(7, (600_000, Seat::Any));
+        assert_eq!(plan(&v, &Policy::default()), Some(Change::Forget(5)), "lowest id first");
+        v.silent_ms.insert(5, 10);
+        assert_eq!(plan(&v, &Policy::default()), Some(Change::Forget(7)), "a worker too");
+        let never = Policy { forget_after_ms: 0, ..Policy::default() };
+        assert_eq!(plan(&v, &never), None, "0: never");
+    }
+
+    #[test]
+    fn a_silent_voter_is_replaced_not_forgotten_and_growing_comes_first() {
+        let mut v = view(&[1, 2, 3], &[]);
+        v.silent_ms.insert(3, 3_600_000);
+        assert_eq!(plan(&v, &Policy::default()), None, "no one to take its place: the voter stays");
+        v.workers = workers(&[(4, 100, Seat::Any), (9, 3_600_000, Seat::Any)]);
+        assert_eq!(plan(&v, &Policy::default()), Some(Change::AddLearner(4)), "a seat to fill before forgetting");
+        v.learners.insert(4);
+        v.silent_ms.insert(4, 10);
+        v.matched.insert(4, 5_000);
+        v.workers.remove(&4);
+        assert_eq!(plan(&v, &Policy::default()), Some(Change::Replace { dead: 3, with: 4 }));
+        let v = View { voters: [1, 2, 4].into(), learners: [3].into(), ..v };
+        assert_eq!(plan(&v, &Policy::default()), Some(Change::Forget(3)), "replaced, then forgotten");
     }
 
     #[test]
