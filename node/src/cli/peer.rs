@@ -130,6 +130,15 @@ pub struct StopArgs {
 }
 
 pub fn run(g: &Global, args: PeerArgs) -> anyhow::Result<u8> {
+    if args.forget_after != 0 && args.forget_after < args.voter_timeout {
+        // A peer forgotten before a voter would be replaced: a pause (a
+        // restart, a slow disk) would cost every peer its id.
+        crate::bad_input!(
+            "--forget-after {} is shorter than --voter-timeout {}: use 0 (never) or at least the voter timeout",
+            args.forget_after,
+            args.voter_timeout
+        );
+    }
     if let Some(PeerAction::Leave) = args.action {
         let rt =
             tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")?;
@@ -392,6 +401,19 @@ mod tests {
             Command::Peer(p) => p,
             other => panic!("parsed as {other:?}"),
         }
+    }
+
+    #[test]
+    fn forgetting_peers_sooner_than_replacing_voters_is_refused_as_bad_usage() {
+        let parse = |args: &[&str]| {
+            let cli = Cli::try_parse_from(["impetus", "peer"].iter().chain(args)).unwrap();
+            let Command::Peer(a) = cli.command else { panic!("not a peer command") };
+            (cli.global, a)
+        };
+        let (g, a) = parse(&["--voter-timeout", "10", "--forget-after", "3"]);
+        let err = run(&g, a).unwrap_err();
+        assert_eq!(crate::cli::exit_code_of(&err), 2, "{err:#}");
+        assert!(err.to_string().contains("--forget-after 3 is shorter than --voter-timeout 10"), "{err:#}");
     }
 
     #[test]
