@@ -125,9 +125,18 @@ impl ClusterConsensus {
         from_raft.or_else(|| lock(&self.leader_hint).clone())
     }
 
-    /// Ask the contacts who leads; remember the answer and the members.
+    /// Ask the contacts who leads, then the members of the configuration
+    /// this replica holds (a member restarted with no contacts saved, a
+    /// founder killed, must still find its cluster); remember the answer
+    /// and the members.
     async fn find_leader(&self) -> Option<String> {
-        let contacts = lock(&self.contacts).clone();
+        let mut contacts = lock(&self.contacts).clone();
+        let me = self.net.local_addr().to_string();
+        for a in self.local.member_addrs() {
+            if a != me && !contacts.contains(&a) {
+                contacts.push(a);
+            }
+        }
         for contact in contacts {
             let Ok(addr) = contact.parse::<Multiaddr>() else { continue };
             let Ok(ClientResponse::Status(st)) = self.net.client(&addr, ClientRequest::Status).await else { continue };

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use impetus_proto::{ApplyResult, Command, PeerId, Timestamp};
+use impetus_proto::{ApplyResult, Command, PeerId, Seat, Timestamp};
 use impetus_queue::State;
 use impetus_raft::openraft::async_runtime::WatchReceiver;
 use impetus_raft::openraft::error::{ClientWriteError, LinearizableReadError, RaftError};
@@ -24,6 +24,11 @@ pub struct RaftConsensus<C: ImpetusConfig> {
     /// When this leader first saw each follower without an acknowledgement
     /// (per term): a follower that never answers is silent since then.
     unacked_since: Mutex<BTreeMap<(u64, u64), Instant_<C>>>,
+    /// Per worker: its last heartbeat stamp as last seen, and when this
+    /// peer saw it change. Silence measured on this clock does not jump
+    /// with a voter's wall clock (the state machine's time is the largest
+    /// any leader stamped).
+    heartbeat_seen: Mutex<BTreeMap<u64, (Timestamp, Instant_<C>)>>,
     /// One membership change at a time from this peer (joins, promotions,
     /// departures): openraft refuses a change while another is in flight.
     changing: tokio::sync::Mutex<()>,
@@ -65,6 +70,7 @@ impl<C: ImpetusConfig> RaftConsensus<C> {
             state,
             node,
             unacked_since: Mutex::new(BTreeMap::new()),
+            heartbeat_seen: Mutex::new(BTreeMap::new()),
             changing: tokio::sync::Mutex::new(()),
         }
     }
@@ -75,6 +81,12 @@ impl<C: ImpetusConfig> RaftConsensus<C> {
 
     pub fn state(&self) -> &StateHandle {
         &self.state
+    }
+
+    /// The addresses membership records for every node, in id order.
+    pub fn member_addrs(&self) -> Vec<String> {
+        let m = self.raft.metrics().borrow_watched().membership_config.clone();
+        m.membership().nodes().map(|(_, n)| n.addr.clone()).collect()
     }
 
     /// The address membership records for node `id`.
@@ -300,14 +312,26 @@ impl<C: ImpetusConfig> Membership for RaftConsensus<C> {
         if !v.is_leader {
             return v;
         }
-        v.workers = self.state.read(|s| {
+        let heartbeats: Vec<(u64, Timestamp, u64, Seat)> = self.state.read(|s| {
             let now = s.now();
             s.peers()
                 .into_iter()
                 .filter(|p| !p.draining && !v.voters.contains(&p.id.0) && !v.learners.contains(&p.id.0))
-                .map(|p| (p.id.0, (now.since(p.last_heartbeat), p.info.seat)))
+                .map(|p| (p.id.0, p.last_heartbeat, now.since(p.last_heartbeat), p.info.seat))
                 .collect()
         });
+        let at = Instant_::<C>::now();
+        if let Ok(mut seen) = self.heartbeat_seen.lock() {
+            seen.retain(|id, _| heartbeats.iter().any(|h| h.0 == *id));
+            for &(id, stamp, _, _) in &heartbeats {
+                let entry = seen.entry(id).or_insert((stamp, at));
+                if entry.0 != stamp {
+                    *entry = (stamp, at);
+                }
+                v.workers_quiet_ms.insert(id, (at - entry.1).as_millis() as u64);
+            }
+        }
+        v.workers = heartbeats.into_iter().map(|(id, _, silent, seat)| (id, (silent, seat))).collect();
         for (id, matched) in m.replication.iter().flatten() {
             v.matched.insert(*id, matched.as_ref().map(|l| l.index()).unwrap_or(0));
         }
@@ -337,10 +361,18 @@ impl<C: ImpetusConfig> Membership for RaftConsensus<C> {
             // answers again just after is refused, learns that it was taken
             // out, and joins again as a new peer.
             let v = self.view_to_change()?;
-            if !v.learners.contains(&id) && !v.workers.contains_key(&id) {
+            if v.workers.contains_key(&id) {
+                // No member: out of the registry alone. (A draining mark
+                // first would stay behind if the rest failed, and a
+                // draining worker is never planned for again.)
+                tracing::warn!(peer = id, "a worker silent too long is taken out of the cluster");
+                let _ = self.write(now, Command::RemovePeer { peer: PeerId(id) }).await?;
+                return Ok(());
+            }
+            if !v.learners.contains(&id) {
                 return Err(ConsensusError::Unavailable(format!("{c:?} no longer fits the membership; planned again")));
             }
-            tracing::warn!(peer = id, "a peer silent too long is taken out of the cluster");
+            tracing::warn!(peer = id, "a learner silent too long is taken out of the cluster");
             return self.remove_peer(self, now, PeerId(id)).await;
         }
         if let Change::HandOver(to) = c {

@@ -303,10 +303,16 @@ pub async fn run_peer(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let mut shutdown = Box::pin(shutdown);
-    for _ in 0..=MAX_REJOINS {
-        match run_once(&opts, &mut shutdown).await? {
+    let mut rejoins = 0;
+    loop {
+        let began = std::time::Instant::now();
+        match run_once(&opts, &mut shutdown, rejoins > 0).await? {
             Life::Stopped => return Ok(()),
+            Life::Removed(_) if began.elapsed() < REJOIN_RESET && rejoins == MAX_REJOINS => {
+                return Err(ServeError::RemovedAgain { times: MAX_REJOINS + 1 });
+            }
             Life::Removed(id) => {
+                rejoins = if began.elapsed() < REJOIN_RESET { rejoins + 1 } else { 1 };
                 let kept = set_aside(&opts.data_dir, id)?;
                 tracing::warn!(
                     peer = %id,
@@ -317,7 +323,6 @@ pub async fn run_peer(
             }
         }
     }
-    Err(ServeError::RemovedAgain { times: MAX_REJOINS + 1 })
 }
 
 /// How a peer's life in a cluster ended.
@@ -330,8 +335,10 @@ enum Life {
 }
 
 /// Times in a row a peer set aside stale state and joined again before it
-/// gives up: one is the rule; more means something else is wrong.
+/// gives up: one is the rule; more means something else is wrong. A life
+/// that lasted [`REJOIN_RESET`] starts the count again.
 const MAX_REJOINS: usize = 2;
+const REJOIN_RESET: Duration = Duration::from_secs(600);
 
 /// Move the state of a membership this peer is no longer in
 /// (`DATA_DIR/raft`, `DATA_DIR/peer-id`) into `DATA_DIR/removed-ID[-N]`,
@@ -359,9 +366,13 @@ fn set_aside(data_dir: &Path, id: PeerId) -> Result<PathBuf, ServeError> {
 
 /// One life of the peer in a cluster: from binding its address to
 /// [`Life`].
+///
+/// `rejoining`: an earlier life was taken out of a cluster; this one joins
+/// it again through the members it saved and never founds a new one.
 async fn run_once<S: Future<Output = ()> + Send>(
     opts: &PeerOptions,
     shutdown: &mut Pin<Box<S>>,
+    rejoining: bool,
 ) -> Result<Life, ServeError> {
     let listen = impetus_sdk::transport::resolve_addr(&opts.listen)
         .await
@@ -429,6 +440,14 @@ async fn run_once<S: Future<Output = ()> + Send>(
                 }
             };
             match (joined, known_id) {
+                (None, _) if rejoining => {
+                    return Err(ServeError::Join {
+                        tried: format!("the members saved in {}", contacts_file(&opts.data_dir).display()),
+                        last: "none answered; this peer was taken out of that cluster and joins it again, never \
+                               founding a new one: start it with --join ADDR of a member"
+                            .into(),
+                    })
+                }
                 (None, None) if opts.seat == Seat::Never => return Err(ServeError::WorkerCannotFound),
                 (None, None) => (FOUNDER, true),
                 (None, Some(id)) => {
@@ -473,6 +492,9 @@ async fn run_once<S: Future<Output = ()> + Send>(
     let peer = match started {
         Ok(peer) => peer,
         Err(PeerError::Removed(id)) => {
+            // Where the cluster is, for the next life to join it again (a
+            // founder killed before it ever stopped cleanly saved none).
+            save_contacts(&opts.data_dir, &consensus.cluster_addresses());
             stop_node(&raft, net).await?;
             return Ok(Life::Removed(id));
         }
@@ -494,8 +516,8 @@ async fn run_once<S: Future<Output = ()> + Send>(
     let stopping = Arc::new(AtomicBool::new(false));
     let policy = Policy {
         target_voters: opts.voters.max(1),
-        dead_after_ms: opts.voter_timeout.as_millis() as u64,
-        forget_after_ms: opts.forget_after.as_millis() as u64,
+        dead_after_ms: u64::try_from(opts.voter_timeout.as_millis()).unwrap_or(u64::MAX),
+        forget_after_ms: u64::try_from(opts.forget_after.as_millis()).unwrap_or(u64::MAX),
         ..Policy::default()
     };
     let manager = {

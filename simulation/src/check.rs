@@ -75,6 +75,15 @@ pub(crate) async fn final_checks(world: &World, nodes: &[Node]) -> Result<(), Fa
     let node = nodes.iter().find(|n| n.id == leader).ok_or_else(|| fail("liveness", "leader is not a node"))?;
     let running = node.running.as_ref().ok_or_else(|| fail("liveness", "leader not running"))?;
 
+    // removed: a peer that learned it was taken out was (ids are issued once).
+    let learned = lock(&world.audit).removals_learned.clone();
+    for (id, how) in learned {
+        let peer = impetus_proto::PeerId(id);
+        if running.state.read(|s| !s.peer_id_issued(peer) || s.has_peer(peer)) {
+            return Err(fail("removed", format!("n{id} learned {how} that it was taken out, and the registry has it")));
+        }
+    }
+
     // acked-lost
     let stream = StreamName::new(STREAM).expect("valid stream name");
     let acked = lock(&world.audit).acked.clone();

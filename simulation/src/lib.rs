@@ -228,7 +228,7 @@ pub fn run(options: Options) -> RunReport {
         crashes: audit.crashes,
         leaves: audit.leaves,
         leaves_failed: audit.leaves_failed,
-        removals_learned: audit.removals_learned,
+        removals_learned: audit.removals_learned.len() as u64,
         done_in_submit: audit.done_in_submit,
         worker_completions: audit.worker_completions,
         workers_learners: audit.workers_learners,

@@ -94,8 +94,9 @@ pub(crate) struct Audit {
     /// Leaves that ended with the peer out of the cluster, and those that did not.
     pub leaves: u64,
     pub leaves_failed: u64,
-    /// Peers that learned by themselves that the cluster took them out.
-    pub removals_learned: u64,
+    /// Peers that learned by themselves that the cluster took them out,
+    /// and how: checked against the registry at the end.
+    pub removals_learned: Vec<(NodeId, String)>,
     /// Jobs whose results their leader wrote with their submit.
     pub done_in_submit: u64,
     /// Completions accepted from workers' peers (the leader writes them for

@@ -541,14 +541,19 @@ fn assert_set_aside(p: &PeerProc, old: PeerId) {
 fn a_member_removed_while_down_joins_again_as_a_new_peer_when_started() {
     let (_turn, rt, _dir, mut peers) = cluster(3, &[]);
     let st = formed(&rt, &peers, 3, 0);
-    let at = (0..3).find(|&i| Some(id_of(&st, &peers[i])) != st.leader).unwrap();
+    // The founder: started with no --join, and killed, it never saved the
+    // members it knew; it must still join again, not found a new cluster.
+    let at = 0;
     let gone = id_of(&st, &peers[at]);
-    let lead = (0..3).find(|&i| Some(id_of(&st, &peers[i])) == st.leader).unwrap();
     // Let the promotion that formed the cluster finish (`formed` counts the
     // voters of its joint configuration too): a voter killed in the middle
     // of it holds every later change until it returns (joint consensus).
     std::thread::sleep(Duration::from_secs(1));
     peers[at].kill9();
+    let lead = wait_for(Duration::from_secs(30), || {
+        (1..3).find(|&i| status(&rt, &peers[i]).is_some_and(|s| s.leader == Some(id_of(&s, &peers[i]))))
+    })
+    .unwrap_or_else(|| panic!("no leader after the founder died; logs:\n{}", logs(&peers)));
     let c = client_of(&rt, &peers[lead]);
     let resp = rt.block_on(c.request(ClientRequest::Leave { peer: gone })).unwrap();
     assert!(matches!(resp, ClientResponse::Left), "{resp:?}");

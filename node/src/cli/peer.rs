@@ -33,9 +33,9 @@ with --voter first, never those started with --worker (a peer already a member s
 `impetus peer leave` it first). On a LAN, peers listening on a non-loopback address find each other by mDNS \
 with no --join. On SIGTERM a member of a larger cluster also leaves its membership (and \
 forgets its Raft state, so a later start joins afresh, through the members it knew: \
-DATA_DIR/contacts); a single-peer cluster keeps its data. A member the cluster took out while \
-it was away (`impetus peer leave` asked for it) sets its Raft state aside in DATA_DIR/removed-ID \
-and joins again as a new peer. A peer that was in a cluster never founds a new one: remove \
+DATA_DIR/contacts); a single-peer cluster keeps its data. A peer the cluster took out while \
+it was away (`impetus peer leave` asked for it, or it was silent past --forget-after) sets its Raft \
+state aside in DATA_DIR/removed-ID and joins again as a new peer. A peer that was in a cluster never founds a new one: remove \
 DATA_DIR/contacts for that.
 
 Examples:

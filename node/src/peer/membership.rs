@@ -64,6 +64,11 @@ pub struct View {
     /// since their last heartbeat, by the state machine's clock, and
     /// whether they may take a seat.
     pub workers: BTreeMap<u64, (u64, Seat)>,
+    /// Per worker: milliseconds since this leader saw its heartbeat stamp
+    /// change, on the leader's own clock (from when it first looked). A
+    /// worker is forgotten only if both measures say it is silent: a
+    /// voter's wall clock that jumps ahead moves the state machine's.
+    pub workers_quiet_ms: BTreeMap<u64, u64>,
 }
 
 /// A membership change.
@@ -156,7 +161,9 @@ fn forgotten(v: &View, p: &Policy) -> Option<u64> {
         return None;
     }
     let learners = v.learners.iter().filter(|id| v.silent_ms.get(id).is_some_and(|ms| *ms >= p.forget_after_ms));
-    let workers = v.workers.iter().filter(|(_, (silent, _))| *silent >= p.forget_after_ms).map(|(id, _)| id);
+    let quiet = |id: &u64| v.workers_quiet_ms.get(id).copied().unwrap_or(0);
+    let workers =
+        v.workers.iter().filter(|(id, (silent, _))| (*silent).min(quiet(id)) >= p.forget_after_ms).map(|(id, _)| id);
     learners.chain(workers).filter(|id| **id != v.me).min().copied()
 }
 
@@ -208,6 +215,7 @@ mod tests {
             matched: all.clone().map(|id| (id, 5_000)).collect(),
             silent_ms: all.map(|id| (id, 50)).collect(),
             workers: BTreeMap::new(),
+            workers_quiet_ms: BTreeMap::new(),
         }
     }
 
@@ -320,6 +328,7 @@ mod tests {
     fn a_learner_or_worker_silent_long_enough_is_forgotten_lowest_id_first() {
         let mut v = view(&[1, 2, 3], &[4, 5]);
         v.workers = workers(&[(6, 100, Seat::Any), (7, 599_999, Seat::Any)]);
+        v.workers_quiet_ms = [(6, 100), (7, 900_000)].into();
         v.silent_ms.insert(5, 599_999);
         assert_eq!(plan(&v, &Policy::default()), None, "silent, not yet for 10 minutes");
         v.silent_ms.insert(5, 600_000);
@@ -328,6 +337,8 @@ mod tests {
         assert_eq!(plan(&v, &Policy::default()), Some(Change::Forget(5)), "lowest id first");
         v.silent_ms.insert(5, 10);
         assert_eq!(plan(&v, &Policy::default()), Some(Change::Forget(7)), "a worker too");
+        v.workers_quiet_ms.insert(7, 1_000);
+        assert_eq!(plan(&v, &Policy::default()), None, "silent by the state's clock only (a clock that jumped)");
         let never = Policy { forget_after_ms: 0, ..Policy::default() };
         assert_eq!(plan(&v, &never), None, "0: never");
     }
@@ -338,6 +349,7 @@ mod tests {
         v.silent_ms.insert(3, 3_600_000);
         assert_eq!(plan(&v, &Policy::default()), None, "no one to take its place: the voter stays");
         v.workers = workers(&[(4, 100, Seat::Any), (9, 3_600_000, Seat::Any)]);
+        v.workers_quiet_ms = [(9, 3_600_000)].into();
         assert_eq!(plan(&v, &Policy::default()), Some(Change::AddLearner(4)), "a seat to fill before forgetting");
         v.learners.insert(4);
         v.silent_ms.insert(4, 10);

@@ -291,7 +291,8 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
             // An id this replica saw issued (a restart with Raft state: a
             // fresh founder's replica has issued none) that the leader no
             // longer holds: removal from membership came first, so this
-            // replica is nobody's to keep. The operator decides.
+            // replica is nobody's to keep. The caller decides (`impetus
+            // peer` sets it aside and joins again as a new peer).
             (None, Some(id)) if consensus.read(|s| s.peer_id_issued(id)) => return Err(PeerError::Removed(id)),
             (None, _) => {
                 let cmd = Command::RegisterPeer { info: cfg.info.clone(), role: PeerRole::Voter };
