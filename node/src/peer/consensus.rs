@@ -87,6 +87,13 @@ pub async fn serve_work<C: Consensus + ?Sized>(
     req: WorkRequest,
 ) -> Result<WorkReply, ConsensusError> {
     let WorkRequest { peer, cmds, lease_max, release_orphans } = req;
+    // A starting peer the registry does not know is taken for removed
+    // (`PeerError::Removed`): say so only from a state caught up to a read
+    // point the leader confirms (a leader just elected, a voter's replica,
+    // may not have applied all that was committed).
+    if release_orphans && !c.read(|s| s.has_peer(peer)) {
+        c.catch_up().await?;
+    }
     let (registered, drained, held, streams, due) = c.read(|s| {
         let held = if release_orphans { s.leases_held_by(peer) } else { Vec::new() };
         let drained = release_orphans && s.peer(peer).is_some_and(|p| p.draining);

@@ -239,7 +239,9 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
         let mut wait = StartWait::new(rt);
         loop {
             match consensus.work(rt.now(), hello.clone()).await {
-                Err(e @ ConsensusError::NotLeader { .. }) if !wait.over(rt) => wait.pause(rt, hello.peer, &e).await,
+                Err(e @ (ConsensusError::NotLeader { .. } | ConsensusError::Unavailable(_))) if !wait.over(rt) => {
+                    wait.pause(rt, hello.peer, &e).await
+                }
                 other => return other,
             }
         }
@@ -255,6 +257,7 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
         cfg: PeerConfig,
         id: Option<PeerId>,
     ) -> Result<Peer<R, C, X>, PeerError> {
+        let holds_state = consensus.holds_state().await;
         if let Some(id) = id {
             // After a restart the log may not be re-applied yet, and the
             // commit index this replica restored may lag (it is not flushed
@@ -262,7 +265,7 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
             // the leader confirms before deciding that it is unknown and
             // registering a new id (bounded; a worker holds no state and
             // asks the leader directly).
-            if consensus.holds_state().await {
+            if holds_state {
                 let mut wait = StartWait::new(&rt);
                 while !consensus.read(|s| s.peer(id).is_some()) && !wait.over(&rt) {
                     match consensus.catch_up().await {
@@ -291,9 +294,13 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
             // An id this replica saw issued (a restart with Raft state: a
             // fresh founder's replica has issued none) that the leader no
             // longer holds: removal from membership came first, so this
-            // replica is nobody's to keep. The caller decides (`impetus
-            // peer` sets it aside and joins again as a new peer).
-            (None, Some(id)) if consensus.read(|s| s.peer_id_issued(id)) => return Err(PeerError::Removed(id)),
+            // replica is nobody's to keep. Or a worker's id (no replica: its
+            // id came from the leader when it joined) the leader no longer
+            // holds: taken out since. The caller decides (`impetus peer`
+            // sets the state aside and joins again as a new peer).
+            (None, Some(id)) if !holds_state || consensus.read(|s| s.peer_id_issued(id)) => {
+                return Err(PeerError::Removed(id))
+            }
             (None, _) => {
                 let cmd = Command::RegisterPeer { info: cfg.info.clone(), role: PeerRole::Voter };
                 match consensus.write(rt.now(), cmd).await? {
