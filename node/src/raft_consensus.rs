@@ -356,6 +356,7 @@ impl<C: ImpetusConfig> Membership for RaftConsensus<C> {
     /// against the view after the changes made meanwhile (a departure's
     /// above all: the peer leaving must not be added back).
     async fn change(&self, c: Change, now: Timestamp) -> Result<(), ConsensusError> {
+        let stale = || ConsensusError::Unavailable(format!("{c:?} no longer fits the membership; planned again"));
         if let Change::Forget(id) = c {
             // Still a learner or worker (not promoted meanwhile). One that
             // answers again just after is refused, learns that it was taken
@@ -370,7 +371,7 @@ impl<C: ImpetusConfig> Membership for RaftConsensus<C> {
                 return Ok(());
             }
             if !v.learners.contains(&id) {
-                return Err(ConsensusError::Unavailable(format!("{c:?} no longer fits the membership; planned again")));
+                return Err(stale());
             }
             tracing::warn!(peer = id, "a learner silent too long is taken out of the cluster");
             return self.remove_peer(self, now, PeerId(id)).await;
@@ -385,11 +386,10 @@ impl<C: ImpetusConfig> Membership for RaftConsensus<C> {
                 .map_err(|e| ConsensusError::Unavailable(e.to_string()));
         }
         let one_at_a_time = self.changing.lock().await;
-        let now = self.view_to_change()?;
-        let stale = || ConsensusError::Unavailable(format!("{c:?} no longer fits the membership; planned again"));
+        let view = self.view_to_change()?;
         let members = match c {
             Change::AddLearner(id) => {
-                if !now.workers.contains_key(&id) {
+                if !view.workers.contains_key(&id) {
                     return Err(stale());
                 }
                 let addr = self.state.read(|s| s.peer(PeerId(id)).and_then(|p| p.info.addresses.first().cloned()));
@@ -401,9 +401,9 @@ impl<C: ImpetusConfig> Membership for RaftConsensus<C> {
                 drop(one_at_a_time);
                 return Ok(());
             }
-            Change::Promote(id) if now.learners.contains(&id) => ChangeMembers::AddVoterIds(BTreeSet::from([id])),
-            Change::Replace { dead, with } if now.voters.contains(&dead) && now.learners.contains(&with) => {
-                let mut voters = now.voters;
+            Change::Promote(id) if view.learners.contains(&id) => ChangeMembers::AddVoterIds(BTreeSet::from([id])),
+            Change::Replace { dead, with } if view.voters.contains(&dead) && view.learners.contains(&with) => {
+                let mut voters = view.voters;
                 voters.remove(&dead);
                 voters.insert(with);
                 ChangeMembers::ReplaceAllVoters(voters)

@@ -308,11 +308,11 @@ pub async fn run_peer(
         let began = std::time::Instant::now();
         match run_once(&opts, &mut shutdown, rejoins > 0).await? {
             Life::Stopped => return Ok(()),
-            Life::Removed(_) if began.elapsed() < REJOIN_RESET && rejoins == MAX_REJOINS => {
-                return Err(ServeError::RemovedAgain { times: MAX_REJOINS + 1 });
-            }
             Life::Removed(id) => {
                 rejoins = if began.elapsed() < REJOIN_RESET { rejoins + 1 } else { 1 };
+                if rejoins > MAX_REJOINS {
+                    return Err(ServeError::RemovedAgain { times: rejoins });
+                }
                 let kept = set_aside(&opts.data_dir, id)?;
                 tracing::warn!(
                     peer = %id,

@@ -129,8 +129,8 @@ pub struct Stats {
     /// Leaves that took the peer out of the cluster, and those that did not.
     pub leaves: u64,
     pub leaves_failed: u64,
-    /// Peers that learned by themselves that the cluster took them out
-    /// (a leave done whose answer was lost).
+    /// Peers that learned by themselves that the cluster took them out (a
+    /// leave done whose answer was lost, or forgotten while silent).
     pub removals_learned: u64,
     /// Jobs done in the entry that submitted them (results their leader
     /// wrote with the submit).

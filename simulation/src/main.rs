@@ -144,7 +144,7 @@ fn real_main() -> anyhow::Result<bool> {
         if args.seed.is_some() {
             let s = &report.stats;
             println!(
-                "seed {seed}: {} ({} virtual ms, {} events, {} writes ok, {} failed, {} crashes, {} leaves ({} failed, {} learned later), {} jobs done in their submit's entry, {} by workers; {} workers made learners, {} voters)",
+                "seed {seed}: {} ({} virtual ms, {} events, {} writes ok, {} failed, {} crashes, {} leaves ({} failed), {} learned they were taken out, {} jobs done in their submit's entry, {} by workers; {} workers made learners, {} voters)",
                 if report.failure.is_none() { "ok" } else { "FAILED" },
                 s.virtual_ms,
                 s.events,

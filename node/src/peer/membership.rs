@@ -77,7 +77,8 @@ pub enum Change {
     /// Make this learner a voter.
     Promote(u64),
     /// Take this silent learner or worker out of membership and the
-    /// registry (a departure: `RaftConsensus::remove_peer`).
+    /// registry: a learner by `RaftConsensus::remove_peer` (a departure), a
+    /// worker, no member, out of the registry alone.
     Forget(u64),
     /// Swap a silent voter for a learner: `voters - dead + with`.
     Replace { dead: u64, with: u64 },
@@ -164,7 +165,9 @@ fn forgotten(v: &View, p: &Policy) -> Option<u64> {
     let quiet = |id: &u64| v.workers_quiet_ms.get(id).copied().unwrap_or(0);
     let workers =
         v.workers.iter().filter(|(id, (silent, _))| (*silent).min(quiet(id)) >= p.forget_after_ms).map(|(id, _)| id);
-    learners.chain(workers).filter(|id| **id != v.me).min().copied()
+    // Never this leader: it is a voter here ([`plan`] handed its lead over
+    // otherwise), and voters are neither learners nor workers.
+    learners.chain(workers).min().copied()
 }
 
 /// Raft membership as the manager drives it.
