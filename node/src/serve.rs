@@ -195,12 +195,15 @@ impl Drop for JobThreads {
 }
 
 /// The wasm executor as the peer's [`JobRunner`], counting what it runs.
-/// Jobs run on [`JobThreads`]; `run` starts a job at the call.
+/// Jobs run on [`JobThreads`], except that a job started while no other
+/// runs here runs its first slice where it is started (see `start`).
 #[derive(Clone)]
 pub struct WasmRunner {
     exec: Executor,
     metrics: Option<Arc<Metrics>>,
     jobs: tokio::runtime::Handle,
+    /// Jobs started and not yet reported.
+    running: Arc<std::sync::atomic::AtomicUsize>,
     /// One compile at a time: the jobs of a module this peer has not seen
     /// yet all wait for its first compile instead of each compiling it
     /// (64 concurrent compiles starved Raft heartbeats in `just bench cluster`).
@@ -209,7 +212,13 @@ pub struct WasmRunner {
 
 impl WasmRunner {
     pub fn new(exec: Executor, metrics: Option<Arc<Metrics>>, jobs: &JobThreads) -> WasmRunner {
-        WasmRunner { exec, metrics, jobs: jobs.handle(), compiling: Arc::new(tokio::sync::Mutex::new(())) }
+        WasmRunner {
+            exec,
+            metrics,
+            jobs: jobs.handle(),
+            running: Arc::default(),
+            compiling: Arc::new(tokio::sync::Mutex::new(())),
+        }
     }
 }
 
@@ -245,11 +254,30 @@ impl JobRunner for WasmRunner {
         run_job(self.exec.clone(), self.metrics.clone(), a)
     }
 
-    /// The job runs on [`JobThreads`] and reports from there.
+    /// The job runs on [`JobThreads`] and reports from there; but when no
+    /// other job runs on this peer (a lone submit: what its latency is made
+    /// of), its first slice runs here and now, and a short job (the usual
+    /// kind) ends and reports within it: no hand-off to a job thread and
+    /// back (each a thread woken from sleep: ~60 µs on a 2-core VM, and the
+    /// job itself runs slower on a cold thread). A job not done after its
+    /// first slice ([`crate::exec::YIELD_FUEL`] of fuel, well under
+    /// a millisecond, or sooner if it waits) goes on on the job threads. Its
+    /// timers are the job threads' in both cases.
     fn start<R: crate::peer::Runtime>(&self, _rt: &R, a: Attempt, done: impl FnOnce(RunReport) + Send + 'static) {
         let (exec, metrics) = (self.exec.clone(), self.metrics.clone());
+        let alone = self.running.fetch_add(1, Ordering::SeqCst) == 0;
+        let counted = Running(self.running.clone());
+        let mut job = Box::pin(async move {
+            let report = run_job(exec, metrics, a).await;
+            drop(counted);
+            done(report);
+        });
+        let _jobs = self.jobs.enter();
+        if alone && job.as_mut().poll(&mut std::task::Context::from_waker(futures::task::noop_waker_ref())).is_ready() {
+            return;
+        }
         // Dropped unpolled when the job threads are gone (the peer stopped).
-        drop(self.jobs.spawn(async move { done(run_job(exec, metrics, a).await) }));
+        drop(self.jobs.spawn(job));
     }
 
     fn leased(&self, n: usize) {
@@ -259,9 +287,19 @@ impl JobRunner for WasmRunner {
     }
 }
 
+/// One job counted in [`WasmRunner`]'s `running` until it reports (or is
+/// dropped unfinished: the peer stopped).
+struct Running(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Run one attempt on the executor, counting it.
 async fn run_job(exec: Executor, metrics: Option<Arc<Metrics>>, a: Attempt) -> RunReport {
-    tracing::trace!(target: crate::LATENCY, module = %a.module, "job starts on a job thread");
+    tracing::trace!(target: crate::LATENCY, module = %a.module, "job starts");
     let started = std::time::Instant::now();
     let out = exec
         .run(RunSpec {
@@ -278,7 +316,7 @@ async fn run_job(exec: Executor, metrics: Option<Arc<Metrics>>, a: Attempt) -> R
         let outcome = if out.result.is_ok() { "succeeded" } else { "failed" };
         m.job_finished(outcome, started.elapsed().as_secs_f64());
     }
-    tracing::trace!(target: crate::LATENCY, module = %a.module, "job ends on its job thread");
+    tracing::trace!(target: crate::LATENCY, module = %a.module, "job ends");
     RunReport { result: out.result, stdout_tail: out.stdout_tail, stderr_tail: out.stderr_tail }
 }
 

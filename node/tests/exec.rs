@@ -474,3 +474,55 @@ async fn the_executor_survives_every_failure() {
     let out = Job::new(square).args(&["11"]).run(&exec).await;
     assert_eq!(stdout_text(&out), "121\n");
 }
+
+/// The peer's runner: a job started while no other runs on the peer runs
+/// its first slice where it is started, so a short one has reported before
+/// `start` returns (no hand-off to a job thread and back). A long one goes
+/// on on a job thread; while it runs, a new job goes to the job threads at
+/// once (the two run side by side, not one after the other on the caller).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_short_job_runs_where_it_is_started_and_a_long_one_moves_to_a_job_thread() {
+    use impetus_node::peer::{Attempt, JobRunner, RunReport};
+    use impetus_node::rt::TokioRuntime;
+    use impetus_node::serve::{JobThreads, WasmRunner};
+    use impetus_proto::{JobSpec, RunLimits};
+    use std::sync::mpsc::{channel, Sender};
+
+    type Reported = (Option<String>, RunReport);
+    let exec = executor().clone();
+    let noop = prepare(&exec, "noop");
+    let spin = prepare(&exec, "spin");
+    let threads = JobThreads::new().expect("job threads");
+    let runner = WasmRunner::new(exec, None, &threads);
+    let attempt = |module, job_timeout_ms| Attempt {
+        module,
+        spec: JobSpec::default(),
+        limits: RunLimits { job_timeout_ms, fuel: None, memory_limit_bytes: 64 << 20 },
+        lease_ttl_ms: 10_000,
+    };
+    let report = |tx: Sender<Reported>| {
+        move |r: RunReport| {
+            let _ = tx.send((std::thread::current().name().map(str::to_owned), r));
+        }
+    };
+    let job_thread = Some("impetus-job".to_owned());
+
+    let (tx, rx) = channel();
+    runner.start(&TokioRuntime, attempt(noop, 10 * SECOND), report(tx));
+    let (thread, r) = rx.try_recv().expect("a lone no-op job has reported when start returns");
+    assert!(r.result.is_ok(), "{:?}", r.result);
+    assert_ne!(thread, job_thread, "it ran where it was started");
+
+    let (spin_tx, spin_rx) = channel();
+    runner.start(&TokioRuntime, attempt(spin, SECOND), report(spin_tx));
+    assert!(spin_rx.try_recv().is_err(), "the spinner still runs when start returns");
+    let (tx, rx) = channel();
+    runner.start(&TokioRuntime, attempt(noop, 10 * SECOND), report(tx));
+    let (thread, r) = rx.recv_timeout(Duration::from_secs(5)).expect("the no-op job beside the spinner ran");
+    assert!(r.result.is_ok(), "{:?}", r.result);
+    assert_eq!(thread, job_thread, "beside a running job, a new one runs on a job thread");
+    assert!(spin_rx.try_recv().is_err(), "the no-op job did not wait for the spinner");
+    let (thread, r) = spin_rx.recv_timeout(Duration::from_secs(10)).expect("the spinner was stopped");
+    assert_eq!(r.result.expect_err("the spinner times out").kind, ErrorKind::Timeout);
+    assert_eq!(thread, job_thread, "the spinner went on on a job thread");
+}

@@ -274,10 +274,11 @@ impl<C: ImpetusConfig> RaftStateMachine<C> for StateMachineStore<C> {
     where
         Strm: Stream<Item = Result<EntryResponder<C>, io::Error>> + Unpin + OptionalSend,
     {
+        tracing::trace!(target: "impetus_latency", "apply starts");
         while let Some((entry, responder)) = entries.try_next().await? {
             let index = entry.log_id.index;
             let result = self.handle.write_guard().apply_entry(entry, self.check_invariants, self.observer.as_ref());
-            tracing::trace!(index, ok = result.is_ok(), "applied");
+            tracing::trace!(target: "impetus_latency", index, ok = result.is_ok(), "applied");
             if let Some(responder) = responder {
                 responder.send(result);
             }

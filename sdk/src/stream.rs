@@ -87,6 +87,7 @@ where
 {
     loop {
         let frame = within(idle, "no request", read_frame(io, limits::MAX_MESSAGE_BYTES)).await?;
+        tracing::trace!(target: "impetus_latency", "client request read");
         let answer = async {
             let resp = match api::decode_request(&frame) {
                 Ok(req) => handle(req).await,
@@ -95,7 +96,9 @@ where
                     ClientResponse::Error(ServiceError::InvalidRequest(e.to_string()))
                 }
             };
-            write_frame(io, &encode_response_bounded(&resp), limits::MAX_MESSAGE_BYTES).await
+            let r = write_frame(io, &encode_response_bounded(&resp), limits::MAX_MESSAGE_BYTES).await;
+            tracing::trace!(target: "impetus_latency", "client answer written");
+            r
         };
         within(SERVER_ANSWER_TIMEOUT, "no answer handled and written", answer).await?;
     }

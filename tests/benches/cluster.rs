@@ -16,15 +16,22 @@
 //! - each peer's RSS idle and after the run.
 //!
 //! Flags (after `--`): `--quick` (small counts), `--paced-only` (form the
-//! cluster and measure the paced latency only), `--capacity N` (per peer;
+//! cluster and measure the paced latency only), `--breakdown` (the paced
+//! phase, with the peers tracing each write's path; prints, per milestone,
+//! when a job reached it after the leader read its request: see
+//! `cluster/breakdown.rs`), `--capacity N` (per peer;
 //! default 256: on a 2-core machine throughput grew from ~12k jobs/s at 64
 //! to ~25k at 256 and no further at 512, where latency rose), `--keep-logs`
 //! (keep the peers' data and logs and print where; `RUST_LOG` sets their
 //! level). `IMPETUS_BIN=path` runs the peers from that binary instead of
-//! building one (to compare two builds). Alongside the targets it prints what explains a miss: the disk's
-//! fsync latency (alone, and three writers at once as in the paced phase), one Raft write's latency, CPU per peer and of the rest of
+//! building one (to compare two builds). Alongside the targets it prints
+//! what explains a miss: the machine's floor measured apart from Impetus
+//! (`cluster/floor.rs`: three writers syncing at once on the data disk, and
+//! a round trip on the peers' libp2p transport and on plain TCP, paced as
+//! the jobs are), one Raft write's latency, CPU per peer and of the rest of
 //! the machine, and when the slow paced jobs were submitted (UTC, to match
-//! the peers' logs).
+//! the peers' logs). `--echo-server` is the floor probe's other end, which
+//! the bench starts itself.
 #![allow(clippy::print_stdout)]
 
 use std::path::Path;
@@ -37,6 +44,11 @@ use anyhow::{bail, Context, Result};
 use impetus_proto::{JobId, JobSpec, JobStatus, ModuleHash, NewJob, PeerId, StreamName, StreamProps};
 use impetus_sdk::Client;
 use impetus_tests::{free_port, release_bin, rss_of, submit_until_done, wasm};
+
+#[path = "cluster/breakdown.rs"]
+mod breakdown;
+#[path = "cluster/floor.rs"]
+mod floor;
 
 /// Jobs per submit request.
 const BATCH: usize = 500;
@@ -136,15 +148,20 @@ struct Proc {
 }
 
 impl Proc {
-    fn start(bin: &Path, dir: &Path, name: &str, capacity: u32, join: Option<&str>) -> Result<Proc> {
+    /// With `trace`, the peer logs the `impetus_latency` trace events (for
+    /// `--breakdown`); else `RUST_LOG` decides, as for any peer.
+    fn start(bin: &Path, dir: &Path, name: &str, opts: &Opts, join: Option<&str>) -> Result<Proc> {
         let addr = format!("127.0.0.1:{}", free_port());
         let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
         let mut cmd = Command::new(bin);
-        cmd.args(["peer", "--listen", &addr, "--capacity", &capacity.to_string(), "--data-dir"])
+        cmd.args(["peer", "--listen", &addr, "--capacity", &opts.capacity.to_string(), "--data-dir"])
             .arg(dir.join(name))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
+        if opts.breakdown {
+            cmd.env("RUST_LOG", "warn,impetus_latency=trace");
+        }
         if let Some(j) = join {
             cmd.args(["--join", j]);
         }
@@ -435,18 +452,25 @@ async fn failover(
 #[tokio::main(flavor = "multi_thread", worker_threads = 1)]
 async fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let quick = args.iter().any(|a| a == "--quick");
-    let paced_only = args.iter().any(|a| a == "--paced-only");
-    let keep_logs = args.iter().any(|a| a == "--keep-logs");
-    let capacity: u32 = match args.iter().position(|a| a == "--capacity") {
-        Some(i) => args.get(i + 1).context("--capacity N")?.parse()?,
-        None => 256,
+    let flag = |name: &str| args.iter().any(|a| a == name);
+    if flag("--echo-server") {
+        return floor::echo_server().await;
+    }
+    let breakdown = flag("--breakdown");
+    let opts = Opts {
+        capacity: match args.iter().position(|a| a == "--capacity") {
+            Some(i) => args.get(i + 1).context("--capacity N")?.parse()?,
+            None => 256,
+        },
+        quick: flag("--quick"),
+        paced_only: flag("--paced-only") || breakdown,
+        breakdown,
     };
     let bin = release_bin()?;
     let noop = std::fs::read(wasm("noop"))?;
     let dir = tempfile::tempdir()?;
-    let result = run(&bin, dir.path(), capacity, noop, quick, paced_only).await;
-    if keep_logs || result.is_err() {
+    let result = run(&bin, dir.path(), &opts, noop).await;
+    if flag("--keep-logs") || result.is_err() {
         let kept = dir.keep();
         println!("peer logs kept in {}", kept.display());
     }
@@ -471,37 +495,6 @@ fn fsync_probe(dir: &Path) -> Result<(Duration, Duration)> {
     Ok((v[25], v[49]))
 }
 
-/// The disk as the paced phase uses it: three writers (a leader and two
-/// followers), each appending 300 bytes and `fdatasync`ing every 5 ms, for
-/// 1 s. p50/p99 of all the syncs: a replicated write waits for two of them.
-fn contended_fsync_probe(dir: &Path) -> Result<(Duration, Duration)> {
-    use std::io::Write;
-    let writers: Vec<_> = (0..3)
-        .map(|i| {
-            let path = dir.join(format!("fsync-probe-{i}"));
-            std::thread::spawn(move || -> std::io::Result<Vec<Duration>> {
-                let mut f = std::fs::File::create(&path)?;
-                let mut v = Vec::with_capacity(200);
-                for _ in 0..200 {
-                    f.write_all(&[7u8; 300])?;
-                    let t = Instant::now();
-                    f.sync_data()?;
-                    v.push(t.elapsed());
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                std::fs::remove_file(&path)?;
-                Ok(v)
-            })
-        })
-        .collect();
-    let mut all = Vec::new();
-    for w in writers {
-        all.extend(w.join().map_err(|_| anyhow::anyhow!("an fsync probe panicked"))??);
-    }
-    all.sort_unstable();
-    Ok((all[all.len() / 2], all[all.len() * 99 / 100]))
-}
-
 /// `ms:count` for each latency seen, ascending (`lat` sorted).
 fn histogram(lat: &[u64]) -> String {
     let mut out: Vec<(u64, usize)> = Vec::new();
@@ -514,17 +507,32 @@ fn histogram(lat: &[u64]) -> String {
     out.iter().map(|(v, n)| format!("{v}:{n}")).collect::<Vec<_>>().join(" ")
 }
 
-async fn run(bin: &Path, dir: &Path, capacity: u32, noop: Vec<u8>, quick: bool, paced_only: bool) -> Result<()> {
+/// How `main` was asked to run.
+struct Opts {
+    /// `--capacity N`: job slots per peer.
+    capacity: u32,
+    /// `--quick`: small counts.
+    quick: bool,
+    /// `--paced-only` (or `--breakdown`): the paced latency alone.
+    paced_only: bool,
+    /// `--breakdown`: the peers trace a write's path; where a paced job's
+    /// time goes is printed from their logs.
+    breakdown: bool,
+}
+
+async fn run(bin: &Path, dir: &Path, opts: &Opts, noop: Vec<u8>) -> Result<()> {
+    let Opts { capacity, quick, paced_only, .. } = *opts;
     let fsync = fsync_probe(dir)?;
-    let fsync3 = contended_fsync_probe(dir)?;
+    let (quorum_flush, each_flush) = floor::quorum_flush(dir, 200)?;
+    let (stream_rtt, tcp_rtt) = floor::network_round_trips(if quick { 200 } else { 400 }).await?;
     let load_start = load_avg();
     // Form the cluster: the first peer founds it, the others join it.
     let t_form = Instant::now();
-    let mut procs = vec![Proc::start(bin, dir, "p1", capacity, None)?];
+    let mut procs = vec![Proc::start(bin, dir, "p1", opts, None)?];
     let first = connect(&mut procs[0], Duration::from_secs(30)).await?;
     let join = procs[0].addr.clone();
     for name in ["p2", "p3"] {
-        procs.push(Proc::start(bin, dir, name, capacity, Some(&join))?);
+        procs.push(Proc::start(bin, dir, name, opts, Some(&join))?);
     }
     let mut clients = vec![first];
     for p in procs.iter_mut().skip(1) {
@@ -656,14 +664,39 @@ async fn run(bin: &Path, dir: &Path, capacity: u32, noop: Vec<u8>, quick: bool, 
     let ms = |us: u64| format!("{:.1}", us as f64 / 1e3);
     // Histograms by whole ms, rounded up (2 = over 1 ms, up to 2 ms).
     let by_ms = |us: &[u64]| histogram(&us.iter().map(|u| u.div_ceil(1000)).collect::<Vec<_>>());
+    let pair = |v: &[u64]| {
+        let mut v = v.to_vec();
+        v.sort_unstable();
+        format!("{}/{}", ms(percentile(&v, 0.50)), ms(percentile(&v, 0.99)))
+    };
+    let floor_rows = [
+        ("disk: 3 writers at once, 300 B + fdatasync, each p50/p99 (ms)", pair(&each_flush)),
+        ("  the 2nd of the 3 done (what a commit waits for) p50/p99 (ms)", pair(&quorum_flush)),
+        ("network: 200 B round trip on a libp2p stream, p50/p99 (ms)", pair(&stream_rtt)),
+        ("  the same on plain TCP (both one every 5 ms) p50/p99 (ms)", pair(&tcp_rtt)),
+        (
+            "floor: 2 stream round trips + the 2nd of 3 syncs, p50/p99 (ms)",
+            pair(&floor::paced_floor(&stream_rtt, &quorum_flush)),
+        ),
+    ];
+    if opts.breakdown {
+        let name = |i: usize| format!("p{}", i + 1);
+        let followers: Vec<String> = (0..procs.len()).filter(|&i| i != leader).map(name).collect();
+        let followers: Vec<&str> = followers.iter().map(String::as_str).collect();
+        println!(
+            "where a paced job's time goes (µs since the leader read the request; f: the follower that replied first):"
+        );
+        println!("{:<30} {:>6} {:>7} {:>7} {:>7}", "event", "jobs", "p50", "p90", "p99");
+        for (event, jobs, [p50, p90, p99]) in breakdown::breakdown(dir, &name(leader), &followers)? {
+            println!("{event:<30} {jobs:>6} {p50:>7} {p90:>7} {p99:>7}");
+        }
+    }
     if paced_only {
         // `--paced-only`: the latency rows alone (for iterating on them).
         println!("fsync p50/p99 {:.1}/{:.1} ms", fsync.0.as_secs_f64() * 1e3, fsync.1.as_secs_f64() * 1e3);
-        println!(
-            "fsync, 3 writers at 200/s each, p50/p99 {:.1}/{:.1} ms",
-            fsync3.0.as_secs_f64() * 1e3,
-            fsync3.1.as_secs_f64() * 1e3
-        );
+        for (name, value) in &floor_rows {
+            println!("{name}: {value}");
+        }
         println!(
             "submit→done at 200 jobs/s: p50 {} ms, p99 {} ms, max {} ms; CPU (cores) of p1/p2/p3 {}",
             ms(percentile(&lat, 0.50)),
@@ -714,11 +747,9 @@ async fn run(bin: &Path, dir: &Path, capacity: u32, noop: Vec<u8>, quick: bool, 
         "disk: 4 KiB write + fdatasync in the data dir p50/p99 (ms)",
         format!("{:.1}/{:.1}", fsync.0.as_secs_f64() * 1e3, fsync.1.as_secs_f64() * 1e3)
     );
-    println!(
-        "{:<w$} {:>14}",
-        "disk: 3 writers, 300 B + fdatasync every 5 ms each, p50/p99 (ms)",
-        format!("{:.1}/{:.1}", fsync3.0.as_secs_f64() * 1e3, fsync3.1.as_secs_f64() * 1e3)
-    );
+    for (name, value) in &floor_rows {
+        println!("{name:<w$} {value:>14}");
+    }
     println!(
         "{:<w$} {:>14}",
         format!("machine: {} cores, load average (1 min) at start/end", cores),

@@ -47,6 +47,13 @@ use self::capture::Capture;
 /// timeouts and of a spinning job's yields to the async runtime.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
+/// A running job yields to the async runtime each time it has used this
+/// much fuel (about one wasm instruction each: a fraction of a
+/// millisecond), as well as on every epoch tick. This bounds the slice a
+/// job runs where it is started before it moves to a job thread
+/// (`WasmRunner::start`); a yield costs about a microsecond.
+pub const YIELD_FUEL: u64 = 1_000_000;
+
 /// The program name a job sees as `argv[0]`.
 pub const ARGV0: &str = "job";
 
@@ -376,6 +383,12 @@ impl Executor {
         store.limiter(|s| &mut s.limiter);
         if let Err(e) = store.set_fuel(job.fuel.unwrap_or(u64::MAX)) {
             return RunOutcome::failed(ErrorRecord::new(ErrorKind::Other, format!("cannot set fuel: {}", chain(&e))));
+        }
+        if let Err(e) = store.fuel_async_yield_interval(Some(YIELD_FUEL)) {
+            return RunOutcome::failed(ErrorRecord::new(
+                ErrorKind::Other,
+                format!("cannot set the yield interval: {}", chain(&e)),
+            ));
         }
         let timeout = Duration::from_millis(job.timeout_ms);
         let deadline = started + timeout;
