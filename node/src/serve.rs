@@ -1,12 +1,13 @@
 //! `impetus peer`: one real peer — Raft on sled, the wasm executor, the
 //! client protocol on libp2p — wired to the peer logic.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use impetus_raft::{PeerNode, TypeConfig};
 use libp2p::identity::Keypair;
@@ -152,6 +153,8 @@ fn job_niceness(base: i32) -> i32 {
 /// once on an idle thread instead of waiting behind the Raft and network
 /// work of the peer's runtime, and at a lower priority
 /// ([`lower_job_thread_priority`]), so a busy job never delays a heartbeat.
+/// (A lone job of a module known to be quick runs where it is started:
+/// [`WasmRunner`].)
 /// Shut down without waiting when dropped: by then the peer has drained
 /// its jobs.
 pub struct JobThreads {
@@ -195,15 +198,14 @@ impl Drop for JobThreads {
 }
 
 /// The wasm executor as the peer's [`JobRunner`], counting what it runs.
-/// Jobs run on [`JobThreads`], except that a job started while no other
-/// runs here runs its first slice where it is started (see `start`).
+/// Jobs run on [`JobThreads`], except that a lone job of a module known to
+/// be quick runs its first slice where it is started (see `start`).
 #[derive(Clone)]
 pub struct WasmRunner {
     exec: Executor,
     metrics: Option<Arc<Metrics>>,
     jobs: tokio::runtime::Handle,
-    /// Jobs started and not yet reported.
-    running: Arc<std::sync::atomic::AtomicUsize>,
+    inline: Arc<Inline>,
     /// One compile at a time: the jobs of a module this peer has not seen
     /// yet all wait for its first compile instead of each compiling it
     /// (64 concurrent compiles starved Raft heartbeats in `just bench cluster`).
@@ -216,9 +218,17 @@ impl WasmRunner {
             exec,
             metrics,
             jobs: jobs.handle(),
-            running: Arc::default(),
+            inline: Arc::new(Inline::new(QUICK_RUN)),
             compiling: Arc::new(tokio::sync::Mutex::new(())),
         }
+    }
+
+    /// The same runner, for which a module is quick when its last run took
+    /// under `quick_run` instead of [`QUICK_RUN`] (tests: a debug build runs
+    /// even a no-op job slower).
+    pub fn with_quick_run(mut self, quick_run: Duration) -> WasmRunner {
+        self.inline = Arc::new(Inline::new(quick_run));
+        self
     }
 }
 
@@ -254,27 +264,48 @@ impl JobRunner for WasmRunner {
         run_job(self.exec.clone(), self.metrics.clone(), a)
     }
 
-    /// The job runs on [`JobThreads`] and reports from there; but when no
-    /// other job runs on this peer (a lone submit: what its latency is made
-    /// of), its first slice runs here and now, and a short job (the usual
-    /// kind) ends and reports within it: no hand-off to a job thread and
-    /// back (each a thread woken from sleep: ~60 µs on a 2-core VM, and the
-    /// job itself runs slower on a cold thread). A job not done after its
-    /// first slice ([`crate::exec::YIELD_FUEL`] of fuel, well under
-    /// a millisecond, or sooner if it waits) goes on on the job threads. Its
-    /// timers are the job threads' in both cases.
+    /// The job runs on [`JobThreads`] and reports from there; but a lone
+    /// job (no other runs on this peer: a lone submit, whose latency is
+    /// made of hand-offs) of a module whose last run here took under
+    /// [`QUICK_RUN`] runs its first slice here and now, and ends and reports
+    /// within it: no hand-off to a job thread and back (each a thread woken
+    /// from sleep: ~60 µs on a 2-core VM). One not done after its first
+    /// slice ([`crate::exec::YIELD_FUEL`] of fuel, or sooner if it waits)
+    /// goes on on the job threads. Such slices take at most a tenth of the
+    /// caller's thread ([`INLINE_SPACING`]); a burst of jobs goes to the job
+    /// threads, which run them side by side. A panic in a slice is caught
+    /// and logged, and the job dropped, as a job thread would (its lease
+    /// expires; it runs again). A job's timers are the job threads' either
+    /// way.
     fn start<R: crate::peer::Runtime>(&self, _rt: &R, a: Attempt, done: impl FnOnce(RunReport) + Send + 'static) {
-        let (exec, metrics) = (self.exec.clone(), self.metrics.clone());
-        let alone = self.running.fetch_add(1, Ordering::SeqCst) == 0;
-        let counted = Running(self.running.clone());
+        let (exec, metrics, inline) = (self.exec.clone(), self.metrics.clone(), self.inline.clone());
+        let alone = inline.running.fetch_add(1, Ordering::SeqCst) == 0;
+        let quick = inline.is_quick(&a.module);
+        let counted = Running(inline.clone());
         let mut job = Box::pin(async move {
+            let module = a.module;
+            let started = Instant::now();
             let report = run_job(exec, metrics, a).await;
+            counted.0.learn(module, started.elapsed());
             drop(counted);
             done(report);
         });
         let _jobs = self.jobs.enter();
-        if alone && job.as_mut().poll(&mut std::task::Context::from_waker(futures::task::noop_waker_ref())).is_ready() {
-            return;
+        let now = inline.epoch.elapsed();
+        if alone && quick && micros(now) >= inline.next_us.load(Ordering::SeqCst) {
+            let t = Instant::now();
+            let mut cx = std::task::Context::from_waker(futures::task::noop_waker_ref());
+            let ended = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.as_mut().poll(&mut cx)));
+            let next = now + t.elapsed().saturating_mul(INLINE_SPACING);
+            inline.next_us.store(micros(next), Ordering::SeqCst);
+            match ended {
+                Ok(std::task::Poll::Ready(())) => return,
+                Ok(std::task::Poll::Pending) => {}
+                Err(_) => {
+                    tracing::error!("a job panicked in its first slice; dropped, its lease will expire");
+                    return;
+                }
+            }
         }
         // Dropped unpolled when the job threads are gone (the peer stopped).
         drop(self.jobs.spawn(job));
@@ -287,13 +318,69 @@ impl JobRunner for WasmRunner {
     }
 }
 
-/// One job counted in [`WasmRunner`]'s `running` until it reports (or is
-/// dropped unfinished: the peer stopped).
-struct Running(Arc<std::sync::atomic::AtomicUsize>);
+/// A lone job's first slice starts no sooner than this many times the
+/// last such slice's length after that slice started: slices run where
+/// jobs are started take at most a tenth of that thread, whatever the jobs.
+const INLINE_SPACING: u32 = 10;
+
+/// A module whose last run on this peer took less is quick: its next lone
+/// job may run where it is started.
+pub const QUICK_RUN: Duration = Duration::from_millis(1);
+
+/// Most modules [`Inline`] remembers; past it, it forgets them all.
+const QUICK_MODULES: usize = 1024;
+
+/// When [`WasmRunner::start`] may run a job's first slice where it is
+/// started.
+#[derive(Debug)]
+struct Inline {
+    /// Jobs started and not yet reported.
+    running: AtomicUsize,
+    /// When (µs after `epoch`) the next such slice may start.
+    next_us: AtomicU64,
+    epoch: Instant,
+    /// A run that took less is quick.
+    quick_run: Duration,
+    /// Modules by whether their last run here was quick (never iterated).
+    quick: std::sync::Mutex<HashMap<ModuleHash, bool>>,
+}
+
+impl Inline {
+    fn new(quick_run: Duration) -> Inline {
+        Inline {
+            running: AtomicUsize::new(0),
+            next_us: AtomicU64::new(0),
+            epoch: Instant::now(),
+            quick_run,
+            quick: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn is_quick(&self, module: &ModuleHash) -> bool {
+        self.quick.lock().unwrap_or_else(|p| p.into_inner()).get(module).copied().unwrap_or(false)
+    }
+
+    /// `module`'s run took `took`.
+    fn learn(&self, module: ModuleHash, took: Duration) {
+        let mut known = self.quick.lock().unwrap_or_else(|p| p.into_inner());
+        if known.len() >= QUICK_MODULES && !known.contains_key(&module) {
+            known.clear();
+        }
+        known.insert(module, took < self.quick_run);
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// One job counted in [`Inline::running`] until it reports (or is dropped
+/// unfinished: the peer stopped).
+struct Running(Arc<Inline>);
 
 impl Drop for Running {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        self.0.running.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

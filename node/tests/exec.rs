@@ -475,54 +475,65 @@ async fn the_executor_survives_every_failure() {
     assert_eq!(stdout_text(&out), "121\n");
 }
 
-/// The peer's runner: a job started while no other runs on the peer runs
-/// its first slice where it is started, so a short one has reported before
-/// `start` returns (no hand-off to a job thread and back). A long one goes
-/// on on a job thread; while it runs, a new job goes to the job threads at
-/// once (the two run side by side, not one after the other on the caller).
+/// The peer's runner: a lone job (no other runs on the peer) of a module
+/// known to be quick runs where it is started, so it has reported before
+/// `start` returns (no hand-off to a job thread and back). A module not yet
+/// seen, a job started right after such a run (they take at most a tenth
+/// of the caller's thread), and a job beside a running one go to the job
+/// threads; a long job runs there, side by side with the others.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lone_short_job_runs_where_it_is_started_and_a_long_one_moves_to_a_job_thread() {
+async fn a_lone_quick_job_runs_where_it_is_started_and_others_on_the_job_threads() {
     use impetus_node::peer::{Attempt, JobRunner, RunReport};
     use impetus_node::rt::TokioRuntime;
     use impetus_node::serve::{JobThreads, WasmRunner};
     use impetus_proto::{JobSpec, RunLimits};
-    use std::sync::mpsc::{channel, Sender};
+    use std::sync::mpsc::{channel, Receiver, Sender};
 
     type Reported = (Option<String>, RunReport);
     let exec = executor().clone();
     let noop = prepare(&exec, "noop");
     let spin = prepare(&exec, "spin");
     let threads = JobThreads::new().expect("job threads");
-    let runner = WasmRunner::new(exec, None, &threads);
-    let attempt = |module, job_timeout_ms| Attempt {
-        module,
-        spec: JobSpec::default(),
-        limits: RunLimits { job_timeout_ms, fuel: None, memory_limit_bytes: 64 << 20 },
-        lease_ttl_ms: 10_000,
-    };
-    let report = |tx: Sender<Reported>| {
-        move |r: RunReport| {
+    // A debug build runs even a no-op job slower than the production 1 ms.
+    let runner = WasmRunner::new(exec, None, &threads).with_quick_run(Duration::from_millis(500));
+    let start = |module, job_timeout_ms| -> Receiver<Reported> {
+        let (tx, rx): (Sender<Reported>, _) = channel();
+        let attempt = Attempt {
+            module,
+            spec: JobSpec::default(),
+            limits: RunLimits { job_timeout_ms, fuel: None, memory_limit_bytes: 64 << 20 },
+            lease_ttl_ms: 10_000,
+        };
+        runner.start(&TokioRuntime, attempt, move |r: RunReport| {
             let _ = tx.send((std::thread::current().name().map(str::to_owned), r));
-        }
+        });
+        rx
     };
-    let job_thread = Some("impetus-job".to_owned());
+    let ran = |rx: Receiver<Reported>| {
+        let (thread, r) = rx.recv_timeout(Duration::from_secs(10)).expect("the job reported");
+        (thread.as_deref() == Some("impetus-job"), r.result)
+    };
 
-    let (tx, rx) = channel();
-    runner.start(&TokioRuntime, attempt(noop, 10 * SECOND), report(tx));
-    let (thread, r) = rx.try_recv().expect("a lone no-op job has reported when start returns");
-    assert!(r.result.is_ok(), "{:?}", r.result);
-    assert_ne!(thread, job_thread, "it ran where it was started");
+    let (on_job_thread, result) = ran(start(noop, 10 * SECOND));
+    assert!(result.is_ok(), "{result:?}");
+    assert!(on_job_thread, "a module not yet seen runs on a job thread");
+    tokio::time::sleep(Duration::from_millis(50)).await;
 
-    let (spin_tx, spin_rx) = channel();
-    runner.start(&TokioRuntime, attempt(spin, SECOND), report(spin_tx));
-    assert!(spin_rx.try_recv().is_err(), "the spinner still runs when start returns");
-    let (tx, rx) = channel();
-    runner.start(&TokioRuntime, attempt(noop, 10 * SECOND), report(tx));
-    let (thread, r) = rx.recv_timeout(Duration::from_secs(5)).expect("the no-op job beside the spinner ran");
+    let (thread, r) = start(noop, 10 * SECOND).try_recv().expect("a lone quick job has reported when start returns");
     assert!(r.result.is_ok(), "{:?}", r.result);
-    assert_eq!(thread, job_thread, "beside a running job, a new one runs on a job thread");
-    assert!(spin_rx.try_recv().is_err(), "the no-op job did not wait for the spinner");
-    let (thread, r) = spin_rx.recv_timeout(Duration::from_secs(10)).expect("the spinner was stopped");
-    assert_eq!(r.result.expect_err("the spinner times out").kind, ErrorKind::Timeout);
-    assert_eq!(thread, job_thread, "the spinner went on on a job thread");
+    assert_ne!(thread.as_deref(), Some("impetus-job"), "it ran where it was started");
+    let (on_job_thread, result) = ran(start(noop, 10 * SECOND));
+    assert!(result.is_ok(), "{result:?}");
+    assert!(on_job_thread, "right after a job run where it was started, the next goes to the job threads");
+
+    let spinner = start(spin, SECOND);
+    assert!(spinner.try_recv().is_err(), "the spinner still runs when start returns");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (on_job_thread, result) = ran(start(noop, 10 * SECOND));
+    assert!(result.is_ok(), "{result:?}");
+    assert!(on_job_thread, "beside a running job, a new one runs on a job thread");
+    assert!(spinner.try_recv().is_err(), "the no-op job did not wait for the spinner");
+    let (on_job_thread, result) = ran(spinner);
+    assert_eq!(result.expect_err("the spinner times out").kind, ErrorKind::Timeout);
+    assert!(on_job_thread, "the spinner ran on a job thread");
 }

@@ -9,7 +9,8 @@
 //!
 //! Limits, and how a failed attempt is reported (never a crashed or hung peer):
 //! - wall-clock timeout: the epoch callback yields to the async runtime every
-//!   tick (a spinning job cannot stall other tasks) and interrupts the job
+//!   tick, and a job yields after each [`YIELD_FUEL`] of fuel too (a
+//!   spinning job cannot stall other tasks), and the callback interrupts the job
 //!   past its deadline; a job blocked in a host call (sleeping) is dropped at
 //!   the deadline too. Optional fuel. Both: [`ErrorKind::Timeout`].
 //! - memory: a per-job `StoreLimits` below the pool's per-instance maximum;
@@ -48,10 +49,11 @@ use self::capture::Capture;
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
 /// A running job yields to the async runtime each time it has used this
-/// much fuel (about one wasm instruction each: a fraction of a
-/// millisecond), as well as on every epoch tick. This bounds the slice a
-/// job runs where it is started before it moves to a job thread
-/// (`WasmRunner::start`); a yield costs about a microsecond.
+/// much fuel (one per wasm operator: about 0.3–2 ms of plain code), as well
+/// as on every epoch tick. This ends the first slice of a job run where it
+/// is started before it moves to a job thread (`WasmRunner::start`); a
+/// yield costs about a microsecond. It is no hard bound on a slice: bulk
+/// memory operators and host calls cost one fuel each, however much they do.
 pub const YIELD_FUEL: u64 = 1_000_000;
 
 /// The program name a job sees as `argv[0]`.
@@ -392,7 +394,11 @@ impl Executor {
         }
         let timeout = Duration::from_millis(job.timeout_ms);
         let deadline = started + timeout;
-        store.set_epoch_deadline(1);
+        // The first check at the second tick, not the next one (which may
+        // come at once): a short job is not cut in two by a tick, so it
+        // ends in its first slice (`WasmRunner::start`); fuel yields bound
+        // a spinning job meanwhile.
+        store.set_epoch_deadline(2);
         store.epoch_deadline_callback(move |_| {
             Ok(if Instant::now() >= deadline { UpdateDeadline::Interrupt } else { UpdateDeadline::Yield(1) })
         });

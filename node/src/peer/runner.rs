@@ -60,7 +60,10 @@ pub trait JobRunner: Send + Sync + 'static {
     /// Start one attempt now and hand its report to `done` when it ends.
     /// By default [`JobRunner::run`] is driven on the peer's runtime `rt`; a
     /// runner with threads of its own starts the job there at once and calls
-    /// `done` from that thread (one hand-off less on the job's way back).
+    /// `done` from that thread (one hand-off less on the job's way back). A
+    /// runner may also run a short job to its end inside `start` and call
+    /// `done` before returning: a caller must not hold, across `start`,
+    /// anything `done` takes.
     fn start<R: Runtime>(&self, rt: &R, attempt: Attempt, done: impl FnOnce(RunReport) + Send + 'static) {
         let running = self.run(attempt);
         rt.spawn(async move { done(running.await) });

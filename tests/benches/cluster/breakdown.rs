@@ -5,7 +5,8 @@
 //! A job is followed by its log index: the leader's events from reading the
 //! client's request to writing the answer, and those of the follower whose
 //! reply came first (the one that made the quorum with the leader, or with
-//! the other follower).
+//! the other follower). Events with no index are matched by order: a job
+//! whose events another write interleaved (a worker's turn) may be left out.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -52,6 +53,9 @@ fn field(line: &str, key: &str) -> Option<u64> {
     let digits: String = line[at..].trim_start_matches("Some(").chars().take_while(char::is_ascii_digit).collect();
     digits.parse().ok()
 }
+
+/// Microseconds in a day.
+const DAY_US: i64 = 86_400_000_000;
 
 type Events = BTreeMap<u64, BTreeMap<&'static str, u64>>;
 
@@ -144,7 +148,12 @@ pub fn breakdown(dir: &Path, leader: &str, followers: &[&str]) -> Result<Vec<(&'
             .filter(|e| e.contains_key("f: raft reply sent"))
             .min_by_key(|e| e["f: raft reply sent"]);
         for (name, t) in ev.iter().chain(first.into_iter().flatten()) {
-            offsets.entry(name).or_default().push(*t as i64 - t0 as i64);
+            // Times are of the day: a job across midnight wraps.
+            let mut offset = *t as i64 - t0 as i64;
+            if offset < -DAY_US / 2 {
+                offset += DAY_US;
+            }
+            offsets.entry(name).or_default().push(offset);
         }
     }
     let mut rows = Vec::new();

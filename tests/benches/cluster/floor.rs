@@ -100,11 +100,13 @@ pub async fn network_round_trips(count: usize) -> Result<(Vec<u64>, Vec<u64>)> {
             .context("starting the echo server")?,
     );
     let stdout = child.0.stdout.take().context("the echo server's stdout")?;
-    let line = tokio::task::spawn_blocking(move || {
+    let read = tokio::task::spawn_blocking(move || {
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line).map(|_| line)
-    })
-    .await??;
+    });
+    // On a timeout the child is killed (dropped), which ends the read.
+    let line =
+        tokio::time::timeout(Duration::from_secs(10), read).await.context("the echo server did not start")???;
     let mut parts = line.split_whitespace();
     let (Some(addr), Some(tcp_addr)) = (parts.next(), parts.next()) else {
         bail!("the echo server printed {line:?}, not its two addresses")
@@ -154,17 +156,23 @@ pub fn quorum_flush(dir: &Path, rounds: usize) -> Result<(Vec<u64>, Vec<u64>)> {
         .map(|i| {
             let path = dir.join(format!("fsync-probe-{i}"));
             let start = start.clone();
+            // A writer that fails still meets the others at every round,
+            // so that none waits for it for ever.
             std::thread::spawn(move || -> std::io::Result<Vec<(Instant, Instant)>> {
-                let mut f = std::fs::File::create(&path)?;
+                let mut f = std::fs::File::create(&path);
                 let mut v = Vec::with_capacity(rounds);
                 for _ in 0..rounds {
                     start.wait();
-                    let t = Instant::now();
-                    f.write_all(&[7u8; 300])?;
-                    f.sync_data()?;
-                    v.push((t, Instant::now()));
+                    if let Ok(file) = &mut f {
+                        let t = Instant::now();
+                        match file.write_all(&[7u8; 300]).and_then(|()| file.sync_data()) {
+                            Ok(()) => v.push((t, Instant::now())),
+                            Err(e) => f = Err(e),
+                        }
+                    }
                     std::thread::sleep(GAP);
                 }
+                f?;
                 std::fs::remove_file(&path)?;
                 Ok(v)
             })
