@@ -686,9 +686,9 @@ async fn run(bin: &Path, dir: &Path, opts: &Opts, noop: Vec<u8>) -> Result<()> {
         println!(
             "where a paced job's time goes (µs since the leader read the request; f: the follower that replied first):"
         );
-        println!("{:<30} {:>6} {:>7} {:>7} {:>7}", "event", "jobs", "p50", "p90", "p99");
-        for (event, jobs, [p50, p90, p99]) in breakdown::breakdown(dir, &name(leader), &followers)? {
-            println!("{event:<30} {jobs:>6} {p50:>7} {p90:>7} {p99:>7}");
+        println!("{:<30} {:>6} {:>7} {:>7} {:>7} {:>7}", "event", "jobs", "p50", "p90", "p99", "max");
+        for (event, jobs, [p50, p90, p99, max]) in breakdown::breakdown(dir, &name(leader), &followers)? {
+            println!("{event:<30} {jobs:>6} {p50:>7} {p90:>7} {p99:>7} {max:>7}");
         }
     }
     if paced_only {

@@ -130,9 +130,9 @@ fn read(log: &str, follower: bool) -> Events {
     events
 }
 
-/// Per milestone: how many jobs, and the p50/p90/p99 of its time since the
-/// leader read the request (µs). Jobs are those the leader answered.
-pub fn breakdown(dir: &Path, leader: &str, followers: &[&str]) -> Result<Vec<(&'static str, usize, [i64; 3])>> {
+/// Per milestone: how many jobs, and the p50/p90/p99/max of its time since
+/// the leader read the request (µs). Jobs are those the leader answered.
+pub fn breakdown(dir: &Path, leader: &str, followers: &[&str]) -> Result<Vec<(&'static str, usize, [i64; 4])>> {
     let lead = read(&std::fs::read_to_string(dir.join(format!("{leader}.log")))?, false);
     let mut others = Vec::new();
     for f in followers {
@@ -161,7 +161,7 @@ pub fn breakdown(dir: &Path, leader: &str, followers: &[&str]) -> Result<Vec<(&'
         let Some(v) = offsets.get_mut(name) else { continue };
         v.sort_unstable();
         let p = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
-        rows.push((name, v.len(), [p(0.5), p(0.9), p(0.99)]));
+        rows.push((name, v.len(), [p(0.5), p(0.9), p(0.99), p(1.0)]));
     }
     Ok(rows)
 }
