@@ -1,7 +1,6 @@
 //! `impetus peer`: one real peer — Raft on sled, the wasm executor, the
 //! client protocol on libp2p — wired to the peer logic.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -21,6 +20,7 @@ use crate::exec::{ExecConfig, ExecError, Executor, RunSpec};
 use crate::metrics::Metrics;
 use crate::net::raft_rpc::P2pRaftNetwork;
 use crate::net::{Handlers, NetConfig, Server};
+use crate::peer::early::Quick;
 use crate::peer::membership::{self, Policy};
 use crate::peer::{Attempt, Consensus, JobRunner, Peer, PeerConfig, PeerError, RaftStatus, RunReport};
 use crate::raft_consensus::RaftConsensus;
@@ -218,16 +218,16 @@ impl WasmRunner {
             exec,
             metrics,
             jobs: jobs.handle(),
-            inline: Arc::new(Inline::new(QUICK_RUN)),
+            inline: Arc::new(Inline::new(QUICK_RUN, INLINE_SPACING)),
             compiling: Arc::new(tokio::sync::Mutex::new(())),
         }
     }
 
-    /// The same runner, for which a module is quick when its last run took
-    /// under `quick_run` instead of [`QUICK_RUN`] (tests: a debug build runs
-    /// even a no-op job slower).
-    pub fn with_quick_run(mut self, quick_run: Duration) -> WasmRunner {
-        self.inline = Arc::new(Inline::new(quick_run));
+    /// The same runner with other measures than [`QUICK_RUN`] and
+    /// [`INLINE_SPACING`], for tests: a debug build runs even a no-op job
+    /// slower, and a loaded test machine pauses threads.
+    pub fn with_inline(mut self, quick_run: Duration, spacing: u32) -> WasmRunner {
+        self.inline = Arc::new(Inline::new(quick_run, spacing));
         self
     }
 }
@@ -278,15 +278,14 @@ impl JobRunner for WasmRunner {
     /// expires; it runs again). A job's timers are the job threads' either
     /// way.
     fn start<R: crate::peer::Runtime>(&self, _rt: &R, a: Attempt, done: impl FnOnce(RunReport) + Send + 'static) {
-        let (exec, metrics, inline) = (self.exec.clone(), self.metrics.clone(), self.inline.clone());
+        let (exec, metrics, inline, module) = (self.exec.clone(), self.metrics.clone(), self.inline.clone(), a.module);
         let alone = inline.running.fetch_add(1, Ordering::SeqCst) == 0;
-        let quick = inline.is_quick(&a.module);
+        let quick = inline.quick.all([a.module]);
         let counted = Running(inline.clone());
         let mut job = Box::pin(async move {
-            let module = a.module;
             let started = Instant::now();
             let report = run_job(exec, metrics, a).await;
-            counted.0.learn(module, started.elapsed());
+            counted.0.quick.learn(module, started.elapsed() < counted.0.quick_run);
             drop(counted);
             done(report);
         });
@@ -296,13 +295,13 @@ impl JobRunner for WasmRunner {
             let t = Instant::now();
             let mut cx = std::task::Context::from_waker(futures::task::noop_waker_ref());
             let ended = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.as_mut().poll(&mut cx)));
-            let next = now + t.elapsed().saturating_mul(INLINE_SPACING);
+            let next = now.saturating_add(t.elapsed().saturating_mul(inline.spacing));
             inline.next_us.store(micros(next), Ordering::SeqCst);
             match ended {
                 Ok(std::task::Poll::Ready(())) => return,
                 Ok(std::task::Poll::Pending) => {}
                 Err(_) => {
-                    tracing::error!("a job panicked in its first slice; dropped, its lease will expire");
+                    tracing::error!(%module, "a job panicked in its first slice; dropped, its lease will expire");
                     return;
                 }
             }
@@ -327,9 +326,6 @@ const INLINE_SPACING: u32 = 10;
 /// job may run where it is started.
 pub const QUICK_RUN: Duration = Duration::from_millis(1);
 
-/// Most modules [`Inline`] remembers; past it, it forgets them all.
-const QUICK_MODULES: usize = 1024;
-
 /// When [`WasmRunner::start`] may run a job's first slice where it is
 /// started.
 #[derive(Debug)]
@@ -341,32 +337,22 @@ struct Inline {
     epoch: Instant,
     /// A run that took less is quick.
     quick_run: Duration,
-    /// Modules by whether their last run here was quick (never iterated).
-    quick: std::sync::Mutex<HashMap<ModuleHash, bool>>,
+    /// Modules whose last run here was quick.
+    quick: Quick,
+    /// [`INLINE_SPACING`], but for tests.
+    spacing: u32,
 }
 
 impl Inline {
-    fn new(quick_run: Duration) -> Inline {
+    fn new(quick_run: Duration, spacing: u32) -> Inline {
         Inline {
             running: AtomicUsize::new(0),
             next_us: AtomicU64::new(0),
             epoch: Instant::now(),
             quick_run,
-            quick: std::sync::Mutex::new(HashMap::new()),
+            quick: Quick::default(),
+            spacing,
         }
-    }
-
-    fn is_quick(&self, module: &ModuleHash) -> bool {
-        self.quick.lock().unwrap_or_else(|p| p.into_inner()).get(module).copied().unwrap_or(false)
-    }
-
-    /// `module`'s run took `took`.
-    fn learn(&self, module: ModuleHash, took: Duration) {
-        let mut known = self.quick.lock().unwrap_or_else(|p| p.into_inner());
-        if known.len() >= QUICK_MODULES && !known.contains_key(&module) {
-            known.clear();
-        }
-        known.insert(module, took < self.quick_run);
     }
 }
 

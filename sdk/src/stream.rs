@@ -97,7 +97,7 @@ where
                 }
             };
             let r = write_frame(io, &encode_response_bounded(&resp), limits::MAX_MESSAGE_BYTES).await;
-            tracing::trace!(target: "impetus_latency", "client answer written");
+            tracing::trace!(target: "impetus_latency", ok = r.is_ok(), "client answer written");
             r
         };
         within(SERVER_ANSWER_TIMEOUT, "no answer handled and written", answer).await?;

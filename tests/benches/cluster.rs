@@ -23,7 +23,7 @@
 //! default 256: on a 2-core machine throughput grew from ~12k jobs/s at 64
 //! to ~25k at 256 and no further at 512, where latency rose), `--keep-logs`
 //! (keep the peers' data and logs and print where; `RUST_LOG` sets their
-//! level). `IMPETUS_BIN=path` runs the peers from that binary instead of
+//! level, except with `--breakdown`, which sets it). `IMPETUS_BIN=path` runs the peers from that binary instead of
 //! building one (to compare two builds). Alongside the targets it prints
 //! what explains a miss: the machine's floor measured apart from Impetus
 //! (`cluster/floor.rs`: three writers syncing at once on the data disk, and
@@ -133,9 +133,9 @@ fn job(module: ModuleHash) -> NewJob {
     NewJob { module, spec: JobSpec::default(), priority: None, delay_ms: 0, key: None }
 }
 
-fn percentile(sorted: &[u64], p: f64) -> u64 {
+fn percentile<T: Copy + Default>(sorted: &[T], p: f64) -> T {
     if sorted.is_empty() {
-        return 0;
+        return T::default();
     }
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
@@ -148,8 +148,8 @@ struct Proc {
 }
 
 impl Proc {
-    /// With `trace`, the peer logs the `impetus_latency` trace events (for
-    /// `--breakdown`); else `RUST_LOG` decides, as for any peer.
+    /// With `--breakdown`, the peer logs the `impetus_latency` trace events;
+    /// else `RUST_LOG` decides, as for any peer.
     fn start(bin: &Path, dir: &Path, name: &str, opts: &Opts, join: Option<&str>) -> Result<Proc> {
         let addr = format!("127.0.0.1:{}", free_port());
         let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
@@ -684,7 +684,7 @@ async fn run(bin: &Path, dir: &Path, opts: &Opts, noop: Vec<u8>) -> Result<()> {
         let followers: Vec<String> = (0..procs.len()).filter(|&i| i != leader).map(name).collect();
         let followers: Vec<&str> = followers.iter().map(String::as_str).collect();
         println!(
-            "where a paced job's time goes (µs since the leader read the request; f: the follower that replied first):"
+            "where a paced job's time goes, for those run early on the leader (µs since it read the request; f: the follower that replied first):"
         );
         println!("{:<30} {:>6} {:>7} {:>7} {:>7} {:>7}", "event", "jobs", "p50", "p90", "p99", "max");
         for (event, jobs, [p50, p90, p99, max]) in breakdown::breakdown(dir, &name(leader), &followers)? {

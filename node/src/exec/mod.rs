@@ -8,9 +8,10 @@
 //! preopened directories and no network.
 //!
 //! Limits, and how a failed attempt is reported (never a crashed or hung peer):
-//! - wall-clock timeout: the epoch callback yields to the async runtime every
-//!   tick, and a job yields after each [`YIELD_FUEL`] of fuel too (a
-//!   spinning job cannot stall other tasks), and the callback interrupts the job
+//! - wall-clock timeout: the epoch callback yields to the async runtime at
+//!   every tick from the second after the start, and a job yields after
+//!   each [`YIELD_FUEL`] of fuel too (a spinning job cannot stall other
+//!   tasks); the callback interrupts the job
 //!   past its deadline; a job blocked in a host call (sleeping) is dropped at
 //!   the deadline too. Optional fuel. Both: [`ErrorKind::Timeout`].
 //! - memory: a per-job `StoreLimits` below the pool's per-instance maximum;
@@ -45,7 +46,9 @@ use wasmtime_wasi::{I32Exit, WasiCtxBuilder};
 use self::capture::Capture;
 
 /// How often the epoch ticker advances the engine's epoch: the granularity of
-/// timeouts and of a spinning job's yields to the async runtime.
+/// timeouts (a job is first checked at the second tick after its start, so
+/// it is stopped 10–20 ms past a deadline under 10 ms) and of a job's
+/// yields besides fuel's.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
 /// A running job yields to the async runtime each time it has used this
@@ -53,7 +56,8 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 /// as on every epoch tick. This ends the first slice of a job run where it
 /// is started before it moves to a job thread (`WasmRunner::start`); a
 /// yield costs about a microsecond. It is no hard bound on a slice: bulk
-/// memory operators and host calls cost one fuel each, however much they do.
+/// memory operators and host calls cost one fuel each, however much they
+/// do, and then only the second epoch tick (10–20 ms) ends the slice.
 pub const YIELD_FUEL: u64 = 1_000_000;
 
 /// The program name a job sees as `argv[0]`.

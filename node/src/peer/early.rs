@@ -79,10 +79,10 @@ pub const EARLY_WAIT: Duration = Duration::from_millis(1);
 /// written at once, as throughput wants).
 pub(crate) const EARLY_WAIT_RUNS: usize = 16;
 
-/// Modules whose last early run ended before its grant came (before its
-/// entry was committed and applied): their next runs are worth waiting for.
-/// A run still going when its grant comes, or when the wait is over, takes
-/// its module out.
+/// A bounded set of modules found quick, each user by its own measure (the
+/// peer's `early_quick`: the last early run ended before its grant came;
+/// `serve::WasmRunner`: the last run took under `QUICK_RUN`). A module
+/// found slow again is taken out.
 #[derive(Debug, Default)]
 pub(crate) struct Quick(Mutex<BTreeSet<ModuleHash>>);
 

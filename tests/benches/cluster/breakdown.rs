@@ -2,11 +2,14 @@
 //! `impetus_latency` trace events (the peers run with
 //! `RUST_LOG=warn,impetus_latency=trace`; one machine, so one clock).
 //!
-//! A job is followed by its log index: the leader's events from reading the
-//! client's request to writing the answer, and those of the follower whose
-//! reply came first (the one that made the quorum with the leader, or with
-//! the other follower). Events with no index are matched by order: a job
-//! whose events another write interleaved (a worker's turn) may be left out.
+//! A job run early on the leader and written with its submit (a fused job:
+//! every paced job while the leader has a free slot) is followed by its
+//! log index: the leader's events from reading the client's request to
+//! writing the answer, and those of the follower whose reply came first
+//! (the one that made the quorum with the leader, or with the other
+//! follower). Events with no index are matched by order: a job whose events
+//! another request or write interleaved (a second request read before its
+//! run started, a worker's turn) is left out, or may be.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -69,6 +72,10 @@ fn set(events: &mut Events, index: u64, name: &'static str, t: u64) {
 fn read(log: &str, follower: bool) -> Events {
     let mut events = Events::new();
     let (mut request, mut written, mut apply_start, mut answered) = (None, None, None, None);
+    // Two requests read within a millisecond before a run starts: which one
+    // it serves is unknown, so neither time is taken. (An older read was a
+    // request that started no run: a status, a worker's turn.)
+    let mut ambiguous = false;
     let mut pending: Vec<(&'static str, u64)> = Vec::new();
     for line in log.lines() {
         let Some((_, msg)) = line.split_once("impetus_latency: ") else { continue };
@@ -79,10 +86,14 @@ fn read(log: &str, follower: bool) -> Events {
             .find(|m| m.starts_with("f: ") == follower && msg.starts_with(m.trim_start_matches("f: ")));
         match name {
             None => {}
-            Some("client request read") => request = Some(t),
+            Some("client request read") => {
+                ambiguous |= request.is_some_and(|r: u64| t.saturating_sub(r) < 1_000);
+                request = Some(t);
+            }
             Some("early run starts") => {
                 pending.clear();
-                pending.extend(request.take().map(|r| ("client request read", r)));
+                pending.extend(request.take().filter(|_| !ambiguous).map(|r| ("client request read", r)));
+                ambiguous = false;
                 pending.push(("early run starts", t));
             }
             Some(n @ ("job starts" | "job ends" | "write proposed")) => pending.push((n, t)),
@@ -160,7 +171,7 @@ pub fn breakdown(dir: &Path, leader: &str, followers: &[&str]) -> Result<Vec<(&'
     for name in MILESTONES {
         let Some(v) = offsets.get_mut(name) else { continue };
         v.sort_unstable();
-        let p = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+        let p = |q| super::percentile(v, q);
         rows.push((name, v.len(), [p(0.5), p(0.9), p(0.99), p(1.0)]));
     }
     Ok(rows)

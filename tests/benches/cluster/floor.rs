@@ -195,9 +195,9 @@ pub fn quorum_flush(dir: &Path, rounds: usize) -> Result<(Vec<u64>, Vec<u64>)> {
 
 /// The floor of a paced job's latency on this machine, sample by sample:
 /// two stream round trips (client → leader → client, leader → follower →
-/// leader) and a commit's wait for the disk, each drawn from a different
-/// measurement (the probes ran apart in time, so the draws are
-/// independent). Nothing else a job needs (its run, the Raft and task
+/// leader) and a commit's wait for the disk: the two round trips are
+/// samples half the run apart, the disk's from its own probe (the probes
+/// ran apart in time, so the draws are independent). Nothing else a job needs (its run, the Raft and task
 /// hand-offs) is in it. µs, sorted.
 pub fn paced_floor(stream_rtt: &[u64], quorum_flush: &[u64]) -> Vec<u64> {
     let (n, q) = (stream_rtt.len(), quorum_flush.len());
