@@ -26,7 +26,8 @@
 //! level, except with `--breakdown`, which sets it). `IMPETUS_BIN=path` runs the peers from that binary instead of
 //! building one (to compare two builds). Alongside the targets it prints
 //! what explains a miss: the machine's floor measured apart from Impetus
-//! (`cluster/floor.rs`: three writers syncing at once on the data disk, and
+//! (`cluster/floor.rs`: one writer syncing back to back and three syncing
+//! at once on the data disk, and
 //! a round trip on the peers' libp2p transport and on plain TCP, paced as
 //! the jobs are), one Raft write's latency, CPU per peer and of the rest of
 //! the machine, and when the slow paced jobs were submitted (UTC, to match
@@ -477,24 +478,6 @@ async fn main() -> Result<()> {
     result
 }
 
-/// Latency of a 4 KiB write + fdatasync in `dir` (what every Raft flush
-/// pays at least): p50 and p99 over 50 tries.
-fn fsync_probe(dir: &Path) -> Result<(Duration, Duration)> {
-    use std::io::Write;
-    let path = dir.join("fsync-probe");
-    let mut f = std::fs::File::create(&path)?;
-    let mut v = Vec::new();
-    for _ in 0..50 {
-        let t = Instant::now();
-        f.write_all(&[7u8; 4096])?;
-        f.sync_data()?;
-        v.push(t.elapsed());
-    }
-    std::fs::remove_file(&path)?;
-    v.sort_unstable();
-    Ok((v[25], v[49]))
-}
-
 /// `ms:count` for each latency seen, ascending (`lat` sorted).
 fn histogram(lat: &[u64]) -> String {
     let mut out: Vec<(u64, usize)> = Vec::new();
@@ -522,7 +505,7 @@ struct Opts {
 
 async fn run(bin: &Path, dir: &Path, opts: &Opts, noop: Vec<u8>) -> Result<()> {
     let Opts { capacity, quick, paced_only, .. } = *opts;
-    let fsync = fsync_probe(dir)?;
+    let fsync = floor::fsync(dir)?;
     let (quorum_flush, each_flush) = floor::quorum_flush(dir, 200)?;
     let (stream_rtt, tcp_rtt) = floor::network_round_trips(if quick { 200 } else { 400 }).await?;
     let load_start = load_avg();
@@ -670,6 +653,7 @@ async fn run(bin: &Path, dir: &Path, opts: &Opts, noop: Vec<u8>) -> Result<()> {
         format!("{}/{}", ms(percentile(&v, 0.50)), ms(percentile(&v, 0.99)))
     };
     let floor_rows = [
+        ("disk: 4 KiB write + fdatasync in the data dir p50/p99 (ms)", pair(&fsync)),
         ("disk: 3 writers at once, 300 B + fdatasync, each p50/p99 (ms)", pair(&each_flush)),
         ("  the 2nd of the 3 done (what a commit waits for) p50/p99 (ms)", pair(&quorum_flush)),
         ("network: 200 B round trip on a libp2p stream, p50/p99 (ms)", pair(&stream_rtt)),
@@ -693,7 +677,6 @@ async fn run(bin: &Path, dir: &Path, opts: &Opts, noop: Vec<u8>) -> Result<()> {
     }
     if paced_only {
         // `--paced-only`: the latency rows alone (for iterating on them).
-        println!("fsync p50/p99 {:.1}/{:.1} ms", fsync.0.as_secs_f64() * 1e3, fsync.1.as_secs_f64() * 1e3);
         for (name, value) in &floor_rows {
             println!("{name}: {value}");
         }
@@ -742,11 +725,6 @@ async fn run(bin: &Path, dir: &Path, opts: &Opts, noop: Vec<u8>) -> Result<()> {
         "impetus 3-peer cluster benchmark (release, 127.0.0.1, --capacity {capacity}, every Raft write replicated to a quorum and flushed)"
     );
     println!("{:<w$} {:>14}  {:<16}", "measure", "value", "target");
-    println!(
-        "{:<w$} {:>14}",
-        "disk: 4 KiB write + fdatasync in the data dir p50/p99 (ms)",
-        format!("{:.1}/{:.1}", fsync.0.as_secs_f64() * 1e3, fsync.1.as_secs_f64() * 1e3)
-    );
     for (name, value) in &floor_rows {
         println!("{name:<w$} {value:>14}");
     }

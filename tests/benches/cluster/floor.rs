@@ -1,6 +1,6 @@
 //! What bounds a paced job on this machine, measured apart from Impetus:
-//! the network stack the peers use against plain TCP, and the disk as three
-//! replicas on one machine share it. Printed beside the targets, so a miss
+//! the network stack the peers use against plain TCP, and the disk alone and
+//! as three replicas on one machine share it. Printed beside the targets, so a miss
 //! can be told apart from a slow machine.
 
 use std::io::{BufRead, BufReader, Write};
@@ -143,6 +143,22 @@ pub async fn network_round_trips(count: usize) -> Result<(Vec<u64>, Vec<u64>)> {
     driver.abort();
     drop(child);
     Ok((p2p, raw))
+}
+
+/// A 4 KiB write + `fdatasync` in `dir`, back to back (what every Raft
+/// flush pays at least), 50 times. µs, in the order measured.
+pub fn fsync(dir: &Path) -> Result<Vec<u64>> {
+    let path = dir.join("fsync-probe");
+    let mut f = std::fs::File::create(&path)?;
+    let mut v = Vec::with_capacity(50);
+    for _ in 0..50 {
+        let t = Instant::now();
+        f.write_all(&[7u8; 4096])?;
+        f.sync_data()?;
+        v.push(t.elapsed().as_micros() as u64);
+    }
+    std::fs::remove_file(&path)?;
+    Ok(v)
 }
 
 /// The disk as a replicated write uses it: three writers (a leader and two
