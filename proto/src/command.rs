@@ -204,7 +204,7 @@ pub enum Command {
         peer: PeerId,
     },
     /// Several commands in one log entry (group commit). Not nested.
-    Batch(Vec<Command>),
+    Batch(#[serde(deserialize_with = "crate::wire::bounded_nesting")] Vec<Command>),
     /// A submit whose leader leased it to itself and ran its short jobs
     /// before writing it, so they end in the entry that submits them: as
     /// the batch `Submit`, `Lease { peer, streams: [stream], max }`, then
@@ -464,7 +464,7 @@ pub enum Outcome {
         peer: PeerId,
     },
     PeerUpdated,
-    Batch(Vec<Result<Outcome, ApplyError>>),
+    Batch(#[serde(deserialize_with = "crate::wire::bounded_nesting")] Vec<Result<Outcome, ApplyError>>),
 }
 
 /// Why a command was refused. A refused command changes nothing.

@@ -22,6 +22,46 @@ pub(crate) fn remember_invalid(e: &crate::error::InvalidInput) {
     LAST_INVALID.with(|l| *l.borrow_mut() = Some(e.clone()));
 }
 
+/// Most batches inside batches a decoder follows. Derived serde recursion
+/// has no bound of its own: a frame of a few hundred KB of batches nested
+/// in batches would overflow the decoding thread's stack (an abort, not an
+/// error). The vocabulary nests two deep at most (the outcome of a
+/// `SubmitRan` in a batch's), so a bound of four refuses only forgeries.
+pub const MAX_NESTING: u32 = 4;
+
+thread_local! {
+    /// How many batches the decoder on this thread is inside.
+    static NESTING: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// `deserialize_with` for the items of a batch (`Command::Batch`,
+/// `Outcome::Batch`): refuses a batch deeper than [`MAX_NESTING`] while
+/// decoding, by name.
+pub(crate) fn bounded_nesting<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    struct Restore(u32);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            NESTING.set(self.0);
+        }
+    }
+    let depth = NESTING.get();
+    if depth >= MAX_NESTING {
+        let e = crate::error::InvalidInput::Value {
+            what: "batch",
+            reason: format!("batches nested more than {MAX_NESTING} deep"),
+        };
+        remember_invalid(&e);
+        return Err(serde::de::Error::custom(e));
+    }
+    NESTING.set(depth + 1);
+    let _restore = Restore(depth);
+    <Vec<T> as serde::Deserialize>::deserialize(d)
+}
+
 /// Version of the command encoding (Raft log entries, client requests).
 /// 2: a `PeerInfo` carries its `Seat`. A peer refuses a log of another
 /// version by name instead of misreading it.
@@ -83,7 +123,7 @@ pub fn decode_command(bytes: &[u8]) -> Result<Command, DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::command::NewJob;
+    use crate::command::{NewJob, Outcome};
     use crate::ids::{ModuleHash, StreamName};
     use crate::records::JobSpec;
     use proptest::prelude::*;
@@ -161,6 +201,31 @@ mod tests {
             encode(COMMAND_VERSION, &Shadow::CreateStream { name: "no spaces".into(), props: Default::default() });
         let err = decode_command(&bytes).unwrap_err().to_string();
         assert!(err.contains("invalid stream name \"no spaces\""), "{err}");
+    }
+
+    /// Batches nested far deeper than the stack could follow are refused
+    /// by name while decoding, not followed until the thread aborts.
+    #[test]
+    fn deeply_nested_batches_are_refused_not_followed() {
+        // `Batch([Batch([])])` shows the bytes of a batch of one batch.
+        let two = encode_command(&Command::Batch(vec![Command::Batch(vec![])]));
+        let (version, tag) = (two[0], two[1]);
+        assert_eq!(&two[..], &[version, tag, 1, tag, 0], "a batch is its tag, a length, then its items");
+        let mut deep = vec![version];
+        for _ in 0..200_000 {
+            deep.extend([tag, 1]);
+        }
+        deep.extend([tag, 0]);
+        let err = decode_command(&deep).unwrap_err().to_string();
+        assert_eq!(err, format!("invalid command: invalid batch: batches nested more than {MAX_NESTING} deep"));
+        // Decoding goes on as before afterwards, on this thread too.
+        assert_eq!(decode_command(&encode_command(&submit())).unwrap(), submit());
+        let err = decode_command(&two).unwrap_err().to_string();
+        assert_eq!(err, "invalid command: invalid command batch: batches do not nest", "validate's rule, as before");
+        // An outcome nests two deep (a SubmitRan's in a batch's): it decodes.
+        let outcome = Outcome::Batch(vec![Ok(Outcome::Batch(vec![Ok(Outcome::Ticked)]))]);
+        let back: Outcome = decode("outcome", 1, &encode(1, &outcome), usize::MAX).unwrap();
+        assert_eq!(back, outcome);
     }
 
     #[test]
