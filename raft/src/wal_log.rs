@@ -357,6 +357,16 @@ fn parse_at(buf: &[u8], pos: usize) -> Result<Option<(Record, u32)>, BadRecord> 
     }
     let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
     let crc = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
+    if len == 0 {
+        // No record is empty (a payload starts with its version byte), and
+        // an empty one's checksum is 0: zeroed bytes. At the end, a file a
+        // crash left longer than the data written to it; before more
+        // data, damage.
+        if rest.iter().all(|b| *b == 0) {
+            return Err(BadRecord::Torn { why: format!("{} zeroed bytes at the end", rest.len()), next: None });
+        }
+        return Err(BadRecord::Undecodable("an empty record (zeroed bytes) before more data".into()));
+    }
     let end = HEADER + len as usize;
     let Some(payload) = rest.get(HEADER..end) else {
         return Err(BadRecord::Torn { why: format!("a record of {len} bytes runs past the end"), next: None });

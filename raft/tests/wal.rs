@@ -97,6 +97,44 @@ async fn a_torn_record_at_the_end_is_cut_off() {
     assert_eq!(indexes(&mut log, 9..=12).await, vec![(1, 9), (1, 10), (1, 11), (1, 12)]);
 }
 
+/// A crash can leave the newest segment longer than the data written to it,
+/// ending in zeroed bytes (the file's size reached the disk before its
+/// data). They hold no acknowledged record: they are cut off, as a torn
+/// record is. Zeroes with data after them are damage, refused by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zeroed_tail_is_cut_off_and_zeroes_before_data_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let newest = {
+        let mut log = WalLogStore::<TypeConfig>::open(dir.path()).unwrap();
+        append(&mut log, (1..=10).map(blank)).await;
+        log.segment_paths().pop().unwrap()
+    };
+    let size = std::fs::metadata(&newest).unwrap().len();
+    let mut f = std::fs::OpenOptions::new().append(true).open(&newest).unwrap();
+    f.write_all(&[0; 4096]).unwrap();
+    drop(f);
+
+    let mut log = WalLogStore::<TypeConfig>::open(dir.path()).unwrap();
+    assert_eq!(log.index_range(), Some((1, 10)));
+    assert_eq!(std::fs::metadata(&newest).unwrap().len(), size, "the zeroes are gone");
+    append(&mut log, (11..=12).map(blank)).await;
+    drop(log);
+    let mut log = WalLogStore::<TypeConfig>::open(dir.path()).unwrap();
+    assert_eq!(indexes(&mut log, 10..=12).await, vec![(1, 10), (1, 11), (1, 12)]);
+    drop(log);
+
+    // Zeroes, then more bytes: not a cut write.
+    let mut f = std::fs::OpenOptions::new().append(true).open(&newest).unwrap();
+    f.write_all(&[0; 16]).unwrap();
+    f.write_all(&[1]).unwrap();
+    drop(f);
+    let err = WalLogStore::<TypeConfig>::open(dir.path()).expect_err("zeroes before data opened").to_string();
+    assert!(
+        err.contains("is damaged at byte") && err.contains("an empty record (zeroed bytes) before more data"),
+        "{err}"
+    );
+}
+
 /// A damaged record anywhere but the end of the newest segment is not a
 /// torn write: opening fails and names the segment and the offset.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
