@@ -293,6 +293,8 @@ pub enum NetError {
     Unsupported { peer: PeerId, protocol: String },
     #[error("the network task has stopped")]
     Stopped,
+    #[error("the network task failed: {0}")]
+    Failed(String),
 }
 
 #[derive(NetworkBehaviour)]
@@ -513,12 +515,17 @@ impl Running {
     /// Stop the swarm and wait for its task.
     pub async fn stop(self) -> Result<(), NetError> {
         let _ = self.stop.send(());
-        match self.task.await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!(error = %e, "network task failed");
-                Ok(())
-            }
+        self.task.await.unwrap_or_else(|e| Err(NetError::Failed(e.to_string())))
+    }
+
+    /// Resolves if the swarm task ends by itself (its listener closed, a
+    /// panic): the peer reaches no one after that. Then only drop this:
+    /// [`Running::stop`] would wait for the task a second time.
+    pub async fn ended(&mut self) -> NetError {
+        match (&mut self.task).await {
+            Ok(Ok(())) => NetError::Stopped,
+            Ok(Err(e)) => e,
+            Err(e) => NetError::Failed(e.to_string()),
         }
     }
 }
@@ -548,8 +555,10 @@ impl Server {
             raft: request_response::Behaviour::with_codec(
                 RaftCodec,
                 [(RAFT_PROTOCOL, ProtocolSupport::Full)],
+                // Each call has its own deadline, by the RPC and its size
+                // (`raft_rpc::ttl_for`); this only bounds the largest.
                 request_response::Config::default()
-                    .with_request_timeout(Duration::from_secs(60))
+                    .with_request_timeout(raft_rpc::ttl_for(raft_rpc::SNAPSHOT_TTL, raft_rpc::MAX_RAFT_FRAME))
                     .with_max_concurrent_streams(transport::MAX_CONCURRENT_STREAMS),
             ),
             identify: identify::Behaviour::new(identify::Config::new(IDENTIFY_PROTOCOL.into(), keypair.public())),

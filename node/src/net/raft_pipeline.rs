@@ -48,7 +48,7 @@ use libp2p::{PeerId, StreamProtocol};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
-use super::raft_rpc::{decode, encode, MAX_RAFT_FRAME};
+use super::raft_rpc::{decode, encode, ttl_for, MAX_RAFT_FRAME};
 use crate::LATENCY;
 
 /// The protocol name of a replication session.
@@ -117,12 +117,13 @@ where
     futures::stream::unfold(Some(session), Session::next_reply).boxed()
 }
 
-/// Write each request as openraft yields it; report each write (and its
-/// failure, then stop) on `sent`. Closes the write half after the last.
+/// Write each request as openraft yields it; report each write (its frame's
+/// size, or its failure, then stop) on `sent`. Closes the write half after
+/// the last.
 async fn write_requests<S>(
     mut requests: S,
     mut writer: WriteHalf<libp2p::Stream>,
-    sent: mpsc::UnboundedSender<io::Result<()>>,
+    sent: mpsc::UnboundedSender<io::Result<usize>>,
     ttl: Duration,
 ) where
     S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
@@ -131,7 +132,11 @@ async fn write_requests<S>(
         let last = req.entries.last().map_or(0, |e| e.log_id.index);
         tracing::trace!(target: LATENCY, kind = "append-entries", last, "raft rpc sending");
         let written = match encode(&req) {
-            Ok(frame) => within(ttl, "no progress", write_frame(&mut writer, &frame, MAX_RAFT_FRAME)).await,
+            Ok(frame) => {
+                within(ttl_for(ttl, frame.len()), "no progress", write_frame(&mut writer, &frame, MAX_RAFT_FRAME))
+                    .await
+                    .map(|()| frame.len())
+            }
             Err(e) => Err(e),
         };
         let failed = written.is_err();
@@ -149,8 +154,9 @@ async fn write_requests<S>(
 struct Session {
     target: NodeId,
     reader: ReadHalf<libp2p::Stream>,
-    /// One item per request written, in order; closed when the writer is done.
-    written: mpsc::UnboundedReceiver<io::Result<()>>,
+    /// One item per request written (its frame's size), in order; closed
+    /// when the writer is done.
+    written: mpsc::UnboundedReceiver<io::Result<usize>>,
     ttl: Duration,
     /// No reply read yet: a refused protocol shows here (V1Lazy).
     first: bool,
@@ -166,10 +172,14 @@ impl Session {
     async fn next_reply(session: Option<Session>) -> Option<Next> {
         let mut s = session?;
         let reply = match s.written.recv().await? {
-            Ok(()) => match within(s.ttl, "no progress", read_frame(&mut s.reader, MAX_RAFT_FRAME)).await {
-                Ok(frame) => decode::<PipeReply>("raft pipeline reply", &frame),
-                Err(e) => Err(e),
-            },
+            // The follower writes and syncs the request before it answers:
+            // a large one gets longer.
+            Ok(bytes) => {
+                match within(ttl_for(s.ttl, bytes), "no progress", read_frame(&mut s.reader, MAX_RAFT_FRAME)).await {
+                    Ok(frame) => decode::<PipeReply>("raft pipeline reply", &frame),
+                    Err(e) => Err(e),
+                }
+            }
             Err(e) => Err(e),
         };
         let first = std::mem::replace(&mut s.first, false);

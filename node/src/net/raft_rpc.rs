@@ -54,6 +54,22 @@ pub const MAX_RAFT_FRAME: usize = 1 << 30;
 /// The least time a Raft RPC gets before it counts as lost.
 pub const MIN_RPC_TTL: Duration = Duration::from_secs(1);
 
+/// The least time a snapshot gets, before its size adds to it.
+pub const SNAPSHOT_TTL: Duration = Duration::from_secs(30);
+
+/// The slowest a Raft frame may move (sent, and on the follower written to
+/// its log and synced) before it counts as lost: a frame of many MB
+/// (modules a lagging follower catches up on, a snapshot) gets a second
+/// more per 4 MiB. Without it such a frame would time out and be sent
+/// again, the same, for ever.
+pub const MIN_BYTES_PER_SEC: u64 = 4 << 20;
+
+/// `ttl` stretched for a frame of `bytes` (see [`MIN_BYTES_PER_SEC`]).
+pub fn ttl_for(ttl: Duration, bytes: usize) -> Duration {
+    let extra_ms = (bytes as u64).saturating_mul(1000) / MIN_BYTES_PER_SEC;
+    ttl.saturating_add(Duration::from_millis(extra_ms))
+}
+
 /// A Raft RPC, as one node sends it to another.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum RaftRpc {
@@ -214,11 +230,11 @@ pub async fn serve_stream(peer: PeerId, mut stream: libp2p::Stream, handlers: Ar
     }
 }
 
-/// One request and its reply on a Raft stream.
-async fn exchange(stream: &mut libp2p::Stream, rpc: &RaftRpc) -> io::Result<RaftReply> {
+/// One request (`frame`, the encoded `rpc`) and its reply on a Raft stream.
+async fn exchange(stream: &mut libp2p::Stream, rpc: &RaftRpc, frame: &[u8]) -> io::Result<RaftReply> {
     let (kind, last) = (rpc.kind(), rpc.last_index());
     tracing::trace!(target: LATENCY, kind, last, "raft rpc sending");
-    write_frame(stream, &encode(rpc)?, MAX_RAFT_FRAME).await?;
+    write_frame(stream, frame, MAX_RAFT_FRAME).await?;
     let reply = decode("raft reply", &read_frame(stream, MAX_RAFT_FRAME).await?);
     tracing::trace!(target: LATENCY, kind, last, "raft reply received");
     reply
@@ -266,9 +282,15 @@ impl RaftNetworkFactory<TypeConfig> for P2pRaftNetwork {
 }
 
 impl P2pConnection {
-    /// `rpc` over the Raft stream (opened first if needed); `Err` gives the
-    /// RPC back when the stream could not carry it.
-    async fn over_stream(&mut self, peer: PeerId, rpc: RaftRpc, ttl: Duration) -> Result<RaftReply, RaftRpc> {
+    /// `rpc` (encoded: `frame`) over the Raft stream (opened first if
+    /// needed); `Err` gives the RPC back when the stream could not carry it.
+    async fn over_stream(
+        &mut self,
+        peer: PeerId,
+        rpc: RaftRpc,
+        frame: &[u8],
+        ttl: Duration,
+    ) -> Result<RaftReply, RaftRpc> {
         let slot = self.stream.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut stream = match slot.take() {
             Some(s) => s,
@@ -280,7 +302,7 @@ impl P2pConnection {
                 }
             },
         };
-        match tokio::time::timeout(ttl, exchange(&mut stream, &rpc)).await {
+        match tokio::time::timeout(ttl, exchange(&mut stream, &rpc, frame)).await {
             Ok(Ok(reply)) => {
                 *slot = Some(stream);
                 Ok(reply)
@@ -303,14 +325,21 @@ impl P2pConnection {
         // machine (a debug build, a flush behind a busy disk) can take
         // longer, and cutting the RPC then only makes it send it again.
         let ttl = ttl.max(MIN_RPC_TTL);
-        let rpc = match (self.peer, &rpc) {
+        let (rpc, ttl) = match (self.peer, &rpc) {
             (Some(peer), RaftRpc::Append(_) | RaftRpc::Vote(_) | RaftRpc::PreVote(_)) => {
-                match self.over_stream(peer, rpc, ttl).await {
+                let frame = encode(&rpc).map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+                let ttl = ttl_for(ttl, frame.len());
+                match self.over_stream(peer, rpc, &frame, ttl).await {
                     Ok(reply) => return Self::answered(self.target, kind, reply),
-                    Err(rpc) => rpc,
+                    Err(rpc) => (rpc, ttl),
                 }
             }
-            _ => rpc,
+            // The data is nearly all of a snapshot's frame.
+            (_, RaftRpc::Snapshot { data, .. }) => {
+                let ttl = ttl_for(ttl, data.len());
+                (rpc, ttl)
+            }
+            _ => (rpc, ttl),
         };
         match self.net.raft(&addr, rpc, ttl).await {
             Ok(reply) => Self::answered(self.target, kind, reply),
@@ -426,12 +455,29 @@ impl RaftNetworkV2<TypeConfig> for P2pConnection {
         option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
         let rpc = RaftRpc::Snapshot { vote, meta: snapshot.meta, data: snapshot.snapshot.into_inner() };
-        // A snapshot may be large: give it more than one heartbeat's TTL.
-        let ttl = option.hard_ttl().max(Duration::from_secs(30));
+        // A snapshot may be large: give it more than one heartbeat's TTL
+        // (and `call` more for its size).
+        let ttl = option.hard_ttl().max(SNAPSHOT_TTL);
         match self.call(rpc, ttl).await {
             Ok(RaftReply::Snapshot(r)) => Ok(r),
             Ok(other) => Err(StreamingError::from(unexpected("snapshot", other))),
             Err(e) => Err(StreamingError::from(e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_large_frame_gets_a_second_more_per_4_mib() {
+        let s = Duration::from_secs;
+        assert_eq!(ttl_for(s(1), 0), s(1));
+        assert_eq!(ttl_for(s(1), 200), s(1), "a small frame: the RPC's own time");
+        assert_eq!(ttl_for(s(1), 4 << 20), s(2));
+        assert_eq!(ttl_for(s(1), 100 << 20), s(26), "a 100 MiB catch-up append");
+        assert_eq!(ttl_for(SNAPSHOT_TTL, MAX_RAFT_FRAME), s(30 + 256), "the largest snapshot");
+        assert_eq!(ttl_for(Duration::MAX, usize::MAX), Duration::MAX, "saturates");
     }
 }
