@@ -13,7 +13,7 @@ use impetus_raft::openraft::error::{ClientWriteError, LinearizableReadError, Raf
 use impetus_raft::openraft::{AsyncRuntime, ChangeMembers, Instant, RaftTypeConfig, ReadPolicy};
 use impetus_raft::{ImpetusConfig, ImpetusRaft, PeerNode, Request, StateHandle};
 
-use crate::peer::membership::{Change, Membership, View};
+use crate::peer::membership::{still_silent, Change, Membership, Policy, View};
 use crate::peer::{Consensus, ConsensusError, RaftStatus};
 
 /// One Raft member and its applied state.
@@ -162,7 +162,16 @@ impl<C: ImpetusConfig> RaftConsensus<C> {
             if voters.is_empty() {
                 return Err(ConsensusError::Unavailable("the last voter cannot leave".into()));
             }
-            if let Some(with) = view.learners.iter().find(|l| view.matched.contains_key(l)) {
+            // Its seat to a learner the policy would promote (answering,
+            // caught up, staying), if there is one; else the voters shrink
+            // and the manager fills the seat later.
+            let p = Policy::default();
+            let fit = |l: &&u64| {
+                view.silent_ms.get(l).is_some_and(|ms| *ms < p.fresh_ms)
+                    && view.matched.get(l).is_some_and(|m| view.last_log.saturating_sub(*m) <= p.caught_up_lag)
+                    && !view.draining.contains(l)
+            };
+            if let Some(with) = view.learners.iter().find(fit) {
                 voters.insert(*with);
             }
             let change = ChangeMembers::ReplaceAllVoters(voters);
@@ -297,6 +306,10 @@ impl<C: ImpetusConfig> Consensus for RaftConsensus<C> {
     }
 }
 
+/// A registered non-member as the membership view reads it: id, last
+/// heartbeat stamp, ms since it (state machine clock), seat.
+type Heartbeat = (u64, Timestamp, u64, Seat);
+
 impl<C: ImpetusConfig> Membership for RaftConsensus<C> {
     fn view(&self) -> View {
         let m = self.raft.metrics().borrow_watched().clone();
@@ -312,14 +325,18 @@ impl<C: ImpetusConfig> Membership for RaftConsensus<C> {
         if !v.is_leader {
             return v;
         }
-        let heartbeats: Vec<(u64, Timestamp, u64, Seat)> = self.state.read(|s| {
+        let (heartbeats, draining): (Vec<Heartbeat>, BTreeSet<u64>) = self.state.read(|s| {
             let now = s.now();
-            s.peers()
+            let peers = s.peers();
+            let draining = peers.iter().filter(|p| p.draining).map(|p| p.id.0).collect();
+            let heartbeats = peers
                 .into_iter()
-                .filter(|p| !p.draining && !v.voters.contains(&p.id.0) && !v.learners.contains(&p.id.0))
+                .filter(|p| !v.voters.contains(&p.id.0) && !v.learners.contains(&p.id.0))
                 .map(|p| (p.id.0, p.last_heartbeat, now.since(p.last_heartbeat), p.info.seat))
-                .collect()
+                .collect();
+            (heartbeats, draining)
         });
+        v.draining = draining;
         let at = Instant_::<C>::now();
         if let Ok(mut seen) = self.heartbeat_seen.lock() {
             seen.retain(|id, _| heartbeats.iter().any(|h| h.0 == *id));
@@ -357,22 +374,26 @@ impl<C: ImpetusConfig> Membership for RaftConsensus<C> {
     /// above all: the peer leaving must not be added back).
     async fn change(&self, c: Change, now: Timestamp) -> Result<(), ConsensusError> {
         let stale = || ConsensusError::Unavailable(format!("{c:?} no longer fits the membership; planned again"));
-        if let Change::Forget(id) = c {
-            // Still a learner or worker (not promoted meanwhile). One that
-            // answers again just after is refused, learns that it was taken
-            // out, and joins again as a new peer.
+        if let Change::Forget { peer: id, after_ms } = c {
+            // Still a learner or worker (not promoted meanwhile), still
+            // silent (checked under the lock, against the view after the
+            // changes before it). One that answers again just after this
+            // is refused, learns that it was taken out, and joins again as
+            // a new peer.
+            let one_at_a_time = self.changing.lock().await;
             let v = self.view_to_change()?;
+            if !still_silent(&v, id, after_ms) {
+                return Err(stale());
+            }
             if v.workers.contains_key(&id) {
                 // No member: out of the registry alone. (A draining mark
-                // first would stay behind if the rest failed, and a
-                // draining worker is never planned for again.)
+                // first would stay behind if the rest failed.)
                 tracing::warn!(peer = id, "a worker silent too long is taken out of the cluster");
                 let _ = self.write(now, Command::RemovePeer { peer: PeerId(id) }).await?;
                 return Ok(());
             }
-            if !v.learners.contains(&id) {
-                return Err(stale());
-            }
+            // `remove_peer` takes the lock itself.
+            drop(one_at_a_time);
             tracing::warn!(peer = id, "a learner silent too long is taken out of the cluster");
             return self.remove_peer(self, now, PeerId(id)).await;
         }
@@ -389,7 +410,7 @@ impl<C: ImpetusConfig> Membership for RaftConsensus<C> {
         let view = self.view_to_change()?;
         let members = match c {
             Change::AddLearner(id) => {
-                if !view.workers.contains_key(&id) {
+                if !view.workers.contains_key(&id) || view.draining.contains(&id) {
                     return Err(stale());
                 }
                 let addr = self.state.read(|s| s.peer(PeerId(id)).and_then(|p| p.info.addresses.first().cloned()));
@@ -401,14 +422,18 @@ impl<C: ImpetusConfig> Membership for RaftConsensus<C> {
                 drop(one_at_a_time);
                 return Ok(());
             }
-            Change::Promote(id) if view.learners.contains(&id) => ChangeMembers::AddVoterIds(BTreeSet::from([id])),
-            Change::Replace { dead, with } if view.voters.contains(&dead) && view.learners.contains(&with) => {
+            Change::Promote(id) if view.learners.contains(&id) && !view.draining.contains(&id) => {
+                ChangeMembers::AddVoterIds(BTreeSet::from([id]))
+            }
+            Change::Replace { dead, with }
+                if view.voters.contains(&dead) && view.learners.contains(&with) && !view.draining.contains(&with) =>
+            {
                 let mut voters = view.voters;
                 voters.remove(&dead);
                 voters.insert(with);
                 ChangeMembers::ReplaceAllVoters(voters)
             }
-            Change::Promote(_) | Change::Replace { .. } | Change::HandOver(_) | Change::Forget(_) => {
+            Change::Promote(_) | Change::Replace { .. } | Change::HandOver(_) | Change::Forget { .. } => {
                 return Err(stale())
             }
         };

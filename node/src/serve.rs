@@ -124,6 +124,13 @@ pub enum ServeError {
          using the same address?"
     )]
     RemovedAgain { times: usize },
+    #[error(
+        "this peer is voter {id} of the cluster, but its Raft state ({}) is gone, and a voter that forgot \
+         its votes could help elect two leaders: restore that directory; or, once the cluster has replaced \
+         voter {id} (after --voter-timeout), start this peer with a fresh --data-dir (a new identity and id)",
+        raft.display()
+    )]
+    VoterLostItsState { id: u64, raft: PathBuf },
 }
 
 /// How much nicer than the peer's own threads its job threads run, so the
@@ -512,7 +519,7 @@ async fn run_once<S: Future<Output = ()> + Send>(
     })
     .await?;
     let handlers = Arc::new(Handlers::default());
-    let net = server.start(handlers.clone());
+    let mut net = server.start(handlers.clone());
     let addr = net.handle.local_addr().to_string();
 
     let id_file = opts.data_dir.join("peer-id");
@@ -567,7 +574,16 @@ async fn run_once<S: Future<Output = ()> + Send>(
                         last: format!("this peer was worker {id} of a cluster; start it with --join ADDR of a member"),
                     })
                 }
-                (Some((id, members)), _) => {
+                // The same address is a voter's id: this is that voter,
+                // back without its Raft state. It must not vote again
+                // with its votes forgotten (two leaders in one term).
+                // (With its state but no `peer-id` file it is that voter
+                // whole, and goes on.)
+                (Some(Joined { id, voter: true, .. }), _) if !holds_state => {
+                    net.stop().await?;
+                    return Err(ServeError::VoterLostItsState { id: id.0, raft: raft_dir.clone() });
+                }
+                (Some(Joined { id, members, .. }), _) => {
                     if known_id != Some(id) {
                         std::fs::write(&id_file, id.0.to_string()).map_err(data_err(&id_file))?;
                     }
@@ -666,6 +682,14 @@ async fn run_once<S: Future<Output = ()> + Send>(
             manager.abort();
             return Err(ServeError::RaftStopped { reason });
         }
+        e = net.ended() => {
+            // Nothing reaches this peer, nor it anyone: stop and say why
+            // (its leases expire and its jobs run elsewhere).
+            tracing::error!(peer = %peer.id(), error = %e, "the network stopped; this peer stops");
+            stopping.store(true, Ordering::SeqCst);
+            manager.abort();
+            return Err(ServeError::Net(e));
+        }
     };
     tracing::info!(peer = %peer.id(), removed, "shutting down: draining running jobs");
     stopping.store(true, Ordering::SeqCst);
@@ -742,13 +766,21 @@ fn load_or_create_identity(path: &Path) -> Result<Keypair, ServeError> {
 /// A peer that was in a cluster (`saved`: `DATA_DIR/contacts`) joins it
 /// again through those members, and never founds another: two clusters
 /// answering for one set of addresses would be a split brain.
+/// What a join answered: this peer's id, the voters' addresses (whom to
+/// ask who leads, later) and whether that id is a voter's.
+struct Joined {
+    id: PeerId,
+    members: Vec<String>,
+    voter: bool,
+}
+
 async fn find_and_join(
     net: &crate::net::NetHandle,
     opts: &PeerOptions,
     saved: &[String],
     info: &PeerInfo,
     mdns: bool,
-) -> Result<Option<(PeerId, Vec<String>)>, ServeError> {
+) -> Result<Option<Joined>, ServeError> {
     let authkey = opts.authkey.as_deref();
     if opts.join.is_empty() && !saved.is_empty() {
         tracing::info!(contacts = ?saved, "joining the cluster this peer was in");
@@ -798,19 +830,15 @@ fn save_contacts(data_dir: &Path, members: &[String]) {
 
 /// Ask the `--join` peers, in turn, to let this peer in; returns its id
 /// and the voters' addresses.
-async fn join_cluster(
-    join: &[String],
-    authkey: Option<&str>,
-    info: &PeerInfo,
-) -> Result<(PeerId, Vec<String>), ServeError> {
+async fn join_cluster(join: &[String], authkey: Option<&str>, info: &PeerInfo) -> Result<Joined, ServeError> {
     let deadline = tokio::time::Instant::now() + JOIN_TIMEOUT;
     let mut last = String::new();
     while tokio::time::Instant::now() < deadline {
         for target in join {
             match join_once(target, authkey, info).await {
-                Ok((id, members)) => {
-                    tracing::info!(via = %target, peer = %id, "joined the cluster");
-                    return Ok((id, members));
+                Ok(joined) => {
+                    tracing::info!(via = %target, peer = %joined.id, voter = joined.voter, "joined the cluster");
+                    return Ok(joined);
                 }
                 Err(e) => {
                     tracing::info!(via = %target, error = %e, "could not join yet; retrying");
@@ -823,7 +851,7 @@ async fn join_cluster(
     Err(ServeError::Join { tried: join.join(", "), last })
 }
 
-async fn join_once(target: &str, authkey: Option<&str>, info: &PeerInfo) -> Result<(PeerId, Vec<String>), String> {
+async fn join_once(target: &str, authkey: Option<&str>, info: &PeerInfo) -> Result<Joined, String> {
     let client = impetus_sdk::Client::connect(target, authkey).await.map_err(|e| e.to_string())?;
     let peer = match client.request(ClientRequest::Join { info: info.clone() }).await.map_err(|e| e.to_string())? {
         ClientResponse::Joined { peer } => peer,
@@ -833,7 +861,8 @@ async fn join_once(target: &str, authkey: Option<&str>, info: &PeerInfo) -> Resu
     // Whom to ask who leads, later: the voters, by their full addresses.
     let st = client.status().await.map_err(|e| e.to_string())?;
     let voters = st.peers.iter().filter(|p| st.voters.contains(&p.id));
-    Ok((peer, voters.filter_map(|p| p.info.addresses.first().cloned()).collect()))
+    let members = voters.filter_map(|p| p.info.addresses.first().cloned()).collect();
+    Ok(Joined { id: peer, members, voter: st.voters.contains(&peer) })
 }
 
 /// With mDNS and no `--join`: listen for peers for [`MDNS_WINDOW`]. If one

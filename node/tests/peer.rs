@@ -407,6 +407,39 @@ async fn a_running_peer_learns_that_the_registry_no_longer_has_it() {
     p.read(|s| s.check_invariants());
 }
 
+/// A peer taken out of the cluster while it runs a job stops at once: its
+/// lease went with its registry entry (the job is queued again, not lost)
+/// and nothing it reports would be taken, so it does not wait out the
+/// drain grace for the job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_taken_out_while_it_runs_a_job_stops_without_waiting_for_it() {
+    let (log, snapshots) = (MemLogStore::<TypeConfig>::new(), MemSnapshotStore::new());
+    let c = consensus_on(&log, &snapshots, default_raft_config(), Some(PeerNode::new("mem-1"))).await;
+    let cfg = PeerConfig {
+        poll_interval: Duration::from_millis(20),
+        shutdown_grace: Duration::from_secs(120),
+        ..PeerConfig::default()
+    };
+    let p = Peer::start(TokioRuntime, c, FakeRunner::default(), cfg, None).await.unwrap();
+    let s = setup(&p, StreamProps::default()).await;
+    write(&p, Command::Submit { stream: s.clone(), jobs: vec![new_job("sleep:120000")] }).await.unwrap();
+    let running = || p.read(|st| st.stream_stats(&s).is_some_and(|x| x.leased + x.running == 1));
+    for _ in 0..100 {
+        if running() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(running(), "the job never started");
+    write(&p, Command::RemovePeer { peer: p.id() }).await.unwrap();
+    assert_eq!(p.read(|st| st.job(JobId(0)).unwrap().status), JobStatus::Queued, "its lease went with it");
+    tokio::time::timeout(Duration::from_secs(10), p.removed()).await.expect("the peer did not learn it was taken out");
+    tokio::time::timeout(Duration::from_secs(10), p.shutdown())
+        .await
+        .expect("a peer taken out waited for its running job (the 120 s grace)");
+    p.read(|s| s.check_invariants());
+}
+
 /// Consensus whose submits wait at a gate the test opens, or fail there.
 struct Gated {
     raft: RaftConsensus<TypeConfig>,

@@ -375,6 +375,26 @@ fn a_voter_killed_and_restarted_catches_up_to_the_same_state() {
     eprintln!("replicas agree at index {} (digest {})", agreed.0, &agreed.1[..16]);
     let st = status(&rt, &peers[2]).unwrap();
     assert_eq!(st.voters.len(), 3, "the restarted peer is still a voter: {st:?}");
+
+    // The same voter back without its Raft state is refused: with its
+    // votes forgotten it could help elect two leaders in one term.
+    let id = id_of(&st, &peers[2]);
+    peers[2].kill9();
+    std::fs::remove_dir_all(peers[2].data_dir.join("raft")).unwrap();
+    peers[2].relaunch().unwrap();
+    let exit = peers[2].wait_exit(Duration::from_secs(90));
+    let log = std::fs::read_to_string(&peers[2].log).unwrap_or_default();
+    assert!(
+        exit.is_some_and(|e| !e.success()),
+        "a voter without its state started: {exit:?}; log:\n{}",
+        tail(&log, 30)
+    );
+    let why = format!("this peer is voter {} of the cluster, but its Raft state", id.0);
+    assert!(log.contains(&why), "the refusal does not say why; log:\n{}", tail(&log, 30));
+    let st = status(&rt, &peers[0]).unwrap();
+    assert!(st.voters.contains(&id), "the refused peer's seat was changed meanwhile: {st:?}");
+    let third = rt.block_on(submit(&c, "catchup", StreamProps::default(), "square", vec!["3".into()]));
+    rt.block_on(wait_all(&c, &third, Duration::from_secs(60)));
 }
 
 #[test]

@@ -60,10 +60,14 @@ pub struct View {
     pub matched: BTreeMap<u64, u64>,
     /// Per follower: milliseconds since it last answered the leader.
     pub silent_ms: BTreeMap<u64, u64>,
-    /// Registered peers outside membership (not draining): milliseconds
-    /// since their last heartbeat, by the state machine's clock, and
-    /// whether they may take a seat.
+    /// Registered peers outside membership (draining ones too, so that
+    /// one that died draining is forgotten): milliseconds since their last
+    /// heartbeat, by the state machine's clock, and whether they may take
+    /// a seat.
     pub workers: BTreeMap<u64, (u64, Seat)>,
+    /// Registered peers marked draining (leaving), members or not: none is
+    /// made a learner, promoted, or handed the lead.
+    pub draining: BTreeSet<u64>,
     /// Per worker: milliseconds since this leader saw its heartbeat stamp
     /// change, on the leader's own clock (from when it first looked). A
     /// worker is forgotten only if both measures say it is silent: a
@@ -76,10 +80,11 @@ pub struct View {
 pub enum Change {
     /// Make this learner a voter.
     Promote(u64),
-    /// Take this silent learner or worker out of membership and the
-    /// registry: a learner by `RaftConsensus::remove_peer` (a departure), a
-    /// worker, no member, out of the registry alone.
-    Forget(u64),
+    /// Take this learner or worker, silent for at least `after_ms`, out of
+    /// membership and the registry: a learner by
+    /// `RaftConsensus::remove_peer` (a departure), a worker, no member, out
+    /// of the registry alone. Its silence is checked again before.
+    Forget { peer: u64, after_ms: u64 },
     /// Swap a silent voter for a learner: `voters - dead + with`.
     Replace { dead: u64, with: u64 },
     /// Add this worker as a learner (it starts to hold Raft state).
@@ -125,12 +130,17 @@ pub fn plan(v: &View, p: &Policy) -> Option<Change> {
     let answering = |id: &u64| *id == v.me || v.silent_ms.get(id).is_some_and(|ms| *ms < p.dead_after_ms);
     let caught_up = |id: &u64| v.matched.get(id).is_some_and(|m| v.last_log.saturating_sub(*m) <= p.caught_up_lag);
     let fresh = |id: &u64| v.silent_ms.get(id).is_some_and(|ms| *ms < p.fresh_ms);
+    let staying = |id: &u64| !v.draining.contains(id);
     if !v.voters.contains(&v.me) {
         let matched = |id: &u64| v.matched.get(id).copied().unwrap_or(0);
-        let to = v.voters.iter().filter(|id| fresh(id)).max_by_key(|id| (matched(id), std::cmp::Reverse(**id)));
+        let to = v
+            .voters
+            .iter()
+            .filter(|id| fresh(id) && staying(id))
+            .max_by_key(|id| (matched(id), std::cmp::Reverse(**id)));
         return to.map(|id| Change::HandOver(*id));
     }
-    let candidate = v.learners.iter().find(|id| fresh(id) && caught_up(id)).copied();
+    let candidate = v.learners.iter().find(|id| fresh(id) && caught_up(id) && staying(id)).copied();
     let dead: Vec<u64> = v.voters.iter().copied().filter(|id| *id != v.me && !answering(id)).collect();
     if v.voters.len() < p.target_voters {
         if let Some(id) = candidate {
@@ -140,18 +150,28 @@ pub fn plan(v: &View, p: &Policy) -> Option<Change> {
         return Some(Change::Replace { dead, with });
     }
     let missing = p.target_voters.saturating_sub(v.voters.len()) + dead.len();
-    let standing_by = v.learners.iter().filter(|id| answering(id)).count();
+    let standing_by = v.learners.iter().filter(|id| answering(id) && staying(id)).count();
     if standing_by < missing {
         let worker = v
             .workers
             .iter()
-            .filter(|(_, (silent, seat))| *silent < p.dead_after_ms && *seat != Seat::Never)
+            .filter(|(id, (silent, seat))| *silent < p.dead_after_ms && *seat != Seat::Never && staying(id))
             .min_by_key(|(id, (_, seat))| (*seat, **id));
         if let Some((id, _)) = worker {
             return Some(Change::AddLearner(*id));
         }
     }
-    forgotten(v, p).map(Change::Forget)
+    forgotten(v, p).map(|peer| Change::Forget { peer, after_ms: p.forget_after_ms })
+}
+
+/// Whether `id`, a learner or worker, is still silent for `after_ms` in
+/// `v` (a [`Change::Forget`] planned from an older view).
+pub fn still_silent(v: &View, id: u64, after_ms: u64) -> bool {
+    let quiet = v.workers_quiet_ms.get(&id).copied().unwrap_or(0);
+    match v.workers.get(&id) {
+        Some((silent, _)) => (*silent).min(quiet) >= after_ms,
+        None => v.learners.contains(&id) && v.silent_ms.get(&id).is_some_and(|ms| *ms >= after_ms),
+    }
 }
 
 /// The learner or worker with the lowest id silent for
@@ -161,13 +181,9 @@ fn forgotten(v: &View, p: &Policy) -> Option<u64> {
     if p.forget_after_ms == 0 {
         return None;
     }
-    let learners = v.learners.iter().filter(|id| v.silent_ms.get(id).is_some_and(|ms| *ms >= p.forget_after_ms));
-    let quiet = |id: &u64| v.workers_quiet_ms.get(id).copied().unwrap_or(0);
-    let workers =
-        v.workers.iter().filter(|(id, (silent, _))| (*silent).min(quiet(id)) >= p.forget_after_ms).map(|(id, _)| id);
     // Never this leader: it is a voter here ([`plan`] handed its lead over
     // otherwise), and voters are neither learners nor workers.
-    learners.chain(workers).min().copied()
+    v.learners.iter().chain(v.workers.keys()).copied().filter(|id| still_silent(v, *id, p.forget_after_ms)).min()
 }
 
 /// Raft membership as the manager drives it.
@@ -219,7 +235,12 @@ mod tests {
             silent_ms: all.map(|id| (id, 50)).collect(),
             workers: BTreeMap::new(),
             workers_quiet_ms: BTreeMap::new(),
+            draining: BTreeSet::new(),
         }
+    }
+
+    fn forget(peer: u64) -> Option<Change> {
+        Some(Change::Forget { peer, after_ms: Policy::default().forget_after_ms })
     }
 
     fn workers(w: &[(u64, u64, Seat)]) -> BTreeMap<u64, (u64, Seat)> {
@@ -335,11 +356,11 @@ mod tests {
         v.silent_ms.insert(5, 599_999);
         assert_eq!(plan(&v, &Policy::default()), None, "silent, not yet for 10 minutes");
         v.silent_ms.insert(5, 600_000);
-        assert_eq!(plan(&v, &Policy::default()), Some(Change::Forget(5)));
+        assert_eq!(plan(&v, &Policy::default()), forget(5));
         v.workers.insert(7, (600_000, Seat::Any));
-        assert_eq!(plan(&v, &Policy::default()), Some(Change::Forget(5)), "lowest id first");
+        assert_eq!(plan(&v, &Policy::default()), forget(5), "lowest id first");
         v.silent_ms.insert(5, 10);
-        assert_eq!(plan(&v, &Policy::default()), Some(Change::Forget(7)), "a worker too");
+        assert_eq!(plan(&v, &Policy::default()), forget(7), "a worker too");
         v.workers_quiet_ms.insert(7, 1_000);
         assert_eq!(plan(&v, &Policy::default()), None, "silent by the state's clock only (a clock that jumped)");
         let never = Policy { forget_after_ms: 0, ..Policy::default() };
@@ -360,7 +381,54 @@ mod tests {
         v.workers.remove(&4);
         assert_eq!(plan(&v, &Policy::default()), Some(Change::Replace { dead: 3, with: 4 }));
         let v = View { voters: [1, 2, 4].into(), learners: [3].into(), ..v };
-        assert_eq!(plan(&v, &Policy::default()), Some(Change::Forget(3)), "replaced, then forgotten");
+        assert_eq!(plan(&v, &Policy::default()), forget(3), "replaced, then forgotten");
+    }
+
+    #[test]
+    fn a_draining_peer_gets_no_seat_and_no_lead_and_is_forgotten_if_it_dies() {
+        // A learner leaving is not promoted, nor counted as standing by:
+        // a worker is brought in instead.
+        let mut v = view(&[1, 2], &[3]);
+        v.draining.insert(3);
+        v.workers = workers(&[(4, 100, Seat::Any)]);
+        assert_eq!(plan(&v, &Policy::default()), Some(Change::AddLearner(4)));
+        // Nor does it take a silent voter's place.
+        let mut v = view(&[1, 2, 3], &[4]);
+        v.silent_ms.insert(2, 10_000);
+        v.draining.insert(4);
+        assert_eq!(plan(&v, &Policy::default()), None);
+        v.draining.clear();
+        assert_eq!(plan(&v, &Policy::default()), Some(Change::Replace { dead: 2, with: 4 }));
+        // A draining worker is never made a learner; once silent long
+        // enough (it died draining) it is forgotten like any other.
+        let mut v = view(&[1], &[]);
+        v.workers = workers(&[(5, 100, Seat::Preferred)]);
+        v.draining.insert(5);
+        assert_eq!(plan(&v, &Policy::default()), None);
+        v.workers.insert(5, (600_000, Seat::Preferred));
+        v.workers_quiet_ms.insert(5, 600_000);
+        assert_eq!(plan(&v, &Policy::default()), forget(5));
+        // A leader that is no voter hands its lead to a voter that stays.
+        let mut v = view(&[2, 3], &[1]);
+        v.matched.insert(2, 4_000);
+        v.draining.insert(3);
+        assert_eq!(plan(&v, &Policy::default()), Some(Change::HandOver(2)));
+    }
+
+    #[test]
+    fn a_forget_is_checked_again_against_the_newer_view() {
+        let after = Policy::default().forget_after_ms;
+        let mut v = view(&[1, 2, 3], &[4]);
+        v.silent_ms.insert(4, after);
+        v.workers = workers(&[(6, after, Seat::Any)]);
+        v.workers_quiet_ms = [(6, after)].into();
+        assert!(still_silent(&v, 4, after) && still_silent(&v, 6, after));
+        v.silent_ms.insert(4, 10);
+        v.workers.insert(6, (10, Seat::Any));
+        assert!(!still_silent(&v, 4, after), "the learner answered meanwhile");
+        assert!(!still_silent(&v, 6, after), "the worker's heartbeat came meanwhile");
+        assert!(!still_silent(&v, 2, 0), "a voter is never forgotten");
+        assert!(!still_silent(&v, 9, 0), "nor a peer gone from the view");
     }
 
     #[test]

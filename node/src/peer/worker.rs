@@ -212,6 +212,18 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
             tracing::info!(peer = %me, running = self.running.len(), "stopping: no new leases, finishing running jobs");
         }
 
+        // Taken out of the cluster: nothing this peer reports is accepted
+        // and its leases went with its registry entry, so its running jobs
+        // (which run again elsewhere) are not waited for.
+        if stopping && inner.removed.load(Ordering::SeqCst) {
+            if !self.running.is_empty() {
+                tracing::info!(peer = %me, dropped = self.running.len(), "taken out of the cluster: running jobs dropped");
+                inner.slots.give(self.running.len() as u32);
+                self.running.clear();
+            }
+            return (true, false);
+        }
+
         let mut cmds = Vec::new();
         let mut sent = Vec::new();
         let completions = std::mem::take(&mut self.completions);
