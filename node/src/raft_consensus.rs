@@ -163,15 +163,22 @@ impl<C: ImpetusConfig> RaftConsensus<C> {
                 return Err(ConsensusError::Unavailable("the last voter cannot leave".into()));
             }
             // Its seat to a learner the policy would promote (answering,
-            // caught up, staying), if there is one; else the voters shrink
-            // and the manager fills the seat later.
+            // caught up, staying), if there is one.
             let p = Policy::default();
             let fit = |l: &&u64| {
                 view.silent_ms.get(l).is_some_and(|ms| *ms < p.fresh_ms)
                     && view.matched.get(l).is_some_and(|m| view.last_log.saturating_sub(*m) <= p.caught_up_lag)
                     && !view.draining.contains(l)
             };
-            if let Some(with) = view.learners.iter().find(fit) {
+            // None fit: any staying learner it replicates to rather than
+            // none, or the voters left (with a silent one among them)
+            // might make no majority that answers, the change itself
+            // included.
+            let with =
+                view.learners.iter().find(fit).or_else(|| {
+                    view.learners.iter().find(|l| view.matched.contains_key(l) && !view.draining.contains(l))
+                });
+            if let Some(with) = with {
                 voters.insert(*with);
             }
             let change = ChangeMembers::ReplaceAllVoters(voters);

@@ -541,7 +541,10 @@ async fn run_once<S: Future<Output = ()> + Send>(
     let metrics = Arc::new(Metrics::new());
     let observed = metrics.clone();
     let sm = sm.with_observer(Arc::new(move |state, cmd, result| observed.applied(state, cmd, result)));
-    let holds_state = log.index_range().is_some() || log.purged().is_some() || sm.handle().last_applied().is_some();
+    let holds_state = log.index_range().is_some()
+        || log.purged().is_some()
+        || log.vote().is_some()
+        || sm.handle().last_applied().is_some();
     // The members this peer knew when it last joined or left a cluster.
     let saved = read_contacts(&opts.data_dir);
     let mut contacts = saved.clone();
@@ -709,12 +712,14 @@ async fn run_once<S: Future<Output = ()> + Send>(
         tracing::warn!(error = %e, "raft shutdown");
     }
     drop((raft, state, local, consensus, service, peer.clone()));
-    net.stop().await?;
+    let stopped = net.stop().await;
     if left {
         // This peer's Raft state belongs to a membership it is no longer
-        // in: a later start joins afresh with a new id.
+        // in: a later start joins afresh with a new id (even if the
+        // network task failed meanwhile).
         forget_membership(&opts.data_dir);
     }
+    stopped?;
     tracing::info!(peer = %peer.id(), left, "peer stopped");
     Ok(if removed { Life::Removed(peer.id()) } else { Life::Stopped })
 }

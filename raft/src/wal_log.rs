@@ -477,6 +477,12 @@ impl<C: ImpetusConfig> WalLogStore<C> {
         self.lock().index.purged
     }
 
+    /// The vote saved, if any (a member that voted holds state even
+    /// before its first entry).
+    pub fn vote(&self) -> Option<Vote> {
+        self.lock().index.vote
+    }
+
     /// The segment files on disk, oldest first.
     pub fn segment_paths(&self) -> Vec<PathBuf> {
         self.lock().segments.values().map(|s| s.file.path.clone()).collect()

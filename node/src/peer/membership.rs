@@ -133,11 +133,10 @@ pub fn plan(v: &View, p: &Policy) -> Option<Change> {
     let staying = |id: &u64| !v.draining.contains(id);
     if !v.voters.contains(&v.me) {
         let matched = |id: &u64| v.matched.get(id).copied().unwrap_or(0);
-        let to = v
-            .voters
-            .iter()
-            .filter(|id| fresh(id) && staying(id))
-            .max_by_key(|id| (matched(id), std::cmp::Reverse(**id)));
+        // A voter that stays first; a draining one rather than none (this
+        // leader changes no membership, so leaves would wait for ever).
+        let to =
+            v.voters.iter().filter(|id| fresh(id)).max_by_key(|id| (staying(id), matched(id), std::cmp::Reverse(**id)));
         return to.map(|id| Change::HandOver(*id));
     }
     let candidate = v.learners.iter().find(|id| fresh(id) && caught_up(id) && staying(id)).copied();
@@ -413,6 +412,8 @@ mod tests {
         v.matched.insert(2, 4_000);
         v.draining.insert(3);
         assert_eq!(plan(&v, &Policy::default()), Some(Change::HandOver(2)));
+        v.draining.insert(2);
+        assert_eq!(plan(&v, &Policy::default()), Some(Change::HandOver(3)), "all draining: one rather than none");
     }
 
     #[test]
