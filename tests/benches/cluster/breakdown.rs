@@ -68,10 +68,13 @@ fn set(events: &mut Events, index: u64, name: &'static str, t: u64) {
 
 /// Each log index's first time at each milestone in one peer's log. Events
 /// that carry no index belong to the index the peer writes next (the job's
-/// run), wrote last (its sync), applies next, or answered last.
+/// run), applies next, or answered last; a sync, to every write up to the
+/// last index it covers.
 fn read(log: &str, follower: bool) -> Events {
     let mut events = Events::new();
-    let (mut request, mut written, mut apply_start, mut answered) = (None, None, None, None);
+    let (mut request, mut apply_start, mut answered) = (None, None, None);
+    // Indexes written and not yet covered by a sync, oldest first.
+    let mut unsynced: Vec<u64> = Vec::new();
     // Two requests read within a millisecond before a run starts: which one
     // it serves is unknown, so neither time is taken. (An older read was a
     // request that started no run: a status, a worker's turn.)
@@ -103,12 +106,17 @@ fn read(log: &str, follower: bool) -> Events {
                         set(&mut events, i, m, u);
                     }
                     set(&mut events, i, n, t);
-                    written = Some(i);
+                    unsynced.push(i);
                 }
             }
+            // A sync covers the writes up to its `last_index`; one written
+            // while it ran waits for the next.
             Some(n @ ("raft log synced" | "f: raft log synced")) => {
-                if let Some(i) = written {
-                    set(&mut events, i, n, t);
+                if let Some(last) = field(msg, "last_index") {
+                    let covered = unsynced.iter().take_while(|&&i| i <= last).count();
+                    for i in unsynced.drain(..covered) {
+                        set(&mut events, i, n, t);
+                    }
                 }
             }
             Some("apply starts") => apply_start = Some(t),
