@@ -71,17 +71,20 @@ async fn append_syncs_once_per_batch_and_everything_survives_a_reopen() {
     assert_eq!(log.durable_index(), 96);
 }
 
+/// A log of entries 1..=10 in `dir`, closed; its newest segment.
+async fn ten_entries(dir: &std::path::Path) -> std::path::PathBuf {
+    let mut log = WalLogStore::<TypeConfig>::open(dir).unwrap();
+    append(&mut log, (1..=10).map(blank)).await;
+    log.segment_paths().pop().unwrap()
+}
+
 /// A record cut by a crash at the end of the newest segment was never
 /// acknowledged: reopening cuts it off, keeps everything before it, and the
 /// log goes on from there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_torn_record_at_the_end_is_cut_off() {
     let dir = tempfile::tempdir().unwrap();
-    let newest = {
-        let mut log = WalLogStore::<TypeConfig>::open(dir.path()).unwrap();
-        append(&mut log, (1..=10).map(blank)).await;
-        log.segment_paths().pop().unwrap()
-    };
+    let newest = ten_entries(dir.path()).await;
     // Half a record: a header that promises more bytes than follow.
     let mut f = std::fs::OpenOptions::new().append(true).open(&newest).unwrap();
     f.write_all(&[200, 0, 0, 0, 1, 2, 3, 4, 9, 9]).unwrap();
@@ -104,11 +107,7 @@ async fn a_torn_record_at_the_end_is_cut_off() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_zeroed_tail_is_cut_off_and_zeroes_before_data_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let newest = {
-        let mut log = WalLogStore::<TypeConfig>::open(dir.path()).unwrap();
-        append(&mut log, (1..=10).map(blank)).await;
-        log.segment_paths().pop().unwrap()
-    };
+    let newest = ten_entries(dir.path()).await;
     let size = std::fs::metadata(&newest).unwrap().len();
     let mut f = std::fs::OpenOptions::new().append(true).open(&newest).unwrap();
     f.write_all(&[0; 4096]).unwrap();
