@@ -867,7 +867,23 @@ async fn join_once(target: &str, authkey: Option<&str>, info: &PeerInfo) -> Resu
     let st = client.status().await.map_err(|e| e.to_string())?;
     let voters = st.peers.iter().filter(|p| st.voters.contains(&p.id));
     let members = voters.filter_map(|p| p.info.addresses.first().cloned()).collect();
-    Ok(Joined { id: peer, members, voter: st.voters.contains(&peer) })
+    // Whether the id is a voter's, by the leader's membership when the
+    // target is another peer (a follower's view may lag a promotion);
+    // the target's if the leader cannot be asked.
+    let leader_addr = st
+        .leader
+        .filter(|l| *l != st.peer)
+        .and_then(|l| st.peers.iter().find(|p| p.id == l))
+        .and_then(|p| p.info.addresses.first());
+    let leader_voters = match leader_addr {
+        Some(addr) => match impetus_sdk::Client::connect(&strip_p2p(addr), authkey).await {
+            Ok(leader) => leader.status().await.ok().map(|s| s.voters),
+            Err(_) => None,
+        },
+        None => None,
+    };
+    let voter = leader_voters.unwrap_or(st.voters).contains(&peer);
+    Ok(Joined { id: peer, members, voter })
 }
 
 /// With mDNS and no `--join`: listen for peers for [`MDNS_WINDOW`]. If one
