@@ -13,7 +13,7 @@ use impetus_raft::openraft::error::{ClientWriteError, LinearizableReadError, Raf
 use impetus_raft::openraft::{AsyncRuntime, ChangeMembers, Instant, RaftTypeConfig, ReadPolicy};
 use impetus_raft::{ImpetusConfig, ImpetusRaft, PeerNode, Request, StateHandle};
 
-use crate::peer::membership::{still_silent, Change, Membership, Policy, View};
+use crate::peer::membership::{candidate, still_silent, Change, Membership, Policy, View};
 use crate::peer::{Consensus, ConsensusError, RaftStatus};
 
 /// One Raft member and its applied state.
@@ -162,24 +162,15 @@ impl<C: ImpetusConfig> RaftConsensus<C> {
             if voters.is_empty() {
                 return Err(ConsensusError::Unavailable("the last voter cannot leave".into()));
             }
-            // Its seat to a learner the policy would promote (answering,
-            // caught up, staying), if there is one.
-            let p = Policy::default();
-            let fit = |l: &&u64| {
-                view.silent_ms.get(l).is_some_and(|ms| *ms < p.fresh_ms)
-                    && view.matched.get(l).is_some_and(|m| view.last_log.saturating_sub(*m) <= p.caught_up_lag)
-                    && !view.draining.contains(l)
-            };
-            // None fit: any staying learner it replicates to rather than
-            // none, or the voters left (with a silent one among them)
-            // might make no majority that answers, the change itself
-            // included.
-            let with =
-                view.learners.iter().find(fit).or_else(|| {
-                    view.learners.iter().find(|l| view.matched.contains_key(l) && !view.draining.contains(l))
-                });
+            // Its seat to the learner the policy would promote, if there is
+            // one; else to any staying learner it replicates to rather than
+            // none, or the voters left (with a silent one among them) might
+            // make no majority that answers, the change itself included.
+            let with = candidate(&view, &Policy::default()).or_else(|| {
+                view.learners.iter().copied().find(|l| view.matched.contains_key(l) && !view.draining.contains(l))
+            });
             if let Some(with) = with {
-                voters.insert(*with);
+                voters.insert(with);
             }
             let change = ChangeMembers::ReplaceAllVoters(voters);
             self.retrying("remove voter", || self.raft.change_membership(change.clone(), false)).await?;

@@ -764,13 +764,6 @@ fn load_or_create_identity(path: &Path) -> Result<Keypair, ServeError> {
     }
 }
 
-/// No `--join`, no saved contacts and no cluster found by mDNS: `None`
-/// (found one). Otherwise join it and return the id the leader gave this
-/// peer and the addresses of the cluster's voters.
-///
-/// A peer that was in a cluster (`saved`: `DATA_DIR/contacts`) joins it
-/// again through those members, and never founds another: two clusters
-/// answering for one set of addresses would be a split brain.
 /// What a join answered: this peer's id, the voters' addresses (whom to
 /// ask who leads, later) and whether that id is a voter's.
 struct Joined {
@@ -779,6 +772,13 @@ struct Joined {
     voter: bool,
 }
 
+/// No `--join`, no saved contacts and no cluster found by mDNS: `None`
+/// (found one). Otherwise join it and return what the join answered
+/// ([`Joined`]).
+///
+/// A peer that was in a cluster (`saved`: `DATA_DIR/contacts`) joins it
+/// again through those members, and never founds another: two clusters
+/// answering for one set of addresses would be a split brain.
 async fn find_and_join(
     net: &crate::net::NetHandle,
     opts: &PeerOptions,
@@ -833,8 +833,8 @@ fn save_contacts(data_dir: &Path, members: &[String]) {
     }
 }
 
-/// Ask the `--join` peers, in turn, to let this peer in; returns its id
-/// and the voters' addresses.
+/// Ask the `--join` peers, in turn, to let this peer in; returns what the
+/// first to answer said ([`Joined`]).
 async fn join_cluster(join: &[String], authkey: Option<&str>, info: &PeerInfo) -> Result<Joined, ServeError> {
     let deadline = tokio::time::Instant::now() + JOIN_TIMEOUT;
     let mut last = String::new();

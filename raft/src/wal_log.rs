@@ -265,10 +265,15 @@ fn flusher<C: ImpetusConfig>(
         if let Err(e) = &synced {
             let _ = failed.set(e.to_string());
         }
-        // The last entry this sync covers: an append queued while it ran
-        // waits for the next one.
-        let covered = batch.iter().filter_map(|j| if let Job::Append { last, .. } = j { *last } else { None }).max();
-        tracing::trace!(target: "impetus_latency", jobs = batch.len(), last_index = ?covered, ok = synced.is_ok(), "raft log synced");
+        // `last_index`: the last entry this sync covers (an append queued
+        // while it ran waits for the next one); computed only when traced.
+        tracing::trace!(
+            target: "impetus_latency",
+            jobs = batch.len(),
+            last_index = ?batch.iter().filter_map(|j| if let Job::Append { last, .. } = j { *last } else { None }).max(),
+            ok = synced.is_ok(),
+            "raft log synced"
+        );
         if synced.is_ok() {
             flushes.fetch_add(1, Ordering::SeqCst);
         }

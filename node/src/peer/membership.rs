@@ -128,7 +128,6 @@ pub fn plan(v: &View, p: &Policy) -> Option<Change> {
         return None;
     }
     let answering = |id: &u64| *id == v.me || v.silent_ms.get(id).is_some_and(|ms| *ms < p.dead_after_ms);
-    let caught_up = |id: &u64| v.matched.get(id).is_some_and(|m| v.last_log.saturating_sub(*m) <= p.caught_up_lag);
     let fresh = |id: &u64| v.silent_ms.get(id).is_some_and(|ms| *ms < p.fresh_ms);
     let staying = |id: &u64| !v.draining.contains(id);
     if !v.voters.contains(&v.me) {
@@ -139,7 +138,7 @@ pub fn plan(v: &View, p: &Policy) -> Option<Change> {
             v.voters.iter().filter(|id| fresh(id)).max_by_key(|id| (staying(id), matched(id), std::cmp::Reverse(**id)));
         return to.map(|id| Change::HandOver(*id));
     }
-    let candidate = v.learners.iter().find(|id| fresh(id) && caught_up(id) && staying(id)).copied();
+    let candidate = candidate(v, p);
     let dead: Vec<u64> = v.voters.iter().copied().filter(|id| *id != v.me && !answering(id)).collect();
     if v.voters.len() < p.target_voters {
         if let Some(id) = candidate {
@@ -161,6 +160,16 @@ pub fn plan(v: &View, p: &Policy) -> Option<Change> {
         }
     }
     forgotten(v, p).map(|peer| Change::Forget { peer, after_ms: p.forget_after_ms })
+}
+
+/// The learner [`plan`] promotes or gives a seat to: the lowest id that
+/// answered within `fresh_ms`, is caught up and is not draining.
+pub fn candidate(v: &View, p: &Policy) -> Option<u64> {
+    v.learners.iter().copied().find(|id| {
+        v.silent_ms.get(id).is_some_and(|ms| *ms < p.fresh_ms)
+            && v.matched.get(id).is_some_and(|m| v.last_log.saturating_sub(*m) <= p.caught_up_lag)
+            && !v.draining.contains(id)
+    })
 }
 
 /// Whether `id`, a learner or worker, is still silent for `after_ms` in
