@@ -420,8 +420,11 @@ impl<C: ImpetusConfig> Membership for RaftConsensus<C> {
                 drop(one_at_a_time);
                 return Ok(());
             }
-            Change::Promote(id) if view.learners.contains(&id) && !view.draining.contains(&id) => {
-                ChangeMembers::AddVoterIds(BTreeSet::from([id]))
+            Change::Promote(ids)
+                if !ids.is_empty()
+                    && ids.iter().all(|id| view.learners.contains(id) && !view.draining.contains(id)) =>
+            {
+                ChangeMembers::AddVoterIds(ids)
             }
             Change::Replace { dead, with }
                 if view.voters.contains(&dead) && view.learners.contains(&with) && !view.draining.contains(&with) =>

@@ -66,7 +66,10 @@ fn the_same_seed_gives_the_same_trace_hash() {
 /// term, it wrote different entries under the same log ids, and the learner,
 /// taking them for the entries it had, diverged. Fixed by turning openraft's
 /// leader restore off (`impetus_raft::raft_config`): a restarted leader is
-/// elected again, in a new term.
+/// elected again, in a new term. (Seed 55 found it; since voters grow from
+/// one to three in one change its course differs and it crashes no peer, so
+/// seed 56, which crashes the founder, runs in its place. Neither replays
+/// the original interleaving: the nemesis starts once the cluster formed.)
 #[test]
 fn a_restarted_leader_never_reuses_its_term_regression_seeds() {
     let crash_disk = Faults::parse("crash,disk").expect("valid faults");
@@ -74,7 +77,7 @@ fn a_restarted_leader_never_reuses_its_term_regression_seeds() {
         Options { seed: 10, faults: crash_disk, ..Options::default() },
         // Every fault there was when it was found (`leave` came later).
         Options {
-            seed: 55,
+            seed: 56,
             faults: Faults::parse("delay,drop,dup,reorder,partition,oneway,crash,clock,disk,trap,hang,slow,client")
                 .expect("valid faults"),
             ..Options::default()

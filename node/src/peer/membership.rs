@@ -12,10 +12,14 @@
 //!    a voter: a leader that is no voter (openraft lets a learner that still
 //!    holds an old configuration win an election, found by the simulator)
 //!    hands its lead to the answering voter with the longest log.
-//! 2. Fewer voters than the target: promote the caught-up learner with the
-//!    lowest id that answered within `fresh_ms` (a learner that crashed a
-//!    moment ago still counts as answering until `dead_after_ms`, and a
-//!    voter that cannot vote stalls every commit).
+//! 2. Fewer voters than the target: promote the caught-up learners with
+//!    the lowest ids that answered within `fresh_ms` (a learner that
+//!    crashed a moment ago still counts as answering until `dead_after_ms`,
+//!    and a voter that cannot vote stalls every commit), as many at once as
+//!    the target has room for, but never to an even count short of the
+//!    target: one voter grows to three in one change, with two learners
+//!    ready. Two voters need each other for every commit and survive no
+//!    failure; one voter and a learner survive the learner's.
 //! 3. A voter silent for `dead_after_ms` (never the leader itself) is
 //!    replaced by such a learner; with no learner to take its place it stays
 //!    (removing it would shrink the quorum's fault tolerance for nothing).
@@ -78,8 +82,9 @@ pub struct View {
 /// A membership change.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {
-    /// Make this learner a voter.
-    Promote(u64),
+    /// Make these learners voters, in one change (joint consensus when
+    /// more than one).
+    Promote(BTreeSet<u64>),
     /// Take this learner or worker, silent for at least `after_ms`, out of
     /// membership and the registry: a learner by
     /// `RaftConsensus::remove_peer` (a departure), a worker, no member, out
@@ -138,13 +143,18 @@ pub fn plan(v: &View, p: &Policy) -> Option<Change> {
             v.voters.iter().filter(|id| fresh(id)).max_by_key(|id| (staying(id), matched(id), std::cmp::Reverse(**id)));
         return to.map(|id| Change::HandOver(*id));
     }
-    let candidate = candidate(v, p);
     let dead: Vec<u64> = v.voters.iter().copied().filter(|id| *id != v.me && !answering(id)).collect();
     if v.voters.len() < p.target_voters {
-        if let Some(id) = candidate {
-            return Some(Change::Promote(id));
+        let ready: Vec<u64> = candidates(v, p).take(p.target_voters - v.voters.len()).collect();
+        let odd = |n: usize| n % 2 == 1 || n >= p.target_voters;
+        // Never stop at an even count short of the target: two voters
+        // need each other to commit, so they survive no failure, where one
+        // voter and a learner survive the learner's.
+        let take = if odd(v.voters.len() + ready.len()) { ready.len() } else { ready.len().saturating_sub(1) };
+        if take > 0 {
+            return Some(Change::Promote(ready[..take].iter().copied().collect()));
         }
-    } else if let (Some(&dead), Some(with)) = (dead.first(), candidate) {
+    } else if let (Some(&dead), Some(with)) = (dead.first(), candidate(v, p)) {
         return Some(Change::Replace { dead, with });
     }
     let missing = p.target_voters.saturating_sub(v.voters.len()) + dead.len();
@@ -162,10 +172,15 @@ pub fn plan(v: &View, p: &Policy) -> Option<Change> {
     forgotten(v, p).map(|peer| Change::Forget { peer, after_ms: p.forget_after_ms })
 }
 
-/// The learner [`plan`] promotes or gives a seat to: the lowest id that
-/// answered within `fresh_ms`, is caught up and is not draining.
+/// The learner [`plan`] gives a seat to: the first of [`candidates`].
 pub fn candidate(v: &View, p: &Policy) -> Option<u64> {
-    v.learners.iter().copied().find(|id| {
+    candidates(v, p).next()
+}
+
+/// The learners [`plan`] may promote, lowest id first: each answered
+/// within `fresh_ms`, is caught up and is not draining.
+pub fn candidates<'v>(v: &'v View, p: &'v Policy) -> impl Iterator<Item = u64> + 'v {
+    v.learners.iter().copied().filter(|id| {
         v.silent_ms.get(id).is_some_and(|ms| *ms < p.fresh_ms)
             && v.matched.get(id).is_some_and(|m| v.last_log.saturating_sub(*m) <= p.caught_up_lag)
             && !v.draining.contains(id)
@@ -274,13 +289,29 @@ mod tests {
         assert_eq!(plan(&v, &Policy::default()), None);
     }
 
+    fn promote(ids: &[u64]) -> Option<Change> {
+        Some(Change::Promote(ids.iter().copied().collect()))
+    }
+
     #[test]
     fn learners_are_promoted_lowest_id_first_until_the_target() {
-        assert_eq!(plan(&view(&[1], &[3, 2]), &Policy::default()), Some(Change::Promote(2)));
-        assert_eq!(plan(&view(&[1, 2], &[3, 4]), &Policy::default()), Some(Change::Promote(3)));
+        assert_eq!(plan(&view(&[1], &[4, 3, 2]), &Policy::default()), promote(&[2, 3]), "one voter to three at once");
+        assert_eq!(plan(&view(&[1, 2], &[3, 4]), &Policy::default()), promote(&[3]));
         assert_eq!(plan(&view(&[1, 2, 3], &[4, 5]), &Policy::default()), None, "3 voters is the default target");
         let five = Policy { target_voters: 5, ..Policy::default() };
-        assert_eq!(plan(&view(&[1, 2, 3], &[4, 5]), &five), Some(Change::Promote(4)));
+        assert_eq!(plan(&view(&[1, 2, 3], &[4, 5]), &five), promote(&[4, 5]));
+        assert_eq!(plan(&view(&[1], &[2, 3, 4, 5, 6]), &five), promote(&[2, 3, 4, 5]));
+        let four = Policy { target_voters: 4, ..Policy::default() };
+        assert_eq!(plan(&view(&[1, 2, 3], &[4]), &four), promote(&[4]), "an even target is reached");
+    }
+
+    #[test]
+    fn voters_never_grow_to_an_even_count_short_of_the_target() {
+        // Two voters need each other: one learner ready waits for a second.
+        assert_eq!(plan(&view(&[1], &[2]), &Policy::default()), None);
+        let five = Policy { target_voters: 5, ..Policy::default() };
+        assert_eq!(plan(&view(&[1, 2, 3], &[4]), &five), None);
+        assert_eq!(plan(&view(&[1], &[2, 3, 4]), &five), promote(&[2, 3]), "to three, not four");
     }
 
     #[test]
@@ -295,11 +326,11 @@ mod tests {
 
     #[test]
     fn a_learner_that_has_not_answered_for_a_moment_waits() {
-        let mut v = view(&[1], &[2]);
+        let mut v = view(&[1], &[2, 3]);
         v.silent_ms.insert(2, 1_500);
         assert_eq!(plan(&v, &Policy::default()), None, "silent 1.5 s: it may have just crashed");
         v.silent_ms.insert(2, 50);
-        assert_eq!(plan(&v, &Policy::default()), Some(Change::Promote(2)));
+        assert_eq!(plan(&v, &Policy::default()), promote(&[2, 3]));
     }
 
     #[test]
@@ -326,7 +357,9 @@ mod tests {
         v.workers.remove(&5);
         assert_eq!(plan(&v, &Policy::default()), None, "both catching up: wait");
         v.matched.insert(4, 5_000);
-        assert_eq!(plan(&v, &Policy::default()), Some(Change::Promote(4)));
+        assert_eq!(plan(&v, &Policy::default()), None, "one caught up: two voters would need each other");
+        v.matched.insert(5, 5_000);
+        assert_eq!(plan(&v, &Policy::default()), promote(&[4, 5]));
         let full = View { workers: workers(&[(7, 10, Seat::Any)]), ..view(&[1, 2, 3], &[]) };
         assert_eq!(plan(&full, &Policy::default()), None, "three voters: the rest stay workers");
     }
