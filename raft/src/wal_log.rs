@@ -593,7 +593,8 @@ impl Inner {
     /// Append `records` to the current segment (one write) and apply them;
     /// first begin a new segment if the current one is full (syncing it:
     /// rare, once per [`SEGMENT_BYTES`], and under the lock, so the log
-    /// stays in order). A failure fails every later write.
+    /// stays in order; [`off_the_runtime`]). A failure fails every later
+    /// write.
     fn write(&mut self, records: &[Record]) -> io::Result<()> {
         if let Some(why) = self.failed.get() {
             return Err(io::Error::other(format!("the raft log refuses writes after an earlier failure: {why}")));
@@ -611,10 +612,12 @@ impl Inner {
             None => unreachable!("the raft log always has a current segment once open"),
         };
         let seq = if full {
-            let cur = self.current().file.clone();
-            cur.file.sync_data().map_err(|e| with_path(&cur.path, e))?;
             let next = seq.checked_add(1).ok_or_else(|| io::Error::other("raft log segment numbers exhausted"))?;
-            self.begin_segment(next)?;
+            off_the_runtime(|| {
+                let cur = self.current().file.clone();
+                cur.file.sync_data().map_err(|e| with_path(&cur.path, e))?;
+                self.begin_segment(next)
+            })?;
             next
         } else {
             seq
@@ -676,6 +679,19 @@ pub(crate) fn write_initial(dir: &Path, meta: Record, entries: Vec<Entry>) -> io
     file.write_all_at(&buf, 0).map_err(|e| with_path(&path, e))?;
     file.sync_all().map_err(|e| with_path(&path, e))?;
     sync_dir(dir).map_err(|e| with_path(dir, e))
+}
+
+/// Run `f`, which waits on the disk (a segment rollover: three syncs),
+/// telling a multi-threaded tokio runtime first, so that the tasks queued
+/// on this worker thread move to another rather than wait behind it (a
+/// sync can take hundreds of milliseconds when the disk stalls). Anywhere
+/// else (no runtime, a current-thread one) `f` just runs.
+fn off_the_runtime<T>(f: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
+    }
 }
 
 fn flusher_gone() -> io::Error {
