@@ -308,7 +308,8 @@ impl JobRunner for WasmRunner {
                 Ok(std::task::Poll::Ready(())) => return,
                 Ok(std::task::Poll::Pending) => {}
                 Err(_) => {
-                    tracing::error!(%module, "a job panicked in its first slice; dropped, its lease will expire");
+                    // Its `done` went with it: the worker reports the job failed.
+                    tracing::error!(%module, "a job panicked in its first slice");
                     return;
                 }
             }

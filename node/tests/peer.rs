@@ -2,6 +2,7 @@
 //! client requests, the worker loop, retries, module checks, shutdown.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,7 +18,7 @@ use impetus_raft::{
 };
 
 /// Runs "jobs" natively: input `n` → `n*n`; `trap` → a trap record; `sleep:MS`
-/// → sleeps, then prints "slept". Refuses modules that do not start with `\0asm`.
+/// → sleeps, then prints "slept"; `panic` → the run panics. Refuses modules that do not start with `\0asm`.
 /// Keeps the input of every run it starts, in order.
 #[derive(Clone, Default)]
 struct FakeRunner {
@@ -62,6 +63,8 @@ impl JobRunner for FakeRunner {
                 Ok(b"slept".to_vec())
             } else if input == "trap" {
                 Err(ErrorRecord::new(ErrorKind::Trap, "wasm trap: unreachable"))
+            } else if input == "panic" {
+                panic!("the stand-in executor panics, as asked")
             } else {
                 let n: i64 = input.trim().parse().unwrap();
                 Ok((n * n).to_string().into_bytes())
@@ -455,6 +458,8 @@ struct Gate {
     /// Refuse the next worker turn that carries a heartbeat (lost on its
     /// way to the leader).
     lose_heartbeat: std::sync::atomic::AtomicBool,
+    /// Refuse this many worker turns that carry results.
+    lose_results: std::sync::atomic::AtomicU32,
 }
 
 impl Default for Gate {
@@ -464,6 +469,7 @@ impl Default for Gate {
             fail: Default::default(),
             submits_ran: Default::default(),
             lose_heartbeat: Default::default(),
+            lose_results: Default::default(),
         }
     }
 }
@@ -517,6 +523,11 @@ impl Consensus for Gated {
         let beats = req.cmds.iter().any(|c| matches!(c, Command::Heartbeat { .. }));
         if beats && self.gate.lose_heartbeat.swap(false, std::sync::atomic::Ordering::SeqCst) {
             return Err(impetus_node::peer::ConsensusError::Unavailable("lost by the test".into()));
+        }
+        let results = req.cmds.iter().any(|c| matches!(c, Command::Complete { .. } | Command::Fail { .. }));
+        let lose = |n: u32| n.checked_sub(1);
+        if results && self.gate.lose_results.fetch_update(SeqCst, SeqCst, lose).is_ok() {
+            return Err(impetus_node::peer::ConsensusError::Unavailable("results lost by the test".into()));
         }
         impetus_node::peer::serve_work(self, now, req).await
     }
@@ -834,4 +845,43 @@ async fn a_heartbeat_lost_with_its_turn_is_sent_with_the_next() {
     assert!(!gate.lose_heartbeat.load(std::sync::atomic::Ordering::SeqCst), "no heartbeat was lost");
     assert!(beat > registered, "no heartbeat within 2 s of the lost one (interval 60 s)");
     p.shutdown().await;
+}
+
+/// A run that panics is reported as failed (an `Other` error record), and
+/// the job is retried: it used to be dropped unreported while the worker
+/// renewed its lease for ever, so the job stayed leased with nothing
+/// running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_that_panics_is_reported_failed_not_renewed_for_ever() {
+    let p = peer(PeerConfig::default()).await;
+    let props = StreamProps { max_attempts: 2, retry_backoff_ms: 10, ..StreamProps::default() };
+    let s = setup(&p, props).await;
+    write(&p, Command::Submit { stream: s, jobs: vec![new_job("panic"), new_job("4")] }).await.unwrap();
+    let done = wait_final(&p, 2).await;
+    assert_eq!((done[0].status, done[0].attempts), (JobStatus::Dead, 2), "{:?}", done[0]);
+    let error = done[0].error.as_ref().unwrap();
+    assert_eq!(error.kind, ErrorKind::Other);
+    assert!(error.error.contains("without a report"), "{error:?}");
+    assert_eq!(done[1].result.as_deref(), Some(&b"16"[..]), "the peer kept serving");
+    p.read(|st| st.check_invariants());
+}
+
+/// A stopping peer whose report of its last jobs fails (a leader election
+/// during the drain) sends it again before it stops: it used to stop with
+/// the results unsent, and the jobs ran again after their leases expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_peer_sends_its_last_results_again_when_the_report_fails() {
+    let cfg = PeerConfig { poll_interval: Duration::from_millis(20), ..PeerConfig::default() };
+    let gate = Gate { lose_results: 2.into(), ..Gate::default() };
+    let (p, gate) = gated_peer_with(cfg, FakeRunner::default(), gate).await;
+    let s = setup(&p, StreamProps::default()).await;
+    let submit = spawn_submit(&p, &s, vec![new_job("sleep:300")]);
+    gate.pass(false);
+    let Outcome::Submitted(ids) = submit.await.unwrap().unwrap() else { panic!("not submitted") };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    tokio::time::timeout(Duration::from_secs(10), p.shutdown()).await.expect("shutdown within 10 s");
+    assert_eq!(gate.lose_results.load(SeqCst), 0, "the test lost no report");
+    let job = p.read(|st| st.job(ids[0].job).unwrap());
+    assert_eq!((job.status, job.attempts), (JobStatus::Succeeded, 1), "{job:?}");
+    p.read(|st| st.check_invariants());
 }

@@ -156,27 +156,32 @@ impl EarlyRun {
         tracing::trace!(target: crate::LATENCY, module = %attempt.module, "early run starts");
         let state = Arc::new(Mutex::new(State::Running));
         let (st, owner, name) = (state.clone(), inner.clone(), stream.clone());
-        inner.runner.start(&inner.rt, attempt.clone(), move |report| {
-            let mut st = lock(&st);
-            match std::mem::replace(&mut *st, State::Gone) {
-                State::Running => {
-                    *st = State::Ended(report);
-                    ends.notify_one();
-                }
-                State::Adopted(job, token) => {
-                    tracing::trace!(target: crate::LATENCY, %job, "job ran");
-                    // The loop may have stopped (grace period over); then the lease was released.
-                    let _ = owner.events.send(Event::Done((job, token, report)));
-                }
-                State::Orphan { holds_slot } => {
-                    if holds_slot {
-                        owner.slots.give(1);
+        let module = attempt.module;
+        inner.runner.start(
+            &inner.rt,
+            attempt.clone(),
+            super::runner::reported_once(module, move |report| {
+                let mut st = lock(&st);
+                match std::mem::replace(&mut *st, State::Gone) {
+                    State::Running => {
+                        *st = State::Ended(report);
+                        ends.notify_one();
                     }
-                    owner.early_book.leave(&name);
+                    State::Adopted(job, token) => {
+                        tracing::trace!(target: crate::LATENCY, %job, "job ran");
+                        // The loop may have stopped (grace period over); then the lease was released.
+                        let _ = owner.events.send(Event::Done((job, token, report)));
+                    }
+                    State::Orphan { holds_slot } => {
+                        if holds_slot {
+                            owner.slots.give(1);
+                        }
+                        owner.early_book.leave(&name);
+                    }
+                    State::Ended(_) | State::Carried | State::Gone => debug_assert!(false, "an early run ended twice"),
                 }
-                State::Ended(_) | State::Carried | State::Gone => debug_assert!(false, "an early run ended twice"),
-            }
-        });
+            }),
+        );
         let book = inner.early_book.clone();
         EarlyRun { attempt, index, stream, book, state }
     }

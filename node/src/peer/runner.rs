@@ -48,6 +48,36 @@ pub struct RunReport {
     pub stderr_tail: Vec<u8>,
 }
 
+/// `done`, called exactly once: if the run drops it unreported (the job's
+/// task panicked, or the job threads stopped), with a failure that says
+/// so. Without it such a job stayed leased, its lease renewed for ever with
+/// nothing running.
+pub(crate) fn reported_once(
+    module: ModuleHash,
+    done: impl FnOnce(RunReport) + Send + 'static,
+) -> impl FnOnce(RunReport) + Send + 'static {
+    struct Guard<F: FnOnce(RunReport)>(ModuleHash, Option<F>);
+    impl<F: FnOnce(RunReport)> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(done) = self.1.take() {
+                tracing::error!(module = %self.0, "a run ended without a report (it panicked, or the job threads stopped); reporting it as failed");
+                let why = "the run ended without a report: the executor panicked or stopped";
+                done(RunReport {
+                    result: Err(ErrorRecord::new(impetus_proto::ErrorKind::Other, why)),
+                    stdout_tail: vec![],
+                    stderr_tail: vec![],
+                });
+            }
+        }
+    }
+    let mut guard = Guard(module, Some(done));
+    move |report| {
+        if let Some(done) = guard.1.take() {
+            done(report);
+        }
+    }
+}
+
 pub trait JobRunner: Send + Sync + 'static {
     /// Check that `bytes` can run here (a WASI command whose imports are all
     /// provided) and cache it compiled. The error names the problem.

@@ -5,7 +5,13 @@
 //! its free slots, a heartbeat, a tick when the state has a deadline due — and
 //! sends it as one command (group commit). Results that could not be sent are
 //! kept and sent again; a completion the state machine rejects (stale token)
-//! is dropped, because the job already belongs to someone else.
+//! is dropped, because the job already belongs to someone else. A turn
+//! carries at most [`REPORT_BYTES`] of results (and [`MAX_BATCH`] of each
+//! kind); the rest goes in the turns that follow at once, so a pile of large
+//! results never makes a request the cluster refuses, turn after turn. A
+//! stopping peer stops only once its results are sent (or
+//! [`REPORT_AFTER_GRACE`] after its grace period, if the cluster cannot be
+//! reached).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -13,10 +19,55 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use impetus_proto::api::WorkRequest;
+use impetus_proto::limits::{MAX_BATCH, MAX_MESSAGE_BYTES};
 use impetus_proto::{
     ApplyError, Command, Completion, ErrorKind, ErrorRecord, Failure, FencingToken, JobId, LeaseGrant, Outcome,
     StreamName, Timestamp,
 };
+
+/// Most bytes of results (outputs, tails, error texts) one turn carries: a
+/// quarter of the largest request, so that the rest of the turn always fits.
+pub const REPORT_BYTES: usize = MAX_MESSAGE_BYTES / 4;
+
+/// How long after its grace period a stopping peer goes on trying to send
+/// the results it holds when the cluster cannot be reached.
+pub const REPORT_AFTER_GRACE: Duration = Duration::from_secs(10);
+
+/// Per-record room a report takes besides its bytes (ids, token, kind).
+const REPORT_OVERHEAD: usize = 64;
+
+fn completion_bytes(c: &Completion) -> usize {
+    REPORT_OVERHEAD + c.result.len() + c.stderr_tail.len()
+}
+
+fn failure_bytes(f: &Failure) -> usize {
+    let e = &f.error;
+    REPORT_OVERHEAD
+        + e.error.len()
+        + e.name.len()
+        + e.statement.as_ref().map_or(0, String::len)
+        + f.stdout_tail.len()
+        + f.stderr_tail.len()
+}
+
+/// Take the oldest reports that fit in one turn: at most `budget` bytes
+/// (but always the first, which the bounds on a result keep far below
+/// it) and [`MAX_BATCH`] of each kind. What stays is for the next turns.
+fn take_reports(
+    completions: &mut Vec<Completion>,
+    failures: &mut Vec<Failure>,
+    budget: usize,
+) -> (Vec<Completion>, Vec<Failure>) {
+    let mut used = 0;
+    let mut fits = |bytes: usize| {
+        let ok = used == 0 || used + bytes <= budget;
+        used += bytes;
+        ok
+    };
+    let c = completions.iter().take(MAX_BATCH).take_while(|c| fits(completion_bytes(c))).count();
+    let f = failures.iter().take(MAX_BATCH).take_while(|f| fits(failure_bytes(f))).count();
+    (completions.drain(..c).collect(), failures.drain(..f).collect())
+}
 
 use super::{Attempt, Consensus, Inner, JobRunner, RunReport, Runtime};
 
@@ -58,6 +109,7 @@ pub(super) async fn run<R: Runtime, C: Consensus, X: JobRunner>(
         running: BTreeMap::new(),
         completions: Vec::new(),
         failures: Vec::new(),
+        releases: Vec::new(),
         tracked: BTreeMap::new(),
         last_heartbeat: Timestamp::ZERO,
         grace_deadline: None,
@@ -104,6 +156,8 @@ struct Worker<R, C, X> {
     running: BTreeMap<JobId, Running>,
     completions: Vec<Completion>,
     failures: Vec<Failure>,
+    /// Leases of jobs a stopping peer gave up on, to hand back.
+    releases: Vec<(JobId, FencingToken)>,
     /// Streams this peer works on: when they last had work for it, and
     /// their idle timeout (ms).
     tracked: BTreeMap<StreamName, (Timestamp, u64)>,
@@ -131,11 +185,11 @@ fn spawn_run<R: Runtime, C: Consensus, X: JobRunner>(inner: Arc<Inner<R, C, X>>,
     let (job, token) = (g.job, g.token);
     let attempt = Attempt::of(&g);
     let events = inner.events.clone();
-    let done = move |report: RunReport| {
+    let done = super::runner::reported_once(g.module, move |report: RunReport| {
         tracing::trace!(target: crate::LATENCY, %job, "job ran");
         // The loop may have stopped (grace period over); then the lease was released.
         let _ = events.send(Event::Done((job, token, report)));
-    };
+    });
     if inner.runner.is_prepared(&g.module) {
         inner.runner.start(&inner.rt, attempt, done);
         return;
@@ -226,8 +280,8 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
 
         let mut cmds = Vec::new();
         let mut sent = Vec::new();
-        let completions = std::mem::take(&mut self.completions);
-        let failures = std::mem::take(&mut self.failures);
+        let (completions, failures) = take_reports(&mut self.completions, &mut self.failures, REPORT_BYTES);
+        let more_reports = !self.completions.is_empty() || !self.failures.is_empty();
         if !completions.is_empty() {
             cmds.push(Command::Complete { peer: me, completions: completions.clone() });
             sent.push(Sent::Complete);
@@ -259,11 +313,20 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
         if finishing && !self.running.is_empty() {
             let leases: Vec<_> = self.running.iter().filter(|(_, r)| !r.lost).map(|(&id, r)| (id, r.token)).collect();
             tracing::warn!(peer = %me, released = leases.len(), "grace period over: handing back running jobs");
-            cmds.push(Command::Release { peer: me, leases });
-            sent.push(Sent::Other);
+            self.releases.extend(leases);
             inner.slots.give(self.running.len() as u32);
             self.running.clear();
         }
+        let releases = std::mem::take(&mut self.releases);
+        if !releases.is_empty() {
+            cmds.push(Command::Release { peer: me, leases: releases.clone() });
+            sent.push(Sent::Other);
+        }
+        // A stopping peer leaves once what it holds is sent, or when it has
+        // tried long enough past its grace period.
+        let gave_up =
+            self.grace_deadline.is_some_and(|d| now >= d.saturating_add_ms(REPORT_AFTER_GRACE.as_millis() as u64));
+        let all_sent = finishing && !more_reports;
         let status = inner.consensus.status();
         let leader = status.leader == Some(status.node);
         // A lease request holds its slots until answered. On the leader,
@@ -274,7 +337,7 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
         if cmds.is_empty() && lease_max == 0 && !leader {
             // Nothing to say and no room: only a leader has a reason to
             // look (a deadline may be due).
-            return (finishing, false);
+            return (all_sent, false);
         }
         let req = WorkRequest { peer: me, cmds, lease_max, release_orphans: false };
         let reply = match inner.consensus.work(now, req).await {
@@ -285,10 +348,16 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
                 inner.slots.give(lease_max);
                 self.last_heartbeat = heartbeat_before;
                 tracing::warn!(peer = %me, error = %e, "could not reach consensus; will retry");
-                self.completions = completions;
-                self.failures = failures;
+                let unsent = completions.len() + failures.len() + releases.len();
+                self.completions.splice(..0, completions);
+                self.failures.splice(..0, failures);
+                self.releases.splice(..0, releases);
+                if finishing && gave_up && (unsent > 0 || more_reports) {
+                    tracing::error!(peer = %me, unsent, "stopping without sending these results: the cluster cannot be reached; their jobs run again when their leases expire");
+                    return (true, false);
+                }
                 inner.rt.sleep(inner.cfg.poll_interval).await;
-                return (finishing, false);
+                return (finishing && unsent == 0 && !more_reports, false);
             }
         };
         self.track(now, &reply.streams);
@@ -348,12 +417,12 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
         debug_assert!(granted <= lease_max, "leased {granted}, asked {lease_max}");
         inner.runner.leased(grants.len());
         inner.slots.give(lease_max.saturating_sub(granted));
-        let again = granted > 0 && granted == lease_max;
+        let again = more_reports || (granted > 0 && granted == lease_max);
         for g in grants {
             self.track_running(g.clone());
             spawn_run(self.inner.clone(), g);
         }
-        (finishing, again)
+        (all_sent, again)
     }
 
     /// Follow a job this peer was granted: renew its lease, await its report.
@@ -405,5 +474,58 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
             Some(ms) => poll.min(Duration::from_millis(ms.max(1))),
             None => poll,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn completion(id: u64, bytes: usize) -> Completion {
+        Completion { job: JobId(id), token: FencingToken(1), result: vec![7; bytes], stderr_tail: vec![] }
+    }
+
+    fn failure(id: u64, text: usize) -> Failure {
+        let error = ErrorRecord::new(ErrorKind::Trap, "x".repeat(text));
+        Failure { job: JobId(id), token: FencingToken(1), error, stdout_tail: vec![], stderr_tail: vec![] }
+    }
+
+    fn ids<T>(v: &[T], id: impl Fn(&T) -> JobId) -> Vec<u64> {
+        v.iter().map(|x| id(x).0).collect()
+    }
+
+    #[test]
+    fn a_turn_carries_the_oldest_reports_that_fit_and_leaves_the_rest() {
+        let (mut c, mut f) = ((0..5).map(|i| completion(i, 1_000)).collect(), vec![failure(9, 1_000)]);
+        // Room for three completions of 1,064 bytes.
+        let (sent_c, sent_f) = take_reports(&mut c, &mut f, 3_300);
+        assert_eq!(ids(&sent_c, |c| c.job), [0, 1, 2]);
+        assert!(sent_f.is_empty(), "the budget is spent");
+        assert_eq!((ids(&c, |c| c.job), ids(&f, |f| f.job)), (vec![3, 4], vec![9]));
+        let (sent_c, sent_f) = take_reports(&mut c, &mut f, 3_300);
+        assert_eq!((ids(&sent_c, |c| c.job), ids(&sent_f, |f| f.job)), (vec![3, 4], vec![9]));
+        assert!(c.is_empty() && f.is_empty());
+    }
+
+    #[test]
+    fn one_report_over_the_budget_still_goes_alone() {
+        let (mut c, mut f) = (vec![completion(0, 5_000), completion(1, 10)], vec![]);
+        let (sent, _) = take_reports(&mut c, &mut f, 1_000);
+        assert_eq!(ids(&sent, |c| c.job), [0], "never stuck behind a large result");
+        assert_eq!(ids(&c, |c| c.job), [1]);
+    }
+
+    #[test]
+    fn a_turn_carries_at_most_a_batch_of_each_kind() {
+        let mut c: Vec<Completion> = (0..MAX_BATCH as u64 + 5).map(|i| completion(i, 0)).collect();
+        let mut f: Vec<Failure> = (0..3).map(|i| failure(i, 0)).collect();
+        let (sent_c, sent_f) = take_reports(&mut c, &mut f, usize::MAX);
+        assert_eq!((sent_c.len(), sent_f.len(), c.len()), (MAX_BATCH, 3, 5));
+    }
+
+    #[test]
+    fn the_report_budget_leaves_room_in_the_largest_request() {
+        let most = REPORT_BYTES + completion_bytes(&completion(0, impetus_proto::limits::MAX_RESULT_BYTES));
+        assert!(most < MAX_MESSAGE_BYTES / 2, "{most}");
     }
 }
