@@ -95,7 +95,16 @@ impl<C: ImpetusConfig> RaftConsensus<C> {
     }
 
     /// [`Consensus::write`], also returning the entry's log index.
+    ///
+    /// A command that breaks a rule of the vocabulary is refused here, as
+    /// applying it would refuse it, and never written: replicas decode the
+    /// log with every list bounded (`impetus_proto::wire`), so an entry past
+    /// a bound would stop replication and restarts. (Index 0: not written.)
     pub async fn write_indexed(&self, now: Timestamp, cmd: Command) -> Result<(u64, ApplyResult), ConsensusError> {
+        if let Err(e) = cmd.validate() {
+            tracing::warn!(error = %e, "a command that breaks a bound refused before the log");
+            return Ok((0, Err(e.into())));
+        }
         tracing::trace!(target: crate::LATENCY, "write proposed");
         let resp = self.raft.client_write(Request { now, cmd }).await.map_err(write_error)?;
         tracing::trace!(target: crate::LATENCY, index = resp.log_id.index(), "write applied");

@@ -885,3 +885,20 @@ async fn a_stopping_peer_sends_its_last_results_again_when_the_report_fails() {
     assert_eq!((job.status, job.attempts), (JobStatus::Succeeded, 1), "{job:?}");
     p.read(|st| st.check_invariants());
 }
+
+/// A command past a bound of the vocabulary is refused before the log, as
+/// applying it would refuse it: replicas decode the log with every list
+/// bounded, so such an entry would stop replication and restarts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_past_a_bound_is_refused_before_the_log() {
+    let (log, snapshots) = (MemLogStore::<TypeConfig>::new(), MemSnapshotStore::new());
+    let c = consensus_on(&log, &snapshots, default_raft_config(), Some(PeerNode::new("mem-1"))).await;
+    let (before, _) = c.write_indexed(Timestamp(1), Command::Tick).await.unwrap();
+    let big = Command::Batch(vec![Command::Tick; limits::MAX_BATCH + 1]);
+    let (index, result) = c.write_indexed(Timestamp(2), big).await.unwrap();
+    assert_eq!(index, 0, "not written");
+    let Err(ApplyError::Invalid(why)) = result else { panic!("not refused: {result:?}") };
+    assert!(why.contains("command batch"), "{why}");
+    let (after, _) = c.write_indexed(Timestamp(3), Command::Tick).await.unwrap();
+    assert_eq!(after, before + 1, "nothing entered the log between the two ticks");
+}

@@ -31,7 +31,7 @@ pub enum ClientRequest {
     GetJob(JobId),
     /// The status of many jobs at once (what a waiting client polls).
     /// Answer: `JobStatuses`, in the order asked.
-    JobStatuses(Vec<JobId>),
+    JobStatuses(#[serde(deserialize_with = "crate::wire::bounded::job_status_list")] Vec<JobId>),
     /// Jobs ordered by id, those after `after` only, at most `limit`.
     /// Answer: `Jobs(Vec<JobRecord>)`.
     ListJobs { stream: Option<StreamName>, status: Option<JobStatus>, after: Option<JobId>, limit: u32 },
@@ -77,6 +77,7 @@ pub struct WorkRequest {
     pub peer: PeerId,
     /// Results, failures, renewals, heartbeats, releases: committed as one
     /// entry, in order, before any lease.
+    #[serde(deserialize_with = "crate::wire::bounded::worker_commands")]
     pub cmds: Vec<Command>,
     /// Lease at most this many jobs from the streams this peer may lease
     /// from (the server picks them from its state).
@@ -93,6 +94,7 @@ pub struct WorkReply {
     /// Leases handed back (with `release_orphans`).
     pub released: u32,
     /// One outcome per command sent, in order.
+    #[serde(deserialize_with = "crate::wire::bounded::worker_outcomes")]
     pub outcomes: Vec<ApplyResult>,
     /// The outcome of the lease, if one was asked for and there was work.
     pub leased: Option<ApplyResult>,
@@ -227,7 +229,7 @@ pub enum ClientResponse {
     Applied(ApplyResult),
     Job(Option<JobRecord>),
     JobStatuses(Vec<Option<JobStatus>>),
-    Jobs(Vec<JobRecord>),
+    Jobs(#[serde(deserialize_with = "crate::wire::bounded::job_list")] Vec<JobRecord>),
     Stream(Option<StreamInfo>),
     Streams(Vec<StreamInfo>),
     HasModule(bool),
@@ -516,6 +518,25 @@ mod tests {
             decode_request(&encode_request(&empty_key)).unwrap_err().to_string(),
             "invalid client request: data-store key is empty"
         );
+    }
+
+    /// A list of ids is eight times its bytes in memory: its length is
+    /// bounded while decoding, not after.
+    #[test]
+    fn job_status_lists_are_bounded_while_decoding() {
+        let ids = |n: usize| ClientRequest::JobStatuses((0..n as u64).map(JobId).collect());
+        let at = ids(limits::MAX_BATCH);
+        assert_eq!(decode_request(&encode_request(&at)).unwrap(), at);
+        let over = encode_request(&ids(limits::MAX_BATCH + 1));
+        let want = format!(
+            "invalid client request: job status list is too large: {} bytes/items, the limit is {}",
+            limits::MAX_BATCH + 1,
+            limits::MAX_BATCH
+        );
+        assert_eq!(decode_request(&over).unwrap_err().to_string(), want);
+        // The decoder refuses it itself, before `validate`.
+        let raw = wire::decode::<ClientRequest>("client request", CLIENT_API_VERSION, &over, limits::MAX_MESSAGE_BYTES);
+        assert_eq!(raw.unwrap_err().to_string(), want);
     }
 
     #[test]

@@ -125,30 +125,36 @@ pub enum Command {
     },
     Submit {
         stream: StreamName,
+        #[serde(deserialize_with = "crate::wire::bounded::submit_batch")]
         jobs: Vec<NewJob>,
     },
     /// Lease up to `max` jobs for `peer`, from `streams` (all streams if empty).
     Lease {
         peer: PeerId,
+        #[serde(deserialize_with = "crate::wire::bounded::lease_streams")]
         streams: Vec<StreamName>,
         max: u32,
     },
     /// Extend leases (and mark the jobs Running).
     Renew {
         peer: PeerId,
+        #[serde(deserialize_with = "crate::wire::bounded::lease_list")]
         leases: Vec<(JobId, FencingToken)>,
     },
     Complete {
         peer: PeerId,
+        #[serde(deserialize_with = "crate::wire::bounded::completion_batch")]
         completions: Vec<Completion>,
     },
     Fail {
         peer: PeerId,
+        #[serde(deserialize_with = "crate::wire::bounded::failure_batch")]
         failures: Vec<Failure>,
     },
     /// Hand leases back without counting an attempt (a draining peer).
     Release {
         peer: PeerId,
+        #[serde(deserialize_with = "crate::wire::bounded::lease_list")]
         leases: Vec<(JobId, FencingToken)>,
     },
     Cancel {
@@ -204,7 +210,7 @@ pub enum Command {
         peer: PeerId,
     },
     /// Several commands in one log entry (group commit). Not nested.
-    Batch(#[serde(deserialize_with = "crate::wire::bounded_nesting")] Vec<Command>),
+    Batch(#[serde(deserialize_with = "crate::wire::bounded::command_batch")] Vec<Command>),
     /// A submit whose leader leased it to itself and ran its short jobs
     /// before writing it, so they end in the entry that submits them: as
     /// the batch `Submit`, `Lease { peer, streams: [stream], max }`, then
@@ -215,9 +221,11 @@ pub enum Command {
     /// own). Written by a leader for its own runs, never by clients.
     SubmitRan {
         stream: StreamName,
+        #[serde(deserialize_with = "crate::wire::bounded::submit_batch")]
         jobs: Vec<NewJob>,
         peer: PeerId,
         max: u32,
+        #[serde(deserialize_with = "crate::wire::bounded::ran_jobs")]
         ran: Vec<Ran>,
     },
 }
@@ -292,7 +300,9 @@ impl Command {
             Command::DeleteStream { .. } | Command::SetPeerRole { .. } => Ok(()),
             Command::DrainPeer { .. } | Command::RemovePeer { .. } => Ok(()),
             Command::CreateStream { props, .. } => props.validate(),
-            Command::UpdateStream { patch, .. } => StreamProps::default().patched(patch).validate(),
+            // Each field on its own: the rules between fields need the
+            // stream's properties, which applying the patch checks.
+            Command::UpdateStream { patch, .. } => patch.validate(),
             Command::PutModule { bytes: b, .. } => {
                 if b.is_empty() {
                     return Err(InvalidInput::Empty { what: "module" });
@@ -445,12 +455,14 @@ pub enum Outcome {
     ModuleStored {
         new: bool,
     },
-    Submitted(Vec<Submitted>),
-    Leased(Vec<LeaseGrant>),
-    Renewed(Vec<Result<Timestamp, LeaseError>>),
-    Completed(Vec<Result<(), LeaseError>>),
-    Failed(Vec<Result<FailDisposition, LeaseError>>),
-    Released(Vec<Result<(), LeaseError>>),
+    Submitted(#[serde(deserialize_with = "crate::wire::bounded::submitted_jobs")] Vec<Submitted>),
+    Leased(#[serde(deserialize_with = "crate::wire::bounded::lease_grants")] Vec<LeaseGrant>),
+    Renewed(#[serde(deserialize_with = "crate::wire::bounded::renewal_results")] Vec<Result<Timestamp, LeaseError>>),
+    Completed(#[serde(deserialize_with = "crate::wire::bounded::completion_results")] Vec<Result<(), LeaseError>>),
+    Failed(
+        #[serde(deserialize_with = "crate::wire::bounded::failure_results")] Vec<Result<FailDisposition, LeaseError>>,
+    ),
+    Released(#[serde(deserialize_with = "crate::wire::bounded::release_results")] Vec<Result<(), LeaseError>>),
     Cancelled,
     Retried,
     DataWritten,
@@ -464,7 +476,7 @@ pub enum Outcome {
         peer: PeerId,
     },
     PeerUpdated,
-    Batch(#[serde(deserialize_with = "crate::wire::bounded_nesting")] Vec<Result<Outcome, ApplyError>>),
+    Batch(#[serde(deserialize_with = "crate::wire::bounded::outcome_batch")] Vec<Result<Outcome, ApplyError>>),
 }
 
 /// Why a command was refused. A refused command changes nothing.
@@ -512,6 +524,37 @@ pub struct Stamp {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A patch is checked field by field when it is decoded: the rules
+    /// between fields depend on the stream it patches (applying checks them).
+    #[test]
+    fn an_update_is_checked_field_by_field() {
+        let update = |patch| Command::UpdateStream { name: StreamName::new("s").unwrap(), patch };
+        // Two minutes of backoff: more than the default maximum (one minute),
+        // less than this stream's (ten).
+        let slow = StreamPatch { retry_backoff_ms: Some(120_000), ..StreamPatch::default() };
+        assert_eq!(update(slow.clone()).validate(), Ok(()));
+        let cmd = update(slow.clone());
+        assert_eq!(crate::wire::decode_command(&crate::wire::encode_command(&cmd)).unwrap(), cmd);
+        let props = StreamProps { retry_backoff_max_ms: 600_000, ..StreamProps::default() };
+        assert_eq!(props.patched(&slow).validate(), Ok(()));
+        assert!(StreamProps::default().patched(&slow).validate().is_err(), "the rule between fields, at apply");
+        // A field that breaks its own rule is still refused.
+        let zero = StreamPatch { lease_ttl_ms: Some(0), ..StreamPatch::default() };
+        assert_eq!(update(zero).validate().unwrap_err().to_string(), "invalid lease TTL: must be greater than zero");
+        let no_frequency = StreamPatch { spawn_frequency: Some(Some(0)), ..StreamPatch::default() };
+        assert!(update(no_frequency).validate().is_err());
+        let pin = (0..=limits::MAX_PEER_LIST as u64).map(PeerId).collect();
+        let long = StreamPatch { pin: Some(pin), ..StreamPatch::default() };
+        assert_eq!(
+            update(long).validate().unwrap_err().to_string(),
+            format!(
+                "pin list is too large: {} bytes/items, the limit is {}",
+                limits::MAX_PEER_LIST + 1,
+                limits::MAX_PEER_LIST
+            )
+        );
+    }
 
     #[test]
     fn what_may_ready_jobs_wakes_a_worker() {

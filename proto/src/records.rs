@@ -36,8 +36,10 @@ pub struct StreamProps {
     /// Linear-memory limit of one instance, in bytes.
     pub memory_limit_bytes: u64,
     /// If not empty, only these peers may lease jobs of this stream.
+    #[serde(deserialize_with = "crate::wire::bounded::pin_list")]
     pub pin: BTreeSet<PeerId>,
     /// These peers never lease jobs of this stream.
+    #[serde(deserialize_with = "crate::wire::bounded::ignore_list")]
     pub ignore: BTreeSet<PeerId>,
     /// A paused stream accepts submits but grants no leases.
     pub paused: bool,
@@ -65,7 +67,21 @@ impl Default for StreamProps {
 }
 
 impl StreamProps {
+    /// Check every rule of the properties: each field's own
+    /// ([`StreamPatch::validate`]'s) and those between fields.
     pub fn validate(&self) -> Result<(), InvalidInput> {
+        self.validate_fields()?;
+        if self.retry_backoff_max_ms < self.retry_backoff_ms {
+            return Err(InvalidInput::Value {
+                what: "retry backoff",
+                reason: "the maximum is smaller than the base".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The rules of each field on its own: positive values, list lengths.
+    fn validate_fields(&self) -> Result<(), InvalidInput> {
         let positive = |what: &'static str, v: u64| {
             if v == 0 {
                 Err(InvalidInput::Value { what, reason: "must be greater than zero".into() })
@@ -80,12 +96,6 @@ impl StreamProps {
         positive("memory limit", self.memory_limit_bytes)?;
         if let Some(f) = self.spawn_frequency {
             positive("spawn frequency", f.into())?;
-        }
-        if self.retry_backoff_max_ms < self.retry_backoff_ms {
-            return Err(InvalidInput::Value {
-                what: "retry backoff",
-                reason: "the maximum is smaller than the base".into(),
-            });
         }
         for (what, list) in [("pin list", &self.pin), ("ignore list", &self.ignore)] {
             if list.len() > limits::MAX_PEER_LIST {
@@ -141,9 +151,23 @@ pub struct StreamPatch {
     pub job_timeout_ms: Option<u64>,
     pub fuel: Option<Option<u64>>,
     pub memory_limit_bytes: Option<u64>,
+    #[serde(deserialize_with = "crate::wire::bounded::pin_list")]
     pub pin: Option<BTreeSet<PeerId>>,
+    #[serde(deserialize_with = "crate::wire::bounded::ignore_list")]
     pub ignore: Option<BTreeSet<PeerId>>,
     pub paused: Option<bool>,
+}
+
+impl StreamPatch {
+    /// Check each field the patch sets on its own (positive values, list
+    /// lengths). The rules between fields (the maximum backoff against the
+    /// base) depend on the properties it patches: applying it checks the
+    /// result with [`StreamProps::validate`].
+    pub fn validate(&self) -> Result<(), InvalidInput> {
+        // The defaults keep every field's own rule, so only the fields the
+        // patch sets can break one.
+        StreamProps::default().patched(self).validate_fields()
+    }
 }
 
 /// A stream as listed: name, properties and counts.
@@ -331,8 +355,10 @@ pub struct Lease {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobSpec {
     /// Arguments after argv[0].
+    #[serde(deserialize_with = "crate::wire::bounded::args_and_env")]
     pub args: Vec<String>,
     /// Environment variables, in order.
+    #[serde(deserialize_with = "crate::wire::bounded::args_and_env")]
     pub env: Vec<(String, String)>,
     /// Bytes on stdin.
     #[serde(with = "serde_bytes")]
@@ -425,9 +451,11 @@ pub enum Seat {
 pub struct PeerInfo {
     pub host: String,
     pub pid: u32,
+    #[serde(deserialize_with = "crate::wire::bounded::peer_addresses")]
     pub addresses: Vec<String>,
     /// Jobs it can run at once.
     pub capacity: u32,
+    #[serde(deserialize_with = "crate::wire::bounded::peer_labels")]
     pub labels: Vec<String>,
     /// Whether it may take a voter seat.
     pub seat: Seat,

@@ -5,20 +5,24 @@
 //! ([`Command::validate`]), so bytes from outside become either a valid value
 //! or a [`DecodeError`] that names the problem. Never a panic.
 
-use serde::de::DeserializeOwned;
-use serde::Serialize;
+use std::collections::BTreeSet;
+use std::fmt;
+use std::marker::PhantomData;
+
+use serde::de::{self, DeserializeOwned, Deserializer, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize};
 
 use crate::command::Command;
-use crate::error::DecodeError;
+use crate::error::{DecodeError, InvalidInput};
 use crate::limits;
 
 thread_local! {
     /// postcard drops the text of a serde custom error; the validating
     /// `TryFrom` impls leave theirs here so [`decode`] can name the problem.
-    static LAST_INVALID: std::cell::RefCell<Option<crate::error::InvalidInput>> = const { std::cell::RefCell::new(None) };
+    static LAST_INVALID: std::cell::RefCell<Option<InvalidInput>> = const { std::cell::RefCell::new(None) };
 }
 
-pub(crate) fn remember_invalid(e: &crate::error::InvalidInput) {
+pub(crate) fn remember_invalid(e: &InvalidInput) {
     LAST_INVALID.with(|l| *l.borrow_mut() = Some(e.clone()));
 }
 
@@ -34,13 +38,13 @@ thread_local! {
     static NESTING: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
 }
 
-/// `deserialize_with` for the items of a batch (`Command::Batch`,
-/// `Outcome::Batch`): refuses a batch deeper than [`MAX_NESTING`] while
-/// decoding, by name.
-pub(crate) fn bounded_nesting<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+/// The items of a batch (`Command::Batch`, `Outcome::Batch`), bounded in
+/// length like any list ([`BoundedList`]) and in depth: a batch deeper than
+/// [`MAX_NESTING`] is refused while decoding, by name.
+fn bounded_nesting<'de, D, L>(d: D, what: &'static str, max: usize) -> Result<L, D::Error>
 where
-    D: serde::Deserializer<'de>,
-    T: serde::Deserialize<'de>,
+    D: Deserializer<'de>,
+    L: BoundedList<'de>,
 {
     struct Restore(u32);
     impl Drop for Restore {
@@ -50,16 +54,185 @@ where
     }
     let depth = NESTING.get();
     if depth >= MAX_NESTING {
-        let e = crate::error::InvalidInput::Value {
+        return Err(refuse(InvalidInput::Value {
             what: "batch",
             reason: format!("batches nested more than {MAX_NESTING} deep"),
-        };
-        remember_invalid(&e);
-        return Err(serde::de::Error::custom(e));
+        }));
     }
     NESTING.set(depth + 1);
     let _restore = Restore(depth);
-    <Vec<T> as serde::Deserialize>::deserialize(d)
+    L::deserialize_bounded(d, what, max)
+}
+
+/// A serde error for `e`, left for [`decode`] to name.
+fn refuse<E: de::Error>(e: InvalidInput) -> E {
+    remember_invalid(&e);
+    E::custom(e)
+}
+
+/// A list whose length is bounded while it is decoded, not after: an item
+/// can take far more memory than its bytes on the wire (a `Command::Tick`
+/// is one byte, a `Command` many times that), so a frame within
+/// [`limits::MAX_MESSAGE_BYTES`] could otherwise claim gigabytes. A length
+/// over the bound is refused before any item is read when the decoder tells
+/// it (postcard does, unless it claims more items than bytes are left),
+/// else at the first item past the bound; no more than the bound is
+/// allocated ahead of the items.
+pub(crate) trait BoundedList<'de>: Sized {
+    fn deserialize_bounded<D: Deserializer<'de>>(d: D, what: &'static str, max: usize) -> Result<Self, D::Error>;
+}
+
+/// The collections a [`BoundedSeq`] fills.
+trait Collect<T> {
+    fn with_capacity(n: usize) -> Self;
+    fn add(&mut self, item: T);
+}
+
+impl<T> Collect<T> for Vec<T> {
+    fn with_capacity(n: usize) -> Self {
+        Vec::with_capacity(n)
+    }
+    fn add(&mut self, item: T) {
+        self.push(item);
+    }
+}
+
+impl<T: Ord> Collect<T> for BTreeSet<T> {
+    fn with_capacity(_: usize) -> Self {
+        BTreeSet::new()
+    }
+    fn add(&mut self, item: T) {
+        self.insert(item);
+    }
+}
+
+struct BoundedSeq<C, T> {
+    what: &'static str,
+    max: usize,
+    out: PhantomData<fn() -> (C, T)>,
+}
+
+impl<'de, C: Collect<T>, T: Deserialize<'de>> Visitor<'de> for BoundedSeq<C, T> {
+    type Value = C;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "a {} of at most {} items", self.what, self.max)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<C, A::Error> {
+        let hint = seq.size_hint();
+        if let Some(len) = hint.filter(|&len| len > self.max) {
+            return Err(refuse(InvalidInput::TooLarge { what: self.what, len, max: self.max }));
+        }
+        // What the bound allows, and no more than 1 MiB ahead of the items
+        // that fill it (as serde's own `Vec` does).
+        let ahead = (1 << 20) / std::mem::size_of::<T>().max(1);
+        let mut out = C::with_capacity(hint.unwrap_or(0).min(ahead));
+        let mut len = 0;
+        while let Some(item) = seq.next_element()? {
+            len += 1;
+            if len > self.max {
+                return Err(refuse(InvalidInput::TooLarge { what: self.what, len, max: self.max }));
+            }
+            out.add(item);
+        }
+        Ok(out)
+    }
+}
+
+impl<'de, T: Deserialize<'de>> BoundedList<'de> for Vec<T> {
+    fn deserialize_bounded<D: Deserializer<'de>>(d: D, what: &'static str, max: usize) -> Result<Self, D::Error> {
+        d.deserialize_seq(BoundedSeq { what, max, out: PhantomData })
+    }
+}
+
+impl<'de, T: Deserialize<'de> + Ord> BoundedList<'de> for BTreeSet<T> {
+    fn deserialize_bounded<D: Deserializer<'de>>(d: D, what: &'static str, max: usize) -> Result<Self, D::Error> {
+        d.deserialize_seq(BoundedSeq { what, max, out: PhantomData })
+    }
+}
+
+/// An optional list (a [`crate::records::StreamPatch`]'s): bounded when present.
+impl<'de, L: BoundedList<'de>> BoundedList<'de> for Option<L> {
+    fn deserialize_bounded<D: Deserializer<'de>>(d: D, what: &'static str, max: usize) -> Result<Self, D::Error> {
+        struct Maybe<L> {
+            what: &'static str,
+            max: usize,
+            out: PhantomData<fn() -> L>,
+        }
+        impl<'de, L: BoundedList<'de>> Visitor<'de> for Maybe<L> {
+            type Value = Option<L>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "an optional {} of at most {} items", self.what, self.max)
+            }
+            fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(None)
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(None)
+            }
+            fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+                L::deserialize_bounded(d, self.what, self.max).map(Some)
+            }
+        }
+        d.deserialize_option(Maybe { what, max, out: PhantomData })
+    }
+}
+
+fn bounded_length<'de, D, L>(d: D, what: &'static str, max: usize) -> Result<L, D::Error>
+where
+    D: Deserializer<'de>,
+    L: BoundedList<'de>,
+{
+    L::deserialize_bounded(d, what, max)
+}
+
+/// `deserialize_with` functions, one per list that arrives from outside
+/// (client and worker requests, Raft log entries, outcomes in replies),
+/// each with the name and the bound its `validate` checks (which still
+/// does, after decoding).
+pub(crate) mod bounded {
+    use super::{bounded_length, bounded_nesting, BoundedList, Deserializer};
+    use crate::limits;
+
+    macro_rules! bounded_lists {
+        ($($name:ident = $how:ident($what:literal, $max:ident);)*) => {$(
+            #[doc = concat!("`deserialize_with` for the ", $what, ": at most [`limits::", stringify!($max), "`] items.")]
+            pub(crate) fn $name<'de, D, L>(d: D) -> Result<L, D::Error>
+            where
+                D: Deserializer<'de>,
+                L: BoundedList<'de>,
+            {
+                $how(d, $what, limits::$max)
+            }
+        )*};
+    }
+
+    bounded_lists! {
+        command_batch = bounded_nesting("command batch", MAX_BATCH);
+        outcome_batch = bounded_nesting("outcome batch", MAX_BATCH);
+        submit_batch = bounded_length("submit batch", MAX_BATCH);
+        ran_jobs = bounded_length("ran jobs", MAX_BATCH);
+        lease_streams = bounded_length("lease streams", MAX_BATCH);
+        lease_list = bounded_length("lease list", MAX_BATCH);
+        completion_batch = bounded_length("completion batch", MAX_BATCH);
+        failure_batch = bounded_length("failure batch", MAX_BATCH);
+        submitted_jobs = bounded_length("submitted jobs", MAX_BATCH);
+        lease_grants = bounded_length("lease grants", MAX_BATCH);
+        renewal_results = bounded_length("renewal results", MAX_BATCH);
+        completion_results = bounded_length("completion results", MAX_BATCH);
+        failure_results = bounded_length("failure results", MAX_BATCH);
+        release_results = bounded_length("release results", MAX_BATCH);
+        worker_commands = bounded_length("worker commands", MAX_BATCH);
+        worker_outcomes = bounded_length("worker outcomes", MAX_BATCH);
+        job_status_list = bounded_length("job status list", MAX_BATCH);
+        job_list = bounded_length("job list", MAX_BATCH);
+        args_and_env = bounded_length("arguments and environment", MAX_ARGS);
+        peer_addresses = bounded_length("peer addresses", MAX_BATCH);
+        peer_labels = bounded_length("peer labels", MAX_PEER_LIST);
+        pin_list = bounded_length("pin list", MAX_PEER_LIST);
+        ignore_list = bounded_length("ignore list", MAX_PEER_LIST);
+    }
 }
 
 /// Version of the command encoding (Raft log entries, client requests).
@@ -226,6 +399,112 @@ mod tests {
         let outcome = Outcome::Batch(vec![Ok(Outcome::Batch(vec![Ok(Outcome::Ticked)]))]);
         let back: Outcome = decode("outcome", 1, &encode(1, &outcome), usize::MAX).unwrap();
         assert_eq!(back, outcome);
+    }
+
+    /// postcard's length prefix (LEB128).
+    fn varint(mut n: usize, out: &mut Vec<u8>) {
+        while n >= 0x80 {
+            out.push(n as u8 | 0x80);
+            n >>= 7;
+        }
+        out.push(n as u8);
+    }
+
+    /// A batch of 50 million Ticks fits in one frame (a Tick is one byte)
+    /// but would take gigabytes as commands: it is refused by its length
+    /// before its items are read. A length longer than the bytes left
+    /// (postcard gives no hint then) is refused at the first item past the
+    /// bound, or at the end of the bytes.
+    #[test]
+    fn a_batch_of_fifty_million_ticks_is_refused_at_once() {
+        let one = encode_command(&Command::Batch(vec![Command::Tick]));
+        let (version, tag) = (one[0], one[1]);
+        assert_eq!(one, [version, tag, 1, 0], "a batch is its tag, a length, then its items");
+        let (n, max) = (50_000_000, limits::MAX_BATCH);
+        let batch = |ticks: usize| {
+            let mut b = vec![version, tag];
+            varint(n, &mut b);
+            b.resize(b.len() + ticks, 0);
+            b
+        };
+        let too_large = |len: usize| {
+            Ok(format!("invalid command: command batch is too large: {len} bytes/items, the limit is {max}"))
+        };
+        for (bytes, want) in [
+            (batch(max + 1), too_large(max + 1)),
+            (batch(n), too_large(n)),
+            (batch(1), Err("malformed command: Hit the end of buffer, expected more data".to_owned())),
+        ] {
+            assert!(bytes.len() <= limits::MAX_MESSAGE_BYTES, "within the frame limit");
+            let start = std::time::Instant::now();
+            let err = decode_command(&bytes).unwrap_err();
+            assert!(start.elapsed() < std::time::Duration::from_secs(1), "{:?}", start.elapsed());
+            let err = match err {
+                DecodeError::Invalid { .. } => Ok(err.to_string()),
+                _ => Err(err.to_string()),
+            };
+            assert_eq!(err, want);
+        }
+        // The same in a worker's request: its commands come after its peer.
+        let req =
+            crate::api::WorkRequest { peer: crate::PeerId(4), cmds: vec![], lease_max: 0, release_orphans: false };
+        let empty = crate::api::encode_request(&crate::api::ClientRequest::Work(req));
+        assert_eq!(empty[2..], [4, 0, 0, 0], "peer, no commands, lease_max, release_orphans");
+        let mut work = empty[..3].to_vec();
+        varint(n, &mut work);
+        work.resize(work.len() + n, 0);
+        let err = crate::api::decode_request(&work).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!("invalid client request: worker commands is too large: {n} bytes/items, the limit is {max}")
+        );
+    }
+
+    /// Each bounded list decodes at its bound and is refused one past it,
+    /// by the decoder itself (no `validate`), by the name `validate` uses.
+    #[test]
+    fn lists_decode_at_their_bound_and_are_refused_past_it() {
+        fn raw<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(value: &T) -> Result<(), String> {
+            let back: T =
+                decode("value", 1, &encode(1, value), limits::MAX_MESSAGE_BYTES).map_err(|e| e.to_string())?;
+            assert_eq!(&back, value);
+            Ok(())
+        }
+        fn too_large(what: &str, max: usize) -> Result<(), String> {
+            Err(format!("invalid value: {what} is too large: {} bytes/items, the limit is {max}", max + 1))
+        }
+        let peers = |n: usize| (0..n as u64).map(crate::PeerId).collect::<std::collections::BTreeSet<_>>();
+        let stream = || StreamName::new("s").unwrap();
+        let args = |n: usize| JobSpec { args: vec![String::new(); n], ..JobSpec::default() };
+        let env = |n: usize| JobSpec { env: vec![(String::new(), String::new()); n], ..JobSpec::default() };
+        let pin = |n| Command::CreateStream {
+            name: stream(),
+            props: crate::records::StreamProps { pin: peers(n), ..Default::default() },
+        };
+        let patch = |n| Command::UpdateStream {
+            name: stream(),
+            patch: crate::records::StreamPatch { ignore: Some(peers(n)), ..Default::default() },
+        };
+        let labels = |n| crate::records::PeerInfo { labels: vec![String::new(); n], ..Default::default() };
+        let renew =
+            |n| Command::Renew { peer: crate::PeerId(1), leases: vec![(crate::JobId(1), crate::FencingToken(1)); n] };
+        let completed = |n| Outcome::Completed(vec![Ok(()); n]);
+        let (peer_list, args_max, batch) = (limits::MAX_PEER_LIST, limits::MAX_ARGS, limits::MAX_BATCH);
+        for (at, over, want) in [
+            (raw(&args(args_max)), raw(&args(args_max + 1)), too_large("arguments and environment", args_max)),
+            (raw(&env(args_max)), raw(&env(args_max + 1)), too_large("arguments and environment", args_max)),
+            (raw(&pin(peer_list)), raw(&pin(peer_list + 1)), too_large("pin list", peer_list)),
+            (raw(&patch(peer_list)), raw(&patch(peer_list + 1)), too_large("ignore list", peer_list)),
+            (raw(&labels(peer_list)), raw(&labels(peer_list + 1)), too_large("peer labels", peer_list)),
+            (raw(&renew(batch)), raw(&renew(batch + 1)), too_large("lease list", batch)),
+            (raw(&completed(batch)), raw(&completed(batch + 1)), too_large("completion results", batch)),
+        ] {
+            assert_eq!(at, Ok(()));
+            assert_eq!(over, want);
+        }
+        // An absent optional list decodes as before.
+        raw(&patch(0)).unwrap();
+        raw(&Command::UpdateStream { name: stream(), patch: Default::default() }).unwrap();
     }
 
     #[test]

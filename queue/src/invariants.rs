@@ -23,6 +23,11 @@ impl State {
         if index != self.index {
             return Err("global delay/expiry indexes differ from the jobs".into());
         }
+        // The next Submit inserts job `next_job` into the table, which takes
+        // only its own next id (an empty table takes any).
+        if !d.jobs.is_empty() && d.jobs.next_id().0 != d.next_job {
+            return Err(format!("the job table's next id is {}, but next_job is {}", d.jobs.next_id(), d.next_job));
+        }
         let mut counts: BTreeMap<u32, StreamStats> = BTreeMap::new();
         for (id, job) in d.jobs.iter() {
             if id.0 >= d.next_job {
@@ -78,6 +83,9 @@ impl State {
             }
         }
         for (idx, s) in &d.streams {
+            if *idx >= d.next_stream {
+                return Err(format!("stream {} has id {idx}, not below next_stream {}", s.name, d.next_stream));
+            }
             if d.stream_names.get(&s.name) != Some(idx) {
                 return Err(format!("stream {} is not in the name map", s.name));
             }
@@ -100,8 +108,20 @@ impl State {
                 return Err(format!("stream {}'s per-peer lease counts differ from its leases", s.name));
             }
             for (key, id) in &s.keys {
-                if d.jobs.get(id).map(|j| j.stream) != Some(*idx) {
+                let Some(job) = d.jobs.get(id) else {
+                    return Err(format!(
+                        "idempotency key {key} of stream {} points at {id}, which does not exist",
+                        s.name
+                    ));
+                };
+                if job.stream != *idx {
                     return Err(format!("idempotency key {key} of stream {} points at {id} elsewhere", s.name));
+                }
+                if job.key() != Some(key) {
+                    return Err(format!(
+                        "idempotency key {key} of stream {} points at {id}, which does not carry it",
+                        s.name
+                    ));
                 }
             }
         }

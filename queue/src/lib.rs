@@ -21,6 +21,8 @@ mod invariants;
 mod machine;
 mod query;
 mod state;
+#[cfg(test)]
+mod tests;
 
 use impetus_proto::wire;
 use impetus_proto::{DecodeError, Timestamp};
@@ -60,7 +62,16 @@ pub struct JobFilter<'a> {
     /// Only jobs with a larger id (for paging).
     pub after: Option<impetus_proto::JobId>,
     pub limit: usize,
+    /// Stop before the records' approximate encoded size passes this many
+    /// bytes (but return at least one job); `None`: no bound. What a client
+    /// asks for is bounded by [`LIST_JOBS_BYTES`].
+    pub max_bytes: Option<usize>,
 }
+
+/// The byte budget of one page of jobs listed for a client: half a
+/// message, so the records are not all copied (under the state's read
+/// lock) only for the answer to be refused as too large.
+pub const LIST_JOBS_BYTES: usize = impetus_proto::limits::MAX_MESSAGE_BYTES / 2;
 
 impl State {
     pub fn new() -> State {

@@ -220,8 +220,15 @@ impl State {
         if self.data.stream_names.contains_key(name) {
             return Err(ApplyError::StreamExists(name.clone()));
         }
+        // Stream ids are never reused (a job's stream is its id), so once
+        // they are all spent no stream can be created any more.
         let idx = self.data.next_stream;
-        self.data.next_stream += 1;
+        let Some(next) = idx.checked_add(1) else {
+            return Err(ApplyError::Invalid(format!(
+                "stream {name} cannot be created: all {idx} stream ids have been used (ids are never reused)"
+            )));
+        };
+        self.data.next_stream = next;
         self.data.stream_names.insert(name.clone(), idx);
         self.data.streams.insert(idx, Stream::new(name.clone(), props.clone(), self.data.now));
         Ok(Outcome::StreamCreated)
@@ -405,8 +412,9 @@ impl State {
         };
         let now = self.data.now;
         let sec = now.0 / 1000;
-        // How many each stream may grant to this peer now.
-        let mut allowance: Vec<(StreamIdx, u32)> = Vec::new();
+        // How many each stream may grant to this peer now: (leases the peer
+        // holds there, stream, allowance).
+        let mut allowance: Vec<(u32, StreamIdx, u32)> = Vec::new();
         for idx in candidates {
             let s = self.stream_idx_mut(idx);
             if s.ready.is_empty() || !s.leases_to(peer) {
@@ -418,15 +426,20 @@ impl State {
             }
             let n = s.lease_allowance(peer, sec).min(u32::try_from(s.ready.len()).unwrap_or(u32::MAX));
             if n > 0 {
-                allowance.push((idx, n));
+                let held = s.leased_by_peer.get(&peer).copied().unwrap_or(0);
+                allowance.push((held, idx, n));
             }
         }
         // Round robin across streams, one job at a time, so one busy stream
-        // cannot starve the others of this peer's slots.
+        // cannot starve the others of this peer's slots. The streams in which
+        // the peer holds the fewest leases go first (then by id): a worker
+        // leases for the slots that free up, one or two at a time, so its
+        // successive small requests take turns too.
+        allowance.sort_unstable();
         let mut grants = Vec::new();
         let mut left = max;
         while left > 0 && !allowance.is_empty() {
-            allowance.retain_mut(|(idx, n)| {
+            allowance.retain_mut(|(_, idx, n)| {
                 if left == 0 || *n == 0 {
                     return *n > 0;
                 }
@@ -446,7 +459,7 @@ impl State {
         s.pending.remove(&id);
         s.stats.queued -= 1;
         s.stats.leased += 1;
-        s.window_leases += 1;
+        s.window_leases = s.window_leases.saturating_add(1);
         *s.leased_by_peer.entry(peer).or_default() += 1;
         let props = s.props.clone();
         let stream = s.name.clone();

@@ -24,7 +24,10 @@ impl State {
         ids.iter().map(|id| self.data.jobs.get(id).map(|j| j.status)).collect()
     }
 
-    /// Jobs in id order, filtered, at most `filter.limit`.
+    /// Jobs in id order, filtered, at most `filter.limit`, and no more than
+    /// fit in `filter.max_bytes` (their approximate encoded size) but always
+    /// at least one: a short page is not the last, page on from its last id
+    /// until a page comes back empty.
     pub fn jobs(&self, filter: &JobFilter<'_>) -> Vec<JobRecord> {
         let stream = match filter.stream {
             Some(name) => match self.data.stream_names.get(name) {
@@ -34,13 +37,24 @@ impl State {
             None => None,
         };
         let start = filter.after.map_or(0, |a| a.0.saturating_add(1));
-        self.data
+        let budget = filter.max_bytes.unwrap_or(usize::MAX);
+        let mut bytes = 0usize;
+        let mut out = Vec::new();
+        let matching = self
+            .data
             .jobs
             .iter_from(JobId(start))
             .filter(|(_, j)| stream.is_none_or(|s| j.stream == s) && filter.status.is_none_or(|st| j.status == st))
-            .take(filter.limit)
-            .map(|(id, j)| self.record(id, j))
-            .collect()
+            .take(filter.limit);
+        for (id, j) in matching {
+            // Sized before it is copied: the copy is what the budget bounds.
+            bytes = bytes.saturating_add(record_bytes(j));
+            if bytes > budget && !out.is_empty() {
+                break;
+            }
+            out.push(self.record(id, j));
+        }
+        out
     }
 
     /// The job submitted to `stream` with idempotency `key`, if any.
@@ -226,4 +240,34 @@ impl State {
             stderr_tail: out.map(|o| o.stderr_tail.clone()).unwrap_or_default(),
         }
     }
+}
+
+/// What a job's record takes, encoded, besides its variable-length fields:
+/// ids, stream name (at most [`impetus_proto::limits::MAX_STREAM_NAME`]),
+/// module hash, times, lease, counters and length prefixes.
+const RECORD_OVERHEAD: usize = 256;
+
+/// An upper bound on the encoded size of a job's [`JobRecord`] (a length
+/// prefix takes at most 10 bytes), computed without copying it.
+fn record_bytes(j: &Job) -> usize {
+    const PREFIX: usize = 10;
+    let field = |len: usize| len.saturating_add(PREFIX);
+    let mut n = RECORD_OVERHEAD.saturating_add(field(j.input.len()));
+    if let Some(e) = j.extra.as_deref() {
+        n = e.args.iter().fold(n, |n, a| n.saturating_add(field(a.len())));
+        n = e.env.iter().fold(n, |n, (k, v)| n.saturating_add(field(k.len())).saturating_add(field(v.len())));
+        n = n.saturating_add(e.key.as_ref().map_or(0, |k| field(k.as_str().len())));
+    }
+    if let Some(o) = j.output.as_deref() {
+        n = n.saturating_add(o.result.as_ref().map_or(0, |r| field(r.len())));
+        n = n.saturating_add(field(o.stdout_tail.len())).saturating_add(field(o.stderr_tail.len()));
+        if let Some(e) = &o.error {
+            let statement = e.statement.as_ref().map_or(0, |s| field(s.len()));
+            // Its kind (an exit code at most), line and option tags.
+            const ERROR_OVERHEAD: usize = 32;
+            n = n.saturating_add(ERROR_OVERHEAD).saturating_add(field(e.error.len()));
+            n = n.saturating_add(field(e.name.len())).saturating_add(statement);
+        }
+    }
+    n
 }

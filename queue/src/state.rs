@@ -225,6 +225,10 @@ impl JobTable {
         JobId(self.base + self.slots.len() as u64)
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
     fn slot(&self, id: JobId) -> Option<usize> {
         let i = id.0.checked_sub(self.base)?;
         usize::try_from(i).ok().filter(|&i| i < self.slots.len())

@@ -111,14 +111,20 @@ impl Model {
     }
 
     /// What may be leased next: per stream by (priority desc, ready_at, id),
-    /// streams taken round robin, within mpps.
+    /// streams taken round robin (those where the peer holds fewer leases
+    /// first, then in order), within mpps.
     fn lease(&mut self, peer: u64, max: u32, token: u64) -> Vec<u64> {
-        let mut per_stream: Vec<Vec<u64>> = (0..2)
+        let held =
+            |s: usize| self.jobs.values().filter(|j| j.stream == s && j.lease.is_some_and(|l| l.0 == peer)).count();
+        let mut order: Vec<usize> = (0..2).collect();
+        order.sort_by_key(|&s| (held(s), s));
+        let mut per_stream: Vec<Vec<u64>> = order
+            .into_iter()
             .map(|s| {
                 if self.paused[s] {
                     return vec![];
                 }
-                let held = self.jobs.values().filter(|j| j.stream == s && j.lease.is_some_and(|l| l.0 == peer)).count();
+                let held = held(s);
                 let mut ready: Vec<(i32, u64, u64)> = self
                     .jobs
                     .iter()

@@ -292,7 +292,7 @@ fn ran(index: u32, result: &str) -> Ran {
 
 /// Each job's status, result, attempts and lease token, as a line.
 fn jobs_view(h: &Harness) -> String {
-    let all = h.state.jobs(&impetus_queue::JobFilter { stream: None, status: None, after: None, limit: 100 });
+    let all = h.state.jobs(&impetus_queue::JobFilter { limit: 100, ..Default::default() });
     all.iter()
         .map(|j| {
             let result = j.result.as_deref().map(String::from_utf8_lossy);
@@ -479,6 +479,31 @@ fn leases_are_shared_round_robin_across_streams() {
     assert!(g.iter().all(|g| g.stream.as_str() == "t"));
 }
 
+/// A worker leases for the slots that free up, one or two at a time: its
+/// successive requests take turns across streams too, so a busy stream
+/// created first does not take every slot.
+#[test]
+fn a_worker_leasing_one_slot_at_a_time_takes_turns_across_streams() {
+    let mut h = Harness::with_stream(StreamProps { mpps: 10, ..props() });
+    h.ok(Command::CreateStream { name: name("t"), props: StreamProps { mpps: 10, ..props() } });
+    h.submit("s", (0..10).map(|i| job(&i.to_string())).collect());
+    h.submit("t", (0..10).map(|i| job(&i.to_string())).collect());
+    let p = PeerId(1);
+    let streams = |grants: &[LeaseGrant]| grants.iter().map(|g| g.stream.to_string()).collect::<Vec<_>>();
+    // Four slots fill up one at a time.
+    let mut held: Vec<LeaseGrant> = (0..4).map(|_| h.lease(p, 1).remove(0)).collect();
+    assert_eq!(streams(&held), ["s", "t", "s", "t"]);
+    // Then each job that ends frees one slot, which the next request fills.
+    let mut next = Vec::new();
+    for _ in 0..4 {
+        let done = held.remove(0);
+        h.complete(p, &done, "ok").unwrap();
+        next.push(h.lease(p, 1).remove(0));
+    }
+    assert_eq!(streams(&next), ["s", "t", "s", "t"], "the slot goes to the stream the peer holds fewer of");
+    assert_eq!(h.state.peer(p).unwrap().leased, [(name("s"), 2), (name("t"), 2)]);
+}
+
 #[test]
 fn only_registered_undrained_peers_lease() {
     let mut h = Harness::with_stream(props());
@@ -658,6 +683,40 @@ fn failures_retry_with_backoff_until_max_attempts_then_go_dead() {
         1,
         "dead jobs are listable"
     );
+}
+
+/// A page of jobs is bounded in bytes as well as in count, so a listing
+/// of large results copies no more than one answer can carry; paging on
+/// from the last id of each page, until one is empty, reads every job once.
+#[test]
+fn a_job_list_stops_at_its_byte_budget_and_pages_on_to_every_job() {
+    let mut h = Harness::with_stream(StreamProps { mpps: 100, ..props() });
+    let p = PeerId(1);
+    let ids = h.submit("s", (0..40).map(|i| job(&i.to_string())).collect());
+    for g in h.lease(p, 40) {
+        h.complete(p, &g, &"r".repeat(10_000)).unwrap();
+    }
+    let budget = 64 << 10;
+    let page = |after| {
+        h.state.jobs(&impetus_queue::JobFilter { after, limit: 1_000, max_bytes: Some(budget), ..Default::default() })
+    };
+    let (mut seen, mut sizes, mut after) = (Vec::new(), Vec::new(), None);
+    loop {
+        let jobs = page(after);
+        let Some(last) = jobs.last() else { break };
+        let bytes: usize = jobs.iter().map(|j| postcard::to_allocvec(j).unwrap().len()).sum();
+        assert!(bytes <= budget, "a page of {bytes} bytes passes the budget of {budget}");
+        after = Some(last.id);
+        sizes.push(jobs.len());
+        seen.extend(jobs.iter().map(|j| j.id));
+    }
+    assert_eq!(sizes, [6, 6, 6, 6, 6, 6, 4], "short pages, far below the limit of 1000");
+    assert_eq!(seen, ids, "every job exactly once, in id order");
+    // A record larger than the whole budget still comes back, alone: paging progresses.
+    let one = h.state.jobs(&impetus_queue::JobFilter { limit: 1_000, max_bytes: Some(1), ..Default::default() });
+    assert_eq!(one.iter().map(|j| j.id).collect::<Vec<_>>(), [ids[0]]);
+    let all = h.state.jobs(&impetus_queue::JobFilter { limit: 1_000, ..Default::default() });
+    assert_eq!(all.len(), 40, "no budget, no bound");
 }
 
 #[test]

@@ -78,6 +78,10 @@ impl ClientError {
     }
 }
 
+/// How long [`Client::wait`] goes on polling when no poll is answered
+/// (each fails for a passing reason): past it, it returns the last error.
+pub const WAIT_UNANSWERED: Duration = Duration::from_secs(30);
+
 /// The outcome of [`Client::data_cas`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CasOutcome {
@@ -324,6 +328,9 @@ impl Client {
     }
 
     /// Jobs ordered by id, after `after`, at most `limit` (≤ [`limits::MAX_BATCH`]).
+    /// The peer returns fewer when their records pass its byte budget (large
+    /// inputs or results): a short page is not the last; page on from its
+    /// last id until a page comes back empty.
     pub async fn jobs(
         &self,
         stream: Option<&StreamName>,
@@ -344,7 +351,10 @@ impl Client {
     /// their records in the order of `ids`. `progress(done, total)` is called
     /// after every poll. A read refused for a passing reason
     /// ([`ClientError::is_transient`]: an election, a membership change) is
-    /// asked again. Fails with [`ClientError::Timeout`] after `timeout`.
+    /// asked again, but not for ever: when no poll has been answered for
+    /// [`WAIT_UNANSWERED`] (the peer died, the cluster lost its quorum),
+    /// the last such error is returned. Fails with [`ClientError::Timeout`]
+    /// after `timeout`.
     pub async fn wait(
         &self,
         ids: &[JobId],
@@ -358,6 +368,7 @@ impl Client {
         let total = pending.len();
         let mut done: BTreeMap<JobId, JobRecord> = BTreeMap::new();
         let mut backoff = MIN_BACKOFF;
+        let mut answered_at = tokio::time::Instant::now();
         let timed_out = |pending: usize| ClientError::Timeout {
             what: format!("{pending} of {total} jobs to finish"),
             after: timeout,
@@ -370,7 +381,15 @@ impl Client {
                 .map(|chunk| async move { self.job_statuses(&chunk).await.map(|st| chunk.into_iter().zip(st)) })
                 .buffer_unordered(4)
                 .collect::<Vec<_>>();
-            let polled = tokio::time::timeout_at(deadline, poll).await.map_err(|_| timed_out(pending.len()))?;
+            let mut polled = tokio::time::timeout_at(deadline, poll).await.map_err(|_| timed_out(pending.len()))?;
+            if polled.iter().any(Result::is_ok) {
+                answered_at = tokio::time::Instant::now();
+            } else if answered_at.elapsed() >= WAIT_UNANSWERED {
+                if let Some(Err(e)) = polled.pop() {
+                    tracing::warn!(error = %e, pending = pending.len(), "no answer while waiting for jobs; giving up");
+                    return Err(e);
+                }
+            }
             let mut finished = Vec::new();
             // A read that failed for a passing reason (an election, a
             // membership change) is asked again next round.

@@ -14,6 +14,6 @@ pub mod client;
 pub mod stream;
 pub mod transport;
 
-pub use client::{CasOutcome, Client, ClientError, CONNECT_TIMEOUT, MAX_IN_FLIGHT};
+pub use client::{CasOutcome, Client, ClientError, CONNECT_TIMEOUT, MAX_IN_FLIGHT, WAIT_UNANSWERED};
 pub use impetus_proto::api::{ClientRequest, ClientResponse, ClusterStatus, ServiceError};
 pub use transport::{DEFAULT_PORT, REQUEST_TIMEOUT};

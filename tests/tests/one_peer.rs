@@ -300,3 +300,34 @@ fn a_peer_serves_its_metrics_and_logs_json() {
     }
     assert!(log.contains("impetus peer ready"), "{log}");
 }
+
+/// `submit --wait` gives up when its peer stops answering: killed under
+/// it, the peer leaves the command with no answer, and after
+/// `WAIT_UNANSWERED` it exits non-zero with the last error instead of
+/// polling for the rest of its year-long default wait.
+#[test]
+fn submit_wait_gives_up_when_its_peer_stops_answering() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = PeerProc::start(&dir.path().join("p"), &[]).unwrap();
+    p.ok(&["stream", "create", "s1"]);
+    let mut cmd = std::process::Command::new(impetus_tests::impetus_bin());
+    cmd.args(["--peer", &p.addr, "submit", wasm("sleep").to_str().unwrap(), "--stream", "s1"]);
+    cmd.args(["--input", "600000", "--wait"]);
+    let limit = impetus_sdk::WAIT_UNANSWERED + Duration::from_secs(40);
+    let waiting = std::thread::spawn(move || impetus_tests::run_bounded(cmd, limit).unwrap());
+    // Submitted and running: then the peer dies.
+    let c = wait_for(Duration::from_secs(20), || {
+        let (rt, c) = client(&p);
+        let jobs = all_jobs(&rt, &c, "s1");
+        jobs.iter().any(|j| j.status == JobStatus::Running).then_some(())
+    });
+    assert!(c.is_some(), "the job did not start; log:\n{}", p.log_text());
+    p.kill9();
+    let started = std::time::Instant::now();
+    let out = waiting.join().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let status = out.status.unwrap_or_else(|| panic!("still waiting {limit:?} after the kill; stderr:\n{stderr}"));
+    assert!(!status.success(), "{status}: {stderr}");
+    assert!(started.elapsed() >= impetus_sdk::WAIT_UNANSWERED - Duration::from_secs(1), "gave up too soon: {stderr}");
+    assert!(stderr.to_lowercase().contains("reach") || stderr.contains("connect"), "{stderr}");
+}

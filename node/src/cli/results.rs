@@ -12,7 +12,8 @@ use impetus_proto::records::{ErrorKind, ErrorRecord, JobRecord, JobStatus};
 use super::util::json_bytes;
 use super::{connect, exit, print_json, with_stream_hint, Global};
 
-/// Jobs fetched per request (results can be large: keep answers small).
+/// Jobs asked for per request (results can be large: keep answers small;
+/// the peer also returns fewer when their records pass its byte budget).
 const PAGE: u32 = 256;
 
 #[derive(Debug, clap::Args)]
@@ -95,10 +96,10 @@ pub async fn run(g: &Global, args: ResultsArgs) -> anyhow::Result<u8> {
                 writeln!(w, "{}", result_line(j)).with_context(|| format!("writing {}", path.display()))?;
             }
             counts[i] += page.len() as u64;
-            match page.last() {
-                Some(last) if page.len() as u32 == PAGE => after = Some(last.id),
-                _ => break,
-            }
+            // A page may be short (the peer bounds its size in bytes): only
+            // an empty one is the end.
+            let Some(last) = page.last() else { break };
+            after = Some(last.id);
         }
         w.flush().with_context(|| format!("writing {}", path.display()))?;
         paths.push(path);

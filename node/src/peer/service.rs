@@ -40,9 +40,19 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
             }
             ClientRequest::GetJob(id) => ClientResponse::Job(c.read(|s| s.job(id))),
             ClientRequest::JobStatuses(ids) => ClientResponse::JobStatuses(c.read(|s| s.job_statuses(&ids))),
-            ClientRequest::ListJobs { stream, status, after, limit } => ClientResponse::Jobs(
-                c.read(|s| s.jobs(&JobFilter { stream: stream.as_ref(), status, after, limit: limit as usize })),
-            ),
+            ClientRequest::ListJobs { stream, status, after, limit } => {
+                // Bounded in bytes too (the page may come back short), so
+                // large records are not copied under the read lock only for
+                // the answer to be refused as too large.
+                let filter = JobFilter {
+                    stream: stream.as_ref(),
+                    status,
+                    after,
+                    limit: limit as usize,
+                    max_bytes: Some(impetus_queue::LIST_JOBS_BYTES),
+                };
+                ClientResponse::Jobs(c.read(|s| s.jobs(&filter)))
+            }
             ClientRequest::GetStream(name) => ClientResponse::Stream(c.read(|s| s.stream(&name))),
             ClientRequest::ListStreams => ClientResponse::Streams(c.read(|s| s.streams())),
             ClientRequest::HasModule(hash) => ClientResponse::HasModule(c.read(|s| s.has_module(&hash))),

@@ -293,7 +293,7 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
         let renew: Vec<(JobId, FencingToken)> = self
             .running
             .iter()
-            .filter(|(_, r)| !r.lost && r.expires_at.since(now) < r.ttl_ms * 2 / 3)
+            .filter(|(_, r)| !r.lost && r.expires_at.since(now) < r.ttl_ms.saturating_mul(2) / 3)
             .map(|(&id, r)| (id, r.token))
             .collect();
         if !renew.is_empty() {
@@ -468,7 +468,7 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
             .running
             .values()
             .filter(|r| !r.lost)
-            .map(|r| r.expires_at.0.saturating_sub(r.ttl_ms * 2 / 3).saturating_sub(now.0))
+            .map(|r| r.expires_at.0.saturating_sub(r.ttl_ms.saturating_mul(2) / 3).saturating_sub(now.0))
             .min();
         match next_renew {
             Some(ms) => poll.min(Duration::from_millis(ms.max(1))),
