@@ -19,6 +19,7 @@
 
 mod invariants;
 mod machine;
+pub use machine::LEASE_GRANT_BYTES;
 mod query;
 mod state;
 #[cfg(test)]

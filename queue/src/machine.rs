@@ -438,14 +438,21 @@ impl State {
         allowance.sort_unstable();
         let mut grants = Vec::new();
         let mut left = max;
+        // The grants carry their jobs' inputs: past LEASE_GRANT_BYTES no
+        // more are taken, so the answer always fits in a message (a lease
+        // granted in an answer too large to send would be lost, and cost
+        // its job an attempt).
+        let mut bytes = 0usize;
         while left > 0 && !allowance.is_empty() {
             allowance.retain_mut(|(_, idx, n)| {
                 if left == 0 || *n == 0 {
                     return *n > 0;
                 }
-                grants.push(self.grant(token, peer, *idx));
+                let g = self.grant(token, peer, *idx);
+                bytes = bytes.saturating_add(grant_bytes(&g));
+                grants.push(g);
                 *n -= 1;
-                left -= 1;
+                left = if bytes >= LEASE_GRANT_BYTES { 0 } else { left - 1 };
                 *n > 0
             });
         }
@@ -664,4 +671,19 @@ impl State {
     fn peer_mut(&mut self, peer: PeerId) -> Result<&mut Peer, ApplyError> {
         self.data.peers.get_mut(&peer).ok_or(ApplyError::UnknownPeer(peer))
     }
+}
+
+/// The most bytes of job specs one lease grants (more only by the one job
+/// that passes it): a quarter of the largest message, so a worker's answer
+/// always fits, whatever its other parts.
+pub const LEASE_GRANT_BYTES: usize = impetus_proto::limits::MAX_MESSAGE_BYTES / 4;
+
+/// What a grant's spec takes (input, arguments, environment), roughly as
+/// encoded.
+fn grant_bytes(g: &LeaseGrant) -> usize {
+    const PER_ITEM: usize = 8;
+    let spec = &g.spec;
+    let args = spec.args.iter().map(|a| a.len() + PER_ITEM).sum::<usize>();
+    let env = spec.env.iter().map(|(k, v)| k.len() + v.len() + 2 * PER_ITEM).sum::<usize>();
+    spec.input.len().saturating_add(args).saturating_add(env).saturating_add(128)
 }

@@ -720,6 +720,34 @@ fn a_job_list_stops_at_its_byte_budget_and_pages_on_to_every_job() {
 }
 
 #[test]
+fn a_lease_stops_at_its_byte_budget_so_its_answer_fits_in_a_message() {
+    let mut h = Harness::with_stream(StreamProps { mpps: 100, ..props() });
+    let p = PeerId(1);
+    let big = "x".repeat(1 << 20);
+    let ids = h.submit("s", (0..30).map(|_| job(&big)).collect());
+    let first = h.lease(p, 30);
+    let budget = impetus_queue::LEASE_GRANT_BYTES;
+    // Grants until the budget is reached: the inputs carried are within one
+    // job of it, and fewer jobs than asked.
+    let carried: usize = first.iter().map(|g| g.spec.input.len()).sum();
+    assert!(first.len() < 30, "{} granted", first.len());
+    assert!(carried + (1 << 20) >= budget && carried <= budget + (1 << 20), "{carried} bytes for {budget}");
+    let mut rest = Vec::new();
+    for _ in 0..30 {
+        let more = h.lease(p, 30);
+        if more.is_empty() {
+            break;
+        }
+        assert!(more.len() <= first.len());
+        rest.extend(more);
+    }
+    assert_eq!(first.len() + rest.len(), 30, "the next leases go on");
+    let granted: Vec<_> = first.iter().chain(&rest).map(|g| g.job).collect();
+    assert_eq!(granted, ids);
+    h.state.check_invariants();
+}
+
+#[test]
 fn a_dead_job_can_be_retried_with_its_attempts_reset() {
     let mut h = Harness::with_stream(StreamProps { max_attempts: 1, ..props() });
     h.submit("s", vec![job("1")]);

@@ -47,8 +47,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::{invalid_data, log_range, Entry, ImpetusConfig, LogId, TypeConfig, Vote};
 
-/// Version byte of a WAL record's payload.
-pub const WAL_RECORD_VERSION: u8 = 1;
+/// Version byte of a WAL record's payload, and of the meaning of the
+/// commands its entries hold: a change to how the state machine applies a
+/// command bumps it, since a replica that replays an old entry with the new
+/// rules would part from one whose snapshot applied it with the old. 2: a
+/// lease takes the streams where the peer holds the fewest leases first,
+/// and stops at `LEASE_GRANT_BYTES`.
+pub const WAL_RECORD_VERSION: u8 = 2;
 /// A segment is closed and a new one begun once it passes this size.
 pub const SEGMENT_BYTES: u64 = 32 << 20;
 /// Bytes before each record's payload: its length and its CRC-32.
@@ -528,6 +533,18 @@ fn replay_segment(dir: &Path, seq: u64, newest: bool, index: &mut Index) -> io::
     let damaged = |pos: usize, why: &dyn fmt::Display| {
         invalid_data(&format!("raft log segment {} is damaged at byte {pos}", path.display()), why)
     };
+    if let Some(found) = written_by(&buf) {
+        if found != WAL_RECORD_VERSION {
+            return Err(invalid_data(
+                &format!("raft log segment {}", path.display()),
+                format!(
+                    "written by another version of impetus (log version {found}; this build reads \
+                     {WAL_RECORD_VERSION}), whose commands may apply differently here: run the version that \
+                     wrote it, or start this peer on a fresh --data-dir"
+                ),
+            ));
+        }
+    }
     let mut pos = 0usize;
     let mut max_index = 0;
     loop {
@@ -556,6 +573,15 @@ fn replay_segment(dir: &Path, seq: u64, newest: bool, index: &mut Index) -> io::
     }
     file.sync_all().map_err(|e| with_path(&path, e))?;
     Ok(Segment { file: Arc::new(SegmentFile { file, path }), len: pos as u64, max_index })
+}
+
+/// The version that wrote a segment: its first record's, if that record
+/// is whole (its checksum holds; a torn one is for the replay to judge).
+fn written_by(buf: &[u8]) -> Option<u8> {
+    let word = |at: usize| buf.get(at..at + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    let (len, crc) = (word(0)? as usize, word(4)?);
+    let payload = buf.get(HEADER..HEADER.checked_add(len)?)?;
+    (crc32fast::hash(payload) == crc).then(|| payload.first().copied()).flatten()
 }
 
 /// The sequence number of a segment file name: exactly 16 lowercase hex

@@ -399,3 +399,24 @@ async fn odd_ranges_and_stray_files_are_harmless() {
     assert_eq!(count(log.try_get_log_entries((Excluded(2), Included(4))).await.unwrap()), 2);
     assert_eq!(log.segment_paths().len(), 1, "the stray files are not segments");
 }
+
+/// A log written by a version whose commands applied differently is
+/// refused by name, with the way out, not replayed under other rules.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_of_another_version_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let newest = ten_entries(dir.path()).await;
+    let oldest = WalLogStore::<TypeConfig>::open(dir.path()).unwrap().segment_paths().remove(0);
+    drop(newest);
+    // The first record of the oldest segment, rewritten as version 1.
+    let mut bytes = std::fs::read(&oldest).unwrap();
+    let len = u32::from_le_bytes(bytes[0..4].try_into().unwrap()) as usize;
+    assert_eq!(bytes[8], impetus_raft::wal_log::WAL_RECORD_VERSION);
+    bytes[8] = 1;
+    let crc = crc32fast::hash(&bytes[8..8 + len]);
+    bytes[4..8].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(&oldest, &bytes).unwrap();
+    let err = WalLogStore::<TypeConfig>::open(dir.path()).expect_err("an old log opened").to_string();
+    assert!(err.contains("written by another version of impetus (log version 1"), "{err}");
+    assert!(err.contains("fresh --data-dir"), "{err}");
+}

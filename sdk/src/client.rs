@@ -63,6 +63,20 @@ pub enum ClientError {
     Timeout { what: String, after: Duration },
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// A submit split in batches failed after some of them were
+    /// committed: those jobs stay submitted (sending them again without
+    /// idempotency keys would submit them twice).
+    #[error("{} of {total} jobs were submitted (ids {}..={}) before the rest failed: {error}",
+        submitted.len(), first_id(submitted), last_id(submitted))]
+    PartlySubmitted { submitted: Vec<Submitted>, total: usize, error: Box<ClientError> },
+}
+
+fn first_id(s: &[Submitted]) -> String {
+    s.first().map_or_else(String::new, |s| s.job.to_string())
+}
+
+fn last_id(s: &[Submitted]) -> String {
+    s.last().map_or_else(String::new, |s| s.job.to_string())
 }
 
 impl ClientError {
@@ -298,21 +312,29 @@ impl Client {
     /// Submit jobs to a stream, in batches of at most [`limits::MAX_BATCH`]
     /// jobs and [`limits::MAX_MESSAGE_BYTES`] bytes. Returns one entry per
     /// job, in order. Batches are committed one after the other: if one
-    /// fails, the earlier ones stay submitted (use idempotency keys to retry).
+    /// fails after others were committed, the error is
+    /// [`ClientError::PartlySubmitted`], which carries the jobs that stay
+    /// submitted (use idempotency keys to retry the rest safely).
     pub async fn submit(&self, stream: &StreamName, jobs: Vec<NewJob>) -> Result<Vec<Submitted>, ClientError> {
-        let mut out = Vec::with_capacity(jobs.len());
+        let total = jobs.len();
+        let mut out = Vec::with_capacity(total);
         for batch in split_batches(jobs, limits::MAX_BATCH, limits::MAX_MESSAGE_BYTES - SUBMIT_OVERHEAD) {
             let n = batch.len();
-            match self.write(Command::Submit { stream: stream.clone(), jobs: batch }).await? {
-                Outcome::Submitted(s) if s.len() == n => out.extend(s),
-                Outcome::Submitted(s) => {
-                    return Err(ClientError::Protocol(format!(
-                        "submitted {n} jobs but the peer answered for {}",
-                        s.len()
-                    )))
+            let failed = match self.write(Command::Submit { stream: stream.clone(), jobs: batch }).await {
+                Ok(Outcome::Submitted(s)) if s.len() == n => {
+                    out.extend(s);
+                    continue;
                 }
-                other => return Err(unexpected_outcome("submit", &other)),
+                Ok(Outcome::Submitted(s)) => {
+                    ClientError::Protocol(format!("submitted {n} jobs but the peer answered for {}", s.len()))
+                }
+                Ok(other) => unexpected_outcome("submit", &other),
+                Err(e) => e,
+            };
+            if out.is_empty() {
+                return Err(failed);
             }
+            return Err(ClientError::PartlySubmitted { submitted: out, total, error: Box::new(failed) });
         }
         Ok(out)
     }

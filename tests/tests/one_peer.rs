@@ -331,3 +331,39 @@ fn submit_wait_gives_up_when_its_peer_stops_answering() {
     assert!(started.elapsed() >= impetus_sdk::WAIT_UNANSWERED - Duration::from_secs(1), "gave up too soon: {stderr}");
     assert!(stderr.to_lowercase().contains("reach") || stderr.contains("connect"), "{stderr}");
 }
+
+/// A submit the SDK splits in batches that fails after some batches were
+/// committed says which jobs stay submitted (sending them again without
+/// keys would submit them twice): 10,001 jobs, the last one invalid, make
+/// one committed batch of 10,000 and a refused one.
+#[test]
+fn a_submit_that_fails_part_way_says_which_jobs_stay_submitted() {
+    use impetus_proto::limits::{MAX_ARGS, MAX_BATCH};
+    use impetus_proto::{JobSpec, NewJob};
+    let dir = tempfile::tempdir().unwrap();
+    let p = PeerProc::start(&dir.path().join("p"), &[]).unwrap();
+    let (rt, c) = client(&p);
+    let s = StreamName::new("s1").unwrap();
+    rt.block_on(c.create_stream(&s, impetus_proto::StreamProps::default())).unwrap();
+    let module = rt.block_on(c.put_module(std::fs::read(wasm("noop")).unwrap())).unwrap();
+    let job = |args: Vec<String>| NewJob {
+        module,
+        spec: JobSpec { args, env: vec![], input: vec![] },
+        priority: None,
+        delay_ms: 0,
+        key: None,
+    };
+    let mut jobs: Vec<NewJob> = (0..MAX_BATCH).map(|_| job(vec![])).collect();
+    jobs.push(job(vec!["x".into(); MAX_ARGS + 1]));
+    let err = rt.block_on(c.submit(&s, jobs)).unwrap_err();
+    let impetus_sdk::ClientError::PartlySubmitted { submitted, total, error } = &err else {
+        panic!("not a partial submit: {err}");
+    };
+    assert_eq!((submitted.len(), *total), (MAX_BATCH, MAX_BATCH + 1));
+    assert!(error.to_string().contains("arguments"), "{error}");
+    let msg = err.to_string();
+    assert!(msg.starts_with("10000 of 10001 jobs were submitted (ids "), "{msg}");
+    // They are in the cluster, as the error says.
+    let listed: Vec<JobId> = all_jobs(&rt, &c, "s1").iter().map(|j| j.id).collect();
+    assert_eq!(listed, submitted.iter().map(|s| s.job).collect::<Vec<_>>());
+}

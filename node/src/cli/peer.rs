@@ -8,6 +8,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use impetus_node::serve::{self, PeerOptions};
 use impetus_proto::Seat;
+
+/// Most jobs one peer runs at once: its renewals and hand-backs are lists
+/// that a command bounds.
+const MAX_CAPACITY: i64 = impetus_proto::limits::MAX_BATCH as i64;
 use nix::errno::Errno;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -75,7 +79,7 @@ pub struct PeerArgs {
     #[arg(long, default_value = ".impetus/peer", value_name = "DIR")]
     pub data_dir: PathBuf,
     /// Jobs run at once on this peer [default: 2 × available cores].
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=MAX_CAPACITY))]
     pub capacity: Option<u32>,
     /// Take a voter seat before other workers when one is open.
     #[arg(long, conflicts_with = "worker")]

@@ -191,32 +191,46 @@ pub async fn run(g: &Global, args: SubmitArgs) -> anyhow::Result<u8> {
     client.stream(&args.stream).await.map_err(with_stream_hint)?;
     let module = put_module(&client, &args.module, module_bytes).await?;
     let jobs = build_jobs(&args, module, inputs)?;
-    let submitted = client.submit(&args.stream, jobs).await.map_err(with_stream_hint)?;
+    let submitted = match client.submit(&args.stream, jobs).await {
+        Ok(submitted) => submitted,
+        // Those jobs stay submitted: say which, then fail.
+        Err(ClientError::PartlySubmitted { submitted, total, error }) => {
+            print_submitted(g, &submitted)?;
+            let e = ClientError::PartlySubmitted { submitted, total, error };
+            return Err(anyhow::Error::new(e).context("the submit stopped part way (the ids above are submitted)"));
+        }
+        Err(e) => return Err(with_stream_hint(e)),
+    };
     tracing::debug!(stream = %args.stream, jobs = submitted.len(), %module, "submitted");
 
     if !args.wait {
-        if g.json {
-            let v: Vec<_> = submitted
-                .iter()
-                .map(|s| serde_json::json!({"id": s.job.0, "existing": s.existing, "status": s.status.to_string()}))
-                .collect();
-            super::print_json(&v)?;
-        } else {
-            for s in &submitted {
-                // A short job may already be done: its submit's entry held its result.
-                let done = if s.status == JobStatus::Succeeded { " (done)" } else { "" };
-                if s.existing {
-                    println!("{} (existing){done}", s.job);
-                } else {
-                    println!("{}{done}", s.job);
-                }
-            }
-        }
+        print_submitted(g, &submitted)?;
         return Ok(exit::OK);
     }
 
     let records = wait_for(&client, &submitted, args.timeout.unwrap_or(DEFAULT_WAIT)).await?;
     print_results(g, &submitted, &records)
+}
+
+/// The ids of submitted jobs, one per line (or a JSON array).
+fn print_submitted(g: &Global, submitted: &[Submitted]) -> anyhow::Result<()> {
+    if g.json {
+        let v: Vec<_> = submitted
+            .iter()
+            .map(|s| serde_json::json!({"id": s.job.0, "existing": s.existing, "status": s.status.to_string()}))
+            .collect();
+        return super::print_json(&v);
+    }
+    for s in submitted {
+        // A short job may already be done: its submit's entry held its result.
+        let done = if s.status == JobStatus::Succeeded { " (done)" } else { "" };
+        if s.existing {
+            println!("{} (existing){done}", s.job);
+        } else {
+            println!("{}{done}", s.job);
+        }
+    }
+    Ok(())
 }
 
 /// Wait for jobs, with a progress bar when there is more than one.

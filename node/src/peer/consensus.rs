@@ -3,7 +3,7 @@
 use std::future::Future;
 
 use impetus_proto::api::{WorkReply, WorkRequest};
-use impetus_proto::{ApplyError, ApplyResult, Command, ModuleHash, Outcome, Timestamp};
+use impetus_proto::{limits, ApplyError, ApplyResult, Command, ModuleHash, Outcome, Timestamp};
 use impetus_queue::State;
 
 /// Why a write did not commit.
@@ -113,7 +113,14 @@ pub async fn serve_work<C: Consensus + ?Sized>(
     }
     all.extend(cmds);
     if lease {
-        all.push(Command::Lease { peer, streams: streams.iter().map(|(n, _)| n.clone()).collect(), max: lease_max });
+        // Every stream this peer may lease from; past a command's bound on
+        // a list, none named, which means all of them.
+        let names = if streams.len() > limits::MAX_BATCH {
+            Vec::new()
+        } else {
+            streams.iter().map(|(n, _)| n.clone()).collect()
+        };
+        all.push(Command::Lease { peer, streams: names, max: lease_max });
     }
     if tick {
         all.push(Command::Tick);

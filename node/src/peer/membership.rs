@@ -154,7 +154,10 @@ pub fn plan(v: &View, p: &Policy) -> Option<Change> {
         if take > 0 {
             return Some(Change::Promote(ready[..take].iter().copied().collect()));
         }
-    } else if let (Some(&dead), Some(with)) = (dead.first(), candidate(v, p)) {
+    }
+    // A silent voter with no promotion to make (at the target, or a lone
+    // learner short of it that would make the count even) gives its seat.
+    if let (Some(&dead), Some(with)) = (dead.first(), candidate(v, p)) {
         return Some(Change::Replace { dead, with });
     }
     let missing = p.target_voters.saturating_sub(v.voters.len()) + dead.len();
@@ -303,6 +306,16 @@ mod tests {
         assert_eq!(plan(&view(&[1], &[2, 3, 4, 5, 6]), &five), promote(&[2, 3, 4, 5]));
         let four = Policy { target_voters: 4, ..Policy::default() };
         assert_eq!(plan(&view(&[1, 2, 3], &[4]), &four), promote(&[4]), "an even target is reached");
+    }
+
+    #[test]
+    fn a_silent_voter_short_of_the_target_is_replaced_when_no_promotion_fits() {
+        // Target 5, three voters, one silent, one learner: four voters would
+        // be even, so the learner takes the silent voter's seat.
+        let five = Policy { target_voters: 5, ..Policy::default() };
+        let mut v = view(&[1, 2, 3], &[4]);
+        v.silent_ms.insert(3, 60_000);
+        assert_eq!(plan(&v, &five), Some(Change::Replace { dead: 3, with: 4 }));
     }
 
     #[test]

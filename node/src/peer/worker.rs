@@ -58,10 +58,12 @@ fn take_reports(
     failures: &mut Vec<Failure>,
     budget: usize,
 ) -> (Vec<Completion>, Vec<Failure>) {
-    let mut used = 0;
+    let mut used = 0usize;
     let mut fits = |bytes: usize| {
-        let ok = used == 0 || used + bytes <= budget;
-        used += bytes;
+        let ok = used == 0 || used.saturating_add(bytes) <= budget;
+        if ok {
+            used = used.saturating_add(bytes);
+        }
         ok
     };
     let c = completions.iter().take(MAX_BATCH).take_while(|c| fits(completion_bytes(c))).count();
@@ -69,7 +71,7 @@ fn take_reports(
     (completions.drain(..c).collect(), failures.drain(..f).collect())
 }
 
-use super::{Attempt, Consensus, Inner, JobRunner, RunReport, Runtime};
+use super::{Attempt, Consensus, ConsensusError, Inner, JobRunner, RunReport, Runtime};
 
 /// A job this peer is running.
 struct Running {
@@ -323,9 +325,9 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
             sent.push(Sent::Other);
         }
         // A stopping peer leaves once what it holds is sent, or when it has
-        // tried long enough past its grace period.
-        let gave_up =
-            self.grace_deadline.is_some_and(|d| now >= d.saturating_add_ms(REPORT_AFTER_GRACE.as_millis() as u64));
+        // tried long enough past its grace period (a turn that hangs, on a
+        // leader that lost its quorum, is given up then too).
+        let give_up_at = self.grace_deadline.map(|d| d.saturating_add_ms(REPORT_AFTER_GRACE.as_millis() as u64));
         let all_sent = finishing && !more_reports;
         let status = inner.consensus.status();
         let leader = status.leader == Some(status.node);
@@ -340,7 +342,18 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
             return (all_sent, false);
         }
         let req = WorkRequest { peer: me, cmds, lease_max, release_orphans: false };
-        let reply = match inner.consensus.work(now, req).await {
+        let work = inner.consensus.work(now, req);
+        let replied = match give_up_at {
+            Some(at) => tokio::select! {
+                biased;
+                r = work => r,
+                () = inner.rt.sleep(Duration::from_millis(at.since(now))) => {
+                    Err(ConsensusError::Unavailable("no answer by the stopping peer's deadline".into()))
+                }
+            },
+            None => work.await,
+        };
+        let reply = match replied {
             Ok(reply) => reply,
             Err(e) => {
                 // Nothing is lost: results (and a heartbeat) are kept and
@@ -352,6 +365,7 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
                 self.completions.splice(..0, completions);
                 self.failures.splice(..0, failures);
                 self.releases.splice(..0, releases);
+                let gave_up = give_up_at.is_some_and(|at| inner.rt.now() >= at);
                 if finishing && gave_up && (unsent > 0 || more_reports) {
                     tracing::error!(peer = %me, unsent, "stopping without sending these results: the cluster cannot be reached; their jobs run again when their leases expire");
                     return (true, false);
@@ -505,6 +519,13 @@ mod tests {
         let (sent_c, sent_f) = take_reports(&mut c, &mut f, 3_300);
         assert_eq!((ids(&sent_c, |c| c.job), ids(&sent_f, |f| f.job)), (vec![3, 4], vec![9]));
         assert!(c.is_empty() && f.is_empty());
+    }
+
+    #[test]
+    fn failures_take_the_room_completions_leave() {
+        let (mut c, mut f) = (vec![completion(0, 2_000), completion(1, 5_000)], vec![failure(9, 100)]);
+        let (sent_c, sent_f) = take_reports(&mut c, &mut f, 3_000);
+        assert_eq!((ids(&sent_c, |c| c.job), ids(&sent_f, |f| f.job)), (vec![0], vec![9]));
     }
 
     #[test]
