@@ -47,8 +47,15 @@ const SUBMIT_OVERHEAD: usize = 64 << 10;
 pub enum ClientError {
     #[error("could not connect to {addr}: {reason} (is a peer running? is the authkey right?)")]
     Connect { addr: String, reason: String },
+    /// The request was not sent (no connection could be had): nothing
+    /// happened.
     #[error("connection to the peer failed: {0}")]
     Transport(String),
+    /// The request went out but the connection failed before its answer:
+    /// a write may have been carried out (send it again only with an
+    /// idempotency key, or look first).
+    #[error("{0}; the request went out, so it may have been carried out")]
+    Unanswered(String),
     #[error(transparent)]
     Service(#[from] ServiceError),
     #[error(transparent)]
@@ -87,6 +94,7 @@ impl ClientError {
         matches!(
             self,
             ClientError::Transport(_)
+                | ClientError::Unanswered(_)
                 | ClientError::Service(ServiceError::NotLeader { .. } | ServiceError::Unavailable(_))
         )
     }
@@ -683,7 +691,7 @@ fn stream_error(e: StreamError, addr: &Multiaddr) -> ClientError {
             ClientError::Protocol(format!("bad answer from {addr}: {e}"))
         }
         StreamError::Io(e) => {
-            ClientError::Transport(format!("the connection to {addr} failed before the answer arrived: {e}"))
+            ClientError::Unanswered(format!("the connection to {addr} failed before the answer arrived: {e}"))
         }
     }
 }

@@ -26,13 +26,17 @@ pub mod exit {
     pub const FAILED: u8 = 1;
     /// Bad usage or input (clap's own errors exit with 2 too).
     pub const USAGE: u8 = 2;
-    /// No peer could be reached.
+    /// No peer could be reached: nothing was sent.
     pub const UNREACHABLE: u8 = 3;
+    /// The request went out but no answer came: it may have been carried
+    /// out (a submit sent again without `--key` could run twice).
+    pub const UNANSWERED: u8 = 4;
 }
 
 const AFTER_HELP: &str = "\
 Exit codes: 0 ok, 1 the command failed (a job ended Dead, a refusal), 2 bad usage or input, \
-3 no peer could be reached.
+3 no peer could be reached (nothing was sent), 4 the request went out but no answer came (it may have \
+been carried out: look before sending it again, or use --key).
 
 Start here:
   impetus demo                                   run the helloworld on a local 3-peer cluster
@@ -224,6 +228,7 @@ pub fn exit_code_of(e: &anyhow::Error) -> u8 {
         if let Some(ce) = cause.downcast_ref::<ClientError>() {
             return match ce {
                 ClientError::Connect { .. } | ClientError::Transport(_) => exit::UNREACHABLE,
+                ClientError::Unanswered(_) => exit::UNANSWERED,
                 ClientError::Invalid(_) => exit::USAGE,
                 _ => exit::FAILED,
             };
@@ -297,6 +302,8 @@ mod tests {
         let unreachable =
             anyhow::Error::new(ClientError::Connect { addr: "x".into(), reason: "refused".into() }).context("status");
         assert_eq!(exit_code_of(&unreachable), exit::UNREACHABLE);
+        let unanswered = anyhow::Error::new(ClientError::Unanswered("reset".into())).context("submit");
+        assert_eq!(exit_code_of(&unanswered), exit::UNANSWERED, "it may have been carried out");
         let bad: anyhow::Error = anyhow::Error::new(BadInput("no such file".into())).context("reading x");
         assert_eq!(exit_code_of(&bad), exit::USAGE);
         let failed = anyhow::anyhow!("refused");
