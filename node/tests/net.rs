@@ -756,7 +756,8 @@ async fn client_streams_are_reused_and_survive_a_peer_restart() {
     let addr = server.addr.clone();
     server.stop().await;
     let err = client.streams().await.unwrap_err();
-    assert!(matches!(err, ClientError::Transport(_)), "with the peer down: {err:?}");
+    // Not sent, or sent on a pooled stream the peer closed under it.
+    assert!(matches!(err, ClientError::Transport(_) | ClientError::Unanswered(_)), "with the peer down: {err:?}");
     let restarted = start_with(cfg(&addr.to_string())).await;
     assert_eq!(restarted.addr, addr);
     // The client dials it again; the fresh fake knows no streams.

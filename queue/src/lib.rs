@@ -19,7 +19,7 @@
 
 mod invariants;
 mod machine;
-pub use machine::LEASE_GRANT_BYTES;
+pub use machine::{grant_bytes, LEASE_GRANT_BYTES};
 mod query;
 mod state;
 #[cfg(test)]

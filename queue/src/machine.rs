@@ -679,8 +679,8 @@ impl State {
 pub const LEASE_GRANT_BYTES: usize = impetus_proto::limits::MAX_MESSAGE_BYTES / 4;
 
 /// What a grant's spec takes (input, arguments, environment), roughly as
-/// encoded.
-fn grant_bytes(g: &LeaseGrant) -> usize {
+/// encoded: what [`LEASE_GRANT_BYTES`] counts.
+pub fn grant_bytes(g: &LeaseGrant) -> usize {
     const PER_ITEM: usize = 8;
     let spec = &g.spec;
     let args = spec.args.iter().map(|a| a.len() + PER_ITEM).sum::<usize>();

@@ -11,18 +11,15 @@ use std::path::Path;
 
 use crate::snapshot_store::SnapshotStore;
 use crate::state_machine::{StateHandle, StateMachineStore};
-use crate::wal_log::{self, Record, WalLogStore};
-use crate::{
-    default_raft_config, invalid_data, start_node, Entry, ImpetusConfig, LogId, PeerNode, Raft, RaftError, TypeConfig,
-    Vote, LOG_ENTRY_VERSION, LOG_META_VERSION,
-};
+use crate::wal_log::WalLogStore;
+use crate::{default_raft_config, invalid_data, start_node, ImpetusConfig, PeerNode, Raft, RaftError, TypeConfig};
 
 /// Name of the sled tree holding the current snapshot.
 pub const SNAPSHOT_TREE: &str = "raft-snapshot";
 /// The directory of the Raft log's segments, inside the data directory.
 pub const WAL_DIR: &str = "raft-wal";
-/// Name of the sled tree that held the Raft log before the WAL (read once,
-/// moved into the WAL, then dropped).
+/// Name of the sled tree that held the Raft log before the WAL (refused
+/// unless empty).
 const OLD_LOG_TREE: &str = "raft-log";
 
 fn sled_io(e: sled::Error) -> io::Error {
@@ -32,52 +29,24 @@ fn sled_io(e: sled::Error) -> io::Error {
     }
 }
 
-/// Move a Raft log kept in sled by an older version into the WAL at `dir`,
-/// then drop the sled tree. Nothing happens if the tree is empty. The WAL
-/// is built beside `dir` and renamed into place once synced, so a crash
-/// leaves either no WAL (the move starts over) or the whole one (only the
-/// tree is left to drop).
-fn migrate_sled_log(db: &sled::Db, dir: &Path) -> io::Result<()> {
+/// A Raft log kept in sled by a version older than the WAL is refused by
+/// name: its commands were applied under other rules
+/// ([`crate::wal_log::WAL_RECORD_VERSION`]), and replaying them under these would
+/// part this replica from the others. An empty tree is dropped.
+fn refuse_sled_log(db: &sled::Db, data_dir: &Path) -> io::Result<()> {
     if !db.tree_names().iter().any(|n| n.as_ref() == OLD_LOG_TREE.as_bytes()) {
         return Ok(());
     }
-    let tree = db.open_tree(OLD_LOG_TREE).map_err(sled_io)?;
-    if !dir.exists() {
-        let get = |key: &[u8]| -> io::Result<Option<sled::IVec>> { tree.get(key).map_err(sled_io) };
-        let vote: Option<Vote> = get(b"m/vote")?.map(|b| decode_meta("raft vote", &b)).transpose()?;
-        let committed: Option<LogId> =
-            get(b"m/committed")?.map(|b| decode_meta("raft committed log id", &b)).transpose()?;
-        let purged: Option<LogId> = get(b"m/purged")?.map(|b| decode_meta("raft purged log id", &b)).transpose()?;
-        let mut entries = Vec::new();
-        for kv in tree.range(&b"e"[..]..&b"f"[..]) {
-            let (_, v) = kv.map_err(sled_io)?;
-            let e: Entry = impetus_proto::wire::decode("raft log entry", LOG_ENTRY_VERSION, &v, usize::MAX)
-                .map_err(|e| invalid_data("raft log entry", e))?;
-            entries.push(e);
-        }
-        let count = entries.len();
-        let tmp = dir.with_extension("moving");
-        let at = |path: &Path| {
-            let path = path.to_path_buf();
-            move |e: io::Error| io::Error::new(e.kind(), format!("moving the raft log into {}: {e}", path.display()))
-        };
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(at(&tmp))?;
-        }
-        wal_log::write_initial(&tmp, Record::Meta { vote, committed, purged }, entries)?;
-        std::fs::rename(&tmp, dir).map_err(at(dir))?;
-        if let Some(parent) = dir.parent() {
-            wal_log::sync_dir(parent).map_err(at(parent))?;
-        }
-        tracing::info!(entries = count, wal = %dir.display(), "moved the raft log from sled into the WAL");
+    if db.open_tree(OLD_LOG_TREE).map_err(sled_io)?.is_empty() {
+        db.drop_tree(OLD_LOG_TREE).map_err(sled_io)?;
+        return Ok(());
     }
-    db.drop_tree(OLD_LOG_TREE).map_err(sled_io)?;
-    db.flush().map_err(sled_io)?;
-    Ok(())
-}
-
-fn decode_meta<T: serde::de::DeserializeOwned>(what: &'static str, bytes: &[u8]) -> io::Result<T> {
-    impetus_proto::wire::decode(what, LOG_META_VERSION, bytes, usize::MAX).map_err(|e| invalid_data(what, e))
+    Err(invalid_data(
+        &format!("the raft log in {}", data_dir.display()),
+        "written by an older version of impetus (a log kept in sled), whose commands may apply differently \
+         here: every peer of a cluster runs one build; run the version that wrote it, or start this peer on \
+         a fresh --data-dir",
+    ))
 }
 
 /// How long [`open_stores`] waits for another handle in this process to release the directory.
@@ -107,7 +76,7 @@ pub async fn open_stores<C: ImpetusConfig>(
         }
     };
     let wal_dir = data_dir.join(WAL_DIR);
-    migrate_sled_log(&db, &wal_dir)?;
+    refuse_sled_log(&db, data_dir)?;
     let log = WalLogStore::open(&wal_dir)?;
     let snapshots = db.open_tree(SNAPSHOT_TREE).map_err(sled_err)?;
     let sm = StateMachineStore::open(SnapshotStore::Sled(snapshots))?;

@@ -539,8 +539,9 @@ fn replay_segment(dir: &Path, seq: u64, newest: bool, index: &mut Index) -> io::
                 &format!("raft log segment {}", path.display()),
                 format!(
                     "written by another version of impetus (log version {found}; this build reads \
-                     {WAL_RECORD_VERSION}), whose commands may apply differently here: run the version that \
-                     wrote it, or start this peer on a fresh --data-dir"
+                     {WAL_RECORD_VERSION}), whose commands may apply differently here: every peer of a \
+                     cluster runs one build; run the version that wrote it, or start this peer on a fresh \
+                     --data-dir"
                 ),
             ));
         }
@@ -688,23 +689,6 @@ impl Inner {
             .collect();
         gone.iter().filter_map(|seq| self.segments.remove(seq)).map(|s| s.file.path.clone()).collect()
     }
-}
-
-/// Create the log at `dir` (which must not exist) holding `meta` then
-/// `entries`, synced (moving a log from elsewhere into a WAL).
-pub(crate) fn write_initial(dir: &Path, meta: Record, entries: Vec<Entry>) -> io::Result<()> {
-    assert!(matches!(meta, Record::Meta { .. }), "a segment begins with a meta record");
-    std::fs::create_dir(dir).map_err(|e| with_path(dir, e))?;
-    let path = segment_path(dir, 0);
-    let file = OpenOptions::new().write(true).create_new(true).open(&path).map_err(|e| with_path(&path, e))?;
-    let mut buf = Vec::new();
-    frame(&meta, &mut buf);
-    for e in entries {
-        frame(&Record::Entry(e), &mut buf);
-    }
-    file.write_all_at(&buf, 0).map_err(|e| with_path(&path, e))?;
-    file.sync_all().map_err(|e| with_path(&path, e))?;
-    sync_dir(dir).map_err(|e| with_path(dir, e))
 }
 
 /// Run `f`, which waits on the disk (a segment rollover: three syncs),

@@ -189,10 +189,11 @@ async fn full_segments_rotate_and_purged_ones_are_deleted() {
     assert_eq!(indexes(&mut log, 150..=152).await, vec![(1, 151), (1, 152)]);
 }
 
-/// A data directory written by a version that kept the Raft log in sled:
-/// opening it moves the log into the WAL, whole, and drops the sled tree.
+/// A data directory written by a version that kept the Raft log in sled
+/// is refused by name: its commands applied under other rules. An empty
+/// old tree is dropped and the directory opens.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_old_sled_log_is_moved_into_the_wal() {
+async fn an_old_sled_log_is_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let vote = Vote::new_committed(2, 1);
     {
@@ -205,27 +206,26 @@ async fn an_old_sled_log_is_moved_into_the_wal() {
             tree.insert(key, impetus_proto::wire::encode(LOG_ENTRY_VERSION, &blank(i))).unwrap();
         }
         tree.insert(b"m/vote", impetus_proto::wire::encode(LOG_META_VERSION, &vote)).unwrap();
-        tree.insert(b"m/committed", impetus_proto::wire::encode(LOG_META_VERSION, &log_id(1, 18))).unwrap();
-        tree.insert(b"m/purged", impetus_proto::wire::encode(LOG_META_VERSION, &log_id(1, 5))).unwrap();
         db.flush().unwrap();
     }
-    let (mut log, _sm) = open_stores::<TypeConfig>(dir.path()).await.unwrap();
-    assert_eq!(log.index_range(), Some((6, 20)));
-    assert_eq!(log.purged(), Some(log_id(1, 5)));
-    assert_eq!(log.read_vote().await.unwrap(), Some(vote));
-    assert_eq!(log.read_committed().await.unwrap(), Some(log_id(1, 18)));
-    assert_eq!(indexes(&mut log, 19..=25).await, vec![(1, 19), (1, 20)]);
-    assert!(dir.path().join(WAL_DIR).is_dir());
-    drop((log, _sm));
+    let err = open_stores::<TypeConfig>(dir.path()).await.expect_err("an old sled log opened").to_string();
+    assert!(err.contains("older version of impetus (a log kept in sled)") && err.contains("one build"), "{err}");
+    assert!(!dir.path().join(WAL_DIR).exists(), "nothing was moved");
 
-    // The tree is gone; a second open reads the WAL alone.
     wait_for_unlock(dir.path()).await;
     {
         let db = sled::open(dir.path()).unwrap();
-        assert!(!db.tree_names().iter().any(|n| n.as_ref() == b"raft-log"), "the old log tree is dropped");
+        db.drop_tree("raft-log").unwrap();
+        db.open_tree("raft-log").unwrap();
+        db.flush().unwrap();
     }
+    wait_for_unlock(dir.path()).await;
     let (log, _sm) = open_stores::<TypeConfig>(dir.path()).await.unwrap();
-    assert_eq!(log.index_range(), Some((6, 20)));
+    assert_eq!(log.index_range(), None, "an empty old tree is dropped; the WAL is new");
+    drop((log, _sm));
+    wait_for_unlock(dir.path()).await;
+    let db = sled::open(dir.path()).unwrap();
+    assert!(!db.tree_names().iter().any(|n| n.as_ref() == b"raft-log"), "the empty old tree is dropped");
 }
 
 /// sled releases its directory lock a moment after the last handle drops.

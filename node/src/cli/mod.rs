@@ -226,6 +226,11 @@ pub fn exit_code_of(e: &anyhow::Error) -> u8 {
             return exit::USAGE;
         }
         if let Some(ce) = cause.downcast_ref::<ClientError>() {
+            // Part submitted, the rest unanswered: the rest may be in too.
+            let ce = match ce {
+                ClientError::PartlySubmitted { error, .. } if matches!(**error, ClientError::Unanswered(_)) => error,
+                other => other,
+            };
             return match ce {
                 ClientError::Connect { .. } | ClientError::Transport(_) => exit::UNREACHABLE,
                 ClientError::Unanswered(_) => exit::UNANSWERED,
@@ -304,6 +309,11 @@ mod tests {
         assert_eq!(exit_code_of(&unreachable), exit::UNREACHABLE);
         let unanswered = anyhow::Error::new(ClientError::Unanswered("reset".into())).context("submit");
         assert_eq!(exit_code_of(&unanswered), exit::UNANSWERED, "it may have been carried out");
+        let part = |error| ClientError::PartlySubmitted { submitted: vec![], total: 2, error: Box::new(error) };
+        let partly = anyhow::Error::new(part(ClientError::Unanswered("reset".into())));
+        assert_eq!(exit_code_of(&partly), exit::UNANSWERED, "the rest may be in too");
+        let refused = anyhow::Error::new(part(ClientError::Transport("down".into())));
+        assert_eq!(exit_code_of(&refused), exit::FAILED, "some are in: not 'nothing was sent'");
         let bad: anyhow::Error = anyhow::Error::new(BadInput("no such file".into())).context("reading x");
         assert_eq!(exit_code_of(&bad), exit::USAGE);
         let failed = anyhow::anyhow!("refused");

@@ -45,8 +45,11 @@ pub const RAFT_PROTOCOL: StreamProtocol = StreamProtocol::new("/impetus/raft/1")
 /// The protocol name of the long-lived Raft stream.
 pub const RAFT_STREAM_PROTOCOL: StreamProtocol = StreamProtocol::new("/impetus/raft-stream/1");
 
-/// Version byte of a Raft RPC frame.
-pub const RAFT_RPC_VERSION: u8 = 1;
+/// Version byte of a Raft RPC frame. Bumped with the meaning of the
+/// commands it carries (`impetus_raft::wal_log::WAL_RECORD_VERSION`), so a
+/// peer of another build is refused by name, not fed entries it would
+/// apply under other rules. 2: with WAL record version 2.
+pub const RAFT_RPC_VERSION: u8 = 2;
 
 /// Largest Raft frame: a full snapshot travels in one.
 pub const MAX_RAFT_FRAME: usize = 1 << 30;

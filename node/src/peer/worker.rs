@@ -431,7 +431,11 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
         debug_assert!(granted <= lease_max, "leased {granted}, asked {lease_max}");
         inner.runner.leased(grants.len());
         inner.slots.give(lease_max.saturating_sub(granted));
-        let again = more_reports || (granted > 0 && granted == lease_max);
+        // Go again at once while the lease had more to give: it granted all
+        // it was asked, or stopped at its byte budget (large jobs).
+        let carried = grants.iter().map(impetus_queue::grant_bytes).sum::<usize>();
+        let again =
+            more_reports || (granted > 0 && (granted == lease_max || carried >= impetus_queue::LEASE_GRANT_BYTES));
         for g in grants {
             self.track_running(g.clone());
             spawn_run(self.inner.clone(), g);
