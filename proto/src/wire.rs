@@ -240,8 +240,9 @@ pub(crate) mod bounded {
 /// version by name instead of misreading it.
 pub const COMMAND_VERSION: u8 = 2;
 /// Version of the state-machine snapshot encoding. 2: a `PeerRecord`
-/// carries its idle slots per stream, its `PeerInfo` its `Seat`.
-pub const SNAPSHOT_VERSION: u8 = 2;
+/// carries its idle slots per stream, its `PeerInfo` its `Seat`. 3: a
+/// stream carries its last grant's token (the lease order's tie-break).
+pub const SNAPSHOT_VERSION: u8 = 3;
 
 /// Encode a value as `[version, postcard...]`.
 pub fn encode<T: Serialize>(version: u8, value: &T) -> Vec<u8> {

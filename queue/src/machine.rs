@@ -413,8 +413,8 @@ impl State {
         let now = self.data.now;
         let sec = now.0 / 1000;
         // How many each stream may grant to this peer now: (leases the peer
-        // holds there, stream, allowance).
-        let mut allowance: Vec<(u32, StreamIdx, u32)> = Vec::new();
+        // holds there, the stream's last grant, stream, allowance).
+        let mut allowance: Vec<(u32, u64, StreamIdx, u32)> = Vec::new();
         for idx in candidates {
             let s = self.stream_idx_mut(idx);
             if s.ready.is_empty() || !s.leases_to(peer) {
@@ -427,14 +427,14 @@ impl State {
             let n = s.lease_allowance(peer, sec).min(u32::try_from(s.ready.len()).unwrap_or(u32::MAX));
             if n > 0 {
                 let held = s.leased_by_peer.get(&peer).copied().unwrap_or(0);
-                allowance.push((held, idx, n));
+                allowance.push((held, s.last_lease, idx, n));
             }
         }
         // Round robin across streams, one job at a time, so one busy stream
         // cannot starve the others of this peer's slots. The streams in which
-        // the peer holds the fewest leases go first (then by id): a worker
-        // leases for the slots that free up, one or two at a time, so its
-        // successive small requests take turns too.
+        // the peer holds the fewest leases go first, then the one that granted
+        // least recently: a worker leases for the slots that free up, one at
+        // a time, so its successive small requests take turns too.
         allowance.sort_unstable();
         let mut grants = Vec::new();
         let mut left = max;
@@ -444,7 +444,7 @@ impl State {
         // its job an attempt).
         let mut bytes = 0usize;
         while left > 0 && !allowance.is_empty() {
-            allowance.retain_mut(|(_, idx, n)| {
+            allowance.retain_mut(|(_, _, idx, n)| {
                 if left == 0 || *n == 0 {
                     return *n > 0;
                 }
@@ -467,6 +467,7 @@ impl State {
         s.stats.queued -= 1;
         s.stats.leased += 1;
         s.window_leases = s.window_leases.saturating_add(1);
+        s.last_lease = token.0;
         *s.leased_by_peer.entry(peer).or_default() += 1;
         let props = s.props.clone();
         let stream = s.name.clone();

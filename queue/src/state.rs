@@ -33,6 +33,10 @@ pub(crate) struct Stream {
     /// Spawn-frequency window: the second (now / 1000) and leases granted in it.
     pub window_sec: u64,
     pub window_leases: u32,
+    /// The fencing token (log index) of this stream's latest grant, 0 if
+    /// none: between streams a peer holds as many leases of, the one that
+    /// granted least recently goes first.
+    pub last_lease: u64,
     #[serde(skip)]
     pub ready: BTreeSet<ReadyKey>,
     /// Queued and Delayed jobs, by id (the oldest pending job is the first).
@@ -54,6 +58,7 @@ impl Stream {
             data: BTreeMap::new(),
             window_sec: 0,
             window_leases: 0,
+            last_lease: 0,
             ready: BTreeSet::new(),
             pending: BTreeSet::new(),
             leased_by_peer: BTreeMap::new(),

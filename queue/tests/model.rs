@@ -63,6 +63,8 @@ struct Model {
     now: u64,
     jobs: BTreeMap<u64, MJob>,
     paused: [bool; 2],
+    /// Per stream, the token of its latest grant.
+    last: [u64; 2],
 }
 
 impl Model {
@@ -112,12 +114,13 @@ impl Model {
 
     /// What may be leased next: per stream by (priority desc, ready_at, id),
     /// streams taken round robin (those where the peer holds fewer leases
-    /// first, then in order), within mpps.
+    /// first, then the one that granted least recently, then in order),
+    /// within mpps.
     fn lease(&mut self, peer: u64, max: u32, token: u64) -> Vec<u64> {
         let held =
             |s: usize| self.jobs.values().filter(|j| j.stream == s && j.lease.is_some_and(|l| l.0 == peer)).count();
         let mut order: Vec<usize> = (0..2).collect();
-        order.sort_by_key(|&s| (held(s), s));
+        order.sort_by_key(|&s| (held(s), self.last[s], s));
         let mut per_stream: Vec<Vec<u64>> = order
             .into_iter()
             .map(|s| {
@@ -153,6 +156,7 @@ impl Model {
         }
         for &id in &out {
             let j = self.jobs.get_mut(&id).unwrap();
+            self.last[j.stream] = token;
             j.status = JobStatus::Leased;
             j.attempts += 1;
             j.lease = Some((peer, token, self.now + TTL));

@@ -126,7 +126,10 @@ fn a_corrupt_snapshot_is_a_clear_error() {
     wrong[0] = 77;
     assert_eq!(
         State::restore(&wrong).unwrap_err().to_string(),
-        "unsupported snapshot version 77 (this build speaks version 2)"
+        format!(
+            "unsupported snapshot version 77 (this build speaks version {})",
+            impetus_proto::wire::SNAPSHOT_VERSION
+        )
     );
 }
 

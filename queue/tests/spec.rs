@@ -504,6 +504,26 @@ fn a_worker_leasing_one_slot_at_a_time_takes_turns_across_streams() {
     assert_eq!(h.state.peer(p).unwrap().leased, [(name("s"), 2), (name("t"), 2)]);
 }
 
+/// A worker with one slot completes and leases in turn, holding nothing
+/// in either stream when it asks: the stream that granted least recently
+/// goes first, so both are served.
+#[test]
+fn a_one_slot_worker_takes_turns_across_streams() {
+    let mut h = Harness::with_stream(StreamProps { mpps: 10, ..props() });
+    h.ok(Command::CreateStream { name: name("t"), props: StreamProps { mpps: 10, ..props() } });
+    h.submit("s", (0..10).map(|i| job(&i.to_string())).collect());
+    h.submit("t", (0..10).map(|i| job(&i.to_string())).collect());
+    let p = PeerId(1);
+    let mut order = Vec::new();
+    for _ in 0..6 {
+        let g = h.lease(p, 1).remove(0);
+        order.push(g.stream.to_string());
+        h.complete(p, &g, "ok").unwrap();
+    }
+    assert_eq!(order, ["s", "t", "s", "t", "s", "t"]);
+    h.state.check_invariants();
+}
+
 #[test]
 fn only_registered_undrained_peers_lease() {
     let mut h = Harness::with_stream(props());

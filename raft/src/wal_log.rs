@@ -52,7 +52,8 @@ use crate::{invalid_data, log_range, Entry, ImpetusConfig, LogId, TypeConfig, Vo
 /// command bumps it, since a replica that replays an old entry with the new
 /// rules would part from one whose snapshot applied it with the old. 2: a
 /// lease takes the streams where the peer holds the fewest leases first,
-/// and stops at `LEASE_GRANT_BYTES`.
+/// then the one that granted least recently, and stops at
+/// `LEASE_GRANT_BYTES`.
 pub const WAL_RECORD_VERSION: u8 = 2;
 /// A segment is closed and a new one begun once it passes this size.
 pub const SEGMENT_BYTES: u64 = 32 << 20;
