@@ -479,15 +479,21 @@ fn leases_are_shared_round_robin_across_streams() {
     assert!(g.iter().all(|g| g.stream.as_str() == "t"));
 }
 
+/// Streams `s` (created first) and `t`, ten jobs queued in each.
+fn two_backlogged_streams() -> Harness {
+    let mut h = Harness::with_stream(StreamProps { mpps: 10, ..props() });
+    h.ok(Command::CreateStream { name: name("t"), props: StreamProps { mpps: 10, ..props() } });
+    h.submit("s", (0..10).map(|i| job(&i.to_string())).collect());
+    h.submit("t", (0..10).map(|i| job(&i.to_string())).collect());
+    h
+}
+
 /// A worker leases for the slots that free up, one or two at a time: its
 /// successive requests take turns across streams too, so a busy stream
 /// created first does not take every slot.
 #[test]
 fn a_worker_leasing_one_slot_at_a_time_takes_turns_across_streams() {
-    let mut h = Harness::with_stream(StreamProps { mpps: 10, ..props() });
-    h.ok(Command::CreateStream { name: name("t"), props: StreamProps { mpps: 10, ..props() } });
-    h.submit("s", (0..10).map(|i| job(&i.to_string())).collect());
-    h.submit("t", (0..10).map(|i| job(&i.to_string())).collect());
+    let mut h = two_backlogged_streams();
     let p = PeerId(1);
     let streams = |grants: &[LeaseGrant]| grants.iter().map(|g| g.stream.to_string()).collect::<Vec<_>>();
     // Four slots fill up one at a time.
@@ -509,10 +515,7 @@ fn a_worker_leasing_one_slot_at_a_time_takes_turns_across_streams() {
 /// goes first, so both are served.
 #[test]
 fn a_one_slot_worker_takes_turns_across_streams() {
-    let mut h = Harness::with_stream(StreamProps { mpps: 10, ..props() });
-    h.ok(Command::CreateStream { name: name("t"), props: StreamProps { mpps: 10, ..props() } });
-    h.submit("s", (0..10).map(|i| job(&i.to_string())).collect());
-    h.submit("t", (0..10).map(|i| job(&i.to_string())).collect());
+    let mut h = two_backlogged_streams();
     let p = PeerId(1);
     let mut order = Vec::new();
     for _ in 0..6 {
