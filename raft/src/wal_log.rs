@@ -359,6 +359,14 @@ impl fmt::Display for BadRecord {
 
 /// Parse the record at `pos` of `buf`: `Ok(None)` at a clean end.
 fn parse_at(buf: &[u8], pos: usize) -> Result<Option<(Record, u32)>, BadRecord> {
+    let Some(payload) = payload_at(buf, pos)? else { return Ok(None) };
+    let len = payload.len() as u32;
+    decode_record(payload).map(|r| Some((r, len))).map_err(BadRecord::Undecodable)
+}
+
+/// The payload of the record at `pos` of `buf`, its length and checksum
+/// checked but not decoded: `Ok(None)` at a clean end.
+fn payload_at(buf: &[u8], pos: usize) -> Result<Option<&[u8]>, BadRecord> {
     let rest = buf.get(pos..).unwrap_or_default();
     if rest.is_empty() {
         return Ok(None);
@@ -389,7 +397,7 @@ fn parse_at(buf: &[u8], pos: usize) -> Result<Option<(Record, u32)>, BadRecord> 
         let why = format!("the checksum of a {len}-byte record does not match");
         return Err(BadRecord::Torn { why, next: Some(pos + end) });
     }
-    decode_record(payload).map(|r| Some((r, len))).map_err(BadRecord::Undecodable)
+    Ok(Some(payload))
 }
 
 pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -580,10 +588,7 @@ fn replay_segment(dir: &Path, seq: u64, newest: bool, index: &mut Index) -> io::
 /// The version that wrote a segment: its first record's, if that record
 /// is whole (its checksum holds; a torn one is for the replay to judge).
 fn written_by(buf: &[u8]) -> Option<u8> {
-    let word = |at: usize| buf.get(at..at + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
-    let (len, crc) = (word(0)? as usize, word(4)?);
-    let payload = buf.get(HEADER..HEADER.checked_add(len)?)?;
-    (crc32fast::hash(payload) == crc).then(|| payload.first().copied()).flatten()
+    payload_at(buf, 0).ok().flatten()?.first().copied()
 }
 
 /// The sequence number of a segment file name: exactly 16 lowercase hex

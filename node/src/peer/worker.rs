@@ -25,6 +25,8 @@ use impetus_proto::{
     StreamName, Timestamp,
 };
 
+use super::{Attempt, Consensus, ConsensusError, Inner, JobRunner, RunReport, Runtime};
+
 /// Most bytes of results (outputs, tails, error texts) one turn carries: a
 /// quarter of the largest request, so that the rest of the turn always fits.
 pub const REPORT_BYTES: usize = MAX_MESSAGE_BYTES / 4;
@@ -70,8 +72,6 @@ fn take_reports(
     let f = failures.iter().take(MAX_BATCH).take_while(|f| fits(failure_bytes(f))).count();
     (completions.drain(..c).collect(), failures.drain(..f).collect())
 }
-
-use super::{Attempt, Consensus, ConsensusError, Inner, JobRunner, RunReport, Runtime};
 
 /// A job this peer is running.
 struct Running {
