@@ -27,6 +27,24 @@ pub use impetus_proto::ApplyResult;
 use impetus_proto::{Command, Timestamp};
 use serde::{Deserialize, Serialize};
 
+/// Run `f`, which blocks its thread for long (waits on the disk: a segment
+/// rollover's three syncs; or encodes a whole state: a snapshot), telling
+/// a multi-threaded tokio runtime first, so that the tasks queued on this
+/// worker thread move to another rather than wait behind it (a peer's
+/// runtime has one thread by default: its heartbeats would wait too).
+/// Anywhere else (no runtime, a current-thread one, the simulator's) `f`
+/// just runs.
+pub(crate) fn off_the_runtime<T>(f: impl FnOnce() -> T) -> T {
+    #[cfg(feature = "sled")]
+    {
+        use tokio::runtime::{Handle, RuntimeFlavor};
+        if matches!(Handle::try_current(), Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread) {
+            return tokio::task::block_in_place(f);
+        }
+    }
+    f()
+}
+
 #[cfg(feature = "sled")]
 mod disk;
 mod error;

@@ -68,7 +68,7 @@ impl SnapshotStore {
             }
             #[cfg(feature = "sled")]
             SnapshotStore::Sled(tree) => {
-                tree.insert(SNAPSHOT_KEY, bytes).map_err(io::Error::other)?;
+                crate::off_the_runtime(|| tree.insert(SNAPSHOT_KEY, bytes)).map_err(io::Error::other)?;
                 tree.flush_async().await.map_err(io::Error::other)?;
                 Ok(())
             }

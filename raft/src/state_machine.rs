@@ -242,14 +242,16 @@ impl<C: ImpetusConfig> RaftSnapshotBuilder<C> for SnapshotBuilder<C> {
     type SnapshotData = SnapshotData;
 
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
-        let (meta, data) = self.handle.read_applied(|a| {
-            let body = SnapshotBody {
-                last_applied: a.last_applied,
-                membership: a.membership.clone(),
-                state: a.state.snapshot(),
-            };
-            let meta = SnapshotMeta { last_log_id: a.last_applied, last_membership: a.membership.clone() };
-            (meta, impetus_proto::wire::encode(SM_SNAPSHOT_VERSION, &body))
+        let (meta, data) = crate::off_the_runtime(|| {
+            self.handle.read_applied(|a| {
+                let body = SnapshotBody {
+                    last_applied: a.last_applied,
+                    membership: a.membership.clone(),
+                    state: a.state.snapshot(),
+                };
+                let meta = SnapshotMeta { last_log_id: a.last_applied, last_membership: a.membership.clone() };
+                (meta, impetus_proto::wire::encode(SM_SNAPSHOT_VERSION, &body))
+            })
         });
         let stored = StoredSnapshot { meta, data };
         self.snapshots.save(&stored).await?;
@@ -292,7 +294,7 @@ impl<C: ImpetusConfig> RaftStateMachine<C> for StateMachineStore<C> {
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotData) -> Result<(), io::Error> {
         let data = snapshot.into_inner();
-        let applied = SnapshotBody::restore(meta, &data)?;
+        let applied = crate::off_the_runtime(|| SnapshotBody::restore(meta, &data))?;
         self.snapshots.save(&StoredSnapshot { meta: meta.clone(), data }).await?;
         tracing::info!(last_log_index = ?meta.last_log_id.map(|l| l.index), "snapshot installed");
         *self.handle.write_guard() = applied;
@@ -300,6 +302,7 @@ impl<C: ImpetusConfig> RaftStateMachine<C> for StateMachineStore<C> {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
-        Ok(self.snapshots.load()?.map(|s| Snapshot { meta: s.meta, snapshot: Cursor::new(s.data) }))
+        Ok(crate::off_the_runtime(|| self.snapshots.load())?
+            .map(|s| Snapshot { meta: s.meta, snapshot: Cursor::new(s.data) }))
     }
 }

@@ -626,7 +626,7 @@ impl Inner {
     /// Append `records` to the current segment (one write) and apply them;
     /// first begin a new segment if the current one is full (syncing it:
     /// rare, once per [`SEGMENT_BYTES`], and under the lock, so the log
-    /// stays in order; [`off_the_runtime`]). A failure fails every later
+    /// stays in order; [`crate::off_the_runtime`]). A failure fails every later
     /// write.
     fn write(&mut self, records: &[Record]) -> io::Result<()> {
         if let Some(why) = self.failed.get() {
@@ -646,7 +646,7 @@ impl Inner {
         };
         let seq = if full {
             let next = seq.checked_add(1).ok_or_else(|| io::Error::other("raft log segment numbers exhausted"))?;
-            off_the_runtime(|| {
+            crate::off_the_runtime(|| {
                 let cur = self.current().file.clone();
                 cur.file.sync_data().map_err(|e| with_path(&cur.path, e))?;
                 self.begin_segment(next)
@@ -694,19 +694,6 @@ impl Inner {
             .map(|(seq, _)| *seq)
             .collect();
         gone.iter().filter_map(|seq| self.segments.remove(seq)).map(|s| s.file.path.clone()).collect()
-    }
-}
-
-/// Run `f`, which waits on the disk (a segment rollover: three syncs),
-/// telling a multi-threaded tokio runtime first, so that the tasks queued
-/// on this worker thread move to another rather than wait behind it (a
-/// sync can take hundreds of milliseconds when the disk stalls). Anywhere
-/// else (no runtime, a current-thread one) `f` just runs.
-fn off_the_runtime<T>(f: impl FnOnce() -> T) -> T {
-    use tokio::runtime::{Handle, RuntimeFlavor};
-    match Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
-        _ => f(),
     }
 }
 
