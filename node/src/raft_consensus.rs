@@ -32,6 +32,45 @@ pub struct RaftConsensus<C: ImpetusConfig> {
     /// One membership change at a time from this peer (joins, promotions,
     /// departures): openraft refuses a change while another is in flight.
     changing: tokio::sync::Mutex<()>,
+    /// The clock writes are stamped by when this peer's wall clock is
+    /// behind the state's time ([`leader_stamp`]), and when it was set.
+    stamp_floor: Mutex<Option<StampFloor>>,
+    /// The origin of this peer's monotonic time for [`leader_stamp`].
+    born: Instant_<C>,
+}
+
+/// The state's time when a leader found its wall clock behind it, and the
+/// leader's monotonic time then.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct StampFloor {
+    state: Timestamp,
+    at: Duration,
+}
+
+/// The time a leader stamps a write with: its wall clock `wall`, unless
+/// that is behind the state's time `state_now` (a former leader's clock
+/// ran ahead, or this one's stepped back): then the state's time as it was
+/// first found ahead, advanced by the monotonic time `mono` elapsed since
+/// (re-founded if the state's time has passed that too). The state machine
+/// keeps the largest stamp, so without this its time would stand still
+/// until the wall clock caught up: no lease would expire, no delayed job
+/// come due, for as long as the clocks differ.
+fn leader_stamp(wall: Timestamp, state_now: Timestamp, floor: &mut Option<StampFloor>, mono: Duration) -> Timestamp {
+    if wall >= state_now {
+        *floor = None;
+        return wall;
+    }
+    let ran = |f: &StampFloor| {
+        let ms = u64::try_from(mono.saturating_sub(f.at).as_millis()).unwrap_or(u64::MAX);
+        f.state.saturating_add_ms(ms)
+    };
+    match floor {
+        Some(f) if ran(f) >= state_now => ran(f),
+        _ => {
+            *floor = Some(StampFloor { state: state_now, at: mono });
+            state_now
+        }
+    }
 }
 
 /// How long a linearizable read waits for a quorum to confirm the leader.
@@ -72,7 +111,25 @@ impl<C: ImpetusConfig> RaftConsensus<C> {
             unacked_since: Mutex::new(BTreeMap::new()),
             heartbeat_seen: Mutex::new(BTreeMap::new()),
             changing: tokio::sync::Mutex::new(()),
+            stamp_floor: Mutex::new(None),
+            born: Instant_::<C>::now(),
         }
+    }
+
+    /// [`leader_stamp`] on this peer's clocks.
+    fn stamp(&self, wall: Timestamp) -> Timestamp {
+        let state_now = self.state.read(State::now);
+        let mono = Instant_::<C>::now() - self.born;
+        let mut floor = self.stamp_floor.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let stamped = leader_stamp(wall, state_now, &mut floor, mono);
+        if stamped != wall {
+            tracing::debug!(
+                wall = wall.0,
+                stamped = stamped.0,
+                "the wall clock is behind the state's time: stamping on from it"
+            );
+        }
+        stamped
     }
 
     pub fn raft(&self) -> &ImpetusRaft<C> {
@@ -105,6 +162,7 @@ impl<C: ImpetusConfig> RaftConsensus<C> {
             tracing::warn!(error = %e, "a command that breaks a bound refused before the log");
             return Ok((0, Err(e.into())));
         }
+        let now = self.stamp(now);
         tracing::trace!(target: crate::LATENCY, "write proposed");
         let resp = self.raft.client_write(Request { now, cmd }).await.map_err(write_error)?;
         tracing::trace!(target: crate::LATENCY, index = resp.log_id.index(), "write applied");
@@ -453,5 +511,59 @@ impl<C: ImpetusConfig> Membership for RaftConsensus<C> {
         self.retrying("membership policy", || self.raft.change_membership(members.clone(), true)).await?;
         drop(one_at_a_time);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: fn(u64) -> Duration = Duration::from_millis;
+
+    #[test]
+    fn a_leader_stamps_its_wall_clock_when_it_is_not_behind_the_state() {
+        let mut floor = None;
+        assert_eq!(leader_stamp(Timestamp(1_000), Timestamp(900), &mut floor, MS(5)), Timestamp(1_000));
+        assert_eq!(leader_stamp(Timestamp(1_000), Timestamp(1_000), &mut floor, MS(6)), Timestamp(1_000));
+        assert_eq!(floor, None);
+    }
+
+    #[test]
+    fn a_leader_whose_clock_is_behind_the_state_stamps_on_from_the_state_time() {
+        // A former leader's clock ran an hour ahead: the state's time is there.
+        let (hour, mut floor) = (3_600_000, None);
+        let state = Timestamp(10_000 + hour);
+        assert_eq!(leader_stamp(Timestamp(10_000), state, &mut floor, MS(50)), state);
+        // 30 s later (monotonic), the wall clock is still behind: time moves 30 s.
+        assert_eq!(leader_stamp(Timestamp(40_000), state, &mut floor, MS(30_050)), Timestamp(40_000 + hour));
+        // The state took that stamp; later writes go on from the same floor.
+        let later = leader_stamp(Timestamp(41_000), Timestamp(40_000 + hour), &mut floor, MS(31_050));
+        assert_eq!(later, Timestamp(41_000 + hour));
+        // Another leader meanwhile pushed the state further still: founded again there.
+        let further = Timestamp(50_000 + 2 * hour);
+        assert_eq!(leader_stamp(Timestamp(42_000), further, &mut floor, MS(32_050)), further);
+        assert_eq!(leader_stamp(Timestamp(43_000), further, &mut floor, MS(33_050)), further.saturating_add_ms(1_000));
+        // The wall clock catches up: it is stamped again, and the floor forgotten.
+        let caught_up = Timestamp(60_000 + 2 * hour);
+        assert_eq!(leader_stamp(caught_up, further, &mut floor, MS(34_050)), caught_up);
+        assert_eq!(floor, None);
+    }
+
+    #[test]
+    fn stamps_never_go_back_while_the_wall_clock_steps_back() {
+        let (mut floor, mut state, mut mono) = (None, Timestamp(100_000), MS(0));
+        // The wall clock runs at 10 ms a step but jumps back by up to 30 s,
+        // then forward again, over and over.
+        for step in 0..1_000u64 {
+            mono += MS(10);
+            let wall = Timestamp(100_000 + step * 10 - (step % 7) * 5_000);
+            let stamp = leader_stamp(wall, state, &mut floor, mono);
+            assert!(stamp >= state, "step {step}: stamped {stamp} behind the state's {state}");
+            state = state.max(stamp);
+        }
+        // Never frozen: 10 s of monotonic time moved the state's time about
+        // that far, whatever the wall clock did (a write that founds a
+        // floor stamps the state's time itself: one step each, here two).
+        assert!(state.since(Timestamp(100_000)) >= 9_900, "the state's time moved only to {state}");
     }
 }
