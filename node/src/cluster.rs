@@ -243,6 +243,10 @@ impl Consensus for ClusterConsensus {
         self.local.read(f)
     }
 
+    fn stamp(&self, wall: Timestamp) -> Timestamp {
+        self.local.stamp(wall)
+    }
+
     async fn holds_state(&self) -> bool {
         self.local.holds_state().await
     }

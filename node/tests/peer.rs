@@ -9,7 +9,7 @@ use std::time::Duration;
 use impetus_node::peer::{Attempt, Consensus, JobRunner, Peer, PeerConfig, RunReport};
 use impetus_node::raft_consensus::RaftConsensus;
 use impetus_node::rt::TokioRuntime;
-use impetus_proto::api::{ClientRequest, ClientResponse, ServiceError};
+use impetus_proto::api::{ClientRequest, ClientResponse, ServiceError, WorkRequest};
 use impetus_proto::*;
 use impetus_raft::testing::Router;
 use impetus_raft::{
@@ -77,6 +77,20 @@ impl JobRunner for FakeRunner {
 type TestPeer = Peer<TokioRuntime, RaftConsensus<TypeConfig>, FakeRunner>;
 
 async fn peer(cfg: PeerConfig) -> TestPeer {
+    peer_and_raft(cfg).await.0
+}
+
+/// A peer and its Raft node (to write as another leader would, with a
+/// stamp of its own).
+async fn peer_and_raft(cfg: PeerConfig) -> (TestPeer, impetus_raft::ImpetusRaft<TypeConfig>) {
+    let c = consensus().await;
+    let raft = c.raft().clone();
+    let p = Peer::start(TokioRuntime, c, FakeRunner::default(), cfg, None).await.unwrap();
+    (p, raft)
+}
+
+/// A one-voter Raft node and its state, as a peer's consensus.
+async fn consensus() -> RaftConsensus<TypeConfig> {
     let router = Router::<TypeConfig>::new();
     let sm =
         StateMachineStore::open(SnapshotStore::Memory(MemSnapshotStore::new())).unwrap().with_invariant_checks(true);
@@ -91,7 +105,7 @@ async fn peer(cfg: PeerConfig) -> TestPeer {
     .await
     .unwrap();
     router.add(1, raft.clone());
-    Peer::start(TokioRuntime, RaftConsensus::new(raft, state, 1), FakeRunner::default(), cfg, None).await.unwrap()
+    RaftConsensus::new(raft, state, 1)
 }
 
 const MODULE: &[u8] = b"\0asm fake";
@@ -188,6 +202,60 @@ async fn the_worker_respects_its_capacity_and_renews_long_jobs() {
     let done = wait_final(&p, 4).await;
     assert!(done.iter().all(|j| j.status == JobStatus::Succeeded), "{done:#?}");
     assert_eq!(p.read(|st| st.stream_stats(&s).unwrap().expired_leases_total), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_clock_ahead_of_the_peers_neither_stops_nor_costs_long_jobs_their_leases() {
+    let (p, raft) = peer_and_raft(PeerConfig { capacity: 2, ..PeerConfig::default() }).await;
+    let props = StreamProps { lease_ttl_ms: 1_000, max_attempts: 1, ..StreamProps::default() };
+    let s = setup(&p, props).await;
+    // A former leader's clock ran a minute ahead: the state's time is there.
+    let ahead = p.now().saturating_add_ms(60_000);
+    raft.client_write(impetus_raft::Request { now: ahead, cmd: Command::Tick }).await.unwrap();
+    assert!(p.read(|st| st.now()) >= ahead);
+    // 2.5 s jobs on a 1 s lease, renewed by a peer whose clock is a minute
+    // behind the state's: renewals on the state's time would be due only
+    // once the lease had long expired.
+    let jobs = (0..2).map(|_| new_job("sleep:2500")).collect();
+    write(&p, Command::Submit { stream: s.clone(), jobs }).await.unwrap();
+    let done = wait_final(&p, 2).await;
+    assert!(done.iter().all(|j| j.status == JobStatus::Succeeded), "{done:#?}");
+    assert_eq!(p.read(|st| st.stream_stats(&s).unwrap().expired_leases_total), 0);
+    // And the state's time went on from there (at half the pace of this
+    // leader's clock, so that the clock catches up), though its wall clock
+    // is behind it.
+    let moved = p.read(|st| st.now()).since(ahead);
+    assert!(moved >= 1_000, "the state's time moved {moved} ms in 2.5 s of jobs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_leader_whose_clock_is_behind_the_state_still_ticks_a_delayed_job_due() {
+    let c = consensus().await;
+    let (module, s) = (ModuleHash::of(MODULE), StreamName::new("s1").unwrap());
+    let wall = || impetus_node::peer::Runtime::now(&TokioRuntime);
+    // A former leader's clock ran a minute ahead: the state's time is there.
+    c.raft()
+        .client_write(impetus_raft::Request { now: wall().saturating_add_ms(60_000), cmd: Command::Tick })
+        .await
+        .unwrap();
+    let props = StreamProps::default();
+    for cmd in [
+        Command::PutModule { hash: module, bytes: MODULE.to_vec() },
+        Command::CreateStream { name: s.clone(), props },
+        Command::Submit { stream: s.clone(), jobs: vec![NewJob { delay_ms: 100, ..new_job("1") }] },
+    ] {
+        c.write(wall(), cmd).await.unwrap().unwrap();
+    }
+    let idle = || WorkRequest { peer: PeerId(1), cmds: Vec::new(), lease_max: 0, release_orphans: false };
+    let queued = || c.read(|st| st.stream_stats(&s).unwrap().queued);
+    assert_eq!(queued(), 0, "the job waits out its delay");
+    // 100 ms of the state's time is 200 ms here at most (half pace while
+    // the clock is behind); an idle worker's turn then finds the delay
+    // due and the leader ticks. Compared with the wall clock, a minute
+    // behind, it would not be due for a minute.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    impetus_node::peer::serve_work(&c, wall(), idle()).await.unwrap();
+    assert_eq!(queued(), 1, "the delayed job came due");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -162,6 +162,10 @@ impl Consensus for SimConsensus {
         self.local.read(f)
     }
 
+    fn stamp(&self, wall: Timestamp) -> Timestamp {
+        self.local.stamp(wall)
+    }
+
     fn status(&self) -> RaftStatus {
         self.local.status()
     }

@@ -54,6 +54,13 @@ pub trait Consensus: Send + Sync + 'static {
     fn write(&self, now: Timestamp, cmd: Command) -> impl Future<Output = Result<ApplyResult, ConsensusError>> + Send;
     /// Read this peer's applied state.
     fn read<T>(&self, f: impl FnOnce(&State) -> T) -> T;
+    /// The time a write proposed now is stamped with, `wall` being this
+    /// peer's clock: `wall` itself unless an implementation keeps the
+    /// state's time going while the clock is behind it
+    /// (`RaftConsensus`: `leader_stamp`).
+    fn stamp(&self, wall: Timestamp) -> Timestamp {
+        wall
+    }
     fn status(&self) -> RaftStatus;
     /// Whether this peer holds Raft state (a vote, a log or a membership):
     /// a voter or learner, or one restarted on its data. A worker holds none.
@@ -97,8 +104,11 @@ pub async fn serve_work<C: Consensus + ?Sized>(
     let (registered, drained, held, streams, due) = c.read(|s| {
         let held = if release_orphans { s.leases_held_by(peer) } else { Vec::new() };
         let drained = release_orphans && s.peer(peer).is_some_and(|p| p.draining);
-        (s.has_peer(peer), drained, held, s.leasable_streams_idle(peer), s.poll_timeout().is_some_and(|t| t <= now))
+        (s.has_peer(peer), drained, held, s.leasable_streams_idle(peer), s.poll_timeout())
     });
+    // Compared with the time a Tick would carry, not the wall clock: that
+    // may be behind the state's time (and then no Tick would ever be due).
+    let due = due.is_some_and(|t| t <= c.stamp(now));
     let released = held.len() as u32;
     let lease = lease_max > 0 && !streams.is_empty();
     let status = c.status();

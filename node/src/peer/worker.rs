@@ -77,11 +77,22 @@ fn take_reports(
 struct Running {
     stream: StreamName,
     token: FencingToken,
-    expires_at: Timestamp,
+    /// When to renew its lease, on this peer's clock: a third of the TTL
+    /// after the grant or last renewal was asked for ([`renew_at`]).
+    renew_at: Timestamp,
     ttl_ms: u64,
     /// The lease was lost (renewal refused): no more renewals; the result
     /// is still reported and the state machine refuses its stale token.
     lost: bool,
+}
+
+/// When a lease asked for (granted or renewed) at `asked` on this peer's
+/// clock is renewed: a third of its TTL later, on the same clock. Never
+/// from the lease's expiry, which is in the state's time: a peer whose
+/// clock is behind the cluster's by more than two thirds of the TTL would
+/// renew too late, every time, and lose every long job.
+fn renew_at(asked: Timestamp, ttl_ms: u64) -> Timestamp {
+    asked.saturating_add_ms(ttl_ms / 3)
 }
 
 /// What each part of a batch was, to read its outcome.
@@ -219,7 +230,7 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
     fn event(&mut self, event: Event) -> bool {
         match event {
             Event::Granted(g) => {
-                self.track_running(g);
+                self.track_running(self.inner.rt.now(), g);
                 false
             }
             Event::Done(done) => {
@@ -292,12 +303,8 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
             cmds.push(Command::Fail { peer: me, failures: failures.clone() });
             sent.push(Sent::Fail);
         }
-        let renew: Vec<(JobId, FencingToken)> = self
-            .running
-            .iter()
-            .filter(|(_, r)| !r.lost && r.expires_at.since(now) < r.ttl_ms.saturating_mul(2) / 3)
-            .map(|(&id, r)| (id, r.token))
-            .collect();
+        let renew: Vec<(JobId, FencingToken)> =
+            self.running.iter().filter(|(_, r)| !r.lost && now >= r.renew_at).map(|(&id, r)| (id, r.token)).collect();
         if !renew.is_empty() {
             sent.push(Sent::Renew(renew.iter().map(|(id, _)| *id).collect()));
             cmds.push(Command::Renew { peer: me, leases: renew });
@@ -392,7 +399,7 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
                     for (id, r) in ids.into_iter().zip(rs) {
                         let Some(run) = self.running.get_mut(&id) else { continue };
                         match r {
-                            Ok(expires_at) => run.expires_at = expires_at,
+                            Ok(_expires_at) => run.renew_at = renew_at(now, run.ttl_ms),
                             Err(e) => {
                                 tracing::warn!(peer = %me, job = %id, error = %e, "lease lost while running");
                                 run.lost = true;
@@ -437,16 +444,18 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
         let again =
             more_reports || (granted > 0 && (granted == lease_max || carried >= impetus_queue::LEASE_GRANT_BYTES));
         for g in grants {
-            self.track_running(g.clone());
+            self.track_running(now, g.clone());
             spawn_run(self.inner.clone(), g);
         }
         (all_sent, again)
     }
 
     /// Follow a job this peer was granted: renew its lease, await its report.
-    fn track_running(&mut self, g: LeaseGrant) {
-        let r =
-            Running { stream: g.stream, token: g.token, expires_at: g.expires_at, ttl_ms: g.lease_ttl_ms, lost: false };
+    /// `asked` is when this peer asked for the lease (at the latest), on
+    /// its own clock.
+    fn track_running(&mut self, asked: Timestamp, g: LeaseGrant) {
+        let ttl_ms = g.lease_ttl_ms;
+        let r = Running { stream: g.stream, token: g.token, renew_at: renew_at(asked, ttl_ms), ttl_ms, lost: false };
         if let Some(old) = self.running.insert(g.job, r) {
             // The job came back to this peer under a new lease while the run
             // of its lost one goes on: that run's report will be dropped
@@ -482,12 +491,7 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
     /// How long to sleep: until the next renewal is due, at most `poll`.
     fn next_wait(&self, poll: Duration) -> Duration {
         let now = self.inner.rt.now();
-        let next_renew = self
-            .running
-            .values()
-            .filter(|r| !r.lost)
-            .map(|r| r.expires_at.0.saturating_sub(r.ttl_ms.saturating_mul(2) / 3).saturating_sub(now.0))
-            .min();
+        let next_renew = self.running.values().filter(|r| !r.lost).map(|r| r.renew_at.since(now)).min();
         match next_renew {
             Some(ms) => poll.min(Duration::from_millis(ms.max(1))),
             None => poll,
