@@ -118,7 +118,25 @@ fn rss_bytes() -> u64 {
     kb.unwrap_or(0) * 1024
 }
 
-fn memory_for(jobs: u64) -> (usize, u64, f64) {
+/// What a snapshot of a state costs: (encode ms, bytes, clone ms, restore ms).
+/// A peer encodes under the state's read lock, so applies wait that long.
+fn snapshot_costs(state: &State) -> (f64, usize, f64, f64) {
+    let ms = |start: Instant| start.elapsed().as_secs_f64() * 1e3;
+    let start = Instant::now();
+    let bytes = state.snapshot();
+    let encode = ms(start);
+    let start = Instant::now();
+    let copy = state.clone();
+    let clone = ms(start);
+    drop(copy);
+    let start = Instant::now();
+    let restored = State::restore(&bytes).expect("a snapshot restores");
+    let restore = ms(start);
+    assert_eq!(restored.snapshot().len(), bytes.len());
+    (encode, bytes.len(), clone, restore)
+}
+
+fn memory_for(jobs: u64) -> (usize, u64, f64, (f64, usize, f64, f64)) {
     let before = LIVE.load(Relaxed);
     let rss_before = rss_bytes();
     let mut d = Driver::new(StreamProps::default());
@@ -134,8 +152,9 @@ fn memory_for(jobs: u64) -> (usize, u64, f64) {
     let held = LIVE.load(Relaxed) - before;
     let rss = rss_bytes().saturating_sub(rss_before);
     assert_eq!(d.state.stream_stats(&stream).map(|s| s.queued), Some(jobs));
+    let snapshot = snapshot_costs(&d.state);
     drop(d);
-    (held, rss, jobs as f64 / secs)
+    (held, rss, jobs as f64 / secs, snapshot)
 }
 
 fn main() {
@@ -150,11 +169,17 @@ fn main() {
         println!("{label:<48} {cps:>14.0} {jps:>14.0}");
     }
     let jobs = if quick { 100_000 } else { 1_000_000 };
-    let (bytes, rss, rate) = memory_for(jobs);
+    let (bytes, rss, rate, (encode, snap_bytes, clone, restore)) = memory_for(jobs);
     println!();
     println!("{:<48} {:>14}", "memory", "value");
     println!("{:<48} {:>11.1} MB", format!("{jobs} queued jobs, 16-byte inputs"), bytes as f64 / 1e6);
     println!("{:<48} {:>11.1} MB", "growth of the process's RSS (malloc overhead incl.)", rss as f64 / 1e6);
     println!("{:<48} {:>14.0}", "bytes per queued job (heap)", bytes as f64 / jobs as f64);
     println!("{:<48} {:>14.0}", "submit rate while filling (jobs/s, batch 1000)", rate);
+    println!();
+    println!("{:<48} {:>14}", format!("snapshot of those {jobs} jobs"), "value");
+    println!("{:<48} {:>11.1} MB", "encoded size", snap_bytes as f64 / 1e6);
+    println!("{:<48} {:>11.0} ms", "encode (a peer holds the read lock this long)", encode);
+    println!("{:<48} {:>11.0} ms", "clone of the state", clone);
+    println!("{:<48} {:>11.0} ms", "restore (decode, index, verify)", restore);
 }

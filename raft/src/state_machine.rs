@@ -74,7 +74,8 @@ pub type ApplyObserver = Arc<dyn Fn(&State, &Command, &ApplyResult) + Send + Syn
 struct SnapshotBody {
     last_applied: Option<LogId>,
     membership: StoredMembership,
-    /// [`State::snapshot`] bytes.
+    /// [`State::snapshot`] bytes (as bytes: see [`StoredSnapshot`]'s).
+    #[serde(with = "serde_bytes")]
     state: Vec<u8>,
 }
 
@@ -297,7 +298,10 @@ impl<C: ImpetusConfig> RaftStateMachine<C> for StateMachineStore<C> {
         let applied = crate::off_the_runtime(|| SnapshotBody::restore(meta, &data))?;
         self.snapshots.save(&StoredSnapshot { meta: meta.clone(), data }).await?;
         tracing::info!(last_log_index = ?meta.last_log_id.map(|l| l.index), "snapshot installed");
-        *self.handle.write_guard() = applied;
+        let old = std::mem::replace(&mut *self.handle.write_guard(), applied);
+        // Freeing a large state takes a while: not under the lock, nor on
+        // the runtime's thread.
+        crate::off_the_runtime(|| drop(old));
         Ok(())
     }
 
