@@ -228,6 +228,15 @@ pub enum Command {
         #[serde(deserialize_with = "crate::wire::bounded::ran_jobs")]
         ran: Vec<Ran>,
     },
+    /// Forget up to `max` finished jobs of `stream` (Succeeded, Dead or
+    /// Cancelled) whose last change is at least `older_than_ms` old in the
+    /// state's time, oldest id first, with their results and idempotency
+    /// keys (a key of a purged job may be used again). Totals stay.
+    Purge {
+        stream: StreamName,
+        older_than_ms: u64,
+        max: u32,
+    },
 }
 
 impl Command {
@@ -299,6 +308,7 @@ impl Command {
             Command::Tick | Command::Cancel { .. } | Command::Retry { .. } => Ok(()),
             Command::DeleteStream { .. } | Command::SetPeerRole { .. } => Ok(()),
             Command::DrainPeer { .. } | Command::RemovePeer { .. } => Ok(()),
+            Command::Purge { max, .. } => batch("purge batch", *max as usize),
             Command::CreateStream { props, .. } => props.validate(),
             // Each field on its own: the rules between fields need the
             // stream's properties, which applying the patch checks.
@@ -477,6 +487,11 @@ pub enum Outcome {
     },
     PeerUpdated,
     Batch(#[serde(deserialize_with = "crate::wire::bounded::outcome_batch")] Vec<Result<Outcome, ApplyError>>),
+    /// Finished jobs forgotten by a [`Command::Purge`]; fewer than its
+    /// `max` when no more were old enough.
+    Purged {
+        jobs_removed: u64,
+    },
 }
 
 /// Why a command was refused. A refused command changes nothing.

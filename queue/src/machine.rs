@@ -109,6 +109,7 @@ impl State {
                 Ok(Outcome::PeerUpdated)
             }
             Command::RemovePeer { peer } => self.remove_peer(*peer),
+            Command::Purge { stream, older_than_ms, max } => self.purge(stream, *older_than_ms, *max),
             Command::Batch(_) => Err(ApplyError::Invalid("batches do not nest".into())),
         }
     }
@@ -262,6 +263,30 @@ impl State {
         self.data.streams.remove(&idx);
         self.data.stream_names.remove(name);
         Ok(Outcome::StreamDeleted { jobs_removed: ids.len() as u64 })
+    }
+
+    /// [`Command::Purge`]: a finished job leaves no index behind (only live
+    /// jobs are in the ready, pending, delayed and expiry indexes), so it
+    /// goes with its count and its idempotency key.
+    fn purge(&mut self, name: &StreamName, older_than_ms: u64, max: u32) -> ApplyResult {
+        let idx = self.stream_idx(name)?;
+        let now = self.data.now;
+        let old_enough = |j: &Job| j.status.is_final() && now.since(j.updated_at) >= older_than_ms;
+        let ids: Vec<JobId> = (self.data.jobs.iter())
+            .filter(|(_, j)| j.stream == idx && old_enough(j))
+            .map(|(id, _)| id)
+            .take(max as usize)
+            .collect();
+        for id in &ids {
+            let job = self.data.jobs.remove(id).expect("a job just found");
+            let s = self.stream_idx_mut(idx);
+            *s.stats.count_mut(job.status) -= 1;
+            if let Some(key) = job.key() {
+                let removed = s.keys.remove(key);
+                debug_assert_eq!(removed, Some(*id), "the key of {id} named another job");
+            }
+        }
+        Ok(Outcome::Purged { jobs_removed: ids.len() as u64 })
     }
 
     // ---- modules and submit -----------------------------------------------

@@ -52,7 +52,16 @@ fn command() -> impl Strategy<Value = Command> {
         jid.clone().prop_map(|job| Command::Cancel { job }),
         jid.prop_map(|job| Command::Retry { job }),
         (stream.clone(), any::<bool>()).prop_map(|(name, force)| Command::DeleteStream { name, force }),
-        (stream, any::<u8>()).prop_map(|(stream, v)| Command::DataPut { stream, key: vec![v % 4], value: vec![v] }),
+        (stream.clone(), any::<u8>()).prop_map(|(stream, v)| Command::DataPut {
+            stream,
+            key: vec![v % 4],
+            value: vec![v]
+        }),
+        (stream, prop_oneof![Just(0u64), Just(200)], 1..4u32).prop_map(|(stream, older_than_ms, max)| Command::Purge {
+            stream,
+            older_than_ms,
+            max
+        }),
         Just(Command::RegisterPeer { info: PeerInfo::default(), role: PeerRole::Worker }),
         peer.prop_map(|peer| Command::RemovePeer { peer }),
         Just(Command::Tick),

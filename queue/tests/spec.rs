@@ -203,6 +203,47 @@ fn the_same_idempotency_key_returns_the_existing_job_never_a_second() {
     expect!["idempotency key order-17 of stream s is used twice in one submit"].assert_eq(&e.to_string());
 }
 
+#[test]
+fn purge_forgets_finished_jobs_old_enough_and_nothing_live() {
+    let mut h = Harness::with_stream(props());
+    let peer = h.register();
+    let keyed = |input: &str| NewJob { key: Some(IdempotencyKey::new("once").unwrap()), ..job(input) };
+    // 0 succeeds, 1 is cancelled, 2 stays queued, 3 (keyed) succeeds, 4 is leased.
+    h.submit("s", vec![job("0"), job("1"), job("2")]);
+    h.submit("s", vec![keyed("3"), job("4")]);
+    let grants = h.lease(peer, 1);
+    h.complete(peer, &grants[0], "zero").unwrap();
+    h.ok(Command::Cancel { job: JobId(1) });
+    h.advance(1_000);
+    let grants = h.lease(peer, 2);
+    assert_eq!(grants.iter().map(|g| g.job.0).collect::<Vec<_>>(), [2, 3]);
+    h.complete(peer, &grants[1], "three").unwrap();
+    let purge = |older_than_ms, max| Command::Purge { stream: name("s"), older_than_ms, max };
+
+    // Only jobs finished at least 500 ms ago: 0 and 1, one per command.
+    assert_eq!(h.ok(purge(500, 1)), Outcome::Purged { jobs_removed: 1 });
+    assert!(h.state.job(JobId(0)).is_none());
+    assert_eq!(h.ok(purge(500, 10)), Outcome::Purged { jobs_removed: 1 });
+    assert!(h.state.job(JobId(1)).is_none());
+    assert_eq!(h.ok(purge(500, 10)), Outcome::Purged { jobs_removed: 0 });
+    // Then every finished one: 3; the leased 2 and the queued 4 stay.
+    assert_eq!(h.ok(purge(0, 10)), Outcome::Purged { jobs_removed: 1 });
+    let left: Vec<(u64, JobStatus)> = (0..5).filter_map(|i| h.state.job(JobId(i)).map(|j| (i, j.status))).collect();
+    assert_eq!(left, [(2, JobStatus::Leased), (4, JobStatus::Queued)]);
+    let stats = h.stats("s");
+    assert_eq!((stats.succeeded, stats.cancelled, stats.live()), (0, 0, 2));
+    assert_eq!((stats.submitted_total, stats.completed_total), (5, 2), "totals stay");
+    // The key of a purged job is free again: a new job, not the old one.
+    let again = h.submit("s", vec![keyed("3 again")]);
+    assert_eq!(again, [JobId(5)]);
+
+    let e = h.err(Command::Purge { stream: name("nope"), older_than_ms: 0, max: 1 });
+    expect!["stream nope does not exist"].assert_eq(&e.to_string());
+    let e = h.err(purge(0, u32::MAX));
+    expect!["invalid command: purge batch is too large: 4294967295 bytes/items, the limit is 10000"]
+        .assert_eq(&e.to_string());
+}
+
 // ---- lease order and limits ---------------------------------------------------
 
 #[test]

@@ -118,6 +118,7 @@ fn command_name(cmd: &Command) -> &'static str {
         Command::SetPeerRole { .. } => "SetPeerRole",
         Command::DrainPeer { .. } => "DrainPeer",
         Command::RemovePeer { .. } => "RemovePeer",
+        Command::Purge { .. } => "Purge",
         Command::Batch(_) => "Batch",
     }
 }

@@ -41,6 +41,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Room left in a submit request for everything but the jobs themselves.
 const SUBMIT_OVERHEAD: usize = 64 << 10;
+/// Most commands one [`Client::purge`] sends (of `MAX_BATCH` jobs each:
+/// a billion jobs), so jobs that keep finishing cannot keep it going.
+const PURGE_ROUNDS: usize = 100_000;
 
 /// Why a client call failed.
 #[derive(Debug, thiserror::Error)]
@@ -476,6 +479,32 @@ impl Client {
             Outcome::Cancelled => Ok(()),
             other => Err(unexpected_outcome("cancel", &other)),
         }
+    }
+
+    /// Forget the finished jobs (Succeeded, Dead, Cancelled) of `stream`
+    /// whose last change is at least `older_than` old, with their results
+    /// and idempotency keys; live jobs and the stream's totals stay.
+    /// Returns how many went. Runs as commands of at most
+    /// [`limits::MAX_BATCH`] jobs each; if one fails, those before it are
+    /// purged (purging again goes on from there).
+    pub async fn purge(&self, stream: &StreamName, older_than: Duration) -> Result<u64, ClientError> {
+        let older_than_ms = u64::try_from(older_than.as_millis()).unwrap_or(u64::MAX);
+        let max = limits::MAX_BATCH as u32;
+        let mut purged = 0;
+        // Bounded: each round but the last forgets `max` jobs.
+        for _ in 0..PURGE_ROUNDS {
+            let cmd = Command::Purge { stream: stream.clone(), older_than_ms, max };
+            match self.write(cmd).await? {
+                Outcome::Purged { jobs_removed } => {
+                    purged += jobs_removed;
+                    if jobs_removed < u64::from(max) {
+                        break;
+                    }
+                }
+                other => return Err(unexpected_outcome("purge", &other)),
+            }
+        }
+        Ok(purged)
     }
 
     /// Requeue a Dead or Cancelled job with its attempts reset.

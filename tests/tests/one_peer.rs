@@ -208,6 +208,38 @@ fn results_files_and_status_show_what_happened() {
 }
 
 #[test]
+fn purge_forgets_finished_jobs_and_keeps_live_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = PeerProc::start(&dir.path().join("p"), &[]).unwrap();
+    p.ok(&["stream", "create", "done", "--max-attempts", "1"]);
+    p.ok(&["stream", "create", "held"]);
+    let square = wasm("square");
+    for input in ["2", "x"] {
+        // One succeeds, one ends Dead.
+        p.cli(&["submit", square.to_str().unwrap(), "--stream", "done", "--input", input, "--wait"]);
+    }
+    p.ok(&["stream", "pause", "held"]);
+    p.ok(&["submit", square.to_str().unwrap(), "--stream", "held", "--input", "3"]);
+
+    let out = p.ok(&["jobs", "purge", "--stream", "done", "--older-than", "1h"]);
+    assert_eq!(out.trim(), "0 finished jobs of done purged", "none is an hour old");
+    let out = p.ok(&["jobs", "purge", "--stream", "done"]);
+    assert_eq!(out.trim(), "2 finished jobs of done purged");
+    let (rt, c) = client(&p);
+    assert!(all_jobs(&rt, &c, "done").is_empty());
+    let held = all_jobs(&rt, &c, "held");
+    assert_eq!(held.iter().map(|j| j.status).collect::<Vec<_>>(), [JobStatus::Queued]);
+    let out = p.ok(&["jobs", "purge", "--stream", "held"]);
+    assert_eq!(out.trim(), "0 finished jobs of held purged", "a queued job is not finished");
+    assert_eq!(all_jobs(&rt, &c, "held").len(), 1);
+
+    let out = p.cli(&["jobs", "purge", "--stream", "nope"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("stream nope does not exist"), "{err}");
+}
+
+#[test]
 fn sigterm_stops_the_peer_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let mut p = PeerProc::start(&dir.path().join("p"), &[]).unwrap();

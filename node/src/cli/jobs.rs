@@ -1,11 +1,11 @@
-//! `impetus jobs list|show|cancel|retry`.
+//! `impetus jobs list|show|cancel|retry|purge`.
 
 use anyhow::Context as _;
 use impetus_proto::ids::{JobId, StreamName};
 use impetus_proto::records::{JobRecord, JobStatus};
 use impetus_sdk::ClientError;
 
-use super::util::{bytes_for_humans, human_time, json_bytes, parse_job_id, snippet, Table};
+use super::util::{bytes_for_humans, human_time, json_bytes, parse_duration, parse_job_id, snippet, Table};
 use super::{connect, exit, print_json, with_stream_hint, Global};
 
 #[derive(Debug, clap::Subcommand)]
@@ -39,6 +39,20 @@ pub enum JobsCommand {
     Retry {
         #[arg(value_parser = parse_job_id, value_name = "ID")]
         id: JobId,
+    },
+    /// Forget a stream's finished jobs (succeeded, dead, cancelled) and their results, to reclaim memory; live jobs stay.
+    #[command(after_help = "Examples:
+  impetus jobs purge --stream s1                     every finished job of s1
+  impetus jobs purge --stream s1 --older-than 24h    those finished a day ago or more
+
+A purged job is gone: its result can no longer be read, a dead one can no
+longer be retried, and its idempotency key may be used again.")]
+    Purge {
+        #[arg(long, short = 's', value_name = "S")]
+        stream: StreamName,
+        /// Only jobs whose last change is at least this old (500ms, 2s, 1m, 1h).
+        #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_duration)]
+        older_than: std::time::Duration,
     },
 }
 
@@ -77,6 +91,14 @@ pub async fn run(g: &Global, cmd: JobsCommand) -> anyhow::Result<u8> {
                 print_json(&serde_json::json!({"id": id.0, "result": "cancelled"}))?;
             } else {
                 println!("{id} cancelled");
+            }
+        }
+        JobsCommand::Purge { stream, older_than } => {
+            let purged = client.purge(&stream, older_than).await.map_err(with_stream_hint).context("purging")?;
+            if g.json {
+                print_json(&serde_json::json!({"stream": stream.to_string(), "purged": purged}))?;
+            } else {
+                println!("{purged} finished jobs of {stream} purged");
             }
         }
         JobsCommand::Retry { id } => {
