@@ -148,6 +148,7 @@ impl ClientService for Fake {
                 peers: vec![],
                 streams: self.streams.lock().unwrap().values().cloned().collect(),
                 voters: vec![PeerId(1)],
+                now: Timestamp(1_000),
                 learners: vec![],
             }),
             other => {

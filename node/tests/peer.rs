@@ -229,6 +229,23 @@ async fn the_cluster_clock_ahead_of_the_peers_neither_stops_nor_costs_long_jobs_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_ttl_lowered_while_a_job_runs_is_renewed_at_the_new_pace() {
+    let p = peer(PeerConfig::default()).await;
+    let props = StreamProps { lease_ttl_ms: 3_000, max_attempts: 1, ..StreamProps::default() };
+    let s = setup(&p, props).await;
+    write(&p, Command::Submit { stream: s.clone(), jobs: vec![new_job("sleep:2500")] }).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Granted for 3 s (first renewal after 1 s), then the TTL drops to
+    // 600 ms: that renewal's lease ends 600 ms later, so the next one must
+    // come sooner than a third of the grant's 3 s.
+    let patch = StreamPatch { lease_ttl_ms: Some(600), ..StreamPatch::default() };
+    write(&p, Command::UpdateStream { name: s.clone(), patch }).await.unwrap();
+    let done = wait_final(&p, 1).await;
+    assert_eq!(done[0].status, JobStatus::Succeeded, "{done:#?}");
+    assert_eq!(p.read(|st| st.stream_stats(&s).unwrap().expired_leases_total), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_leader_whose_clock_is_behind_the_state_still_ticks_a_delayed_job_due() {
     let c = consensus().await;
     let (module, s) = (ModuleHash::of(MODULE), StreamName::new("s1").unwrap());

@@ -11,15 +11,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::command::{ApplyResult, Command};
 use crate::error::{DecodeError, InvalidInput};
-use crate::ids::{JobId, ModuleHash, PeerId, StreamName};
+use crate::ids::{JobId, ModuleHash, PeerId, StreamName, Timestamp};
 use crate::limits;
 use crate::records::{JobRecord, JobStatus, PeerInfo, PeerRecord, PeerRole, StreamInfo};
 use crate::wire;
 
 /// Version of the client protocol encoding. A peer refuses any other.
 /// 2: `Submitted` carries the job's status; 3: a `PeerRecord` carries its
-/// idle slots per stream; 4: a `PeerInfo` carries its `Seat`.
-pub const CLIENT_API_VERSION: u8 = 4;
+/// idle slots per stream; 4: a `PeerInfo` carries its `Seat`; 5: a
+/// `WorkReply` and a `ClusterStatus` carry the state's time.
+pub const CLIENT_API_VERSION: u8 = 5;
 
 /// A client's request to a peer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,6 +101,10 @@ pub struct WorkReply {
     pub leased: Option<ApplyResult>,
     /// The streams the peer could lease from, with their idle timeouts (ms).
     pub streams: Vec<(StreamName, u64)>,
+    /// The state's time once the turn was applied: a renewal's expiry less
+    /// this is (at most) the TTL it granted, whatever the worker's clock
+    /// says.
+    pub now: Timestamp,
 }
 
 impl ClientRequest {
@@ -208,6 +213,9 @@ pub struct ClusterStatus {
     /// a worker (or has left).
     pub voters: Vec<PeerId>,
     pub learners: Vec<PeerId>,
+    /// The answering replica's time (the cluster's clock): ages such as a
+    /// heartbeat's are measured against it, not the reader's clock.
+    pub now: Timestamp,
 }
 
 impl ClusterStatus {
@@ -460,6 +468,7 @@ mod tests {
                 streams: vec![info],
                 voters: vec![PeerId(1), PeerId(2)],
                 learners: vec![PeerId(3)],
+                now: Timestamp(1_000),
             }),
             ClientResponse::Joined { peer: PeerId(4) },
             ClientResponse::JobStatuses(vec![Some(JobStatus::Dead), None]),
@@ -473,6 +482,7 @@ mod tests {
                 outcomes: vec![Ok(Outcome::Cancelled)],
                 leased: Some(Ok(Outcome::Leased(vec![]))),
                 streams: vec![(stream(), 60_000)],
+                now: Timestamp(1_000),
             }),
             ClientResponse::Error(ServiceError::NotLeader { leader: Some("/ip4/10.0.0.2/tcp/7420".into()) }),
         ]
@@ -493,14 +503,14 @@ mod tests {
         let mut bytes = encode_request(&ClientRequest::Status);
         bytes[0] = CLIENT_API_VERSION + 1;
         let err = decode_request(&bytes).unwrap_err();
-        assert!(matches!(err, DecodeError::Version { found: 5, expected: 4, .. }), "{err:?}");
-        assert_eq!(err.to_string(), "unsupported client request version 5 (this build speaks version 4)");
+        assert!(matches!(err, DecodeError::Version { found: 6, expected: 5, .. }), "{err:?}");
+        assert_eq!(err.to_string(), "unsupported client request version 6 (this build speaks version 5)");
 
         let mut bytes = encode_response(&ClientResponse::HasModule(false));
         bytes[0] = 0;
         assert_eq!(
             decode_response(&bytes).unwrap_err().to_string(),
-            "unsupported client response version 0 (this build speaks version 4)"
+            "unsupported client response version 0 (this build speaks version 5)"
         );
     }
 

@@ -387,6 +387,13 @@ impl Command {
                             reason: "batches do not nest".into(),
                         });
                     }
+                    // A purge may scan the whole job table: one per entry.
+                    if matches!(c, Command::Purge { .. }) {
+                        return Err(InvalidInput::Value {
+                            what: "command batch",
+                            reason: "a purge is a command of its own, not part of a batch".into(),
+                        });
+                    }
                     c.validate()?;
                 }
                 Ok(())

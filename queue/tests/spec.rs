@@ -239,6 +239,9 @@ fn purge_forgets_finished_jobs_old_enough_and_nothing_live() {
 
     let e = h.err(Command::Purge { stream: name("nope"), older_than_ms: 0, max: 1 });
     expect!["stream nope does not exist"].assert_eq(&e.to_string());
+    let e = h.err(Command::Batch(vec![Command::Tick, purge(0, 1)]));
+    expect!["invalid command: invalid command batch: a purge is a command of its own, not part of a batch"]
+        .assert_eq(&e.to_string());
     let e = h.err(purge(0, u32::MAX));
     expect!["invalid command: purge batch is too large: 4294967295 bytes/items, the limit is 10000"]
         .assert_eq(&e.to_string());

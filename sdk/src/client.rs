@@ -431,7 +431,11 @@ impl Client {
                     match status {
                         Some(s) if s.is_final() => finished.push(id),
                         Some(_) => {}
-                        None => return Err(ClientError::Protocol(format!("{id} vanished while waiting"))),
+                        None => {
+                            return Err(ClientError::Protocol(format!(
+                                "{id} vanished while waiting (purged, or its stream deleted)"
+                            )))
+                        }
                     }
                 }
             }
@@ -459,7 +463,9 @@ impl Client {
         }
         ids.iter()
             .map(|id| {
-                done.get(id).cloned().ok_or_else(|| ClientError::Protocol(format!("{id} vanished while waiting")))
+                done.get(id).cloned().ok_or_else(|| {
+                    ClientError::Protocol(format!("{id} vanished while waiting (purged, or its stream deleted)"))
+                })
             })
             .collect()
     }

@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use impetus_proto::ids::StreamName;
 use impetus_sdk::ClusterStatus;
 
-use super::util::{age, human_ms, now_ms, Table};
+use super::util::{age, human_ms, Table};
 use super::{connect, exit, print_json, Global};
 
 #[derive(Debug, clap::Args)]
@@ -27,7 +27,7 @@ pub async fn run(g: &Global, args: StatusArgs) -> anyhow::Result<u8> {
         if g.json {
             print_json(&st)?;
         } else {
-            print!("{}", render(&st, g, now_ms(), None));
+            print!("{}", render(&st, g, st.now.0, None));
         }
         return Ok(exit::OK);
     }
@@ -47,7 +47,7 @@ pub async fn run(g: &Global, args: StatusArgs) -> anyhow::Result<u8> {
             println!("{}", serde_json::json!({"status": st, "completed_per_sec": r}));
         } else {
             // Clear the screen, cursor home.
-            print!("\x1b[2J\x1b[H{}", render(&st, g, now_ms(), rates.as_ref()));
+            print!("\x1b[2J\x1b[H{}", render(&st, g, st.now.0, rates.as_ref()));
             println!("\n(refreshing every second; Ctrl-C quits)");
         }
         prev = Some((now, st));
@@ -212,6 +212,7 @@ mod tests {
             }],
             voters: vec![PeerId(1)],
             learners: vec![],
+            now: Timestamp(10_000),
         }
     }
 

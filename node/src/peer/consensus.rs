@@ -135,10 +135,14 @@ pub async fn serve_work<C: Consensus + ?Sized>(
     if tick {
         all.push(Command::Tick);
     }
-    let mut reply = WorkReply { registered, released, outcomes: Vec::new(), leased: None, streams };
+    let mut reply =
+        WorkReply { registered, released, outcomes: Vec::new(), leased: None, streams, now: Timestamp::ZERO };
     let parts = all.len();
     let mut outcomes: Vec<ApplyResult> = match parts {
-        0 => return Ok(reply),
+        0 => {
+            reply.now = c.read(State::now);
+            return Ok(reply);
+        }
         1 => vec![c.write(now, all.remove(0)).await?],
         _ => match c.write(now, Command::Batch(all)).await? {
             Ok(Outcome::Batch(v)) => v,
@@ -146,6 +150,7 @@ pub async fn serve_work<C: Consensus + ?Sized>(
             Err(e) => vec![Err(e); parts],
         },
     };
+    reply.now = c.read(State::now);
     if drained && !outcomes.is_empty() {
         match outcomes.remove(0) {
             Ok(_) => tracing::info!(%peer, "back from draining: the registry's mark is cleared"),

@@ -78,7 +78,7 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
             ))),
             ClientRequest::Status => {
                 let raft = c.status();
-                let (peers, streams) = c.read(|s| (s.peers(), s.streams()));
+                let (peers, streams, now) = c.read(|s| (s.peers(), s.streams(), s.now()));
                 ClientResponse::Status(ClusterStatus {
                     peer: inner.id,
                     // Raft node ids are peer ids.
@@ -90,6 +90,7 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
                     streams,
                     voters: raft.voters.into_iter().map(PeerId).collect(),
                     learners: raft.learners.into_iter().map(PeerId).collect(),
+                    now,
                 })
             }
         }

@@ -382,6 +382,7 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
             }
         };
         self.track(now, &reply.streams);
+        let state_now = reply.now;
         let outcomes = reply.outcomes;
         for (kind, result) in sent.into_iter().zip(outcomes) {
             match (kind, result) {
@@ -399,7 +400,12 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
                     for (id, r) in ids.into_iter().zip(rs) {
                         let Some(run) = self.running.get_mut(&id) else { continue };
                         match r {
-                            Ok(_expires_at) => run.renew_at = renew_at(now, run.ttl_ms),
+                            Ok(expires_at) => {
+                                // The TTL the stream grants now (it may have
+                                // been changed since the grant).
+                                run.ttl_ms = expires_at.since(state_now).max(1);
+                                run.renew_at = renew_at(now, run.ttl_ms);
+                            }
                             Err(e) => {
                                 tracing::warn!(peer = %me, job = %id, error = %e, "lease lost while running");
                                 run.lost = true;
@@ -451,8 +457,11 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
     }
 
     /// Follow a job this peer was granted: renew its lease, await its report.
-    /// `asked` is when this peer asked for the lease (at the latest), on
-    /// its own clock.
+    /// `asked` is on this peer's clock: when its turn asked for the lease,
+    /// or, for a grant of a fused submit, when the loop learned of it
+    /// (after the write, and up to one turn later: the loop takes events
+    /// between turns), well within the two thirds of the TTL a renewal
+    /// leaves.
     fn track_running(&mut self, asked: Timestamp, g: LeaseGrant) {
         let ttl_ms = g.lease_ttl_ms;
         let r = Running { stream: g.stream, token: g.token, renew_at: renew_at(asked, ttl_ms), ttl_ms, lost: false };
