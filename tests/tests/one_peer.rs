@@ -198,6 +198,12 @@ fn results_files_and_status_show_what_happened() {
     assert_eq!((&errs[0]["error"]["kind"], &errs[0]["error"]["exit_code"]), (&"exit".into(), &2.into()));
     assert_eq!(errs[0]["input"], "not-a-number");
 
+    // A stream pinned to a peer the cluster does not have says so.
+    p.ok(&["stream", "create", "pinned", "--pin", "99"]);
+    let out = p.ok(&["stream", "show", "pinned"]);
+    assert!(out.contains("peer-99 (none is in the cluster: no peer may lease these jobs)"), "{out}");
+    assert!(p.ok(&["status"]).contains("pinned (pinned to no peer of the cluster)"));
+
     let status = p.ok(&["status"]);
     assert!(
         status.contains(" r ") || status.contains("\nr ") || status.contains("r\t") || status.contains("│ r"),

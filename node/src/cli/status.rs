@@ -138,6 +138,9 @@ pub fn render(st: &ClusterStatus, g: &Global, now: u64, rates: Option<&Rates>) -
         if s.props.paused {
             name.push_str(" (paused)");
         }
+        if stranded(s, st) {
+            name.push_str(" (pinned to no peer of the cluster)");
+        }
         streams.row(vec![
             name,
             (x.queued + x.delayed).to_string(),
@@ -154,6 +157,13 @@ pub fn render(st: &ClusterStatus, g: &Global, now: u64, rates: Option<&Rates>) -
         out.push_str(&streams.render());
     }
     out
+}
+
+/// Whether `s` pins its jobs to peers none of which is in the cluster
+/// (`st.peers`): nothing may lease them, so they wait until one such peer
+/// joins or the pin list changes.
+pub fn stranded(s: &impetus_proto::records::StreamInfo, st: &ClusterStatus) -> bool {
+    !s.props.pin.is_empty() && !st.peers.iter().any(|p| s.props.pin.contains(&p.id))
 }
 
 /// `stream:n stream:n`, or `-` for none.
@@ -232,5 +242,17 @@ mod tests {
         let r = rates(&status(10), &status(30), Duration::from_secs(2));
         assert_eq!(r.values().copied().collect::<Vec<_>>(), vec![10.0]);
         assert!(render(&status(30), &g, 10_000, Some(&r)).contains("DONE/S"));
+    }
+
+    #[test]
+    fn a_stream_pinned_to_no_peer_of_the_cluster_is_marked() {
+        let g = crate::cli::Cli::try_parse_from(["impetus", "status"]).unwrap().global;
+        let mut st = status(10);
+        st.streams[0].props.pin = [PeerId(1)].into();
+        assert!(!stranded(&st.streams[0], &st), "peer-1 is in the cluster");
+        assert!(!render(&st, &g, 10_000, None).contains("pinned to no peer"));
+        st.streams[0].props.pin = [PeerId(7), PeerId(8)].into();
+        assert!(stranded(&st.streams[0], &st));
+        assert!(render(&st, &g, 10_000, None).contains("s1 (pinned to no peer of the cluster)"));
     }
 }

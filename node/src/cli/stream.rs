@@ -160,7 +160,12 @@ pub async fn run(g: &Global, cmd: StreamCommand) -> anyhow::Result<u8> {
             if g.json {
                 print_json(&info)?;
             } else {
-                print!("{}", show(&info, now_ms()));
+                // The cluster's view, for the clock and the peers; without
+                // it (an error), this machine's clock and no pin check.
+                let st = client.status().await.ok();
+                let now = st.as_ref().map_or_else(now_ms, |st| st.now.0);
+                let stranded = st.is_some_and(|st| super::status::stranded(&info, &st));
+                print!("{}", show(&info, now, stranded));
             }
             Ok(exit::OK)
         }
@@ -226,7 +231,8 @@ fn peers(set: &BTreeSet<PeerId>) -> String {
 }
 
 /// A stream's properties and statistics, for humans.
-pub fn show(info: &StreamInfo, now: u64) -> String {
+/// `stranded`: pinned to no peer of the cluster ([`super::status::stranded`]).
+pub fn show(info: &StreamInfo, now: u64, stranded: bool) -> String {
     let p = &info.props;
     let s = &info.stats;
     let rows: Vec<(&str, String)> = vec![
@@ -243,7 +249,14 @@ pub fn show(info: &StreamInfo, now: u64) -> String {
         ("job timeout", human_ms(p.job_timeout_ms)),
         ("fuel", p.fuel.map(|f| f.to_string()).unwrap_or_else(|| "unlimited".into())),
         ("memory", format!("{} MiB", p.memory_limit_bytes >> 20)),
-        ("pin", peers(&p.pin)),
+        (
+            "pin",
+            if stranded {
+                format!("{} (none is in the cluster: no peer may lease these jobs)", peers(&p.pin))
+            } else {
+                peers(&p.pin)
+            },
+        ),
         ("ignore", peers(&p.ignore)),
         ("queued", s.queued.to_string()),
         ("delayed", s.delayed.to_string()),
@@ -362,8 +375,15 @@ mod tests {
             s1         3        0        3         10     0          0            2.5s  no
         "#]]
         .assert_eq(&list_table(std::slice::from_ref(&info)));
-        let text = show(&info, 61_000);
+        let text = show(&info, 61_000, false);
         assert!(text.contains("created            1970-01-01 00:00:01.000Z (1m00s ago)"), "{text}");
         assert!(text.contains("spawn frequency    unlimited"), "{text}");
+        assert!(text.contains("pin                -\n"), "{text}");
+        let pinned = StreamInfo { props: StreamProps { pin: [PeerId(9)].into(), ..info.props.clone() }, ..info };
+        let text = show(&pinned, 61_000, true);
+        assert!(
+            text.contains("pin                peer-9 (none is in the cluster: no peer may lease these jobs)"),
+            "{text}"
+        );
     }
 }
