@@ -2,7 +2,8 @@
 //! stamping commands, /proc for the resident set size.
 
 use std::future::Future;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use impetus_proto::Timestamp;
 
@@ -15,6 +16,11 @@ impl Runtime for TokioRuntime {
     fn now(&self) -> Timestamp {
         let ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
         Timestamp(ms)
+    }
+
+    fn monotonic(&self) -> Duration {
+        static ORIGIN: OnceLock<Instant> = OnceLock::new();
+        ORIGIN.get_or_init(Instant::now).elapsed()
     }
 
     fn sleep(&self, d: Duration) -> impl Future<Output = ()> + Send + 'static {

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use impetus_node::peer::{Attempt, Consensus, JobRunner, Peer, PeerConfig, RunReport};
+use impetus_node::peer::{Attempt, Consensus, JobRunner, Peer, PeerConfig, RunReport, Runtime};
 use impetus_node::raft_consensus::RaftConsensus;
 use impetus_node::rt::TokioRuntime;
 use impetus_proto::api::{ClientRequest, ClientResponse, ServiceError, WorkRequest};
@@ -110,7 +110,7 @@ async fn consensus() -> RaftConsensus<TypeConfig> {
 
 const MODULE: &[u8] = b"\0asm fake";
 
-async fn write<C: Consensus>(p: &Peer<TokioRuntime, C, FakeRunner>, cmd: Command) -> Result<Outcome, String> {
+async fn write<R: Runtime, C: Consensus>(p: &Peer<R, C, FakeRunner>, cmd: Command) -> Result<Outcome, String> {
     match p.handle(ClientRequest::Write(cmd)).await {
         ClientResponse::Applied(r) => r.map_err(|e| e.to_string()),
         ClientResponse::Error(e) => Err(e.to_string()),
@@ -118,7 +118,7 @@ async fn write<C: Consensus>(p: &Peer<TokioRuntime, C, FakeRunner>, cmd: Command
     }
 }
 
-async fn setup<C: Consensus>(p: &Peer<TokioRuntime, C, FakeRunner>, props: StreamProps) -> StreamName {
+async fn setup<R: Runtime, C: Consensus>(p: &Peer<R, C, FakeRunner>, props: StreamProps) -> StreamName {
     write(p, Command::PutModule { hash: ModuleHash::of(MODULE), bytes: MODULE.to_vec() }).await.unwrap();
     let s = StreamName::new("s1").unwrap();
     write(p, Command::CreateStream { name: s.clone(), props }).await.unwrap();
@@ -140,7 +140,7 @@ fn every_job() -> impetus_queue::JobFilter<'static> {
 }
 
 /// Wait (bounded) until every job is final; return them.
-async fn wait_final<C: Consensus>(p: &Peer<TokioRuntime, C, FakeRunner>, n: usize) -> Vec<JobRecord> {
+async fn wait_final<R: Runtime, C: Consensus>(p: &Peer<R, C, FakeRunner>, n: usize) -> Vec<JobRecord> {
     for _ in 0..1500 {
         let jobs = p.read(|s| s.jobs(&every_job()));
         if jobs.len() == n && jobs.iter().all(|j| j.status.is_final()) {
@@ -240,6 +240,45 @@ async fn a_lease_ttl_lowered_while_a_job_runs_is_renewed_at_the_new_pace() {
     // come sooner than a third of the grant's 3 s.
     let patch = StreamPatch { lease_ttl_ms: Some(600), ..StreamPatch::default() };
     write(&p, Command::UpdateStream { name: s.clone(), patch }).await.unwrap();
+    let done = wait_final(&p, 1).await;
+    assert_eq!(done[0].status, JobStatus::Succeeded, "{done:#?}");
+    assert_eq!(p.read(|st| st.stream_stats(&s).unwrap().expired_leases_total), 0);
+}
+
+/// The production runtime with a wall clock that can be set back.
+#[derive(Clone, Default)]
+struct SteppedClock(Arc<std::sync::atomic::AtomicU64>);
+
+impl Runtime for SteppedClock {
+    fn now(&self) -> Timestamp {
+        Timestamp(TokioRuntime.now().0.saturating_sub(self.0.load(SeqCst)))
+    }
+    fn monotonic(&self) -> Duration {
+        TokioRuntime.monotonic()
+    }
+    fn sleep(&self, d: Duration) -> impl std::future::Future<Output = ()> + Send + 'static {
+        TokioRuntime.sleep(d)
+    }
+    fn spawn(&self, fut: impl std::future::Future<Output = ()> + Send + 'static) {
+        TokioRuntime.spawn(fut)
+    }
+    fn rss_bytes(&self) -> u64 {
+        0
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_wall_clock_steps_back_still_renews_in_time() {
+    let clock = SteppedClock::default();
+    let cfg = PeerConfig { capacity: 2, ..PeerConfig::default() };
+    let p = Peer::start(clock.clone(), consensus().await, FakeRunner::default(), cfg, None).await.unwrap();
+    let props = StreamProps { lease_ttl_ms: 1_000, max_attempts: 1, ..StreamProps::default() };
+    let s = setup(&p, props).await;
+    write(&p, Command::Submit { stream: s.clone(), jobs: vec![new_job("sleep:2500")] }).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // NTP sets the clock back 10 s while the job runs: renewals due on the
+    // wall clock would come 10 s late, long after the 1 s lease.
+    clock.0.store(10_000, SeqCst);
     let done = wait_final(&p, 1).await;
     assert_eq!(done[0].status, JobStatus::Succeeded, "{done:#?}");
     assert_eq!(p.read(|st| st.stream_stats(&s).unwrap().expired_leases_total), 0);

@@ -71,6 +71,11 @@ impl Runtime for SimRt {
         self.world.clock_now(self.node)
     }
 
+    fn monotonic(&self) -> Duration {
+        // The virtual clock itself: skew and jumps are the wall clock's.
+        Duration::from_millis(crate::trace::vnow_ms())
+    }
+
     fn sleep(&self, d: Duration) -> impl Future<Output = ()> + Send + 'static {
         SimRuntime::sleep(d)
     }

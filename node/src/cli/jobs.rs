@@ -94,7 +94,9 @@ pub async fn run(g: &Global, cmd: JobsCommand) -> anyhow::Result<u8> {
             }
         }
         JobsCommand::Purge { stream, older_than } => {
-            let purged = client.purge(&stream, older_than).await.map_err(with_stream_hint).context("purging")?;
+            let purged = client.purge(&stream, older_than).await.map_err(with_stream_hint).with_context(|| {
+                format!("purging {stream} (jobs purged before the error stay purged; run it again to go on)")
+            })?;
             if g.json {
                 print_json(&serde_json::json!({"stream": stream.to_string(), "purged": purged}))?;
             } else {

@@ -12,6 +12,10 @@ use impetus_proto::Timestamp;
 pub trait Runtime: Clone + Send + Sync + 'static {
     /// Wall-clock time, used to stamp commands (the state machine never reads a clock).
     fn now(&self) -> Timestamp;
+    /// Time since a fixed point of this process that never steps (a
+    /// monotonic clock), for intervals this peer measures alone: when to
+    /// renew a lease. The wall clock may be set back or forward at any time.
+    fn monotonic(&self) -> Duration;
     /// Resolve after `d`.
     fn sleep(&self, d: Duration) -> impl Future<Output = ()> + Send + 'static;
     /// Run `fut` concurrently.

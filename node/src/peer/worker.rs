@@ -77,9 +77,10 @@ fn take_reports(
 struct Running {
     stream: StreamName,
     token: FencingToken,
-    /// When to renew its lease, on this peer's clock: a third of the TTL
-    /// after the grant or last renewal was asked for ([`renew_at`]).
-    renew_at: Timestamp,
+    /// When to renew its lease, on this peer's monotonic clock
+    /// ([`Runtime::monotonic`]): a third of the TTL after the grant or last
+    /// renewal was asked for ([`renew_at`]).
+    renew_at: Duration,
     ttl_ms: u64,
     /// The lease was lost (renewal refused): no more renewals; the result
     /// is still reported and the state machine refuses its stale token.
@@ -87,12 +88,13 @@ struct Running {
 }
 
 /// When a lease asked for (granted or renewed) at `asked` on this peer's
-/// clock is renewed: a third of its TTL later, on the same clock. Never
-/// from the lease's expiry, which is in the state's time: a peer whose
-/// clock is behind the cluster's by more than two thirds of the TTL would
-/// renew too late, every time, and lose every long job.
-fn renew_at(asked: Timestamp, ttl_ms: u64) -> Timestamp {
-    asked.saturating_add_ms(ttl_ms / 3)
+/// monotonic clock is renewed: a third of its TTL later, on the same clock.
+/// Never from the lease's expiry, which is in the state's time: a peer
+/// whose clock is behind the cluster's by more than two thirds of the TTL
+/// would renew too late, every time, and lose every long job; nor on the
+/// wall clock, which a step back would make late just the same.
+fn renew_at(asked: Duration, ttl_ms: u64) -> Duration {
+    asked.saturating_add(Duration::from_millis(ttl_ms / 3))
 }
 
 /// What each part of a batch was, to read its outcome.
@@ -230,7 +232,7 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
     fn event(&mut self, event: Event) -> bool {
         match event {
             Event::Granted(g) => {
-                self.track_running(self.inner.rt.now(), g);
+                self.track_running(self.inner.rt.monotonic(), g);
                 false
             }
             Event::Done(done) => {
@@ -271,6 +273,7 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
     async fn turn(&mut self) -> (bool, bool) {
         let inner = self.inner.clone();
         let now = inner.rt.now();
+        let mono = inner.rt.monotonic();
         tracing::trace!(target: crate::LATENCY, completions = self.completions.len(), "worker turn");
         let me = inner.id;
         let stopping = inner.stopping.load(Ordering::SeqCst);
@@ -304,7 +307,7 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
             sent.push(Sent::Fail);
         }
         let renew: Vec<(JobId, FencingToken)> =
-            self.running.iter().filter(|(_, r)| !r.lost && now >= r.renew_at).map(|(&id, r)| (id, r.token)).collect();
+            self.running.iter().filter(|(_, r)| !r.lost && mono >= r.renew_at).map(|(&id, r)| (id, r.token)).collect();
         if !renew.is_empty() {
             sent.push(Sent::Renew(renew.iter().map(|(id, _)| *id).collect()));
             cmds.push(Command::Renew { peer: me, leases: renew });
@@ -404,7 +407,7 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
                                 // The TTL the stream grants now (it may have
                                 // been changed since the grant).
                                 run.ttl_ms = expires_at.since(state_now).max(1);
-                                run.renew_at = renew_at(now, run.ttl_ms);
+                                run.renew_at = renew_at(mono, run.ttl_ms);
                             }
                             Err(e) => {
                                 tracing::warn!(peer = %me, job = %id, error = %e, "lease lost while running");
@@ -450,19 +453,19 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
         let again =
             more_reports || (granted > 0 && (granted == lease_max || carried >= impetus_queue::LEASE_GRANT_BYTES));
         for g in grants {
-            self.track_running(now, g.clone());
+            self.track_running(mono, g.clone());
             spawn_run(self.inner.clone(), g);
         }
         (all_sent, again)
     }
 
     /// Follow a job this peer was granted: renew its lease, await its report.
-    /// `asked` is on this peer's clock: when its turn asked for the lease,
+    /// `asked` is on this peer's monotonic clock: when its turn asked for the lease,
     /// or, for a grant of a fused submit, when the loop learned of it
     /// (after the write, and up to one turn later: the loop takes events
     /// between turns), well within the two thirds of the TTL a renewal
     /// leaves.
-    fn track_running(&mut self, asked: Timestamp, g: LeaseGrant) {
+    fn track_running(&mut self, asked: Duration, g: LeaseGrant) {
         let ttl_ms = g.lease_ttl_ms;
         let r = Running { stream: g.stream, token: g.token, renew_at: renew_at(asked, ttl_ms), ttl_ms, lost: false };
         if let Some(old) = self.running.insert(g.job, r) {
@@ -499,10 +502,10 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
 
     /// How long to sleep: until the next renewal is due, at most `poll`.
     fn next_wait(&self, poll: Duration) -> Duration {
-        let now = self.inner.rt.now();
-        let next_renew = self.running.values().filter(|r| !r.lost).map(|r| r.renew_at.since(now)).min();
+        let mono = self.inner.rt.monotonic();
+        let next_renew = self.running.values().filter(|r| !r.lost).map(|r| r.renew_at.saturating_sub(mono)).min();
         match next_renew {
-            Some(ms) => poll.min(Duration::from_millis(ms.max(1))),
+            Some(d) => poll.min(d.max(Duration::from_millis(1))),
             None => poll,
         }
     }
