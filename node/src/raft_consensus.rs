@@ -122,22 +122,6 @@ impl<C: ImpetusConfig> RaftConsensus<C> {
         }
     }
 
-    /// [`leader_stamp`] on this peer's clocks.
-    fn stamp_now(&self, wall: Timestamp) -> Timestamp {
-        let state_now = self.state.read(State::now);
-        let mono = Instant_::<C>::now() - self.born;
-        let mut floor = self.stamp_floor.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let stamped = leader_stamp(wall, state_now, &mut floor, mono);
-        if stamped != wall {
-            tracing::debug!(
-                wall = wall.0,
-                stamped = stamped.0,
-                "the wall clock is behind the state's time: stamping on from it"
-            );
-        }
-        stamped
-    }
-
     pub fn raft(&self) -> &ImpetusRaft<C> {
         &self.raft
     }
@@ -168,7 +152,7 @@ impl<C: ImpetusConfig> RaftConsensus<C> {
             tracing::warn!(error = %e, "a command that breaks a bound refused before the log");
             return Ok((0, Err(e.into())));
         }
-        let now = self.stamp_now(now);
+        let now = Consensus::stamp(self, now);
         tracing::trace!(target: crate::LATENCY, "write proposed");
         let resp = self.raft.client_write(Request { now, cmd }).await.map_err(write_error)?;
         tracing::trace!(target: crate::LATENCY, index = resp.log_id.index(), "write applied");
@@ -342,8 +326,20 @@ impl<C: ImpetusConfig> Consensus for RaftConsensus<C> {
         self.state.read(f)
     }
 
+    /// [`leader_stamp`] on this peer's clocks.
     fn stamp(&self, wall: Timestamp) -> Timestamp {
-        self.stamp_now(wall)
+        let state_now = self.state.read(State::now);
+        let mono = Instant_::<C>::now() - self.born;
+        let mut floor = self.stamp_floor.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let stamped = leader_stamp(wall, state_now, &mut floor, mono);
+        if stamped != wall {
+            tracing::debug!(
+                wall = wall.0,
+                stamped = stamped.0,
+                "the wall clock is behind the state's time: stamping on from it"
+            );
+        }
+        stamped
     }
 
     async fn holds_state(&self) -> bool {

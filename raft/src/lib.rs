@@ -65,9 +65,10 @@ pub use state_machine::{Applied, ApplyObserver, StateHandle, StateMachineStore};
 #[cfg(feature = "sled")]
 pub use wal_log::WalLogStore;
 
-/// Version byte of a log entry as written to disk.
+/// Version byte of a log entry in the sled-kept Raft log of builds before
+/// the WAL (which such a data directory is refused for; tests write one).
 pub const LOG_ENTRY_VERSION: u8 = 1;
-/// Version byte of the vote, committed and purged log ids as written to disk.
+/// Version byte of the vote, committed and purged log ids in that old log.
 pub const LOG_META_VERSION: u8 = 1;
 /// Version byte of the state-machine snapshot body (what followers receive).
 pub const SM_SNAPSHOT_VERSION: u8 = 1;

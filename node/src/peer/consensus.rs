@@ -101,14 +101,14 @@ pub async fn serve_work<C: Consensus + ?Sized>(
     if release_orphans && !c.read(|s| s.has_peer(peer)) {
         c.catch_up().await?;
     }
-    let (registered, drained, held, streams, due) = c.read(|s| {
+    let (registered, drained, held, streams, next_deadline) = c.read(|s| {
         let held = if release_orphans { s.leases_held_by(peer) } else { Vec::new() };
         let drained = release_orphans && s.peer(peer).is_some_and(|p| p.draining);
         (s.has_peer(peer), drained, held, s.leasable_streams_idle(peer), s.poll_timeout())
     });
     // Compared with the time a Tick would carry, not the wall clock: that
     // may be behind the state's time (and then no Tick would ever be due).
-    let due = due.is_some_and(|t| t <= c.stamp(now));
+    let due = next_deadline.is_some_and(|t| t <= c.stamp(now));
     let released = held.len() as u32;
     let lease = lease_max > 0 && !streams.is_empty();
     let status = c.status();

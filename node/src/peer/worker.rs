@@ -81,7 +81,6 @@ struct Running {
     /// ([`Runtime::monotonic`]): a third of the TTL after the grant or last
     /// renewal was asked for ([`renew_at`]).
     renew_at: Duration,
-    ttl_ms: u64,
     /// The lease was lost (renewal refused): no more renewals; the result
     /// is still reported and the state machine refuses its stale token.
     lost: bool,
@@ -403,12 +402,9 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
                     for (id, r) in ids.into_iter().zip(rs) {
                         let Some(run) = self.running.get_mut(&id) else { continue };
                         match r {
-                            Ok(expires_at) => {
-                                // The TTL the stream grants now (it may have
-                                // been changed since the grant).
-                                run.ttl_ms = expires_at.since(state_now).max(1);
-                                run.renew_at = renew_at(mono, run.ttl_ms);
-                            }
+                            // Renewed for the TTL the stream grants now (it
+                            // may have been changed since the grant).
+                            Ok(expires_at) => run.renew_at = renew_at(mono, expires_at.since(state_now).max(1)),
                             Err(e) => {
                                 tracing::warn!(peer = %me, job = %id, error = %e, "lease lost while running");
                                 run.lost = true;
@@ -466,8 +462,7 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
     /// between turns), well within the two thirds of the TTL a renewal
     /// leaves.
     fn track_running(&mut self, asked: Duration, g: LeaseGrant) {
-        let ttl_ms = g.lease_ttl_ms;
-        let r = Running { stream: g.stream, token: g.token, renew_at: renew_at(asked, ttl_ms), ttl_ms, lost: false };
+        let r = Running { stream: g.stream, token: g.token, renew_at: renew_at(asked, g.lease_ttl_ms), lost: false };
         if let Some(old) = self.running.insert(g.job, r) {
             // The job came back to this peer under a new lease while the run
             // of its lost one goes on: that run's report will be dropped
