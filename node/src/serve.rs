@@ -422,6 +422,7 @@ pub async fn run_peer(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let mut shutdown = Box::pin(shutdown);
+    let _stalls = crate::rt::watch_stalls();
     let mut rejoins = 0;
     loop {
         let began = std::time::Instant::now();

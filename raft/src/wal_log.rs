@@ -57,6 +57,9 @@ use crate::{invalid_data, log_range, Entry, ImpetusConfig, LogId, TypeConfig, Vo
 pub const WAL_RECORD_VERSION: u8 = 2;
 /// A segment is closed and a new one begun once it passes this size.
 pub const SEGMENT_BYTES: u64 = 32 << 20;
+/// A sync of the log at least this long is logged as a warning: a commit
+/// waits for it, so it explains a slow write (the disk, not Impetus).
+pub const SLOW_SYNC: std::time::Duration = std::time::Duration::from_millis(100);
 /// Bytes before each record's payload: its length and its CRC-32.
 const HEADER: usize = 8;
 const SUFFIX: &str = ".wal";
@@ -263,6 +266,7 @@ fn flusher<C: ImpetusConfig>(
                 files.push(job.file());
             }
         }
+        let started = std::time::Instant::now();
         let synced: io::Result<()> = match failed.get() {
             // Never acknowledge anything after a failed write or sync.
             Some(why) => Err(io::Error::other(format!("an earlier write failed: {why}"))),
@@ -270,6 +274,14 @@ fn flusher<C: ImpetusConfig>(
         };
         if let Err(e) = &synced {
             let _ = failed.set(e.to_string());
+        }
+        let took = started.elapsed();
+        if took >= SLOW_SYNC {
+            tracing::warn!(
+                took_ms = took.as_millis() as u64,
+                appends = batch.len(),
+                "the raft log's disk sync was slow: every write of this peer waited for it"
+            );
         }
         // `last_index`: the last entry this sync covers (an append queued
         // while it ran waits for the next one); computed only when traced.

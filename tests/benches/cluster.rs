@@ -31,8 +31,11 @@
 //! with the rounds that stalled over 10 ms counted, and
 //! a round trip on the peers' libp2p transport and on plain TCP, paced as
 //! the jobs are), one Raft write's latency, CPU per peer and of the rest of
-//! the machine, and when the slow paced jobs were submitted (UTC, to match
-//! the peers' logs). `--echo-server` is the floor probe's other end, which
+//! the machine, the machine's own pauses during the paced phase (a thread
+//! sleeping 1 ms woken late; CPU stolen by the VM's host: `floor::Hiccups`),
+//! and when the slow paced jobs were submitted (UTC, to match
+//! the peers' logs, where a peer warns of a raft log sync over 100 ms and of
+//! its runtime held up 100 ms or more). `--echo-server` is the floor probe's other end, which
 //! the bench starts itself.
 #![allow(clippy::print_stdout)]
 
@@ -614,6 +617,7 @@ async fn run(bin: &Path, dir: &Path, opts: &Opts, noop: Vec<u8>) -> Result<()> {
     c.create_stream(&paced, StreamProps { mpps: 1024, ..StreamProps::default() }).await?;
     let count = paced_count(quick);
     let paced_meter = CpuMeter::start(&pids);
+    let hiccups = floor::Hiccups::start();
     let t0 = Instant::now();
     let mut subs = Vec::with_capacity(count);
     for i in 0..count {
@@ -635,6 +639,15 @@ async fn run(bin: &Path, dir: &Path, opts: &Opts, noop: Vec<u8>) -> Result<()> {
     acks.sort_unstable();
     wait_drained(&c, &paced, Duration::from_secs(120)).await?;
     let paced_cpu = paced_meter.finish();
+    let (hiccups, stolen) = hiccups.finish();
+    let longest = hiccups.iter().max_by_key(|h| h.1).copied();
+    let hiccup_row = (
+        "machine, paced phase: 1 ms sleeps woken >10 ms late; longest; stolen",
+        match longest {
+            Some((at, us)) => format!("{}; {:.1} ms at {}; {stolen:.2} s", hiccups.len(), us as f64 / 1e3, utc(at)),
+            None => format!("0; -; {stolen:.2} s"),
+        },
+    );
     let (mut lat, mut lat_leader, mut lat_followers) = (Vec::new(), Vec::new(), Vec::new());
     // The leader's stamps on the submit's entry and the result's (ms): 0
     // for a job done in the entry that submits it.
@@ -697,7 +710,7 @@ async fn run(bin: &Path, dir: &Path, opts: &Opts, noop: Vec<u8>) -> Result<()> {
     }
     if paced_only {
         // `--paced-only`: the latency rows alone (for iterating on them).
-        for (name, value) in &floor_rows {
+        for (name, value) in floor_rows.iter().chain([&hiccup_row]) {
             println!("{name}: {value}");
         }
         println!(
@@ -825,6 +838,7 @@ async fn run(bin: &Path, dir: &Path, opts: &Opts, noop: Vec<u8>) -> Result<()> {
             paced_cpu.others
         )
     );
+    println!("{:<w$} {:>14}", hiccup_row.0, hiccup_row.1);
     if let (Some(first), Some(last)) = (slow.iter().min(), slow.iter().max()) {
         println!(
             "{:<w$} {:>14}",

@@ -49,6 +49,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use super::raft_rpc::{decode, encode, ttl_for, MAX_RAFT_FRAME};
+use crate::rt::AbortOnDrop;
 use crate::LATENCY;
 
 /// The protocol name of a replication session.
@@ -208,15 +209,6 @@ impl Session {
                 Some((Err(unreachable(s.target, format_args!("replication session: {e}"))), None))
             }
         }
-    }
-}
-
-/// Aborts its task when dropped: a session's writer ends with its reader.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

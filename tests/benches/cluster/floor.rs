@@ -225,3 +225,52 @@ pub fn paced_floor(stream_rtt: &[u64], quorum_flush: &[u64]) -> Vec<u64> {
     floor.sort_unstable();
     floor
 }
+
+/// The machine's own pauses while the peers run: a thread that sleeps 1 ms
+/// over and over and notes each wake-up over 10 ms late (a VM descheduled by
+/// its host, a stalled page fault), and the CPU time the host stole
+/// (`/proc/stat`). A paced job slow at the same moment as a hiccup was held up
+/// by the machine, not by Impetus.
+pub struct Hiccups {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<(u64, u64)>>,
+    steal: u64,
+}
+
+/// The longest a [`Hiccups`] meter runs: it stops by itself past this.
+const HICCUP_LIMIT: Duration = Duration::from_secs(600);
+
+/// Clock ticks the host stole from this VM so far (`/proc/stat`, field 8).
+fn steal_ticks() -> u64 {
+    let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    s.lines().next().and_then(|l| l.split_whitespace().nth(8)).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+impl Hiccups {
+    pub fn start() -> Hiccups {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let (started, mut late) = (Instant::now(), Vec::new());
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) && started.elapsed() < HICCUP_LIMIT {
+                let t = Instant::now();
+                std::thread::sleep(Duration::from_millis(1));
+                let over = t.elapsed().saturating_sub(Duration::from_millis(1));
+                if over > Duration::from_millis(10) {
+                    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                    late.push((now.as_millis() as u64, over.as_micros() as u64));
+                }
+            }
+            late
+        });
+        Hiccups { stop, thread, steal: steal_ticks() }
+    }
+
+    /// Stop; the wake-ups over 10 ms late (UTC ms when noticed, µs late) and
+    /// the seconds stolen meanwhile.
+    pub fn finish(self) -> (Vec<(u64, u64)>, f64) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let late = self.thread.join().unwrap_or_default();
+        (late, steal_ticks().saturating_sub(self.steal) as f64 / 100.0)
+    }
+}
