@@ -44,7 +44,8 @@ pub fn rss_bytes() -> u64 {
 }
 
 /// Aborts its task when dropped: a task that lives as long as its owner.
-pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
+#[derive(Debug)]
+pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
@@ -55,7 +56,7 @@ impl Drop for AbortOnDrop {
 /// How often [`watch_stalls`] wakes up.
 const STALL_PROBE: Duration = Duration::from_millis(50);
 /// A wake-up at least this late is logged: the runtime's thread was held.
-pub(crate) const STALL_WARN: Duration = Duration::from_millis(100);
+pub const STALL_WARN: Duration = Duration::from_millis(100);
 
 /// Watch this runtime for stalls: a task that sleeps [`STALL_PROBE`] over
 /// and over and warns when it wakes [`STALL_WARN`] or more late. Every
@@ -63,7 +64,7 @@ pub(crate) const STALL_WARN: Duration = Duration::from_millis(100);
 /// explains a slow job or a lost election; whether the machine paused too
 /// (a VM descheduled, swapping) shows in the logs of its other processes.
 /// Runs until its task is aborted (see [`AbortOnDrop`]).
-pub(crate) fn watch_stalls() -> AbortOnDrop {
+pub fn watch_stalls() -> AbortOnDrop {
     AbortOnDrop(tokio::spawn(async {
         loop {
             let asked = Instant::now();

@@ -302,7 +302,8 @@ async fn an_idle_leader_whose_clock_is_behind_the_state_still_ticks_a_delayed_jo
     ] {
         c.write(wall(), cmd).await.unwrap().unwrap();
     }
-    let idle = || WorkRequest { peer: PeerId(1), cmds: Vec::new(), lease_max: 0, release_orphans: false };
+    let idle =
+        || WorkRequest { peer: PeerId(1), cmds: Vec::new(), lease_max: 0, release_orphans: false, reconcile: None };
     let queued = || c.read(|st| st.stream_stats(&s).unwrap().queued);
     assert_eq!(queued(), 0, "the job waits out its delay");
     // 100 ms of the state's time is 200 ms here at most (half pace while
@@ -584,6 +585,10 @@ struct Gate {
     lose_heartbeat: std::sync::atomic::AtomicBool,
     /// Refuse this many worker turns that carry results.
     lose_results: std::sync::atomic::AtomicU32,
+    /// Commit this many worker turns that lease jobs, and lose their answers.
+    lose_lease_answers: std::sync::atomic::AtomicU32,
+    /// Commit the writes let through, and lose their answers.
+    lose_answers: std::sync::atomic::AtomicBool,
 }
 
 impl Default for Gate {
@@ -594,6 +599,8 @@ impl Default for Gate {
             submits_ran: Default::default(),
             lose_heartbeat: Default::default(),
             lose_results: Default::default(),
+            lose_lease_answers: Default::default(),
+            lose_answers: Default::default(),
         }
     }
 }
@@ -622,6 +629,9 @@ impl Consensus for Gated {
             }
         }
         let written = self.raft.write(now, cmd.clone()).await;
+        if holds_submit(&cmd) && self.gate.lose_answers.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(impetus_node::peer::ConsensusError::Unavailable("answer lost by the test".into()));
+        }
         if let (Command::SubmitRan { ran, .. }, Ok(Ok(Outcome::Batch(parts)))) = (&cmd, &written) {
             self.gate.submits_ran.lock().unwrap().push((ran.len(), parts[2].clone()));
         }
@@ -653,7 +663,12 @@ impl Consensus for Gated {
         if results && self.gate.lose_results.fetch_update(SeqCst, SeqCst, lose).is_ok() {
             return Err(impetus_node::peer::ConsensusError::Unavailable("results lost by the test".into()));
         }
-        impetus_node::peer::serve_work(self, now, req).await
+        let reply = impetus_node::peer::serve_work(self, now, req).await?;
+        let leased = matches!(&reply.leased, Some(Ok(Outcome::Leased(grants))) if !grants.is_empty());
+        if leased && self.gate.lose_lease_answers.fetch_update(SeqCst, SeqCst, lose).is_ok() {
+            return Err(impetus_node::peer::ConsensusError::Unavailable("answer lost by the test".into()));
+        }
+        Ok(reply)
     }
 }
 
@@ -1007,6 +1022,61 @@ async fn a_stopping_peer_sends_its_last_results_again_when_the_report_fails() {
     assert_eq!(gate.lose_results.load(SeqCst), 0, "the test lost no report");
     let job = p.read(|st| st.job(ids[0].job).unwrap());
     assert_eq!((job.status, job.attempts), (JobStatus::Succeeded, 1), "{job:?}");
+    p.read(|st| st.check_invariants());
+}
+
+/// A lease granted in an answer the worker never gets (lost on the way, or
+/// a leader that committed it and failed before answering) goes back to its
+/// queue with the worker's next turns, no attempt counted: the job runs at
+/// once, not after the lease's TTL, and a stream allowing one attempt does
+/// not lose it. It used to wait out the TTL, then go dead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_granted_in_a_lost_answer_is_handed_back_without_costing_an_attempt() {
+    let cfg = PeerConfig { poll_interval: Duration::from_millis(20), ..PeerConfig::default() };
+    let gate = Gate { lose_lease_answers: 1.into(), ..Gate::default() };
+    let (p, gate) = gated_peer_with(cfg, FakeRunner::default(), gate).await;
+    let props = StreamProps { lease_ttl_ms: 60_000, max_attempts: 1, ..StreamProps::default() };
+    let s = setup(&p, props).await;
+    // Held back, so the submit leases nothing itself: a worker turn leases
+    // it once it is due, and the test loses that turn's answer.
+    let submit = spawn_submit(&p, &s, vec![NewJob { delay_ms: 100, ..new_job("7") }]);
+    gate.pass(false);
+    let Outcome::Submitted(ids) = submit.await.unwrap().unwrap() else { panic!("not submitted") };
+    let done = wait_final(&p, 1).await;
+    assert_eq!(gate.lose_lease_answers.load(SeqCst), 0, "the test lost an answer");
+    let job = p.read(|st| st.job(ids[0].job).unwrap());
+    assert_eq!(done[0].id, job.id);
+    assert_eq!(
+        (job.status, job.attempts, job.result.as_deref()),
+        (JobStatus::Succeeded, 1, Some(&b"49"[..])),
+        "{job:?}"
+    );
+    assert_eq!(p.read(|st| st.stream_stats(&s).unwrap().expired_leases_total), 0, "no lease waited out its TTL");
+    p.read(|st| st.check_invariants());
+}
+
+/// The same for a submit the leader fused with a lease for itself: the
+/// write commits, its answer is lost, so the grant never reaches the worker
+/// loop and the early run is dropped. The lease is handed back and the job
+/// runs again at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fused_lease_whose_answer_is_lost_is_handed_back_without_costing_an_attempt() {
+    let cfg = PeerConfig { poll_interval: Duration::from_millis(20), ..PeerConfig::default() };
+    let gate = Gate { lose_answers: true.into(), ..Gate::default() };
+    let (p, gate) = gated_peer_with(cfg, FakeRunner::default(), gate).await;
+    let props = StreamProps { lease_ttl_ms: 60_000, max_attempts: 1, ..StreamProps::default() };
+    let s = setup(&p, props).await;
+    let submit = spawn_submit(&p, &s, vec![new_job("8")]);
+    gate.pass(false);
+    let err = submit.await.unwrap().unwrap_err();
+    assert!(err.contains("answer lost by the test"), "{err}");
+    let done = wait_final(&p, 1).await;
+    assert_eq!(
+        (done[0].status, done[0].attempts, done[0].result.as_deref()),
+        (JobStatus::Succeeded, 1, Some(&b"64"[..]))
+    );
+    assert_eq!(p.read(|st| st.stream_stats(&s).unwrap().expired_leases_total), 0, "no lease waited out its TTL");
+    assert!(gate.lose_answers.load(SeqCst));
     p.read(|st| st.check_invariants());
 }
 

@@ -19,8 +19,9 @@ use crate::wire;
 /// Version of the client protocol encoding. A peer refuses any other.
 /// 2: `Submitted` carries the job's status; 3: a `PeerRecord` carries its
 /// idle slots per stream; 4: a `PeerInfo` carries its `Seat`; 5: a
-/// `WorkReply` and a `ClusterStatus` carry the state's time.
-pub const CLIENT_API_VERSION: u8 = 5;
+/// `WorkReply` and a `ClusterStatus` carry the state's time; 6: a
+/// `WorkRequest` may ask to reconcile its leases (`reconcile`).
+pub const CLIENT_API_VERSION: u8 = 6;
 
 /// A client's request to a peer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,6 +86,14 @@ pub struct WorkRequest {
     pub lease_max: u32,
     /// Hand back every lease `peer` holds first (a restarted peer's orphans).
     pub release_orphans: bool,
+    /// Hand back first every lease `peer` holds but those of these jobs
+    /// (the ones it runs), without counting an attempt: leases granted in
+    /// an answer that never reached it (lost on the way, or a leader that
+    /// committed them and failed before answering) then go back to their
+    /// queue at once instead of waiting out their TTL and costing an
+    /// attempt. `None`: hand back nothing (but see `release_orphans`).
+    #[serde(deserialize_with = "crate::wire::bounded::running_jobs")]
+    pub reconcile: Option<Vec<JobId>>,
 }
 
 /// The answer to a [`WorkRequest`].
@@ -92,7 +101,7 @@ pub struct WorkRequest {
 pub struct WorkReply {
     /// Whether the registry knows the peer.
     pub registered: bool,
-    /// Leases handed back (with `release_orphans`).
+    /// Leases handed back (with `release_orphans` or `reconcile`).
     pub released: u32,
     /// One outcome per command sent, in order.
     #[serde(deserialize_with = "crate::wire::bounded::worker_outcomes")]
@@ -143,6 +152,15 @@ impl ClientRequest {
                         len: w.cmds.len(),
                         max: limits::MAX_BATCH,
                     });
+                }
+                if let Some(jobs) = &w.reconcile {
+                    if jobs.len() > limits::MAX_BATCH {
+                        return Err(InvalidInput::TooLarge {
+                            what: "running jobs",
+                            len: jobs.len(),
+                            max: limits::MAX_BATCH,
+                        });
+                    }
                 }
                 w.cmds.iter().try_for_each(client_command)
             }
@@ -436,6 +454,7 @@ mod tests {
                 cmds: vec![Command::Tick],
                 lease_max: 16,
                 release_orphans: true,
+                reconcile: Some(vec![JobId(7), JobId(9)]),
             }),
         ]
     }
@@ -503,14 +522,21 @@ mod tests {
         let mut bytes = encode_request(&ClientRequest::Status);
         bytes[0] = CLIENT_API_VERSION + 1;
         let err = decode_request(&bytes).unwrap_err();
-        assert!(matches!(err, DecodeError::Version { found: 6, expected: 5, .. }), "{err:?}");
-        assert_eq!(err.to_string(), "unsupported client request version 6 (this build speaks version 5)");
+        let (found, expected) = (CLIENT_API_VERSION + 1, CLIENT_API_VERSION);
+        assert!(
+            matches!(err, DecodeError::Version { found: f, expected: e, .. } if (f, e) == (found, expected)),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            format!("unsupported client request version {found} (this build speaks version {expected})")
+        );
 
         let mut bytes = encode_response(&ClientResponse::HasModule(false));
         bytes[0] = 0;
         assert_eq!(
             decode_response(&bytes).unwrap_err().to_string(),
-            "unsupported client response version 0 (this build speaks version 5)"
+            format!("unsupported client response version 0 (this build speaks version {CLIENT_API_VERSION})")
         );
     }
 
@@ -563,7 +589,13 @@ mod tests {
         let cmd =
             Command::SubmitRan { stream: stream(), jobs: vec![job], peer: crate::PeerId(1), max: 1, ran: vec![ran] };
         let work = |cmds| {
-            ClientRequest::Work(WorkRequest { peer: crate::PeerId(1), cmds, lease_max: 0, release_orphans: false })
+            ClientRequest::Work(WorkRequest {
+                peer: crate::PeerId(1),
+                cmds,
+                lease_max: 0,
+                release_orphans: false,
+                reconcile: None,
+            })
         };
         for req in [
             ClientRequest::Write(cmd.clone()),

@@ -227,6 +227,7 @@ pub(crate) mod bounded {
         worker_outcomes = bounded_length("worker outcomes", MAX_BATCH);
         job_status_list = bounded_length("job status list", MAX_BATCH);
         job_list = bounded_length("job list", MAX_BATCH);
+        running_jobs = bounded_length("running jobs", MAX_BATCH);
         args_and_env = bounded_length("arguments and environment", MAX_ARGS);
         peer_addresses = bounded_length("peer addresses", MAX_BATCH);
         peer_labels = bounded_length("peer labels", MAX_PEER_LIST);
@@ -447,10 +448,15 @@ mod tests {
             assert_eq!(err, want);
         }
         // The same in a worker's request: its commands come after its peer.
-        let req =
-            crate::api::WorkRequest { peer: crate::PeerId(4), cmds: vec![], lease_max: 0, release_orphans: false };
+        let req = crate::api::WorkRequest {
+            peer: crate::PeerId(4),
+            cmds: vec![],
+            lease_max: 0,
+            release_orphans: false,
+            reconcile: None,
+        };
         let empty = crate::api::encode_request(&crate::api::ClientRequest::Work(req));
-        assert_eq!(empty[2..], [4, 0, 0, 0], "peer, no commands, lease_max, release_orphans");
+        assert_eq!(empty[2..], [4, 0, 0, 0, 0], "peer, no commands, lease_max, release_orphans, reconcile");
         let mut work = empty[..3].to_vec();
         varint(n, &mut work);
         work.resize(work.len() + n, 0);

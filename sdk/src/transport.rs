@@ -377,7 +377,8 @@ mod tests {
             // A well-formed frame with a wrong version becomes an answerable error.
             let mut wrong = Cursor::new([0, 0, 0, 2, 9, 0].to_vec());
             let req = c.read_request(&CLIENT_PROTOCOL, &mut wrong).await.unwrap();
-            assert_eq!(req, Err("unsupported client request version 9 (this build speaks version 5)".into()));
+            let speaks = impetus_proto::api::CLIENT_API_VERSION;
+            assert_eq!(req, Err(format!("unsupported client request version 9 (this build speaks version {speaks})")));
             // A garbage response is an InvalidData error naming the problem.
             let version = impetus_proto::api::CLIENT_API_VERSION;
             let mut garbage = Cursor::new([0, 0, 0, 3, version, 200, 200].to_vec());

@@ -223,7 +223,11 @@ fn replay(
             };
             presented.push(items);
         }
-        let leases_before: BTreeMap<JobId, Option<Lease>> = state
+        // The leases before each command of the entry: a lease a command
+        // ended (a release, a failed attempt) may be granted again by a
+        // later one (a worker's turn hands back leases it never got, then
+        // leases).
+        let mut leases_before: BTreeMap<JobId, Option<Lease>> = state
             .jobs(&impetus_queue::JobFilter { limit: usize::MAX, ..Default::default() })
             .into_iter()
             .map(|j| (j.id, j.lease))
@@ -288,6 +292,9 @@ fn replay(
                 }
                 if matches!(c, Command::Complete { .. }) {
                     one_result(index, *job, &mut completions)?;
+                }
+                if matches!(c, Command::Release { .. } | Command::Fail { .. }) {
+                    leases_before.insert(*job, None);
                 }
             }
         }

@@ -1,9 +1,10 @@
 //! What the peer needs from Raft: commit a command, read the applied state.
 
+use std::collections::BTreeSet;
 use std::future::Future;
 
 use impetus_proto::api::{WorkReply, WorkRequest};
-use impetus_proto::{limits, ApplyError, ApplyResult, Command, ModuleHash, Outcome, Timestamp};
+use impetus_proto::{limits, ApplyError, ApplyResult, Command, JobId, ModuleHash, Outcome, Timestamp};
 use impetus_queue::State;
 
 /// Why a write did not commit.
@@ -84,7 +85,8 @@ pub trait Consensus: Send + Sync + 'static {
 
 /// One turn of a worker, against `c`'s state: at a peer's start
 /// (`release_orphans`), clear the draining mark its last run left and hand
-/// back its orphaned leases; commit the worker's commands, lease up to `lease_max` jobs from
+/// back its orphaned leases; asked to `reconcile`, hand back the leases it
+/// holds but does not run (granted in an answer it never got); commit the worker's commands, lease up to `lease_max` jobs from
 /// the streams it may lease from — all as one entry (group commit). On an
 /// idle leader with a deadline due (a delayed job, an expiring lease) a bare
 /// `Tick` advances time.
@@ -93,7 +95,8 @@ pub async fn serve_work<C: Consensus + ?Sized>(
     now: Timestamp,
     req: WorkRequest,
 ) -> Result<WorkReply, ConsensusError> {
-    let WorkRequest { peer, cmds, lease_max, release_orphans } = req;
+    let WorkRequest { peer, cmds, lease_max, release_orphans, reconcile } = req;
+    let keep: Option<BTreeSet<JobId>> = reconcile.map(|running| running.into_iter().collect());
     // A starting peer the registry does not know is taken for removed
     // (`PeerError::Removed`): say so only from a state caught up to a read
     // point the leader confirms (a leader just elected, a voter's replica,
@@ -102,7 +105,10 @@ pub async fn serve_work<C: Consensus + ?Sized>(
         c.catch_up().await?;
     }
     let (registered, drained, held, streams, next_deadline) = c.read(|s| {
-        let held = if release_orphans { s.leases_held_by(peer) } else { Vec::new() };
+        let mut held = if release_orphans || keep.is_some() { s.leases_held_by(peer) } else { Vec::new() };
+        if let (false, Some(keep)) = (release_orphans, &keep) {
+            held.retain(|(job, _)| !keep.contains(job));
+        }
         let drained = release_orphans && s.peer(peer).is_some_and(|p| p.draining);
         (s.has_peer(peer), drained, held, s.leasable_streams_idle(peer), s.poll_timeout())
     });
@@ -158,10 +164,19 @@ pub async fn serve_work<C: Consensus + ?Sized>(
         }
     }
     if released > 0 && !outcomes.is_empty() {
-        if let Err(e) = outcomes.remove(0) {
-            tracing::warn!(%peer, error = %e, "handing back orphaned leases refused");
-            reply.released = 0;
-        }
+        reply.released = match outcomes.remove(0) {
+            // A lease that changed since it was read (expired, completed)
+            // is refused alone.
+            Ok(Outcome::Released(each)) => each.iter().filter(|r| r.is_ok()).count() as u32,
+            Ok(other) => {
+                tracing::warn!(%peer, outcome = ?other, "handing back orphaned leases answered out of turn");
+                0
+            }
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "handing back orphaned leases refused");
+                0
+            }
+        };
     }
     let rest = outcomes.split_off(sent.min(outcomes.len()));
     reply.outcomes = outcomes;

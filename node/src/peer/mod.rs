@@ -100,6 +100,14 @@ pub enum PeerError {
 pub(crate) struct Slots {
     capacity: u32,
     taken: AtomicU32,
+    /// Fused submits between [`Peer::fuse`] and the end of [`Peer::unfuse`]
+    /// (their [`FusedLease`] alive): their grants may be committed before
+    /// the worker loop learns of them, so it does not reconcile meanwhile.
+    fusing: AtomicU32,
+    /// Leases may have been granted to this peer in an answer it never got
+    /// (a write that failed, or was given up, may have committed): the
+    /// worker loop reconciles its leases with the cluster's next turns.
+    unsure: AtomicBool,
 }
 
 impl Slots {
@@ -119,6 +127,21 @@ impl Slots {
             debug_assert!(t >= n, "gave back {n} of {t} slots taken");
             Some(t.saturating_sub(n))
         });
+    }
+
+    /// How many fused submits are under way ([`Slots::fusing`]).
+    pub fn fusing(&self) -> u32 {
+        self.fusing.load(Ordering::SeqCst)
+    }
+
+    /// Note that leases may have been granted in a lost answer.
+    pub fn set_unsure(&self) {
+        self.unsure.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether leases may have been granted in a lost answer since asked last.
+    pub fn take_unsure(&self) -> bool {
+        self.unsure.swap(false, Ordering::SeqCst)
     }
 }
 
@@ -148,10 +171,26 @@ struct FusedLease {
     /// Early runs whose results are written with the submit (in the order
     /// of the command's `ran`); their slots are counted in `free`.
     carried: Vec<early::EarlyRun>,
+    /// The write's outcome is known: its grants (if any) reached the
+    /// worker loop. Dropped unsettled, it may have leased jobs to this
+    /// peer that nothing here runs.
+    settled: bool,
+}
+
+impl FusedLease {
+    fn new(pool: Arc<Slots>, free: u32, jobs: u32, early: Vec<early::EarlyRun>, ends: Arc<Notify>) -> FusedLease {
+        pool.fusing.fetch_add(1, Ordering::SeqCst);
+        FusedLease { pool, free, jobs, early, ends, carried: Vec::new(), settled: false }
+    }
 }
 
 impl Drop for FusedLease {
     fn drop(&mut self) {
+        // After every grant of the write went to the worker loop (`unfuse`).
+        if !self.settled {
+            self.pool.set_unsure();
+        }
+        let _ = self.pool.fusing.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
         self.pool.give(std::mem::take(&mut self.free));
         for e in self.early.drain(..) {
             e.orphan(&self.pool, true);
@@ -280,7 +319,8 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
         // their jobs go back to the queue without counting an attempt.
         let known = match id {
             Some(id) => {
-                let hello = WorkRequest { peer: id, cmds: Vec::new(), lease_max: 0, release_orphans: true };
+                let hello =
+                    WorkRequest { peer: id, cmds: Vec::new(), lease_max: 0, release_orphans: true, reconcile: None };
                 let reply = Self::hello(&rt, &consensus, hello).await?;
                 if reply.released > 0 {
                     tracing::info!(peer = %id, released = reply.released, "handed back leases left by an earlier run");
@@ -310,7 +350,12 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
             }
         };
         let (events, rx) = tokio::sync::mpsc::unbounded_channel();
-        let slots = Arc::new(Slots { capacity: cfg.capacity, taken: AtomicU32::new(0) });
+        let slots = Arc::new(Slots {
+            capacity: cfg.capacity,
+            taken: AtomicU32::new(0),
+            fusing: AtomicU32::new(0),
+            unsure: AtomicBool::new(false),
+        });
         let inner = Arc::new(Inner {
             rt,
             consensus,
@@ -435,7 +480,7 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
         let ends = Arc::new(Notify::new());
         let early = self.start_early(stream, jobs, slots, &ends);
         let free = slots - early.len() as u32;
-        let fused = FusedLease { pool: inner.slots.clone(), free, jobs: count, early, carried: Vec::new(), ends };
+        let fused = FusedLease::new(inner.slots.clone(), free, count, early, ends);
         (cmd, Fused { wakes: true, lease: Some(fused) })
     }
 
@@ -498,8 +543,14 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
         let inner = &self.inner;
         let mut parts = match written {
             Ok(Ok(Outcome::Batch(parts))) if (2..=3).contains(&parts.len()) => parts.into_iter(),
-            other => return other,
+            other => {
+                // Answered (a refusal commits nothing): known. Failed, the
+                // write may yet commit, lease and all ([`Slots::unsure`]).
+                lease.settled = other.is_ok();
+                return other;
+            }
         };
+        lease.settled = true;
         let (Some(mut submit), Some(leased)) = (parts.next(), parts.next()) else { unreachable!("two parts or three") };
         let mut grants = match leased {
             Ok(Outcome::Leased(grants)) => grants,

@@ -35,6 +35,13 @@ pub const REPORT_BYTES: usize = MAX_MESSAGE_BYTES / 4;
 /// the results it holds when the cluster cannot be reached.
 pub const REPORT_AFTER_GRACE: Duration = Duration::from_secs(10);
 
+/// Turns in a row that reconcile this peer's leases with the cluster after a
+/// turn that asked for a lease failed ([`WorkRequest::reconcile`]): the
+/// write that granted them may commit after the first (a forwarded request
+/// given up while the leader still works on it, an entry the next leader
+/// commits).
+pub const RECONCILE_TURNS: u32 = 3;
+
 /// Per-record room a report takes besides its bytes (ids, token, kind).
 const REPORT_OVERHEAD: usize = 64;
 
@@ -128,6 +135,7 @@ pub(super) async fn run<R: Runtime, C: Consensus, X: JobRunner>(
         last_heartbeat: Timestamp::ZERO,
         grace_deadline: None,
         said_removed: false,
+        reconcile_turns: 0,
     };
     let poll = inner.cfg.poll_interval;
     // A job granted by a fused submit only needs tracking: a turn then
@@ -137,11 +145,14 @@ pub(super) async fn run<R: Runtime, C: Consensus, X: JobRunner>(
     let mut turn = true;
     let mut deadline = Timestamp::ZERO;
     loop {
+        // Before the events are taken: a fused submit that ended since
+        // sent its grants first ([`super::Slots::fusing`]), so they are taken now.
+        let quiet = inner.slots.fusing() == 0;
         while let Ok(event) = rx.try_recv() {
             turn |= w.event(event);
         }
         if turn {
-            let (finished, again) = w.turn().await;
+            let (finished, again) = w.turn(quiet).await;
             if finished {
                 break;
             }
@@ -179,6 +190,8 @@ struct Worker<R, C, X> {
     grace_deadline: Option<Timestamp>,
     /// Whether this peer has said that the cluster no longer has it.
     said_removed: bool,
+    /// Turns left that reconcile this peer's leases ([`RECONCILE_TURNS`]).
+    reconcile_turns: u32,
 }
 
 /// Run a job granted by a fused submit: the worker loop learns of it first
@@ -269,7 +282,9 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
     }
 
     /// One round trip to consensus. Returns (stop now, go again at once).
-    async fn turn(&mut self) -> (bool, bool) {
+    /// `quiet`: no fused submit was under way before the events were taken,
+    /// so every lease this peer holds and runs is in `running`.
+    async fn turn(&mut self, quiet: bool) -> (bool, bool) {
         let inner = self.inner.clone();
         let now = inner.rt.now();
         let mono = inner.rt.monotonic();
@@ -293,6 +308,15 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
             return (true, false);
         }
 
+        // The leases this peer keeps when it reconciles: the jobs it runs,
+        // and those whose reports wait to be sent (this turn or later).
+        let keep: Vec<JobId> = self
+            .running
+            .keys()
+            .copied()
+            .chain(self.completions.iter().map(|c| c.job))
+            .chain(self.failures.iter().map(|f| f.job))
+            .collect();
         let mut cmds = Vec::new();
         let mut sent = Vec::new();
         let (completions, failures) = take_reports(&mut self.completions, &mut self.failures, REPORT_BYTES);
@@ -345,12 +369,23 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
         // (`Peer::fuse`), take them only when its (freshest) state has work.
         let idle_leader = leader && inner.consensus.read(|s| s.leasable_streams(me).is_empty());
         let lease_max = if stopping || idle_leader { 0 } else { inner.slots.take(inner.cfg.max_lease_batch) };
-        if cmds.is_empty() && lease_max == 0 && !leader {
+        // Leases granted in an answer this peer never got go back to their
+        // queue (no attempt counted) instead of waiting out their TTL. Not
+        // while a fused submit is under way: its grants may be committed
+        // before they reach this loop. (One that starts after `quiet` was
+        // read commits well after the leader reads the state for this turn,
+        // which it does before any await.)
+        if inner.slots.take_unsure() {
+            self.reconcile_turns = RECONCILE_TURNS;
+        }
+        let reconcile = (self.reconcile_turns > 0 && quiet && keep.len() <= MAX_BATCH).then_some(keep);
+        if cmds.is_empty() && lease_max == 0 && !leader && reconcile.is_none() {
             // Nothing to say and no room: only a leader has a reason to
             // look (a deadline may be due).
             return (all_sent, false);
         }
-        let req = WorkRequest { peer: me, cmds, lease_max, release_orphans: false };
+        let reconciling = reconcile.is_some();
+        let req = WorkRequest { peer: me, cmds, lease_max, release_orphans: false, reconcile };
         let work = inner.consensus.work(now, req);
         let replied = match give_up_at {
             Some(at) => tokio::select! {
@@ -366,7 +401,11 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
             Ok(reply) => reply,
             Err(e) => {
                 // Nothing is lost: results (and a heartbeat) are kept and
-                // sent again next turn.
+                // sent again next turn. A lease may have been granted all
+                // the same, in the answer that did not come.
+                if lease_max > 0 {
+                    self.reconcile_turns = RECONCILE_TURNS;
+                }
                 inner.slots.give(lease_max);
                 self.last_heartbeat = heartbeat_before;
                 tracing::warn!(peer = %me, error = %e, "could not reach consensus; will retry");
@@ -384,6 +423,16 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
             }
         };
         self.track(now, &reply.streams);
+        if reconciling {
+            self.reconcile_turns = self.reconcile_turns.saturating_sub(1);
+            if reply.released > 0 {
+                tracing::info!(
+                    peer = %me,
+                    released = reply.released,
+                    "handed back leases granted in an answer this peer never got; their jobs run again, no attempt counted"
+                );
+            }
+        }
         let state_now = reply.now;
         let outcomes = reply.outcomes;
         for (kind, result) in sent.into_iter().zip(outcomes) {
