@@ -86,14 +86,26 @@ pub struct WorkRequest {
     pub lease_max: u32,
     /// Hand back every lease `peer` holds first (a restarted peer's orphans).
     pub release_orphans: bool,
-    /// Hand back first every lease `peer` holds but those of these jobs
-    /// (the ones it runs), without counting an attempt: leases granted in
-    /// an answer that never reached it (lost on the way, or a leader that
-    /// committed them and failed before answering) then go back to their
-    /// queue at once instead of waiting out their TTL and costing an
-    /// attempt. `None`: hand back nothing (but see `release_orphans`).
+    /// Hand back first the leases `peer` holds that it does not run,
+    /// without counting an attempt: leases granted in an answer that never
+    /// reached it (lost on the way, or a leader that committed them and
+    /// failed before answering) then go back to their queue at once instead
+    /// of waiting out their TTL and costing an attempt. `None`: hand back
+    /// nothing (but see `release_orphans`).
+    pub reconcile: Option<Reconcile>,
+}
+
+/// Which leases a worker keeps when it reconciles ([`WorkRequest::reconcile`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reconcile {
+    /// The jobs it runs or has a report of to send: their leases stay.
     #[serde(deserialize_with = "crate::wire::bounded::running_jobs")]
-    pub reconcile: Option<Vec<JobId>>,
+    pub keep: Vec<JobId>,
+    /// Only a lease granted at or before this log index may go (a lease's
+    /// fencing token is the index of the entry that granted it): a later
+    /// one may be a grant still on its way to the worker (on a leader, a
+    /// submit it fused with a lease for itself). `None`: any.
+    pub through: Option<u64>,
 }
 
 /// The answer to a [`WorkRequest`].
@@ -153,11 +165,11 @@ impl ClientRequest {
                         max: limits::MAX_BATCH,
                     });
                 }
-                if let Some(jobs) = &w.reconcile {
-                    if jobs.len() > limits::MAX_BATCH {
+                if let Some(Reconcile { keep, .. }) = &w.reconcile {
+                    if keep.len() > limits::MAX_BATCH {
                         return Err(InvalidInput::TooLarge {
                             what: "running jobs",
-                            len: jobs.len(),
+                            len: keep.len(),
                             max: limits::MAX_BATCH,
                         });
                     }
@@ -454,7 +466,7 @@ mod tests {
                 cmds: vec![Command::Tick],
                 lease_max: 16,
                 release_orphans: true,
-                reconcile: Some(vec![JobId(7), JobId(9)]),
+                reconcile: Some(Reconcile { keep: vec![JobId(7), JobId(9)], through: Some(40) }),
             }),
         ]
     }

@@ -40,8 +40,9 @@ fn no_lease_over_a_live_one(
     now: Timestamp,
     grants: &[LeaseGrant],
     leases_before: &BTreeMap<JobId, Option<Lease>>,
+    ended: &std::collections::BTreeSet<JobId>,
 ) -> Result<(), Failure> {
-    for g in grants {
+    for g in grants.iter().filter(|g| !ended.contains(&g.job)) {
         if let Some(Some(l)) = leases_before.get(&g.job) {
             if l.expires_at > now {
                 return Err(fail(
@@ -223,11 +224,12 @@ fn replay(
             };
             presented.push(items);
         }
-        // The leases before each command of the entry: a lease a command
-        // ended (a release, a failed attempt) may be granted again by a
-        // later one (a worker's turn hands back leases it never got, then
-        // leases).
-        let mut leases_before: BTreeMap<JobId, Option<Lease>> = state
+        // Leases an accepted command of this entry ended (a release, a
+        // result, a failed attempt): no later command of it may present
+        // them, and a later lease may grant their jobs again (a worker's
+        // turn hands back leases it never got, then leases).
+        let mut ended: std::collections::BTreeSet<JobId> = std::collections::BTreeSet::new();
+        let leases_before: BTreeMap<JobId, Option<Lease>> = state
             .jobs(&impetus_queue::JobFilter { limit: usize::MAX, ..Default::default() })
             .into_iter()
             .map(|j| (j.id, j.lease))
@@ -248,7 +250,7 @@ fn replay(
                 (Command::Renew { .. }, Some(Outcome::Renewed(rs))) => rs.iter().map(Result::is_ok).collect(),
                 (Command::Release { .. }, Some(Outcome::Released(rs))) => rs.iter().map(Result::is_ok).collect(),
                 (Command::Lease { .. }, Some(Outcome::Leased(grants))) => {
-                    no_lease_over_a_live_one(index, now, grants, &leases_before)?;
+                    no_lease_over_a_live_one(index, now, grants, &leases_before, &ended)?;
                     Vec::new()
                 }
                 (Command::SubmitRan { peer, ran, .. }, Some(Outcome::Batch(parts))) => {
@@ -256,7 +258,7 @@ fn replay(
                     // for a new job its own lease granted to the peer that
                     // ran it, and the job's only result.
                     let [submitted, Ok(Outcome::Leased(grants)), completed] = parts.as_slice() else { continue };
-                    no_lease_over_a_live_one(index, now, grants, &leases_before)?;
+                    no_lease_over_a_live_one(index, now, grants, &leases_before, &ended)?;
                     let taken = ran_results(ran.iter().map(|r| r.index), submitted, completed);
                     for (sub, _) in taken.into_iter().filter(|(_, r)| r.is_ok()) {
                         let granted = grants.iter().any(|g| g.job == sub.job && g.token.0 == index);
@@ -279,7 +281,8 @@ fn replay(
                 if !ok {
                     continue;
                 }
-                let valid = lease.is_some_and(|l| l.token == *token && l.peer == *peer && l.expires_at > now);
+                let valid = !ended.contains(job)
+                    && lease.is_some_and(|l| l.token == *token && l.peer == *peer && l.expires_at > now);
                 if !valid {
                     return Err(fail(
                         "lease-audit",
@@ -293,8 +296,8 @@ fn replay(
                 if matches!(c, Command::Complete { .. }) {
                     one_result(index, *job, &mut completions)?;
                 }
-                if matches!(c, Command::Release { .. } | Command::Fail { .. }) {
-                    leases_before.insert(*job, None);
+                if !matches!(c, Command::Renew { .. }) {
+                    ended.insert(*job);
                 }
             }
         }

@@ -18,7 +18,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use impetus_proto::api::WorkRequest;
+use impetus_proto::api::{Reconcile, WorkRequest};
 use impetus_proto::limits::{MAX_BATCH, MAX_MESSAGE_BYTES};
 use impetus_proto::{
     ApplyError, Command, Completion, ErrorKind, ErrorRecord, Failure, FencingToken, JobId, LeaseGrant, Outcome,
@@ -35,12 +35,13 @@ pub const REPORT_BYTES: usize = MAX_MESSAGE_BYTES / 4;
 /// the results it holds when the cluster cannot be reached.
 pub const REPORT_AFTER_GRACE: Duration = Duration::from_secs(10);
 
-/// Turns in a row that reconcile this peer's leases with the cluster after a
-/// turn that asked for a lease failed ([`WorkRequest::reconcile`]): the
-/// write that granted them may commit after the first (a forwarded request
-/// given up while the leader still works on it, an entry the next leader
-/// commits).
-pub const RECONCILE_TURNS: u32 = 3;
+/// How long after a turn that asked for a lease failed (or a fused submit's
+/// write did) the worker's turns reconcile its leases with the cluster
+/// ([`WorkRequest::reconcile`]): the write that granted them may commit a
+/// while after it failed here (a forwarded request given up while the
+/// leader still works on it, an entry the next leader commits after its
+/// election, ~2 s).
+pub const RECONCILE_FOR: Duration = Duration::from_secs(5);
 
 /// Per-record room a report takes besides its bytes (ids, token, kind).
 const REPORT_OVERHEAD: usize = 64;
@@ -135,7 +136,7 @@ pub(super) async fn run<R: Runtime, C: Consensus, X: JobRunner>(
         last_heartbeat: Timestamp::ZERO,
         grace_deadline: None,
         said_removed: false,
-        reconcile_turns: 0,
+        reconcile_until: None,
     };
     let poll = inner.cfg.poll_interval;
     // A job granted by a fused submit only needs tracking: a turn then
@@ -145,14 +146,12 @@ pub(super) async fn run<R: Runtime, C: Consensus, X: JobRunner>(
     let mut turn = true;
     let mut deadline = Timestamp::ZERO;
     loop {
-        // Before the events are taken: a fused submit that ended since
-        // sent its grants first ([`super::Slots::fusing`]), so they are taken now.
-        let quiet = inner.slots.fusing() == 0;
+        let fused = FusedView::now(&inner);
         while let Ok(event) = rx.try_recv() {
             turn |= w.event(event);
         }
         if turn {
-            let (finished, again) = w.turn(quiet).await;
+            let (finished, again) = w.turn(fused).await;
             if finished {
                 break;
             }
@@ -190,8 +189,34 @@ struct Worker<R, C, X> {
     grace_deadline: Option<Timestamp>,
     /// Whether this peer has said that the cluster no longer has it.
     said_removed: bool,
-    /// Turns left that reconcile this peer's leases ([`RECONCILE_TURNS`]).
-    reconcile_turns: u32,
+    /// Until when (on the monotonic clock) its turns reconcile this peer's
+    /// leases ([`RECONCILE_FOR`]).
+    reconcile_until: Option<Duration>,
+}
+
+/// What the worker loop knew of fused submits ([`super::Peer::fuse`])
+/// before it took its events, so that reconciling never hands back a lease
+/// one of them granted while the job runs.
+#[derive(Clone, Copy, Debug)]
+struct FusedView {
+    /// No fused submit was under way ([`super::Slots::fusing`]): one that
+    /// ended had sent its grants to the loop before, so they are taken
+    /// with the events.
+    quiet: bool,
+    /// On the leader, its applied index, read before `quiet`: a fused
+    /// submit that starts after that is written at a later index, and so
+    /// are its grants' tokens ([`Reconcile::through`]). Elsewhere no fused
+    /// submit starts.
+    through: Option<u64>,
+}
+
+impl FusedView {
+    fn now<R: Runtime, C: Consensus, X: JobRunner>(inner: &Inner<R, C, X>) -> FusedView {
+        let status = inner.consensus.status();
+        let through =
+            (status.leader == Some(status.node)).then(|| inner.consensus.read(impetus_queue::State::applied_index));
+        FusedView { quiet: inner.slots.fusing() == 0, through }
+    }
 }
 
 /// Run a job granted by a fused submit: the worker loop learns of it first
@@ -282,9 +307,8 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
     }
 
     /// One round trip to consensus. Returns (stop now, go again at once).
-    /// `quiet`: no fused submit was under way before the events were taken,
-    /// so every lease this peer holds and runs is in `running`.
-    async fn turn(&mut self, quiet: bool) -> (bool, bool) {
+    /// `fused`: what it knew of fused submits before the events were taken.
+    async fn turn(&mut self, fused: FusedView) -> (bool, bool) {
         let inner = self.inner.clone();
         let now = inner.rt.now();
         let mono = inner.rt.monotonic();
@@ -309,13 +333,14 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
         }
 
         // The leases this peer keeps when it reconciles: the jobs it runs,
-        // and those whose reports wait to be sent (this turn or later).
+        // and those whose reports (or hand-backs) wait to be sent.
         let keep: Vec<JobId> = self
             .running
             .keys()
             .copied()
             .chain(self.completions.iter().map(|c| c.job))
             .chain(self.failures.iter().map(|f| f.job))
+            .chain(self.releases.iter().map(|(job, _)| *job))
             .collect();
         let mut cmds = Vec::new();
         let mut sent = Vec::new();
@@ -371,14 +396,17 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
         let lease_max = if stopping || idle_leader { 0 } else { inner.slots.take(inner.cfg.max_lease_batch) };
         // Leases granted in an answer this peer never got go back to their
         // queue (no attempt counted) instead of waiting out their TTL. Not
-        // while a fused submit is under way: its grants may be committed
-        // before they reach this loop. (One that starts after `quiet` was
-        // read commits well after the leader reads the state for this turn,
-        // which it does before any await.)
+        // while a fused submit is under way (its grants may be committed
+        // before they reach this loop), nor one granted after `fused` was
+        // read.
         if inner.slots.take_unsure() {
-            self.reconcile_turns = RECONCILE_TURNS;
+            self.reconcile_until = Some(mono.saturating_add(RECONCILE_FOR));
         }
-        let reconcile = (self.reconcile_turns > 0 && quiet && keep.len() <= MAX_BATCH).then_some(keep);
+        if self.reconcile_until.is_some_and(|until| mono >= until) {
+            self.reconcile_until = None;
+        }
+        let reconcile = (self.reconcile_until.is_some() && fused.quiet && keep.len() <= MAX_BATCH)
+            .then_some(Reconcile { keep, through: fused.through });
         if cmds.is_empty() && lease_max == 0 && !leader && reconcile.is_none() {
             // Nothing to say and no room: only a leader has a reason to
             // look (a deadline may be due).
@@ -404,7 +432,7 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
                 // sent again next turn. A lease may have been granted all
                 // the same, in the answer that did not come.
                 if lease_max > 0 {
-                    self.reconcile_turns = RECONCILE_TURNS;
+                    self.reconcile_until = Some(inner.rt.monotonic().saturating_add(RECONCILE_FOR));
                 }
                 inner.slots.give(lease_max);
                 self.last_heartbeat = heartbeat_before;
@@ -423,15 +451,12 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
             }
         };
         self.track(now, &reply.streams);
-        if reconciling {
-            self.reconcile_turns = self.reconcile_turns.saturating_sub(1);
-            if reply.released > 0 {
-                tracing::info!(
-                    peer = %me,
-                    released = reply.released,
-                    "handed back leases granted in an answer this peer never got; their jobs run again, no attempt counted"
-                );
-            }
+        if reconciling && reply.released > 0 {
+            tracing::info!(
+                peer = %me,
+                released = reply.released,
+                "handed back leases granted in an answer this peer never got; their jobs run again, no attempt counted"
+            );
         }
         let state_now = reply.now;
         let outcomes = reply.outcomes;
@@ -511,6 +536,13 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
     /// between turns), well within the two thirds of the TTL a renewal
     /// leaves.
     fn track_running(&mut self, asked: Duration, g: LeaseGrant) {
+        if self.running.get(&g.job).is_some_and(|r| r.token > g.token) {
+            // An older grant learned after a newer one of the same job:
+            // its run's report would be dropped (a stale token), so its
+            // slot is given back now, and the newer lease stays tracked.
+            self.inner.slots.give(1);
+            return;
+        }
         let r = Running { stream: g.stream, token: g.token, renew_at: renew_at(asked, g.lease_ttl_ms), lost: false };
         if let Some(old) = self.running.insert(g.job, r) {
             // The job came back to this peer under a new lease while the run
