@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::command::{ApplyResult, Command};
 use crate::error::{DecodeError, InvalidInput};
-use crate::ids::{JobId, ModuleHash, PeerId, StreamName, Timestamp};
+use crate::ids::{FencingToken, JobId, ModuleHash, PeerId, StreamName, Timestamp};
 use crate::limits;
 use crate::records::{JobRecord, JobStatus, PeerInfo, PeerRecord, PeerRole, StreamInfo};
 use crate::wire;
@@ -98,9 +98,10 @@ pub struct WorkRequest {
 /// Which leases a worker keeps when it reconciles ([`WorkRequest::reconcile`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reconcile {
-    /// The jobs it runs or has a report of to send: their leases stay.
+    /// The leases (job, fencing token) of the jobs it runs or has a report
+    /// of to send: they stay. Another lease of the same job goes.
     #[serde(deserialize_with = "crate::wire::bounded::running_jobs")]
-    pub keep: Vec<JobId>,
+    pub keep: Vec<(JobId, FencingToken)>,
     /// Only a lease granted at or before this log index may go (a lease's
     /// fencing token is the index of the entry that granted it): a later
     /// one may be a grant still on its way to the worker (on a leader, a
@@ -466,7 +467,10 @@ mod tests {
                 cmds: vec![Command::Tick],
                 lease_max: 16,
                 release_orphans: true,
-                reconcile: Some(Reconcile { keep: vec![JobId(7), JobId(9)], through: Some(40) }),
+                reconcile: Some(Reconcile {
+                    keep: vec![(JobId(7), FencingToken(31)), (JobId(9), FencingToken(38))],
+                    through: Some(40),
+                }),
             }),
         ]
     }

@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 use std::future::Future;
 
 use impetus_proto::api::{Reconcile, WorkReply, WorkRequest};
-use impetus_proto::{limits, ApplyError, ApplyResult, Command, JobId, ModuleHash, Outcome, Timestamp};
+use impetus_proto::{limits, ApplyError, ApplyResult, Command, ModuleHash, Outcome, Timestamp};
 use impetus_queue::State;
 
 /// Why a write did not commit.
@@ -96,8 +96,7 @@ pub async fn serve_work<C: Consensus + ?Sized>(
     req: WorkRequest,
 ) -> Result<WorkReply, ConsensusError> {
     let WorkRequest { peer, cmds, lease_max, release_orphans, reconcile } = req;
-    let keep: Option<(BTreeSet<JobId>, Option<u64>)> =
-        reconcile.map(|Reconcile { keep, through }| (keep.into_iter().collect(), through));
+    let keep = reconcile.map(|Reconcile { keep, through }| (keep.into_iter().collect::<BTreeSet<_>>(), through));
     // A starting peer the registry does not know is taken for removed
     // (`PeerError::Removed`): say so only from a state caught up to a read
     // point the leader confirms (a leader just elected, a voter's replica,
@@ -108,7 +107,7 @@ pub async fn serve_work<C: Consensus + ?Sized>(
     let (registered, drained, held, streams, next_deadline) = c.read(|s| {
         let mut held = if release_orphans || keep.is_some() { s.leases_held_by(peer) } else { Vec::new() };
         if let (false, Some((keep, through))) = (release_orphans, &keep) {
-            held.retain(|(job, token)| !keep.contains(job) && through.is_none_or(|t| token.0 <= t));
+            held.retain(|lease| !keep.contains(lease) && through.is_none_or(|t| lease.1 .0 <= t));
         }
         let drained = release_orphans && s.peer(peer).is_some_and(|p| p.draining);
         (s.has_peer(peer), drained, held, s.leasable_streams_idle(peer), s.poll_timeout())

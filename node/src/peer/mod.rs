@@ -139,6 +139,11 @@ impl Slots {
         self.unsure.store(true, Ordering::SeqCst);
     }
 
+    /// Whether leases may have been granted in a lost answer, not clearing it.
+    pub fn is_unsure(&self) -> bool {
+        self.unsure.load(Ordering::SeqCst)
+    }
+
     /// Whether leases may have been granted in a lost answer since asked last.
     pub fn take_unsure(&self) -> bool {
         self.unsure.swap(false, Ordering::SeqCst)

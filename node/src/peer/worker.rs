@@ -146,7 +146,13 @@ pub(super) async fn run<R: Runtime, C: Consensus, X: JobRunner>(
     let mut turn = true;
     let mut deadline = Timestamp::ZERO;
     loop {
-        let fused = FusedView::now(&inner);
+        // Looked at only when a reconcile may be due (it reads the Raft
+        // status and the state): otherwise the turn does not reconcile.
+        let fused = if w.reconcile_until.is_some() || inner.slots.is_unsure() {
+            FusedView::now(&inner)
+        } else {
+            FusedView { quiet: false, through: None }
+        };
         while let Ok(event) = rx.try_recv() {
             turn |= w.event(event);
         }
@@ -334,13 +340,13 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
 
         // The leases this peer keeps when it reconciles: the jobs it runs,
         // and those whose reports (or hand-backs) wait to be sent.
-        let keep: Vec<JobId> = self
+        let keep: Vec<(JobId, FencingToken)> = self
             .running
-            .keys()
-            .copied()
-            .chain(self.completions.iter().map(|c| c.job))
-            .chain(self.failures.iter().map(|f| f.job))
-            .chain(self.releases.iter().map(|(job, _)| *job))
+            .iter()
+            .map(|(&job, r)| (job, r.token))
+            .chain(self.completions.iter().map(|c| (c.job, c.token)))
+            .chain(self.failures.iter().map(|f| (f.job, f.token)))
+            .chain(self.releases.iter().copied())
             .collect();
         let mut cmds = Vec::new();
         let mut sent = Vec::new();
