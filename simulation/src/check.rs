@@ -40,7 +40,7 @@ fn no_lease_over_a_live_one(
     now: Timestamp,
     grants: &[LeaseGrant],
     leases_before: &BTreeMap<JobId, Option<Lease>>,
-    ended: &std::collections::BTreeSet<JobId>,
+    ended: &BTreeSet<JobId>,
 ) -> Result<(), Failure> {
     for g in grants.iter().filter(|g| !ended.contains(&g.job)) {
         if let Some(Some(l)) = leases_before.get(&g.job) {
@@ -228,7 +228,7 @@ fn replay(
         // result, a failed attempt): no later command of it may present
         // them, and a later lease may grant their jobs again (a worker's
         // turn hands back leases it never got, then leases).
-        let mut ended: std::collections::BTreeSet<JobId> = std::collections::BTreeSet::new();
+        let mut ended: BTreeSet<JobId> = BTreeSet::new();
         let leases_before: BTreeMap<JobId, Option<Lease>> = state
             .jobs(&impetus_queue::JobFilter { limit: usize::MAX, ..Default::default() })
             .into_iter()

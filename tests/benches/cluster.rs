@@ -80,9 +80,7 @@ fn cpu_secs(pid: &str) -> f64 {
 /// CPU time all processes have used (user, nice, system, irq, softirq,
 /// steal from `/proc/stat`), in seconds.
 fn machine_busy_secs() -> f64 {
-    let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let line = s.lines().next().unwrap_or_default();
-    let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    let v = floor::cpu_ticks();
     [0, 1, 2, 5, 6, 7].iter().filter_map(|&i| v.get(i)).sum::<u64>() as f64 / 100.0
 }
 

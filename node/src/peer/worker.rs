@@ -338,16 +338,29 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
             return (true, false);
         }
 
+        // Leases granted in an answer this peer never got go back to their
+        // queue (no attempt counted) instead of waiting out their TTL. Not
+        // while a fused submit is under way (its grants may be committed
+        // before they reach this loop), nor one granted after `fused` was
+        // read.
+        if inner.slots.take_unsure() {
+            self.reconcile_until = Some(mono.saturating_add(RECONCILE_FOR));
+        }
+        if self.reconcile_until.is_some_and(|until| mono >= until) {
+            self.reconcile_until = None;
+        }
         // The leases this peer keeps when it reconciles: the jobs it runs,
-        // and those whose reports (or hand-backs) wait to be sent.
-        let keep: Vec<(JobId, FencingToken)> = self
-            .running
-            .iter()
-            .map(|(&job, r)| (job, r.token))
-            .chain(self.completions.iter().map(|c| (c.job, c.token)))
-            .chain(self.failures.iter().map(|f| (f.job, f.token)))
-            .chain(self.releases.iter().copied())
-            .collect();
+        // and those whose reports (or hand-backs) wait to be sent. Listed
+        // only then: most turns do not reconcile.
+        let keep: Option<Vec<(JobId, FencingToken)>> = (self.reconcile_until.is_some() && fused.quiet).then(|| {
+            self.running
+                .iter()
+                .map(|(&job, r)| (job, r.token))
+                .chain(self.completions.iter().map(|c| (c.job, c.token)))
+                .chain(self.failures.iter().map(|f| (f.job, f.token)))
+                .chain(self.releases.iter().copied())
+                .collect()
+        });
         let mut cmds = Vec::new();
         let mut sent = Vec::new();
         let (completions, failures) = take_reports(&mut self.completions, &mut self.failures, REPORT_BYTES);
@@ -400,19 +413,7 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
         // (`Peer::fuse`), take them only when its (freshest) state has work.
         let idle_leader = leader && inner.consensus.read(|s| s.leasable_streams(me).is_empty());
         let lease_max = if stopping || idle_leader { 0 } else { inner.slots.take(inner.cfg.max_lease_batch) };
-        // Leases granted in an answer this peer never got go back to their
-        // queue (no attempt counted) instead of waiting out their TTL. Not
-        // while a fused submit is under way (its grants may be committed
-        // before they reach this loop), nor one granted after `fused` was
-        // read.
-        if inner.slots.take_unsure() {
-            self.reconcile_until = Some(mono.saturating_add(RECONCILE_FOR));
-        }
-        if self.reconcile_until.is_some_and(|until| mono >= until) {
-            self.reconcile_until = None;
-        }
-        let reconcile = (self.reconcile_until.is_some() && fused.quiet && keep.len() <= MAX_BATCH)
-            .then_some(Reconcile { keep, through: fused.through });
+        let reconcile = keep.filter(|k| k.len() <= MAX_BATCH).map(|keep| Reconcile { keep, through: fused.through });
         if cmds.is_empty() && lease_max == 0 && !leader && reconcile.is_none() {
             // Nothing to say and no room: only a leader has a reason to
             // look (a deadline may be due).

@@ -240,10 +240,17 @@ pub struct Hiccups {
 /// The longest a [`Hiccups`] meter runs: it stops by itself past this.
 const HICCUP_LIMIT: Duration = Duration::from_secs(600);
 
-/// Clock ticks the host stole from this VM so far (`/proc/stat`, field 8).
-fn steal_ticks() -> u64 {
+/// The machine's CPU time so far, in clock ticks, as `/proc/stat`'s `cpu`
+/// line gives it: user, nice, system, idle, iowait, irq, softirq, steal, ...
+pub fn cpu_ticks() -> Vec<u64> {
     let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    s.lines().next().and_then(|l| l.split_whitespace().nth(8)).and_then(|v| v.parse().ok()).unwrap_or(0)
+    let line = s.lines().next().unwrap_or_default();
+    line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect()
+}
+
+/// Clock ticks the host stole from this VM so far.
+fn steal_ticks() -> u64 {
+    cpu_ticks().get(7).copied().unwrap_or(0)
 }
 
 impl Hiccups {
