@@ -2,7 +2,7 @@
 //!
 //! [`State::apply`] takes a command stamped with its Raft log index and the
 //! leader's time and returns an outcome. It is pure: no clock, no randomness,
-//! no I/O, and no iteration order that is not a `BTreeMap`'s. So every voter
+//! no I/O, and no iteration order but by key (`BTreeMap`, `imbl::OrdMap`). So every voter
 //! that applies the same log holds the same state, byte for byte
 //! ([`State::snapshot`]).
 //!
@@ -109,6 +109,15 @@ impl State {
         wire::encode(wire::SNAPSHOT_VERSION, &self.data)
     }
 
+    /// What [`State::snapshot`] would encode now, copied cheaply: the jobs,
+    /// keys, data stores and modules are shared, copy on write, so the copy
+    /// costs O(streams and peers, and jobs / 1024). A replica takes it under
+    /// its lock and encodes it outside, so a snapshot of a large state no
+    /// longer stops every apply and read while it is encoded.
+    pub fn freeze(&self) -> Frozen {
+        Frozen(self.data.durable_copy())
+    }
+
     /// Rebuild a state from [`State::snapshot`] bytes.
     pub fn restore(bytes: &[u8]) -> Result<State, DecodeError> {
         let mut data: Data = wire::decode("snapshot", wire::SNAPSHOT_VERSION, bytes, usize::MAX)?;
@@ -119,5 +128,17 @@ impl State {
             source: impetus_proto::InvalidInput::Value { what: "snapshot", reason },
         })?;
         Ok(state)
+    }
+}
+
+/// The state as it was when [`State::freeze`] was called; later applies do
+/// not change it.
+#[derive(Debug)]
+pub struct Frozen(Data);
+
+impl Frozen {
+    /// The bytes [`State::snapshot`] gave when this was frozen.
+    pub fn snapshot(&self) -> Vec<u8> {
+        wire::encode(wire::SNAPSHOT_VERSION, &self.0)
     }
 }

@@ -4,6 +4,7 @@
 //! changes nothing (only time advances, which every command does).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use impetus_proto::{
     ApplyError, ApplyResult, Command, Completion, ErrorKind, ErrorRecord, FailDisposition, Failure, FencingToken,
@@ -298,7 +299,7 @@ impl State {
         }
         let new = !self.data.modules.contains_key(&hash);
         if new {
-            self.data.modules.insert(hash, bytes.to_vec());
+            self.data.modules.insert(hash, Arc::from(bytes));
         }
         Ok(Outcome::ModuleStored { new })
     }

@@ -87,7 +87,7 @@ impl State {
     }
 
     pub fn module(&self, hash: &ModuleHash) -> Option<&[u8]> {
-        self.data.modules.get(hash).map(Vec::as_slice)
+        self.data.modules.get(hash).map(|m| &**m)
     }
 
     pub fn data_get(&self, stream: &StreamName, key: &[u8]) -> Option<&[u8]> {

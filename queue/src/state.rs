@@ -1,13 +1,16 @@
 //! The data of the state machine and the indexes kept beside it.
 //!
 //! Primary data (streams, jobs, modules, peers, counters) is what a snapshot
-//! holds; indexes (`Index`) are rebuilt from it on restore. Everything is a
-//! `BTreeMap`/`BTreeSet`, so iteration order — and with it every outcome and
-//! every snapshot byte — depends only on the commands applied.
+//! holds; indexes (`Index`) are rebuilt from it on restore. Everything is
+//! ordered by key (`BTreeMap`/`BTreeSet`, `imbl::OrdMap`, the job table by
+//! id), so iteration order — and with it every outcome and every snapshot
+//! byte — depends only on the commands applied.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 
+use imbl::OrdMap;
 use impetus_proto::{
     ErrorRecord, FencingToken, IdempotencyKey, JobId, JobStatus, Lease, ModuleHash, PeerId, PeerInfo, PeerRole,
     StreamName, StreamProps, StreamStats, Timestamp,
@@ -28,8 +31,10 @@ pub(crate) struct Stream {
     pub created_at: Timestamp,
     /// Counts per status and totals; kept in step with `jobs` (see invariants).
     pub stats: StreamStats,
-    pub keys: BTreeMap<IdempotencyKey, JobId>,
-    pub data: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// Persistent maps (as the job table is copy on write): a snapshot's
+    /// copy shares them, O(1) (`Stream::durable_copy`).
+    pub keys: OrdMap<IdempotencyKey, JobId>,
+    pub data: OrdMap<Vec<u8>, Vec<u8>>,
     /// Spawn-frequency window: the second (now / 1000) and leases granted in it.
     pub window_sec: u64,
     pub window_leases: u32,
@@ -54,11 +59,31 @@ impl Stream {
             props,
             created_at: now,
             stats: StreamStats::default(),
-            keys: BTreeMap::new(),
-            data: BTreeMap::new(),
+            keys: OrdMap::new(),
+            data: OrdMap::new(),
             window_sec: 0,
             window_leases: 0,
             last_lease: 0,
+            ready: BTreeSet::new(),
+            pending: BTreeSet::new(),
+            leased_by_peer: BTreeMap::new(),
+        }
+    }
+
+    /// What a snapshot holds of this stream (its indexes left empty), in
+    /// O(1): the maps are persistent.
+    fn durable_copy(&self) -> Stream {
+        // Every field named, none defaulted: a new one must be decided here.
+        Stream {
+            name: self.name.clone(),
+            props: self.props.clone(),
+            created_at: self.created_at,
+            stats: self.stats.clone(),
+            keys: self.keys.clone(),
+            data: self.data.clone(),
+            window_sec: self.window_sec,
+            window_leases: self.window_leases,
+            last_lease: self.last_lease,
             ready: BTreeSet::new(),
             pending: BTreeSet::new(),
             leased_by_peer: BTreeMap::new(),
@@ -170,11 +195,30 @@ pub(crate) struct Data {
     pub stream_names: BTreeMap<StreamName, StreamIdx>,
     pub streams: BTreeMap<StreamIdx, Stream>,
     pub jobs: JobTable,
-    pub modules: BTreeMap<ModuleHash, Vec<u8>>,
+    pub modules: BTreeMap<ModuleHash, Arc<[u8]>>,
     pub peers: BTreeMap<PeerId, Peer>,
 }
 
 impl Data {
+    /// What a snapshot holds, copied in O(streams + peers + modules + jobs
+    /// / 1024): the jobs, the streams' keys and data stores and the modules
+    /// are shared, copy on write, and the indexes left out. A replica takes
+    /// it under the state's lock and encodes it after.
+    pub fn durable_copy(&self) -> Data {
+        Data {
+            applied_index: self.applied_index,
+            now: self.now,
+            next_job: self.next_job,
+            next_peer: self.next_peer,
+            next_stream: self.next_stream,
+            stream_names: self.stream_names.clone(),
+            streams: self.streams.iter().map(|(&idx, s)| (idx, s.durable_copy())).collect(),
+            jobs: self.jobs.clone(),
+            modules: self.modules.clone(),
+            peers: self.peers.clone(),
+        }
+    }
+
     /// Rebuild the per-stream and global indexes from the primary data.
     pub fn build_index(&mut self) -> Index {
         let mut index = Index::default();
@@ -214,60 +258,113 @@ pub(crate) struct Presented {
     pub token: FencingToken,
 }
 
-/// All jobs, by id. Ids are assigned densely in submission order, so a deque
-/// indexed by `id - base` holds them with no per-entry tree overhead (a
-/// `BTreeMap` filled in ascending order leaves its nodes half empty: ~2x the
-/// memory). Removed jobs leave a `None` until they reach the front: a job
-/// is boxed so that such a hole is one pointer, not a whole job (a purged
-/// stream's holes behind an older job that stays, a paused stream's, cost
-/// 8 bytes each).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// Jobs per chunk of the job table.
+const CHUNK: u64 = 1024;
+
+/// One chunk of the job table: the slots of ids `n * CHUNK ..`, shared
+/// with the copies a snapshot took until either side writes to it.
+type Chunk = Arc<Vec<Option<Arc<Job>>>>;
+
+/// All jobs, by id. Ids are assigned densely in submission order, so chunks
+/// of slots indexed by `id / CHUNK` hold them with no per-entry tree
+/// overhead (a `BTreeMap` filled in ascending order leaves its nodes half
+/// empty: ~2x the memory). Removed jobs leave a `None` until they reach the
+/// front: a job is behind a pointer, so that such a hole costs 8 bytes, not
+/// a whole job (a purged stream's holes behind an older job that stays, a
+/// paused stream's).
+///
+/// Copy on write: a clone shares every chunk and job (O(jobs / CHUNK)), and
+/// a write copies only the chunk and the job it changes, so a snapshot
+/// copies the table under the state's lock and encodes it outside.
+///
+/// Invariant: the chunks hold the slots of ids `first_chunk * CHUNK .. end`
+/// (each full but the last); every slot below `base` is empty, and the
+/// slot of `base` is not (when `base < end`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct JobTable {
     base: u64,
-    slots: VecDeque<Option<Box<Job>>>,
+    end: u64,
+    first_chunk: u64,
+    chunks: VecDeque<Chunk>,
 }
 
 impl JobTable {
     /// The id the next inserted job must have.
     pub fn next_id(&self) -> JobId {
-        JobId(self.base + self.slots.len() as u64)
+        JobId(self.end)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
+        self.base == self.end
     }
 
-    fn slot(&self, id: JobId) -> Option<usize> {
-        let i = id.0.checked_sub(self.base)?;
-        usize::try_from(i).ok().filter(|&i| i < self.slots.len())
+    /// Where the slot of `id` is: (chunk, offset), if `id` is in the table's range.
+    fn locate(&self, id: JobId) -> Option<(usize, usize)> {
+        if id.0 < self.base || id.0 >= self.end {
+            return None;
+        }
+        let chunk = usize::try_from(id.0 / CHUNK - self.first_chunk).ok()?;
+        Some((chunk, (id.0 % CHUNK) as usize))
     }
 
     pub fn get(&self, id: &JobId) -> Option<&Job> {
-        self.slots.get(self.slot(*id)?)?.as_deref()
+        let (c, o) = self.locate(*id)?;
+        self.chunks.get(c)?.get(o)?.as_deref()
     }
 
     pub fn get_mut(&mut self, id: &JobId) -> Option<&mut Job> {
-        let i = self.slot(*id)?;
-        self.slots.get_mut(i)?.as_deref_mut()
+        let (c, o) = self.locate(*id)?;
+        let slot = Arc::make_mut(self.chunks.get_mut(c)?).get_mut(o)?;
+        slot.as_mut().map(Arc::make_mut)
     }
 
-    /// Insert the job with the next id (anything else is a bug).
+    /// Insert the job with the next id (anything else is a bug). Into an
+    /// empty table, any id: ids of jobs gone before are never reused.
     pub fn insert(&mut self, id: JobId, job: Job) {
-        if self.slots.is_empty() {
-            self.base = id.0;
+        if self.is_empty() {
+            *self = JobTable::starting_at(id.0);
         }
         assert_eq!(id, self.next_id(), "jobs are inserted in id order");
-        self.slots.push_back(Some(Box::new(job)));
+        self.push(Some(Arc::new(job)));
     }
 
     pub fn remove(&mut self, id: &JobId) -> Option<Job> {
-        let i = self.slot(*id)?;
-        let job = self.slots.get_mut(i)?.take();
-        while let Some(None) = self.slots.front() {
-            self.slots.pop_front();
+        let (c, o) = self.locate(*id)?;
+        let job = Arc::make_mut(self.chunks.get_mut(c)?).get_mut(o)?.take()?;
+        self.trim_front();
+        Some(Arc::unwrap_or_clone(job))
+    }
+
+    fn starting_at(base: u64) -> JobTable {
+        JobTable { base, end: base, first_chunk: base / CHUNK, chunks: VecDeque::new() }
+    }
+
+    /// Append the slot of id `end`.
+    fn push(&mut self, slot: Option<Arc<Job>>) {
+        let offset = (self.end % CHUNK) as usize;
+        if offset == 0 || self.chunks.is_empty() {
+            let mut chunk = Vec::with_capacity(CHUNK as usize);
+            chunk.resize(offset, None);
+            self.chunks.push_back(Arc::new(chunk));
+        }
+        let last = self.chunks.back_mut().expect("a chunk was just made if there was none");
+        Arc::make_mut(last).push(slot);
+        self.end += 1;
+    }
+
+    /// Move `base` past the holes at the front, and drop the chunks left
+    /// behind it.
+    fn trim_front(&mut self) {
+        while self.base < self.end && self.get(&JobId(self.base)).is_none() {
             self.base += 1;
         }
-        job.map(|j| *j)
+        if self.is_empty() {
+            *self = JobTable::starting_at(self.base);
+        }
+        while self.base / CHUNK > self.first_chunk {
+            self.chunks.pop_front();
+            self.first_chunk += 1;
+        }
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (JobId, &Job)> + '_ {
@@ -276,14 +373,52 @@ impl JobTable {
 
     /// Jobs with id >= `from`, in id order.
     pub fn iter_from(&self, from: JobId) -> impl Iterator<Item = (JobId, &Job)> + '_ {
-        let skip = from.0.saturating_sub(self.base);
-        let skip = usize::try_from(skip).unwrap_or(usize::MAX);
-        let base = self.base;
-        self.slots
-            .iter()
-            .enumerate()
-            .skip(skip)
-            .filter_map(move |(i, j)| j.as_deref().map(|j| (JobId(base + i as u64), j)))
+        (from.0.max(self.base)..self.end).filter_map(|id| self.get(&JobId(id)).map(|j| (JobId(id), j)))
+    }
+
+    /// Every slot from `base`, holes included: what a snapshot holds (its
+    /// `size_hint` is exact, as a sequence's length must be known).
+    fn slots(&self) -> impl Iterator<Item = Option<&Job>> + '_ {
+        (self.base..self.end).map(|id| self.get(&JobId(id)))
+    }
+}
+
+/// A snapshot holds the table as `{ base, slots }`: the first id, then one
+/// `Option<Job>` per id up to the next (the bytes of the `VecDeque` the
+/// table was before it had chunks).
+impl Serialize for JobTable {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        struct Slots<'a>(&'a JobTable);
+        impl Serialize for Slots<'_> {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.collect_seq(self.0.slots())
+            }
+        }
+        let mut s = serializer.serialize_struct("JobTable", 2)?;
+        s.serialize_field("base", &self.base)?;
+        s.serialize_field("slots", &Slots(self))?;
+        s.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for JobTable {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(rename = "JobTable")]
+        struct Flat {
+            base: u64,
+            slots: Vec<Option<Job>>,
+        }
+        let flat = Flat::deserialize(deserializer)?;
+        let mut table = JobTable::starting_at(flat.base);
+        for job in flat.slots {
+            table.push(job.map(Arc::new));
+        }
+        // A state never leaves a hole first; a snapshot that has one loads
+        // as if the hole had been trimmed.
+        table.trim_front();
+        Ok(table)
     }
 }
 
@@ -291,5 +426,141 @@ impl std::ops::Index<&JobId> for JobTable {
     type Output = Job;
     fn index(&self, id: &JobId) -> &Job {
         self.get(id).expect("job exists")
+    }
+}
+
+#[cfg(test)]
+mod job_table_tests {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn job(mark: i32) -> Job {
+        Job {
+            stream: 0,
+            priority: mark,
+            attempts: 0,
+            status: JobStatus::Queued,
+            module: ModuleHash([0; 32]),
+            input: Box::new([]),
+            extra: None,
+            output: None,
+            lease: None,
+            last_peer: 0,
+            ready_at: Timestamp(0),
+            created_at: Timestamp(0),
+            updated_at: Timestamp(0),
+        }
+    }
+
+    fn contents(t: &JobTable) -> Vec<(u64, i32)> {
+        t.iter().map(|(id, j)| (id.0, j.priority)).collect()
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        /// Insert this many jobs at the next id.
+        Insert(u16),
+        /// Remove the job at this position among the live ones (front-heavy).
+        Remove(prop::sample::Index),
+        RemoveFirst,
+        /// Change the job at this position.
+        Touch(prop::sample::Index),
+        /// Take a copy (a snapshot's), to check later that nothing changed it.
+        Copy,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (1..2500u16).prop_map(Op::Insert),
+            any::<prop::sample::Index>().prop_map(Op::Remove),
+            Just(Op::RemoveFirst),
+            any::<prop::sample::Index>().prop_map(Op::Touch),
+            Just(Op::Copy),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+        /// The chunked table behaves as a map from id to job, across chunk
+        /// boundaries and from an unaligned first id; its bytes are those of
+        /// `{ base, slots }`; a copy taken earlier never sees a later write.
+        #[test]
+        fn the_job_table_is_a_map_by_id_and_its_copies_are_frozen(
+            first in 0..3000u64,
+            ops in proptest::collection::vec(op(), 1..40),
+        ) {
+            let mut table = JobTable::starting_at(first);
+            let mut model: BTreeMap<u64, i32> = BTreeMap::new();
+            let mut next = first;
+            let mut copies: Vec<(JobTable, Vec<(u64, i32)>)> = Vec::new();
+            let mut mark = 0;
+            for op in ops {
+                match op {
+                    Op::Insert(n) => {
+                        if table.is_empty() {
+                            // An empty table takes any id; ids are never reused.
+                            next += 7;
+                        }
+                        for _ in 0..n {
+                            mark += 1;
+                            table.insert(JobId(next), job(mark));
+                            model.insert(next, mark);
+                            next += 1;
+                        }
+                    }
+                    Op::Remove(i) | Op::Touch(i) if model.is_empty() => { let _ = i; }
+                    Op::Remove(i) => {
+                        let id = *model.keys().nth(i.index(model.len())).unwrap();
+                        prop_assert_eq!(table.remove(&JobId(id)).map(|j| j.priority), model.remove(&id));
+                        prop_assert!(table.remove(&JobId(id)).is_none());
+                    }
+                    Op::RemoveFirst => {
+                        if let Some((id, m)) = model.pop_first() {
+                            prop_assert_eq!(table.remove(&JobId(id)).map(|j| j.priority), Some(m));
+                        }
+                    }
+                    Op::Touch(i) => {
+                        let id = *model.keys().nth(i.index(model.len())).unwrap();
+                        mark += 1;
+                        table.get_mut(&JobId(id)).unwrap().priority = mark;
+                        model.insert(id, mark);
+                    }
+                    Op::Copy => copies.push((table.clone(), contents(&table))),
+                }
+                prop_assert_eq!(contents(&table), model.iter().map(|(&k, &v)| (k, v)).collect::<Vec<_>>());
+                prop_assert_eq!(table.is_empty(), model.is_empty());
+                prop_assert_eq!(table.next_id(), JobId(next));
+                if let Some((&id, _)) = model.first_key_value() {
+                    prop_assert_eq!(table.base, id, "no hole first");
+                    prop_assert_eq!(table.chunks.len() as u64, (next - 1) / CHUNK - id / CHUNK + 1);
+                }
+            }
+            for (copy, was) in &copies {
+                prop_assert_eq!(&contents(copy), was);
+            }
+            // The bytes are those of the flat table, and read back the same.
+            let flat = (table.base, table.slots().map(|j| j.map(|j| j.priority)).collect::<Vec<_>>());
+            let bytes = postcard::to_stdvec(&table).unwrap();
+            let slots: Vec<Option<Job>> = table.slots().map(|j| j.cloned()).collect();
+            prop_assert_eq!(&bytes, &postcard::to_stdvec(&(table.base, &slots)).unwrap());
+            let back: JobTable = postcard::from_bytes(&bytes).unwrap();
+            prop_assert_eq!(contents(&back), contents(&table));
+            prop_assert_eq!(back.next_id(), table.next_id());
+            prop_assert_eq!((back.base, back.slots().map(|j| j.map(|j| j.priority)).collect::<Vec<_>>()), flat);
+        }
+    }
+
+    /// A snapshot that begins with a hole (no state leaves one) loads as if
+    /// it had been trimmed: the first slot holds a job.
+    #[test]
+    fn a_hole_first_in_a_snapshot_is_trimmed_on_load() {
+        let slots = vec![None, None, Some(job(1))];
+        let bytes = postcard::to_stdvec(&(5u64, &slots)).unwrap();
+        let table: JobTable = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(contents(&table), vec![(7, 1)]);
+        assert_eq!((table.base, table.next_id()), (7, JobId(8)));
     }
 }

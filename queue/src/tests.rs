@@ -107,3 +107,25 @@ fn the_snapshot_of_a_sound_state_restores() {
     let state = state();
     assert_eq!(State::restore(&state.snapshot()).unwrap(), state);
 }
+
+/// The bytes of a snapshot, pinned: a change to how the state is kept in
+/// memory must not change what a snapshot on disk says (a change that does
+/// bumps `wire::SNAPSHOT_VERSION`).
+#[test]
+fn the_snapshot_format_is_pinned() {
+    let mut state = state();
+    let peer = impetus_proto::PeerId(1);
+    let cmds = [
+        Command::DataPut { stream: name("s"), key: b"k".to_vec(), value: b"v".to_vec() },
+        Command::Lease { peer, streams: vec![], max: 1 },
+    ];
+    for cmd in cmds {
+        apply(&mut state, cmd).unwrap();
+    }
+    let bytes = state.snapshot();
+    expect!["251 bytes, digest 8012a0d8ee7759b150bf25ec320eac40f78f520ead0e7488248d805b9fa8ee39"].assert_eq(&format!(
+        "{} bytes, digest {}",
+        bytes.len(),
+        ModuleHash::of(&bytes)
+    ));
+}

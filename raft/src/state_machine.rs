@@ -244,15 +244,14 @@ impl<C: ImpetusConfig> RaftSnapshotBuilder<C> for SnapshotBuilder<C> {
 
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
         let (meta, data) = crate::off_the_runtime(|| {
-            self.handle.read_applied(|a| {
-                let body = SnapshotBody {
-                    last_applied: a.last_applied,
-                    membership: a.membership.clone(),
-                    state: a.state.snapshot(),
-                };
-                let meta = SnapshotMeta { last_log_id: a.last_applied, last_membership: a.membership.clone() };
-                (meta, impetus_proto::wire::encode(SM_SNAPSHOT_VERSION, &body))
-            })
+            // Under the lock only a copy on write (O(streams + jobs / 1024));
+            // the encoding, ~200 ms per million jobs, runs after it is let go,
+            // so applies and reads go on meanwhile.
+            let (last_applied, membership, frozen) =
+                self.handle.read_applied(|a| (a.last_applied, a.membership.clone(), a.state.freeze()));
+            let meta = SnapshotMeta { last_log_id: last_applied, last_membership: membership.clone() };
+            let body = SnapshotBody { last_applied, membership, state: frozen.snapshot() };
+            (meta, impetus_proto::wire::encode(SM_SNAPSHOT_VERSION, &body))
         });
         let stored = StoredSnapshot { meta, data };
         self.snapshots.save(&stored).await?;
