@@ -33,7 +33,9 @@ pub(crate) struct Stream {
     pub stats: StreamStats,
     /// Persistent maps (as the job table is copy on write): a snapshot's
     /// copy shares them, O(1) (`Stream::durable_copy`).
+    #[serde(deserialize_with = "ordered_map")]
     pub keys: OrdMap<IdempotencyKey, JobId>,
+    #[serde(deserialize_with = "ordered_map")]
     pub data: OrdMap<Vec<u8>, Vec<u8>>,
     /// Spawn-frequency window: the second (now / 1000) and leases granted in it.
     pub window_sec: u64,
@@ -50,6 +52,18 @@ pub(crate) struct Stream {
     /// Live leases per peer.
     #[serde(skip)]
     pub leased_by_peer: BTreeMap<PeerId, u32>,
+}
+
+/// Decode an `OrdMap` as a `BTreeMap` is: entry by entry. imbl's own
+/// decoder reserves room for the length the bytes claim, and a crafted
+/// snapshot claiming 2^40 entries would abort the process.
+fn ordered_map<'de, D, K, V>(deserializer: D) -> Result<OrdMap<K, V>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    K: Deserialize<'de> + Ord + Clone,
+    V: Deserialize<'de> + Clone,
+{
+    Ok(BTreeMap::<K, V>::deserialize(deserializer)?.into_iter().collect())
 }
 
 impl Stream {
@@ -313,6 +327,7 @@ impl JobTable {
     }
 
     pub fn get_mut(&mut self, id: &JobId) -> Option<&mut Job> {
+        self.get(id)?; // an empty slot's chunk is not copied
         let (c, o) = self.locate(*id)?;
         let slot = Arc::make_mut(self.chunks.get_mut(c)?).get_mut(o)?;
         slot.as_mut().map(Arc::make_mut)
@@ -328,18 +343,22 @@ impl JobTable {
         self.push(Some(Arc::new(job)));
     }
 
-    pub fn remove(&mut self, id: &JobId) -> Option<Job> {
+    /// Take the job out; it may still be shared with a frozen copy, so
+    /// it comes back as it is kept, never cloned.
+    pub fn remove(&mut self, id: &JobId) -> Option<Arc<Job>> {
+        self.get(id)?; // an empty slot's chunk is not copied
         let (c, o) = self.locate(*id)?;
-        let job = Arc::make_mut(self.chunks.get_mut(c)?).get_mut(o)?.take()?;
+        let job = Arc::make_mut(self.chunks.get_mut(c)?).get_mut(o)?.take();
         self.trim_front();
-        Some(Arc::unwrap_or_clone(job))
+        job
     }
 
     fn starting_at(base: u64) -> JobTable {
         JobTable { base, end: base, first_chunk: base / CHUNK, chunks: VecDeque::new() }
     }
 
-    /// Append the slot of id `end`.
+    /// Append the slot of id `end`, which must not be `u64::MAX` (the
+    /// state machine's ids run out long before; a snapshot is checked).
     fn push(&mut self, slot: Option<Arc<Job>>) {
         let offset = (self.end % CHUNK) as usize;
         if offset == 0 || self.chunks.is_empty() {
@@ -347,8 +366,10 @@ impl JobTable {
             chunk.resize(offset, None);
             self.chunks.push_back(Arc::new(chunk));
         }
-        let last = self.chunks.back_mut().expect("a chunk was just made if there was none");
-        Arc::make_mut(last).push(slot);
+        let last = Arc::make_mut(self.chunks.back_mut().expect("a chunk was just made if there was none"));
+        // A chunk copied on write has only the room of its length.
+        last.reserve_exact(CHUNK as usize - last.len());
+        last.push(slot);
         self.end += 1;
     }
 
@@ -373,7 +394,22 @@ impl JobTable {
 
     /// Jobs with id >= `from`, in id order.
     pub fn iter_from(&self, from: JobId) -> impl Iterator<Item = (JobId, &Job)> + '_ {
-        (from.0.max(self.base)..self.end).filter_map(|id| self.get(&JobId(id)).map(|j| (JobId(id), j)))
+        let start = from.0.max(self.base);
+        // Chunks to skip, then slots to skip in the first one left.
+        let (skip, offset) = match self.locate(JobId(start)) {
+            Some(at) => at,
+            None => (self.chunks.len(), 0),
+        };
+        let first_chunk = self.first_chunk;
+        self.chunks.iter().enumerate().skip(skip).flat_map(move |(c, chunk)| {
+            let chunk_base = (first_chunk + c as u64) * CHUNK;
+            let from = if c == skip { offset } else { 0 };
+            chunk
+                .iter()
+                .enumerate()
+                .skip(from)
+                .filter_map(move |(o, j)| j.as_deref().map(|j| (JobId(chunk_base + o as u64), j)))
+        })
     }
 
     /// Every slot from `base`, holes included: what a snapshot holds (its
@@ -403,22 +439,53 @@ impl Serialize for JobTable {
 }
 
 impl<'de> Deserialize<'de> for JobTable {
+    /// Reads `{ base, slots }` as postcard writes a struct (a sequence of
+    /// its fields), each slot straight into its chunk: no `Vec` of every
+    /// job first, holes 8 bytes each as in the table.
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(rename = "JobTable")]
-        struct Flat {
-            base: u64,
-            slots: Vec<Option<Job>>,
+        use serde::de::{DeserializeSeed, Error, SeqAccess, Visitor};
+
+        struct Table;
+        impl<'de> Visitor<'de> for Table {
+            type Value = JobTable;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a job table: its first id, then its slots")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<JobTable, A::Error> {
+                let base: u64 = seq.next_element()?.ok_or_else(|| A::Error::invalid_length(0, &self))?;
+                seq.next_element_seed(Slots(JobTable::starting_at(base)))?
+                    .ok_or_else(|| A::Error::invalid_length(1, &self))
+            }
         }
-        let flat = Flat::deserialize(deserializer)?;
-        let mut table = JobTable::starting_at(flat.base);
-        for job in flat.slots {
-            table.push(job.map(Arc::new));
+
+        struct Slots(JobTable);
+        impl<'de> DeserializeSeed<'de> for Slots {
+            type Value = JobTable;
+            fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<JobTable, D::Error> {
+                deserializer.deserialize_seq(self)
+            }
         }
-        // A state never leaves a hole first; a snapshot that has one loads
-        // as if the hole had been trimmed.
-        table.trim_front();
-        Ok(table)
+        impl<'de> Visitor<'de> for Slots {
+            type Value = JobTable;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("the job table's slots")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<JobTable, A::Error> {
+                let mut table = self.0;
+                while let Some(job) = seq.next_element::<Option<Job>>()? {
+                    if table.end == u64::MAX {
+                        return Err(A::Error::custom("the job table runs past the last job id"));
+                    }
+                    table.push(job.map(Arc::new));
+                }
+                // A state never leaves a hole first; a snapshot that has
+                // one loads as if the hole had been trimmed.
+                table.trim_front();
+                Ok(table)
+            }
+        }
+
+        deserializer.deserialize_struct("JobTable", &["base", "slots"], Table)
     }
 }
 
@@ -551,6 +618,20 @@ mod job_table_tests {
             prop_assert_eq!(back.next_id(), table.next_id());
             prop_assert_eq!((back.base, back.slots().map(|j| j.map(|j| j.priority)).collect::<Vec<_>>()), flat);
         }
+    }
+
+    /// Lengths a snapshot claims are not trusted: a map of 2^40 entries or a
+    /// job table past the last id is an error, not an abort or a wrap.
+    #[test]
+    fn a_snapshot_claiming_too_much_is_refused() {
+        let huge = [0x80, 0x80, 0x80, 0x80, 0x80, 0x20]; // varint 2^40
+        let mut de = postcard::Deserializer::from_bytes(&huge);
+        assert!(ordered_map::<_, Vec<u8>, Vec<u8>>(&mut de).is_err());
+
+        let bytes = postcard::to_stdvec(&(u64::MAX, vec![Some(job(1))])).unwrap();
+        assert!(postcard::from_bytes::<JobTable>(&bytes).is_err());
+        let bytes = postcard::to_stdvec(&(u64::MAX - 1, vec![Some(job(1))])).unwrap();
+        assert_eq!(contents(&postcard::from_bytes::<JobTable>(&bytes).unwrap()), vec![(u64::MAX - 1, 1)]);
     }
 
     /// A snapshot that begins with a hole (no state leaves one) loads as if

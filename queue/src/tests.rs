@@ -115,17 +115,28 @@ fn the_snapshot_of_a_sound_state_restores() {
 fn the_snapshot_format_is_pinned() {
     let mut state = state();
     let peer = impetus_proto::PeerId(1);
+    let job = |n: u64| impetus_proto::JobId(n);
+    let unkeyed = || NewJob { key: None, ..keyed("x") };
+    let purge = |max| Command::Purge { stream: name("s"), older_than_ms: 0, max };
     let cmds = [
         Command::DataPut { stream: name("s"), key: b"k".to_vec(), value: b"v".to_vec() },
         Command::Lease { peer, streams: vec![], max: 1 },
+        // Past the first 1024 jobs, holes in the middle (2 and 3), none
+        // first (0 purged), a finished job kept (700).
+        Command::Submit { stream: name("s"), jobs: (0..550).map(|_| unkeyed()).collect() },
+        Command::Submit { stream: name("s"), jobs: (0..550).map(|_| unkeyed()).collect() },
+        Command::Cancel { job: job(2) },
+        Command::Cancel { job: job(3) },
+        Command::Cancel { job: job(700) },
+        purge(2),
+        Command::Cancel { job: job(0) },
+        purge(1),
     ];
     for cmd in cmds {
         apply(&mut state, cmd).unwrap();
     }
     let bytes = state.snapshot();
-    expect!["251 bytes, digest 8012a0d8ee7759b150bf25ec320eac40f78f520ead0e7488248d805b9fa8ee39"].assert_eq(&format!(
-        "{} bytes, digest {}",
-        bytes.len(),
-        ModuleHash::of(&bytes)
-    ));
+    expect!["56191 bytes, digest a02471534c915d3cf27ca49fbf58332dd4ca08228963dd8549e4e9aa0cced0bc"]
+        .assert_eq(&format!("{} bytes, digest {}", bytes.len(), ModuleHash::of(&bytes)));
+    assert_eq!(State::restore(&bytes).unwrap(), state);
 }

@@ -250,7 +250,9 @@ impl<C: ImpetusConfig> RaftSnapshotBuilder<C> for SnapshotBuilder<C> {
             let (last_applied, membership, frozen) =
                 self.handle.read_applied(|a| (a.last_applied, a.membership.clone(), a.state.freeze()));
             let meta = SnapshotMeta { last_log_id: last_applied, last_membership: membership.clone() };
-            let body = SnapshotBody { last_applied, membership, state: frozen.snapshot() };
+            let state = frozen.snapshot();
+            drop(frozen); // from here, a write copies nothing
+            let body = SnapshotBody { last_applied, membership, state };
             (meta, impetus_proto::wire::encode(SM_SNAPSHOT_VERSION, &body))
         });
         let stored = StoredSnapshot { meta, data };
