@@ -20,8 +20,9 @@ use crate::wire;
 /// 2: `Submitted` carries the job's status; 3: a `PeerRecord` carries its
 /// idle slots per stream; 4: a `PeerInfo` carries its `Seat`; 5: a
 /// `WorkReply` and a `ClusterStatus` carry the state's time; 6: a
-/// `WorkRequest` may ask to reconcile its leases (`reconcile`).
-pub const CLIENT_API_VERSION: u8 = 6;
+/// `WorkRequest` may ask to reconcile its leases (`reconcile`); 7: stream
+/// properties carry `retain_ms`.
+pub const CLIENT_API_VERSION: u8 = 7;
 
 /// A client's request to a peer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

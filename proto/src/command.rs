@@ -100,7 +100,8 @@ pub struct Failure {
 /// disk keep their meaning.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
-    /// Advance time only: promote delayed jobs that are due, expire leases.
+    /// Advance time only: promote delayed jobs that are due, expire leases,
+    /// forget finished jobs past their stream's retention.
     /// (Every command does this first; the leader sends `Tick` when idle.)
     Tick,
     CreateStream {

@@ -43,7 +43,17 @@ pub struct StreamProps {
     pub ignore: BTreeSet<PeerId>,
     /// A paused stream accepts submits but grants no leases.
     pub paused: bool,
+    /// A finished job (succeeded, dead or cancelled) is forgotten, with its
+    /// result, this long after it finished, in the state's time (as
+    /// `Command::Purge` forgets it: totals stay); `None` = kept until
+    /// purged or its stream is deleted. Default [`DEFAULT_RETAIN_MS`].
+    pub retain_ms: Option<u64>,
 }
+
+/// How long a finished job is kept by default: a day, as Celery keeps
+/// results. A cluster that runs for ever then holds a day of jobs, not
+/// every job it ever ran.
+pub const DEFAULT_RETAIN_MS: u64 = 24 * 3600 * 1000;
 
 impl Default for StreamProps {
     fn default() -> StreamProps {
@@ -62,6 +72,7 @@ impl Default for StreamProps {
             pin: BTreeSet::new(),
             ignore: BTreeSet::new(),
             paused: false,
+            retain_ms: Some(DEFAULT_RETAIN_MS),
         }
     }
 }
@@ -97,6 +108,10 @@ impl StreamProps {
         if let Some(f) = self.spawn_frequency {
             positive("spawn frequency", f.into())?;
         }
+        if let Some(r) = self.retain_ms {
+            // A job forgotten as it finishes leaves nothing to read its result from.
+            positive("retention", r)?;
+        }
         for (what, list) in [("pin list", &self.pin), ("ignore list", &self.ignore)] {
             if list.len() > limits::MAX_PEER_LIST {
                 return Err(InvalidInput::TooLarge { what, len: list.len(), max: limits::MAX_PEER_LIST });
@@ -131,7 +146,8 @@ impl StreamProps {
             memory_limit_bytes,
             pin,
             ignore,
-            paused
+            paused,
+            retain_ms
         );
         p
     }
@@ -156,6 +172,7 @@ pub struct StreamPatch {
     #[serde(deserialize_with = "crate::wire::bounded::ignore_list")]
     pub ignore: Option<BTreeSet<PeerId>>,
     pub paused: Option<bool>,
+    pub retain_ms: Option<Option<u64>>,
 }
 
 impl StreamPatch {

@@ -237,13 +237,15 @@ pub(crate) mod bounded {
 }
 
 /// Version of the command encoding (Raft log entries, client requests).
-/// 2: a `PeerInfo` carries its `Seat`. A peer refuses a log of another
-/// version by name instead of misreading it.
-pub const COMMAND_VERSION: u8 = 2;
+/// 2: a `PeerInfo` carries its `Seat`; 3: `StreamProps` and `StreamPatch`
+/// carry `retain_ms`. A peer refuses a log of another version by name
+/// instead of misreading it.
+pub const COMMAND_VERSION: u8 = 3;
 /// Version of the state-machine snapshot encoding. 2: a `PeerRecord`
 /// carries its idle slots per stream, its `PeerInfo` its `Seat`. 3: a
-/// stream carries its last grant's token (the lease order's tie-break).
-pub const SNAPSHOT_VERSION: u8 = 3;
+/// stream carries its last grant's token (the lease order's tie-break). 4:
+/// its properties carry `retain_ms`.
+pub const SNAPSHOT_VERSION: u8 = 4;
 
 /// Encode a value as `[version, postcard...]`.
 pub fn encode<T: Serialize>(version: u8, value: &T) -> Vec<u8> {
@@ -331,8 +333,8 @@ mod tests {
         let hex = |c: &Command| encode_command(c).iter().map(|b| format!("{b:02x}")).collect::<String>();
         expect_test::expect![[r#"
             [
-                "02060701017303",
-                "02150200050273310183d9dab06011479163c7c4d5fa735f911bac86729f56aaa115b7eed2eb66e022010133000133010a0000",
+                "03060701017303",
+                "03150200050273310183d9dab06011479163c7c4d5fa735f911bac86729f56aaa115b7eed2eb66e022010133000133010a0000",
             ]
         "#]]
         .assert_debug_eq(&[hex(&lease), hex(&batch)]);
@@ -352,7 +354,7 @@ mod tests {
         expect_test::expect![[r#"
             [
                 "empty message: expected a version byte",
-                "unsupported command version 9 (this build speaks version 2)",
+                "unsupported command version 9 (this build speaks version 3)",
                 "malformed command: Hit the end of buffer, expected more data",
                 "malformed command: The original data was not well encoded",
             ]

@@ -21,7 +21,7 @@ impl State {
         let mut rebuilt = d.clone();
         let index = rebuilt.build_index();
         if index != self.index {
-            return Err("global delay/expiry indexes differ from the jobs".into());
+            return Err("global delay/expiry/forget indexes differ from the jobs".into());
         }
         // The next Submit inserts job `next_job` into the table, which takes
         // only its own next id (an empty table takes any).

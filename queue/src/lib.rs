@@ -19,7 +19,7 @@
 
 mod invariants;
 mod machine;
-pub use machine::{grant_bytes, LEASE_GRANT_BYTES};
+pub use machine::{grant_bytes, FORGET_PER_COMMAND, LEASE_GRANT_BYTES};
 mod query;
 mod state;
 #[cfg(test)]
@@ -96,12 +96,15 @@ impl State {
     }
 
     /// The earliest time at which the state changes by itself (a delayed job
-    /// becomes ready, a lease expires): when the leader should send a `Tick`
-    /// if nothing else happens. `None` when nothing is waiting.
+    /// becomes ready, a lease expires, a finished job is forgotten): when
+    /// the leader should send a `Tick` if nothing else happens. `None` when
+    /// nothing is waiting; a time already past when more finished jobs are
+    /// due than one command forgets ([`FORGET_PER_COMMAND`]).
     pub fn poll_timeout(&self) -> Option<Timestamp> {
         let d = self.index.delayed.first().map(|&(t, _)| t);
         let e = self.index.expiries.first().map(|&(t, _)| t);
-        d.into_iter().chain(e).min()
+        let f = self.index.forget.first().map(|&(t, _)| t);
+        d.into_iter().chain(e).chain(f).min()
     }
 
     /// The state as versioned, deterministic bytes.

@@ -12,7 +12,7 @@ use impetus_proto::{
     Ran, RunLimits, Stamp, StreamName, StreamPatch, StreamProps, Submitted, Timestamp,
 };
 
-use crate::state::{Job, JobExtra, Peer, Presented, Stream, StreamIdx};
+use crate::state::{forget_at, Job, JobExtra, Peer, Presented, Stream, StreamIdx};
 use crate::State;
 
 impl State {
@@ -153,6 +153,51 @@ impl State {
             }
             self.after_failed_attempt(id, error);
         }
+        // Finished jobs past their stream's retention, a bounded number per
+        // command: the rest go with the next ones (`poll_timeout` is then
+        // due at once, so the leader ticks).
+        for _ in 0..FORGET_PER_COMMAND {
+            match self.index.forget.first() {
+                Some(&(at, id)) if at <= now => {
+                    self.index.forget.pop_first();
+                    self.forget_job(id);
+                }
+                _ => break,
+            }
+        }
+    }
+
+    /// A finished job just got its final status and `updated_at`: index it
+    /// for forgetting if its stream retains jobs for a while.
+    fn finished(&mut self, id: JobId) {
+        let job = &self.data.jobs[&id];
+        debug_assert!(job.status.is_final());
+        if let Some(at) = forget_at(&self.data.streams[&job.stream].props, job.updated_at) {
+            self.index.forget.insert((at, id));
+        }
+    }
+
+    /// A finished job is about to leave its final status (retried) or the
+    /// table (purged, its stream deleted): out of the forget index.
+    fn unfinished(&mut self, id: JobId) {
+        let job = &self.data.jobs[&id];
+        if let Some(at) = forget_at(&self.data.streams[&job.stream].props, job.updated_at) {
+            self.index.forget.remove(&(at, id));
+        }
+    }
+
+    /// Forget a finished job that is in no index any more (a final job is
+    /// in none but `forget`): it goes with its count and its idempotency
+    /// key; totals stay.
+    fn forget_job(&mut self, id: JobId) {
+        let job = self.data.jobs.remove(&id).expect("a finished job to forget exists");
+        debug_assert!(job.status.is_final());
+        let s = self.stream_idx_mut(job.stream);
+        *s.stats.count_mut(job.status) -= 1;
+        if let Some(key) = job.key() {
+            let removed = s.keys.remove(key);
+            debug_assert_eq!(removed, Some(id), "the key of {id} named another job");
+        }
     }
 
     /// Remove a job's live lease and its index entries. The caller sets the new status.
@@ -208,6 +253,7 @@ impl State {
             let job = self.job_mut_expect(id);
             job.status = JobStatus::Dead;
             job.updated_at = now;
+            self.finished(id);
             FailDisposition::Dead
         } else {
             let ready_at = now.saturating_add_ms(s.props.backoff_after(attempts));
@@ -237,10 +283,26 @@ impl State {
     }
 
     fn update_stream(&mut self, name: &StreamName, patch: &StreamPatch) -> ApplyResult {
-        let s = self.stream_mut(name)?;
+        let idx = self.stream_idx(name)?;
+        let s = self.stream_idx_mut(idx);
         let props = s.props.patched(patch);
         props.validate()?;
-        s.props = props;
+        let retain_changed = props.retain_ms != s.props.retain_ms;
+        if !retain_changed {
+            s.props = props;
+            return Ok(Outcome::StreamUpdated);
+        }
+        // Its finished jobs are forgotten at new times: one scan of the
+        // job table, as a purge does.
+        let finished: Vec<JobId> =
+            self.data.jobs.iter().filter(|(_, j)| j.stream == idx && j.status.is_final()).map(|(id, _)| id).collect();
+        for &id in &finished {
+            self.unfinished(id);
+        }
+        self.stream_idx_mut(idx).props = props;
+        for &id in &finished {
+            self.finished(id);
+        }
         Ok(Outcome::StreamUpdated)
     }
 
@@ -252,6 +314,9 @@ impl State {
         }
         let ids: Vec<JobId> = self.data.jobs.iter().filter(|(_, j)| j.stream == idx).map(|(id, _)| id).collect();
         for &id in &ids {
+            if self.data.jobs[&id].status.is_final() {
+                self.unfinished(id);
+            }
             if let Some(job) = self.data.jobs.remove(&id) {
                 if let Some(lease) = &job.lease {
                     self.index.expiries.remove(&(lease.expires_at, id));
@@ -266,9 +331,8 @@ impl State {
         Ok(Outcome::StreamDeleted { jobs_removed: ids.len() as u64 })
     }
 
-    /// [`Command::Purge`]: a finished job leaves no index behind (only live
-    /// jobs are in the ready, pending, delayed and expiry indexes), so it
-    /// goes with its count and its idempotency key.
+    /// [`Command::Purge`]: a finished job is in no index but `forget`, so
+    /// it goes with that entry, its count and its idempotency key.
     fn purge(&mut self, name: &StreamName, older_than_ms: u64, max: u32) -> ApplyResult {
         let idx = self.stream_idx(name)?;
         let now = self.data.now;
@@ -278,14 +342,9 @@ impl State {
             .map(|(id, _)| id)
             .take(max as usize)
             .collect();
-        for id in &ids {
-            let job = self.data.jobs.remove(id).expect("a job just found");
-            let s = self.stream_idx_mut(idx);
-            *s.stats.count_mut(job.status) -= 1;
-            if let Some(key) = job.key() {
-                let removed = s.keys.remove(key);
-                debug_assert_eq!(removed, Some(*id), "the key of {id} named another job");
-            }
+        for &id in &ids {
+            self.unfinished(id);
+            self.forget_job(id);
         }
         Ok(Outcome::Purged { jobs_removed: ids.len() as u64 })
     }
@@ -578,6 +637,7 @@ impl State {
         let s = self.stream_idx_mut(stream);
         s.stats.succeeded += 1;
         s.stats.completed_total += 1;
+        self.finished(c.job);
         Ok(())
     }
 
@@ -628,6 +688,7 @@ impl State {
         job.status = JobStatus::Cancelled;
         job.updated_at = now;
         self.stream_idx_mut(stream).stats.cancelled += 1;
+        self.finished(id);
         Ok(Outcome::Cancelled)
     }
 
@@ -638,6 +699,7 @@ impl State {
             return Err(ApplyError::InvalidTransition { job: id, status, op: "retry".into() });
         }
         let stream = job.stream;
+        self.unfinished(id);
         *self.stream_idx_mut(stream).stats.count_mut(status) -= 1;
         self.job_mut_expect(id).attempts = 0;
         let now = self.data.now;
@@ -699,6 +761,11 @@ impl State {
         self.data.peers.get_mut(&peer).ok_or(ApplyError::UnknownPeer(peer))
     }
 }
+
+/// The most finished jobs one command forgets for their streams'
+/// retention (each as cheap as a purged one): a day of jobs finished at
+/// once goes over the commands that follow, none of them long.
+pub const FORGET_PER_COMMAND: usize = 1024;
 
 /// The most bytes of job specs one lease grants (more only by the one job
 /// that passes it): a quarter of the largest message, so a worker's answer

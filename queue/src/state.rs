@@ -195,6 +195,15 @@ pub(crate) struct Index {
     pub delayed: BTreeSet<(Timestamp, JobId)>,
     /// Live leases by expiry.
     pub expiries: BTreeSet<(Timestamp, JobId)>,
+    /// Finished jobs of streams that retain them for a while, by the time
+    /// they are forgotten (`forget_at`).
+    pub forget: BTreeSet<(Timestamp, JobId)>,
+}
+
+/// When a job of a stream with `props`, finished at `finished_at` (its
+/// `updated_at`), is forgotten: `None` if the stream keeps its jobs.
+pub(crate) fn forget_at(props: &StreamProps, finished_at: Timestamp) -> Option<Timestamp> {
+    props.retain_ms.map(|r| finished_at.saturating_add_ms(r))
 }
 
 /// Everything a snapshot holds.
@@ -258,7 +267,11 @@ impl Data {
                         *stream.leased_by_peer.entry(lease.peer).or_default() += 1;
                     }
                 }
-                JobStatus::Succeeded | JobStatus::Dead | JobStatus::Cancelled => {}
+                JobStatus::Succeeded | JobStatus::Dead | JobStatus::Cancelled => {
+                    if let Some(at) = forget_at(&stream.props, job.updated_at) {
+                        index.forget.insert((at, id));
+                    }
+                }
             }
         }
         index

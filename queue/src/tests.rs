@@ -136,7 +136,7 @@ fn the_snapshot_format_is_pinned() {
         apply(&mut state, cmd).unwrap();
     }
     let bytes = state.snapshot();
-    expect!["56191 bytes, digest a02471534c915d3cf27ca49fbf58332dd4ca08228963dd8549e4e9aa0cced0bc"]
+    expect!["56196 bytes, digest f88458c8735bb740aeee4c3ce8dac0cca7e08920a74d0fff221a49760272621b"]
         .assert_eq(&format!("{} bytes, digest {}", bytes.len(), ModuleHash::of(&bytes)));
     assert_eq!(State::restore(&bytes).unwrap(), state);
 }

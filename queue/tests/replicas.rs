@@ -10,6 +10,12 @@ use impetus_proto::*;
 use impetus_queue::State;
 use proptest::prelude::*;
 
+/// A stream's retention: none, short enough to forget jobs within a run,
+/// or the default.
+fn retain() -> impl Strategy<Value = Option<u64>> {
+    prop_oneof![Just(None), Just(Some(250)), Just(StreamProps::default().retain_ms)]
+}
+
 /// Raw commands, valid or not, over a small space of streams, jobs and peers.
 fn command() -> impl Strategy<Value = Command> {
     let stream = prop_oneof![Just("a"), Just("b"), Just("c")].prop_map(name);
@@ -17,9 +23,13 @@ fn command() -> impl Strategy<Value = Command> {
     let peer = (1..4u64).prop_map(PeerId);
     let tok = (0..200u64).prop_map(FencingToken);
     prop_oneof![
-        stream.clone().prop_map(|name| Command::CreateStream {
+        (stream.clone(), retain()).prop_map(|(name, retain_ms)| Command::CreateStream {
             name,
-            props: StreamProps { lease_ttl_ms: 300, retry_backoff_ms: 20, ..StreamProps::default() }
+            props: StreamProps { lease_ttl_ms: 300, retry_backoff_ms: 20, retain_ms, ..StreamProps::default() }
+        }),
+        (stream.clone(), retain()).prop_map(|(name, retain_ms)| Command::UpdateStream {
+            name,
+            patch: StreamPatch { retain_ms: Some(retain_ms), ..StreamPatch::default() }
         }),
         (stream.clone(), 1..4usize, 0..3i32, prop_oneof![Just(0u64), Just(150)], proptest::option::of(0..5u8))
             .prop_map(|(stream, n, p, delay, key)| Command::Submit {

@@ -247,6 +247,103 @@ fn purge_forgets_finished_jobs_old_enough_and_nothing_live() {
         .assert_eq(&e.to_string());
 }
 
+/// The ids of the jobs the state still holds, of the first `n`.
+fn held(h: &Harness, n: u64) -> Vec<u64> {
+    (0..n).filter(|&i| h.state.job(JobId(i)).is_some()).collect()
+}
+
+#[test]
+fn a_finished_job_is_forgotten_its_streams_retention_after_it_finished() {
+    let mut h = Harness::with_stream(StreamProps { retain_ms: Some(1_000), max_attempts: 1, ..props() });
+    let peer = h.register();
+    let keyed = NewJob { key: Some(IdempotencyKey::new("once").unwrap()), ..job("0") };
+    // 0 (keyed) succeeds, 1 is cancelled, 2 goes dead, 3 stays queued.
+    h.submit("s", vec![keyed.clone(), job("1"), job("2"), job("3")]);
+    let grants = h.lease(peer, 1);
+    h.complete(peer, &grants[0], "zero").unwrap();
+    h.advance(300);
+    h.ok(Command::Cancel { job: JobId(1) });
+    let grants = h.lease(peer, 1);
+    assert_eq!(h.fail(peer, &grants[0], "trap"), Ok(FailDisposition::Dead));
+    assert_eq!(h.state.poll_timeout(), Some(Timestamp(1_001_000)), "job 0 is forgotten first");
+
+    h.advance(699);
+    h.ok(Command::Tick);
+    assert_eq!(held(&h, 4), [0, 1, 2, 3], "a millisecond early");
+    h.advance(1);
+    h.ok(Command::Tick);
+    assert_eq!(held(&h, 4), [1, 2, 3]);
+    h.advance(300);
+    h.ok(Command::Tick);
+    assert_eq!(held(&h, 4), [3], "the live job stays");
+    assert_eq!(h.state.poll_timeout(), None);
+    let stats = h.stats("s");
+    assert_eq!((stats.succeeded, stats.cancelled, stats.dead, stats.queued), (0, 0, 0, 1));
+    assert_eq!((stats.submitted_total, stats.completed_total), (4, 1), "totals stay");
+    // The key of a forgotten job is free again: a new job, not the old one.
+    assert_eq!(h.submit("s", vec![keyed]), [JobId(4)]);
+}
+
+#[test]
+fn a_stream_that_keeps_its_jobs_forgets_none_and_a_retried_job_is_kept() {
+    let mut h = Harness::with_stream(StreamProps { retain_ms: None, ..props() });
+    h.ok(Command::CreateStream { name: name("t"), props: StreamProps { retain_ms: Some(100), ..props() } });
+    h.submit("s", vec![job("0")]);
+    h.submit("t", vec![job("1")]);
+    h.ok(Command::Cancel { job: JobId(0) });
+    h.ok(Command::Cancel { job: JobId(1) });
+    h.advance(50);
+    h.ok(Command::Retry { job: JobId(1) });
+    h.advance(10 * 365 * 24 * 3600 * 1000);
+    h.ok(Command::Tick);
+    assert_eq!(held(&h, 2), [0, 1], "kept: a stream with no retention; a job no longer finished");
+    assert_eq!(h.status(JobId(1)), JobStatus::Queued);
+}
+
+#[test]
+fn a_changed_retention_applies_to_the_jobs_already_finished() {
+    let mut h = Harness::with_stream(StreamProps { retain_ms: None, ..props() });
+    h.submit("s", vec![job("0"), job("1")]);
+    h.ok(Command::Cancel { job: JobId(0) });
+    h.advance(1_000);
+    h.ok(Command::Cancel { job: JobId(1) });
+    let retain = |r| Command::UpdateStream {
+        name: name("s"),
+        patch: StreamPatch { retain_ms: Some(r), ..StreamPatch::default() },
+    };
+    // Job 0 finished 1000 ms ago, job 1 just now.
+    h.ok(retain(Some(500)));
+    h.ok(Command::Tick);
+    assert_eq!(held(&h, 2), [1]);
+    h.ok(retain(None));
+    h.advance(1_000);
+    h.ok(Command::Tick);
+    assert_eq!(held(&h, 2), [1], "kept again");
+    let e = h.err(retain(Some(0)));
+    expect!["invalid command: invalid retention: must be greater than zero"].assert_eq(&e.to_string());
+}
+
+/// A day of jobs finished at once is not forgotten in one long command: at
+/// most `FORGET_PER_COMMAND` per command, and the state is due again at
+/// once until they are all gone.
+#[test]
+fn forgetting_is_bounded_per_command() {
+    let mut h = Harness::with_stream(StreamProps { retain_ms: Some(100), ..props() });
+    let n = impetus_queue::FORGET_PER_COMMAND as u64 + 10;
+    for chunk in 0..n.div_ceil(1000) {
+        let ids: Vec<JobId> = h.submit("s", (chunk * 1000..n.min((chunk + 1) * 1000)).map(|_| job("x")).collect());
+        let cancels: Vec<Command> = ids.iter().map(|&job| Command::Cancel { job }).collect();
+        h.ok(Command::Batch(cancels));
+    }
+    h.advance(100);
+    h.ok(Command::Tick);
+    assert_eq!(h.stats("s").cancelled, 10);
+    assert_eq!(h.state.poll_timeout(), Some(Timestamp(h.now)), "due at once");
+    h.ok(Command::Tick);
+    assert_eq!(h.stats("s").cancelled, 0);
+    assert_eq!(h.state.poll_timeout(), None);
+}
+
 // ---- lease order and limits ---------------------------------------------------
 
 #[test]
@@ -845,7 +942,10 @@ fn cancel_works_on_live_jobs_and_revokes_the_lease() {
     expect!["cannot cancel job-0: it is Cancelled"].assert_eq(&e.to_string());
     assert_eq!(h.err(Command::Cancel { job: JobId(99) }), ApplyError::UnknownJob(JobId(99)));
     assert_eq!(h.stats("s").cancelled, 3);
-    assert_eq!(h.state.poll_timeout(), None, "nothing is waiting any more");
+    // No delay nor lease is waiting any more: only the cancelled jobs'
+    // forgetting, their stream's retention on.
+    let forget_at = Timestamp(h.now + impetus_proto::records::DEFAULT_RETAIN_MS);
+    assert_eq!(h.state.poll_timeout(), Some(forget_at));
 }
 
 #[test]

@@ -53,8 +53,9 @@ use crate::{invalid_data, log_range, Entry, ImpetusConfig, LogId, TypeConfig, Vo
 /// rules would part from one whose snapshot applied it with the old. 2: a
 /// lease takes the streams where the peer holds the fewest leases first,
 /// then the one that granted least recently, and stops at
-/// `LEASE_GRANT_BYTES`.
-pub const WAL_RECORD_VERSION: u8 = 2;
+/// `LEASE_GRANT_BYTES`; 3: time forgets finished jobs past their stream's
+/// `retain_ms`.
+pub const WAL_RECORD_VERSION: u8 = 3;
 /// A segment is closed and a new one begun once it passes this size.
 pub const SEGMENT_BYTES: u64 = 32 << 20;
 /// A sync of the log at least this long is logged as a warning: a commit

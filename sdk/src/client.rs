@@ -433,7 +433,7 @@ impl Client {
                         Some(_) => {}
                         None => {
                             return Err(ClientError::Protocol(format!(
-                                "{id} vanished while waiting (purged, or its stream deleted)"
+                                "{id} vanished while waiting (purged, forgotten past its stream's retention, or its stream deleted)"
                             )))
                         }
                     }
@@ -464,7 +464,7 @@ impl Client {
         ids.iter()
             .map(|id| {
                 done.get(id).cloned().ok_or_else(|| {
-                    ClientError::Protocol(format!("{id} vanished while waiting (purged, or its stream deleted)"))
+                    ClientError::Protocol(format!("{id} vanished while waiting (purged, forgotten past its stream's retention, or its stream deleted)"))
                 })
             })
             .collect()

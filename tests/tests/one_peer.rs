@@ -246,6 +246,37 @@ fn purge_forgets_finished_jobs_and_keeps_live_ones() {
 }
 
 #[test]
+fn a_finished_job_is_forgotten_after_its_streams_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = PeerProc::start(&dir.path().join("p"), &[]).unwrap();
+    p.ok(&["stream", "create", "brief", "--retain", "8s"]);
+    p.ok(&["stream", "create", "kept", "--retain", "none"]);
+    let show = p.ok(&["stream", "show", "brief"]);
+    assert!(show.lines().any(|l| l.starts_with("retain finished") && l.ends_with(" 8s")), "{show}");
+    let show = p.ok(&["stream", "show", "kept"]);
+    assert!(show.lines().any(|l| l.starts_with("retain finished") && l.ends_with("until purged")), "{show}");
+    let square = wasm("square");
+    let (rt, c) = client(&p);
+    for stream in ["brief", "kept"] {
+        let out = p.ok(&["submit", square.to_str().unwrap(), "--stream", stream, "--input", "2", "--wait"]);
+        assert_eq!(out.trim(), "4");
+        assert_eq!(all_jobs(&rt, &c, stream).len(), 1, "kept while its retention runs");
+    }
+    // The peer's own ticks forget it once its retention has passed:
+    // nothing else is sent to the cluster meanwhile.
+    let gone = wait_for(Duration::from_secs(30), || all_jobs(&rt, &c, "brief").is_empty().then_some(()));
+    assert!(gone.is_some(), "forgotten within 30 s");
+    let kept = all_jobs(&rt, &c, "kept");
+    assert_eq!(kept.iter().map(|j| j.status).collect::<Vec<_>>(), [JobStatus::Succeeded]);
+    let stats = rt.block_on(c.stream(&StreamName::new("brief").unwrap())).unwrap().stats;
+    assert_eq!((stats.succeeded, stats.completed_total), (0, 1), "its count goes, the total stays");
+
+    let out = p.cli(&["stream", "update", "kept", "--retain", "0s"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("retention: must be greater than zero"), "{err}");
+}
+
+#[test]
 fn sigterm_stops_the_peer_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let mut p = PeerProc::start(&dir.path().join("p"), &[]).unwrap();

@@ -46,7 +46,9 @@ pub enum JobsCommand {
   impetus jobs purge --stream s1 --older-than 24h    those finished a day ago or more
 
 A purged job is gone: its result can no longer be read, a dead one can no
-longer be retried, and its idempotency key may be used again.")]
+longer be retried, and its idempotency key may be used again. A stream also
+forgets its finished jobs by itself once its retention has passed
+(`impetus stream update S --retain D`, a day by default).")]
     Purge {
         #[arg(long, short = 's', value_name = "S")]
         stream: StreamName,

@@ -9,8 +9,8 @@ use impetus_proto::records::{StreamInfo, StreamPatch, StreamProps};
 use impetus_sdk::Client;
 
 use super::util::{
-    age, human_ms, human_time, now_ms, parse_duration, parse_optional_u32, parse_optional_u64, parse_peer_id, OrNone,
-    Table,
+    age, human_ms, human_time, now_ms, parse_duration, parse_optional_duration_ms, parse_optional_u32,
+    parse_optional_u64, parse_peer_id, OrNone, Table,
 };
 use super::{connect, exit, print_json, with_stream_hint, Global};
 
@@ -87,6 +87,11 @@ pub struct PropFlags {
     /// These peers never run the stream's jobs (repeatable; replaces the list).
     #[arg(long, value_name = "PEER", value_parser = parse_peer_id)]
     pub ignore: Vec<PeerId>,
+    /// How long a finished job (succeeded, dead, cancelled) and its result
+    /// are kept after it finished (`none` = until `jobs purge` or the
+    /// stream's deletion) [default: 1d].
+    #[arg(long, value_name = "D", value_parser = parse_optional_duration_ms)]
+    pub retain: Option<OrNone<u64>>,
 }
 
 fn ms(d: Option<Duration>) -> Option<u64> {
@@ -112,6 +117,7 @@ impl PropFlags {
             pin: set(&self.pin),
             ignore: set(&self.ignore),
             paused: None,
+            retain_ms: self.retain.map(|r| r.0),
         }
     }
 }
@@ -249,6 +255,7 @@ pub fn show(info: &StreamInfo, now: u64, stranded: bool) -> String {
         ("job timeout", human_ms(p.job_timeout_ms)),
         ("fuel", p.fuel.map(|f| f.to_string()).unwrap_or_else(|| "unlimited".into())),
         ("memory", format!("{} MiB", p.memory_limit_bytes >> 20)),
+        ("retain finished", p.retain_ms.map(human_ms).unwrap_or_else(|| "until purged".into())),
         (
             "pin",
             if stranded {

@@ -56,8 +56,8 @@ pub struct SubmitArgs {
     /// Not ready before this long from now (500ms, 2s, 1m; a plain number is ms).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub delay: Option<Duration>,
-    /// Idempotency key: resubmitting with the same key returns the same job. In a batch,
-    /// job i gets the key K-i.
+    /// Idempotency key: resubmitting with the same key returns the same job (while the job
+    /// is kept: its stream's retention). In a batch, job i gets the key K-i.
     #[arg(long, value_name = "K")]
     pub key: Option<String>,
     /// Wait for the jobs to finish and print their results.

@@ -24,8 +24,9 @@ pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
         "s" | "sec" | "secs" => 1_000.0,
         "m" | "min" | "mins" => 60_000.0,
         "h" | "hr" | "hrs" => 3_600_000.0,
+        "d" | "day" | "days" => 86_400_000.0,
         other => {
-            return Err(format!("unknown unit {other:?} in duration {text:?} (use ms, s, m or h)"));
+            return Err(format!("unknown unit {other:?} in duration {text:?} (use ms, s, m, h or d)"));
         }
     };
     let value: f64 = num.parse().map_err(|_| invalid())?;
@@ -76,6 +77,14 @@ pub fn parse_optional_u64(text: &str) -> Result<OrNone<u64>, String> {
             .parse::<u64>()
             .map(|n| OrNone(Some(n)))
             .map_err(|_| format!("invalid number {text:?} (or `none` for no limit)")),
+    }
+}
+
+/// `none`/`forever` → no limit, else a duration in milliseconds.
+pub fn parse_optional_duration_ms(text: &str) -> Result<OrNone<u64>, String> {
+    match text.trim() {
+        "none" | "forever" => Ok(OrNone(None)),
+        t => parse_duration_ms(t).map(|ms| OrNone(Some(ms))).map_err(|e| format!("{e} (or `none` to keep)")),
     }
 }
 
@@ -265,12 +274,20 @@ mod tests {
 
     #[test]
     fn bad_durations_name_the_problem() {
-        assert_eq!(parse_duration_ms("5x").unwrap_err(), "unknown unit \"x\" in duration \"5x\" (use ms, s, m or h)");
+        assert_eq!(
+            parse_duration_ms("5x").unwrap_err(),
+            "unknown unit \"x\" in duration \"5x\" (use ms, s, m, h or d)"
+        );
         assert!(parse_duration_ms("").unwrap_err().contains("empty duration"));
         assert!(parse_duration_ms("s").unwrap_err().contains("invalid duration"));
         assert!(parse_duration_ms("1.2.3s").unwrap_err().contains("invalid duration"));
         assert!(parse_duration_ms("-1s").unwrap_err().contains("invalid duration"));
         assert!(parse_duration_ms("99999999999999999999h").unwrap_err().contains("too large"));
+        assert_eq!(parse_duration_ms("7d"), Ok(7 * 86_400_000));
+        assert_eq!(parse_optional_duration_ms("forever"), Ok(OrNone(None)));
+        assert_eq!(parse_optional_duration_ms("none"), Ok(OrNone(None)));
+        assert_eq!(parse_optional_duration_ms("1h"), Ok(OrNone(Some(3_600_000))));
+        assert!(parse_optional_duration_ms("1y").unwrap_err().contains("or `none` to keep"));
     }
 
     #[test]

@@ -48,8 +48,9 @@ pub const RAFT_STREAM_PROTOCOL: StreamProtocol = StreamProtocol::new("/impetus/r
 /// Version byte of a Raft RPC frame. Bumped with the meaning of the
 /// commands it carries (`impetus_raft::wal_log::WAL_RECORD_VERSION`), so a
 /// peer of another build is refused by name, not fed entries it would
-/// apply under other rules. 2: with WAL record version 2.
-pub const RAFT_RPC_VERSION: u8 = 2;
+/// apply under other rules. 2: with WAL record version 2; 3: with WAL
+/// record version 3 (retention).
+pub const RAFT_RPC_VERSION: u8 = 3;
 
 /// Largest Raft frame: a full snapshot travels in one.
 pub const MAX_RAFT_FRAME: usize = 1 << 30;

@@ -88,7 +88,8 @@ pub trait Consensus: Send + Sync + 'static {
 /// back its orphaned leases; asked to `reconcile`, hand back the leases it
 /// holds but does not run (granted in an answer it never got); commit the worker's commands, lease up to `lease_max` jobs from
 /// the streams it may lease from — all as one entry (group commit). On an
-/// idle leader with a deadline due (a delayed job, an expiring lease) a bare
+/// idle leader with a deadline due (a delayed job, an expiring lease, a
+/// finished job past its stream's retention) a bare
 /// `Tick` advances time.
 pub async fn serve_work<C: Consensus + ?Sized>(
     c: &C,
