@@ -166,6 +166,36 @@ fn memory_for(jobs: u64) -> (usize, u64, f64, SnapshotCosts) {
     (held, rss, jobs as f64 / secs, snapshot)
 }
 
+/// `jobs` jobs finished and forgotten past their stream's retention behind
+/// one old job that stays (queued in a stream that keeps its jobs): what
+/// the state still holds for them (heap bytes), and its snapshot's size.
+fn forgotten_behind_an_old_job(jobs: u64) -> (usize, usize) {
+    let mut d = Driver::new(StreamProps { retain_ms: Some(1), ..StreamProps::default() });
+    let kept = StreamName::new("kept").expect("valid");
+    d.apply(&Command::CreateStream {
+        name: kept.clone(),
+        props: StreamProps { retain_ms: None, ..StreamProps::default() },
+    });
+    d.apply(&Command::Submit { stream: kept, jobs: vec![new_job(0)] });
+    let before = LIVE.load(Relaxed);
+    let stream = StreamName::new("s").expect("valid");
+    for chunk in 0..jobs / 1000 {
+        let Outcome::Submitted(subs) = d.apply(&Command::Submit {
+            stream: stream.clone(),
+            jobs: (0..1000).map(|i| new_job(chunk * 1000 + i)).collect(),
+        }) else {
+            panic!("submit")
+        };
+        d.apply(&Command::Batch(subs.iter().map(|s| Command::Cancel { job: s.job }).collect()));
+    }
+    d.now += 10_000_000; // past the retention
+    for _ in 0..jobs / impetus_queue::FORGET_PER_COMMAND as u64 + 2 {
+        d.apply(&Command::Tick);
+    }
+    assert_eq!(d.state.stream_stats(&stream).map(|s| s.cancelled), Some(0), "all forgotten");
+    (LIVE.load(Relaxed).saturating_sub(before), d.state.snapshot().len())
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; a filter argument is not used here.
     let quick = std::env::args().any(|a| a == "--quick");
@@ -191,4 +221,9 @@ fn main() {
     println!("{:<48} {:>11.2} ms", "freeze (a peer holds the read lock this long)", snap.freeze_ms);
     println!("{:<48} {:>11.0} ms", "encode the frozen copy (outside the lock)", snap.encode_ms);
     println!("{:<48} {:>11.0} ms", "restore (decode, index, verify)", snap.restore_ms);
+    let (held, snap_bytes) = forgotten_behind_an_old_job(jobs);
+    println!();
+    println!("{:<48} {:>14}", format!("{jobs} jobs forgotten behind one old job"), "value");
+    println!("{:<48} {:>11} B", "heap the state still holds for them", held);
+    println!("{:<48} {:>11} B", "snapshot of the state", snap_bytes);
 }

@@ -7,7 +7,7 @@
 //! byte — depends only on the commands applied.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use imbl::OrdMap;
@@ -288,31 +288,39 @@ pub(crate) struct Presented {
 /// Jobs per chunk of the job table.
 const CHUNK: u64 = 1024;
 
-/// One chunk of the job table: the slots of ids `n * CHUNK ..`, shared
-/// with the copies a snapshot took until either side writes to it.
-type Chunk = Arc<Vec<Option<Arc<Job>>>>;
+/// One chunk of the job table: the slots of ids `n * CHUNK ..` (as far as
+/// its last job; those past it are empty), shared with the copies a
+/// snapshot took until either side writes to it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct ChunkData {
+    /// The jobs in `slots`: a chunk with none is dropped.
+    live: u32,
+    slots: Vec<Option<Arc<Job>>>,
+}
+
+type Chunk = Arc<ChunkData>;
 
 /// All jobs, by id. Ids are assigned densely in submission order, so chunks
-/// of slots indexed by `id / CHUNK` hold them with no per-entry tree
-/// overhead (a `BTreeMap` filled in ascending order leaves its nodes half
-/// empty: ~2x the memory). Removed jobs leave a `None` until they reach the
-/// front: a job is behind a pointer, so that such a hole costs 8 bytes, not
-/// a whole job (a purged stream's holes behind an older job that stays, a
-/// paused stream's).
+/// of slots, by `id / CHUNK`, hold them with no per-entry tree overhead (a
+/// `BTreeMap` of jobs filled in ascending order leaves its nodes half
+/// empty: ~2x the memory). A removed job leaves an empty slot (8 bytes: a
+/// job is behind a pointer) while its chunk holds another job; a chunk
+/// with none is dropped, so ids forgotten behind an old job that stays (a
+/// `--retain none` stream's, a paused one's) cost nothing, in memory or in
+/// a snapshot, however many.
 ///
 /// Copy on write: a clone shares every chunk and job (O(jobs / CHUNK)), and
 /// a write copies only the chunk and the job it changes, so a snapshot
 /// copies the table under the state's lock and encodes it outside.
 ///
-/// Invariant: the chunks hold the slots of ids `first_chunk * CHUNK .. end`
-/// (each full but the last); every slot below `base` is empty, and the
-/// slot of `base` is not (when `base < end`).
+/// Invariant: every job's id is in `base .. end`, and the slot of `base`
+/// holds one (when `base < end`); a chunk is in `chunks` iff it holds a
+/// job (`live` of them).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct JobTable {
     base: u64,
     end: u64,
-    first_chunk: u64,
-    chunks: VecDeque<Chunk>,
+    chunks: BTreeMap<u64, Chunk>,
 }
 
 impl JobTable {
@@ -325,25 +333,32 @@ impl JobTable {
         self.base == self.end
     }
 
-    /// Where the slot of `id` is: (chunk, offset), if `id` is in the table's range.
-    fn locate(&self, id: JobId) -> Option<(usize, usize)> {
-        if id.0 < self.base || id.0 >= self.end {
-            return None;
-        }
-        let chunk = usize::try_from(id.0 / CHUNK - self.first_chunk).ok()?;
-        Some((chunk, (id.0 % CHUNK) as usize))
+    fn in_range(&self, id: JobId) -> bool {
+        (self.base..self.end).contains(&id.0)
     }
 
     pub fn get(&self, id: &JobId) -> Option<&Job> {
-        let (c, o) = self.locate(*id)?;
-        self.chunks.get(c)?.get(o)?.as_deref()
+        if !self.in_range(*id) {
+            return None;
+        }
+        self.chunks.get(&(id.0 / CHUNK))?.slots.get((id.0 % CHUNK) as usize)?.as_deref()
     }
 
     pub fn get_mut(&mut self, id: &JobId) -> Option<&mut Job> {
-        self.get(id)?; // an empty slot's chunk is not copied
-        let (c, o) = self.locate(*id)?;
-        let slot = Arc::make_mut(self.chunks.get_mut(c)?).get_mut(o)?;
-        slot.as_mut().map(Arc::make_mut)
+        let (chunk, o) = self.chunk_of(*id)?;
+        Arc::make_mut(chunk).slots.get_mut(o)?.as_mut().map(Arc::make_mut)
+    }
+
+    /// The chunk of a job that is in the table, and its slot in it (an
+    /// empty slot's chunk is not copied on write).
+    fn chunk_of(&mut self, id: JobId) -> Option<(&mut Chunk, usize)> {
+        if !self.in_range(id) {
+            return None;
+        }
+        let o = (id.0 % CHUNK) as usize;
+        let chunk = self.chunks.get_mut(&(id.0 / CHUNK))?;
+        chunk.slots.get(o)?.as_ref()?;
+        Some((chunk, o))
     }
 
     /// Insert the job with the next id (anything else is a bug). Into an
@@ -353,52 +368,48 @@ impl JobTable {
             *self = JobTable::starting_at(id.0);
         }
         assert_eq!(id, self.next_id(), "jobs are inserted in id order");
-        self.push(Some(Arc::new(job)));
+        self.push(Arc::new(job));
     }
 
     /// Take the job out; it may still be shared with a frozen copy, so
     /// it comes back as it is kept, never cloned.
     pub fn remove(&mut self, id: &JobId) -> Option<Arc<Job>> {
-        self.get(id)?; // an empty slot's chunk is not copied
-        let (c, o) = self.locate(*id)?;
-        let job = Arc::make_mut(self.chunks.get_mut(c)?).get_mut(o)?.take();
-        self.trim_front();
-        job
+        let (chunk, o) = self.chunk_of(*id)?;
+        let chunk = Arc::make_mut(chunk);
+        let job = chunk.slots.get_mut(o)?.take()?;
+        chunk.live -= 1;
+        if chunk.live == 0 {
+            self.chunks.remove(&(id.0 / CHUNK));
+        }
+        if id.0 == self.base {
+            // The next job left, else none: the table is empty from `end`.
+            let next = self.iter_from(*id).next().map_or(self.end, |(next, _)| next.0);
+            self.base = next;
+        }
+        Some(job)
     }
 
     fn starting_at(base: u64) -> JobTable {
-        JobTable { base, end: base, first_chunk: base / CHUNK, chunks: VecDeque::new() }
+        JobTable { base, end: base, chunks: BTreeMap::new() }
     }
 
-    /// Append the slot of id `end`, which must not be `u64::MAX` (the
-    /// state machine's ids run out long before; a snapshot is checked).
-    fn push(&mut self, slot: Option<Arc<Job>>) {
+    /// Put `job` in the slot of id `end`, which must not be `u64::MAX`
+    /// (the state machine's ids run out long before; a snapshot is checked).
+    fn push(&mut self, job: Arc<Job>) {
         let offset = (self.end % CHUNK) as usize;
-        if offset == 0 || self.chunks.is_empty() {
-            let mut chunk = Vec::with_capacity(CHUNK as usize);
-            chunk.resize(offset, None);
-            self.chunks.push_back(Arc::new(chunk));
+        let chunk = self
+            .chunks
+            .entry(self.end / CHUNK)
+            .or_insert_with(|| Arc::new(ChunkData { live: 0, slots: Vec::with_capacity(CHUNK as usize) }));
+        let chunk = Arc::make_mut(chunk);
+        if chunk.slots.len() < offset {
+            chunk.slots.resize(offset, None);
         }
-        let last = Arc::make_mut(self.chunks.back_mut().expect("a chunk was just made if there was none"));
         // A chunk copied on write has only the room of its length.
-        last.reserve_exact(CHUNK as usize - last.len());
-        last.push(slot);
+        chunk.slots.reserve_exact(CHUNK as usize - chunk.slots.len());
+        chunk.slots.push(Some(job));
+        chunk.live += 1;
         self.end += 1;
-    }
-
-    /// Move `base` past the holes at the front, and drop the chunks left
-    /// behind it.
-    fn trim_front(&mut self) {
-        while self.base < self.end && self.get(&JobId(self.base)).is_none() {
-            self.base += 1;
-        }
-        if self.is_empty() {
-            *self = JobTable::starting_at(self.base);
-        }
-        while self.base / CHUNK > self.first_chunk {
-            self.chunks.pop_front();
-            self.first_chunk += 1;
-        }
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (JobId, &Job)> + '_ {
@@ -408,53 +419,68 @@ impl JobTable {
     /// Jobs with id >= `from`, in id order.
     pub fn iter_from(&self, from: JobId) -> impl Iterator<Item = (JobId, &Job)> + '_ {
         let start = from.0.max(self.base);
-        // Chunks to skip, then slots to skip in the first one left.
-        let (skip, offset) = match self.locate(JobId(start)) {
-            Some(at) => at,
-            None => (self.chunks.len(), 0),
-        };
-        let first_chunk = self.first_chunk;
-        self.chunks.iter().enumerate().skip(skip).flat_map(move |(c, chunk)| {
-            let chunk_base = (first_chunk + c as u64) * CHUNK;
-            let from = if c == skip { offset } else { 0 };
-            chunk
-                .iter()
-                .enumerate()
-                .skip(from)
-                .filter_map(move |(o, j)| j.as_deref().map(|j| (JobId(chunk_base + o as u64), j)))
+        self.chunks.range(start / CHUNK..).flat_map(move |(&n, chunk)| {
+            let skip = if n == start / CHUNK { (start % CHUNK) as usize } else { 0 };
+            let slots = chunk.slots.iter().enumerate().skip(skip);
+            slots.filter_map(move |(o, j)| j.as_deref().map(|j| (JobId(n * CHUNK + o as u64), j)))
         })
     }
 
-    /// Every slot from `base`, holes included: what a snapshot holds (its
-    /// `size_hint` is exact, as a sequence's length must be known).
-    fn slots(&self) -> impl Iterator<Item = Option<&Job>> + '_ {
-        (self.base..self.end).map(|id| self.get(&JobId(id)))
+    /// Every job from `base`, and the runs of empty slots between them and
+    /// before `end`: what a snapshot holds.
+    fn runs(&self) -> impl Iterator<Item = Run<&Job>> + '_ {
+        let mut at = self.base;
+        let jobs = self.iter().flat_map(move |(id, job)| {
+            let holes = id.0 - at;
+            at = id.0 + 1;
+            (holes > 0).then_some(Run::Holes(holes)).into_iter().chain([Run::Job(job)])
+        });
+        let last = self.last_id().map_or(self.base, |id| id + 1);
+        jobs.chain((self.end > last).then_some(Run::Holes(self.end - last)))
+    }
+
+    /// The id of the last job, if any.
+    fn last_id(&self) -> Option<u64> {
+        let (n, chunk) = self.chunks.last_key_value()?;
+        let at = chunk.slots.iter().rposition(Option::is_some)?;
+        Some(n * CHUNK + at as u64)
     }
 }
 
-/// A snapshot holds the table as `{ base, slots }`: the first id, then one
-/// `Option<Job>` per id up to the next (the bytes of the `VecDeque` the
-/// table was before it had chunks).
+/// A run of the job table in a snapshot: a job, or that many empty slots.
+#[derive(Serialize, Deserialize)]
+enum Run<J> {
+    Job(J),
+    Holes(u64),
+}
+
+/// A snapshot holds the table as `{ base, runs }`: the first id, then its
+/// jobs in id order with the runs of empty slots between them (and before
+/// `end`), so forgotten ids take no room.
 impl Serialize for JobTable {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeStruct;
-        struct Slots<'a>(&'a JobTable);
-        impl Serialize for Slots<'_> {
+        use serde::ser::{SerializeSeq, SerializeStruct};
+        struct Runs<'a>(&'a JobTable);
+        impl Serialize for Runs<'_> {
             fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-                serializer.collect_seq(self.0.slots())
+                // postcard needs the length first.
+                let mut seq = serializer.serialize_seq(Some(self.0.runs().count()))?;
+                for run in self.0.runs() {
+                    seq.serialize_element(&run)?;
+                }
+                seq.end()
             }
         }
         let mut s = serializer.serialize_struct("JobTable", 2)?;
         s.serialize_field("base", &self.base)?;
-        s.serialize_field("slots", &Slots(self))?;
+        s.serialize_field("runs", &Runs(self))?;
         s.end()
     }
 }
 
 impl<'de> Deserialize<'de> for JobTable {
-    /// Reads `{ base, slots }` as postcard writes a struct (a sequence of
-    /// its fields), each slot straight into its chunk: no `Vec` of every
-    /// job first, holes 8 bytes each as in the table.
+    /// Reads `{ base, runs }` as postcard writes a struct (a sequence of
+    /// its fields), each job straight into its chunk.
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         use serde::de::{DeserializeSeed, Error, SeqAccess, Visitor};
 
@@ -462,43 +488,46 @@ impl<'de> Deserialize<'de> for JobTable {
         impl<'de> Visitor<'de> for Table {
             type Value = JobTable;
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a job table: its first id, then its slots")
+                f.write_str("a job table: its first id, then its runs")
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<JobTable, A::Error> {
                 let base: u64 = seq.next_element()?.ok_or_else(|| A::Error::invalid_length(0, &self))?;
-                seq.next_element_seed(Slots(JobTable::starting_at(base)))?
+                seq.next_element_seed(Runs(JobTable::starting_at(base)))?
                     .ok_or_else(|| A::Error::invalid_length(1, &self))
             }
         }
 
-        struct Slots(JobTable);
-        impl<'de> DeserializeSeed<'de> for Slots {
+        struct Runs(JobTable);
+        impl<'de> DeserializeSeed<'de> for Runs {
             type Value = JobTable;
             fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<JobTable, D::Error> {
                 deserializer.deserialize_seq(self)
             }
         }
-        impl<'de> Visitor<'de> for Slots {
+        impl<'de> Visitor<'de> for Runs {
             type Value = JobTable;
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("the job table's slots")
+                f.write_str("the job table's runs")
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<JobTable, A::Error> {
+                let past_the_last_id = || A::Error::custom("the job table runs past the last job id");
                 let mut table = self.0;
-                while let Some(job) = seq.next_element::<Option<Job>>()? {
-                    if table.end == u64::MAX {
-                        return Err(A::Error::custom("the job table runs past the last job id"));
+                while let Some(run) = seq.next_element::<Run<Job>>()? {
+                    match run {
+                        Run::Job(job) if table.end < u64::MAX => table.push(Arc::new(job)),
+                        Run::Job(_) => return Err(past_the_last_id()),
+                        Run::Holes(n) => table.end = table.end.checked_add(n).ok_or_else(past_the_last_id)?,
                     }
-                    table.push(job.map(Arc::new));
                 }
                 // A state never leaves a hole first; a snapshot that has
                 // one loads as if the hole had been trimmed.
-                table.trim_front();
+                let first = table.iter().next().map_or(table.end, |(id, _)| id.0);
+                table.base = first;
                 Ok(table)
             }
         }
 
-        deserializer.deserialize_struct("JobTable", &["base", "slots"], Table)
+        deserializer.deserialize_struct("JobTable", &["base", "runs"], Table)
     }
 }
 
@@ -615,44 +644,63 @@ mod job_table_tests {
                 prop_assert_eq!(table.next_id(), JobId(next));
                 if let Some((&id, _)) = model.first_key_value() {
                     prop_assert_eq!(table.base, id, "no hole first");
-                    prop_assert_eq!(table.chunks.len() as u64, (next - 1) / CHUNK - id / CHUNK + 1);
+                }
+                let chunks: BTreeSet<u64> = model.keys().map(|id| id / CHUNK).collect();
+                prop_assert_eq!(table.chunks.keys().copied().collect::<BTreeSet<_>>(), chunks, "only chunks with jobs");
+                for chunk in table.chunks.values() {
+                    prop_assert_eq!(chunk.live as usize, chunk.slots.iter().flatten().count());
                 }
             }
             for (copy, was) in &copies {
                 prop_assert_eq!(&contents(copy), was);
             }
-            // The bytes are those of the flat table, and read back the same.
-            let flat = (table.base, table.slots().map(|j| j.map(|j| j.priority)).collect::<Vec<_>>());
+            // The bytes are `{ base, runs }`, as the model gives them, and
+            // read back the same.
+            let mut runs: Vec<Run<Job>> = Vec::new();
+            let mut at = table.base;
+            for (&id, &mark) in &model {
+                if id > at {
+                    runs.push(Run::Holes(id - at));
+                }
+                runs.push(Run::Job(job(mark)));
+                at = id + 1;
+            }
+            if next > at && !model.is_empty() {
+                runs.push(Run::Holes(next - at));
+            }
             let bytes = postcard::to_stdvec(&table).unwrap();
-            let slots: Vec<Option<Job>> = table.slots().map(|j| j.cloned()).collect();
-            prop_assert_eq!(&bytes, &postcard::to_stdvec(&(table.base, &slots)).unwrap());
+            prop_assert_eq!(&bytes, &postcard::to_stdvec(&(table.base, &runs)).unwrap());
             let back: JobTable = postcard::from_bytes(&bytes).unwrap();
-            prop_assert_eq!(contents(&back), contents(&table));
-            prop_assert_eq!(back.next_id(), table.next_id());
-            prop_assert_eq!((back.base, back.slots().map(|j| j.map(|j| j.priority)).collect::<Vec<_>>()), flat);
+            prop_assert_eq!(&back, &table);
         }
     }
 
     /// Lengths a snapshot claims are not trusted: a map of 2^40 entries or a
-    /// job table past the last id is an error, not an abort or a wrap.
+    /// job table past the last id is an error, not an abort or a wrap; a
+    /// run of 2^60 forgotten ids costs nothing.
     #[test]
     fn a_snapshot_claiming_too_much_is_refused() {
         let huge = [0x80, 0x80, 0x80, 0x80, 0x80, 0x20]; // varint 2^40
         let mut de = postcard::Deserializer::from_bytes(&huge);
         assert!(ordered_map::<_, Vec<u8>, Vec<u8>>(&mut de).is_err());
 
-        let bytes = postcard::to_stdvec(&(u64::MAX, vec![Some(job(1))])).unwrap();
-        assert!(postcard::from_bytes::<JobTable>(&bytes).is_err());
-        let bytes = postcard::to_stdvec(&(u64::MAX - 1, vec![Some(job(1))])).unwrap();
-        assert_eq!(contents(&postcard::from_bytes::<JobTable>(&bytes).unwrap()), vec![(u64::MAX - 1, 1)]);
+        let table = |base: u64, runs: Vec<Run<Job>>| {
+            postcard::from_bytes::<JobTable>(&postcard::to_stdvec(&(base, runs)).unwrap())
+        };
+        assert!(table(u64::MAX, vec![Run::Job(job(1))]).is_err());
+        assert!(table(1, vec![Run::Holes(u64::MAX)]).is_err());
+        assert_eq!(contents(&table(u64::MAX - 1, vec![Run::Job(job(1))]).unwrap()), vec![(u64::MAX - 1, 1)]);
+        let sparse = table(0, vec![Run::Job(job(1)), Run::Holes(1 << 60), Run::Job(job(2))]).unwrap();
+        assert_eq!(contents(&sparse), vec![(0, 1), ((1 << 60) + 1, 2)]);
+        assert_eq!(sparse.chunks.len(), 2);
     }
 
     /// A snapshot that begins with a hole (no state leaves one) loads as if
     /// it had been trimmed: the first slot holds a job.
     #[test]
     fn a_hole_first_in_a_snapshot_is_trimmed_on_load() {
-        let slots = vec![None, None, Some(job(1))];
-        let bytes = postcard::to_stdvec(&(5u64, &slots)).unwrap();
+        let runs = vec![Run::Holes(2), Run::Job(job(1))];
+        let bytes = postcard::to_stdvec(&(5u64, &runs)).unwrap();
         let table: JobTable = postcard::from_bytes(&bytes).unwrap();
         assert_eq!(contents(&table), vec![(7, 1)]);
         assert_eq!((table.base, table.next_id()), (7, JobId(8)));

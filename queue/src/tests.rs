@@ -136,7 +136,7 @@ fn the_snapshot_format_is_pinned() {
         apply(&mut state, cmd).unwrap();
     }
     let bytes = state.snapshot();
-    expect!["56196 bytes, digest f88458c8735bb740aeee4c3ce8dac0cca7e08920a74d0fff221a49760272621b"]
+    expect!["56196 bytes, digest 58050bb93ecf0ba05b3a09c82b6bfe920ef30473dbc3131f5e3280f3a0c23c26"]
         .assert_eq(&format!("{} bytes, digest {}", bytes.len(), ModuleHash::of(&bytes)));
     assert_eq!(State::restore(&bytes).unwrap(), state);
 }
