@@ -23,6 +23,9 @@ impl State {
         if index != self.index {
             return Err("global delay/expiry/forget indexes differ from the jobs".into());
         }
+        if d.next_job == u64::MAX {
+            return Err("next_job is the last id there is: no job could be submitted".into());
+        }
         // The next Submit inserts job `next_job` into the table, which takes
         // only its own next id (an empty table takes any).
         if !d.jobs.is_empty() && d.jobs.next_id().0 != d.next_job {

@@ -377,6 +377,14 @@ impl State {
                 }
             }
         }
+        // Job ids are never reused: once they are spent (2^64 - 1 of them,
+        // which no cluster reaches), a submit is refused, never wrapped.
+        if self.data.next_job.checked_add(jobs.len() as u64).is_none_or(|n| n == u64::MAX) {
+            return Err(ApplyError::Invalid(format!(
+                "stream {stream}: no job id is left for {} more jobs (ids are never reused)",
+                jobs.len()
+            )));
+        }
         let now = self.data.now;
         let mut out = Vec::with_capacity(jobs.len());
         for new in jobs {

@@ -7,7 +7,7 @@
 //! byte — depends only on the commands applied.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
 use imbl::OrdMap;
@@ -288,14 +288,31 @@ pub(crate) struct Presented {
 /// Jobs per chunk of the job table.
 const CHUNK: u64 = 1024;
 
-/// One chunk of the job table: the slots of ids `n * CHUNK ..` (as far as
-/// its last job; those past it are empty), shared with the copies a
-/// snapshot took until either side writes to it.
+/// One chunk of the job table: the slots of ids `n * CHUNK + start ..`,
+/// from its first job to its last (the others are empty), shared with the
+/// copies a snapshot took until either side writes to it. Its form depends
+/// only on the jobs it holds, so a restored table equals the one saved.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct ChunkData {
     /// The jobs in `slots`: a chunk with none is dropped.
     live: u32,
-    slots: Vec<Option<Arc<Job>>>,
+    /// The offset in the chunk of `slots[0]`.
+    start: u32,
+    /// First and last hold a job.
+    slots: VecDeque<Option<Arc<Job>>>,
+}
+
+impl ChunkData {
+    fn slot(&self, offset: usize) -> Option<&Arc<Job>> {
+        self.slots.get(offset.checked_sub(self.start as usize)?)?.as_ref()
+    }
+
+    /// The jobs from `offset` on, with their offsets.
+    fn jobs_from(&self, offset: usize) -> impl Iterator<Item = (usize, &Job)> + '_ {
+        let skip = offset.saturating_sub(self.start as usize);
+        let start = self.start as usize;
+        self.slots.iter().enumerate().skip(skip).filter_map(move |(i, j)| j.as_deref().map(|j| (start + i, j)))
+    }
 }
 
 type Chunk = Arc<ChunkData>;
@@ -341,24 +358,24 @@ impl JobTable {
         if !self.in_range(*id) {
             return None;
         }
-        self.chunks.get(&(id.0 / CHUNK))?.slots.get((id.0 % CHUNK) as usize)?.as_deref()
+        self.chunks.get(&(id.0 / CHUNK))?.slot((id.0 % CHUNK) as usize).map(|j| &**j)
     }
 
     pub fn get_mut(&mut self, id: &JobId) -> Option<&mut Job> {
-        let (chunk, o) = self.chunk_of(*id)?;
-        Arc::make_mut(chunk).slots.get_mut(o)?.as_mut().map(Arc::make_mut)
+        let (chunk, i) = self.chunk_of(*id)?;
+        Arc::make_mut(chunk).slots.get_mut(i)?.as_mut().map(Arc::make_mut)
     }
 
-    /// The chunk of a job that is in the table, and its slot in it (an
-    /// empty slot's chunk is not copied on write).
+    /// The chunk of a job that is in the table, and the index of its slot
+    /// in `slots` (an empty slot's chunk is not copied on write).
     fn chunk_of(&mut self, id: JobId) -> Option<(&mut Chunk, usize)> {
         if !self.in_range(id) {
             return None;
         }
-        let o = (id.0 % CHUNK) as usize;
         let chunk = self.chunks.get_mut(&(id.0 / CHUNK))?;
-        chunk.slots.get(o)?.as_ref()?;
-        Some((chunk, o))
+        chunk.slot((id.0 % CHUNK) as usize)?;
+        let i = (id.0 % CHUNK) as usize - chunk.start as usize;
+        Some((chunk, i))
     }
 
     /// Insert the job with the next id (anything else is a bug). Into an
@@ -374,13 +391,25 @@ impl JobTable {
     /// Take the job out; it may still be shared with a frozen copy, so
     /// it comes back as it is kept, never cloned.
     pub fn remove(&mut self, id: &JobId) -> Option<Arc<Job>> {
-        let (chunk, o) = self.chunk_of(*id)?;
-        let chunk = Arc::make_mut(chunk);
-        let job = chunk.slots.get_mut(o)?.take()?;
-        chunk.live -= 1;
-        if chunk.live == 0 {
+        let (chunk, i) = self.chunk_of(*id)?;
+        let job = if chunk.live == 1 {
+            // Its last job: the chunk goes, not copied first.
+            let job = chunk.slots.get(i)?.clone();
             self.chunks.remove(&(id.0 / CHUNK));
-        }
+            job
+        } else {
+            let chunk = Arc::make_mut(chunk);
+            let job = chunk.slots.get_mut(i)?.take();
+            chunk.live -= 1;
+            while let Some(None) = chunk.slots.front() {
+                chunk.slots.pop_front();
+                chunk.start += 1;
+            }
+            while let Some(None) = chunk.slots.back() {
+                chunk.slots.pop_back();
+            }
+            job
+        }?;
         if id.0 == self.base {
             // The next job left, else none: the table is empty from `end`.
             let next = self.iter_from(*id).next().map_or(self.end, |(next, _)| next.0);
@@ -396,18 +425,16 @@ impl JobTable {
     /// Put `job` in the slot of id `end`, which must not be `u64::MAX`
     /// (the state machine's ids run out long before; a snapshot is checked).
     fn push(&mut self, job: Arc<Job>) {
-        let offset = (self.end % CHUNK) as usize;
+        let offset = (self.end % CHUNK) as u32;
         let chunk = self
             .chunks
             .entry(self.end / CHUNK)
-            .or_insert_with(|| Arc::new(ChunkData { live: 0, slots: Vec::with_capacity(CHUNK as usize) }));
+            .or_insert_with(|| Arc::new(ChunkData { live: 0, start: offset, slots: VecDeque::new() }));
         let chunk = Arc::make_mut(chunk);
-        if chunk.slots.len() < offset {
-            chunk.slots.resize(offset, None);
-        }
-        // A chunk copied on write has only the room of its length.
-        chunk.slots.reserve_exact(CHUNK as usize - chunk.slots.len());
-        chunk.slots.push(Some(job));
+        // Empty slots since its last job (ids forgotten or skipped).
+        let len = (offset - chunk.start) as usize;
+        chunk.slots.resize(len, None);
+        chunk.slots.push_back(Some(job));
         chunk.live += 1;
         self.end += 1;
     }
@@ -420,9 +447,8 @@ impl JobTable {
     pub fn iter_from(&self, from: JobId) -> impl Iterator<Item = (JobId, &Job)> + '_ {
         let start = from.0.max(self.base);
         self.chunks.range(start / CHUNK..).flat_map(move |(&n, chunk)| {
-            let skip = if n == start / CHUNK { (start % CHUNK) as usize } else { 0 };
-            let slots = chunk.slots.iter().enumerate().skip(skip);
-            slots.filter_map(move |(o, j)| j.as_deref().map(|j| (JobId(n * CHUNK + o as u64), j)))
+            let from = if n == start / CHUNK { (start % CHUNK) as usize } else { 0 };
+            chunk.jobs_from(from).map(move |(o, j)| (JobId(n * CHUNK + o as u64), j))
         })
     }
 
@@ -442,8 +468,7 @@ impl JobTable {
     /// The id of the last job, if any.
     fn last_id(&self) -> Option<u64> {
         let (n, chunk) = self.chunks.last_key_value()?;
-        let at = chunk.slots.iter().rposition(Option::is_some)?;
-        Some(n * CHUNK + at as u64)
+        Some(n * CHUNK + u64::from(chunk.start) + chunk.slots.len() as u64 - 1)
     }
 }
 
@@ -649,6 +674,8 @@ mod job_table_tests {
                 prop_assert_eq!(table.chunks.keys().copied().collect::<BTreeSet<_>>(), chunks, "only chunks with jobs");
                 for chunk in table.chunks.values() {
                     prop_assert_eq!(chunk.live as usize, chunk.slots.iter().flatten().count());
+                    prop_assert!(chunk.slots.front().is_some_and(Option::is_some), "a job first");
+                    prop_assert!(chunk.slots.back().is_some_and(Option::is_some), "a job last");
                 }
             }
             for (copy, was) in &copies {
@@ -693,6 +720,24 @@ mod job_table_tests {
         let sparse = table(0, vec![Run::Job(job(1)), Run::Holes(1 << 60), Run::Job(job(2))]).unwrap();
         assert_eq!(contents(&sparse), vec![(0, 1), ((1 << 60) + 1, 2)]);
         assert_eq!(sparse.chunks.len(), 2);
+    }
+
+    /// A table and the one its snapshot restores are equal (not only their
+    /// jobs): a chunk's form depends only on the jobs it holds.
+    #[test]
+    fn a_restored_table_equals_the_saved_one() {
+        let mut table = JobTable::default();
+        for (id, mark) in [(0, 1), (1, 2), (2, 3), (3, 4)] {
+            table.insert(JobId(id), job(mark));
+        }
+        table.remove(&JobId(3)); // the newest of its chunk
+        table.remove(&JobId(1)); // one in the middle
+        let bytes = postcard::to_stdvec(&table).unwrap();
+        assert_eq!(postcard::from_bytes::<JobTable>(&bytes).unwrap(), table);
+        table.remove(&JobId(0)); // the first
+        let bytes = postcard::to_stdvec(&table).unwrap();
+        assert_eq!(postcard::from_bytes::<JobTable>(&bytes).unwrap(), table);
+        assert_eq!((table.base, table.next_id(), contents(&table)), (2, JobId(4), vec![(2, 3)]));
     }
 
     /// A snapshot that begins with a hole (no state leaves one) loads as if

@@ -72,6 +72,25 @@ fn a_stream_is_refused_once_stream_ids_are_spent_never_wrapped() {
 }
 
 #[test]
+fn a_submit_is_refused_once_job_ids_are_spent_never_wrapped() {
+    let mut state = State::new();
+    apply(&mut state, Command::PutModule { hash: ModuleHash::of(NOOP), bytes: NOOP.to_vec() }).unwrap();
+    apply(&mut state, Command::CreateStream { name: name("s"), props: StreamProps::default() }).unwrap();
+    // 2^64 - 3 jobs came and went.
+    state.data.next_job = u64::MAX - 2;
+    state.check_invariants();
+    let submit = |n: usize| Command::Submit { stream: name("s"), jobs: vec![NewJob { key: None, ..keyed("x") }; n] };
+    let e = apply(&mut state, submit(2)).unwrap_err();
+    expect!["invalid command: stream s: no job id is left for 2 more jobs (ids are never reused)"]
+        .assert_eq(&e.to_string());
+    assert!(apply(&mut state, submit(1)).is_ok(), "the last id there is");
+    assert!(apply(&mut state, submit(1)).is_err());
+    state.data.next_job = u64::MAX;
+    expect!["invalid snapshot: invalid snapshot: next_job is the last id there is: no job could be submitted"]
+        .assert_eq(&refusal(&state));
+}
+
+#[test]
 fn a_snapshot_with_a_stream_id_not_below_next_stream_is_refused() {
     let mut state = state();
     state.data.next_stream = 0;
