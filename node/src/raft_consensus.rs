@@ -305,7 +305,9 @@ impl<C: ImpetusConfig> RaftConsensus<C> {
 
     /// The applied index and a BLAKE3 digest of the applied state.
     pub fn digest(&self) -> (u64, String) {
-        self.state.read(|s| (s.applied_index(), blake3::hash(&s.snapshot()).to_hex().to_string()))
+        // Encoded outside the state's lock (a copy on write).
+        let (index, frozen) = self.state.read(|s| (s.applied_index(), s.freeze()));
+        (index, blake3::hash(&frozen.snapshot()).to_hex().to_string())
     }
 }
 

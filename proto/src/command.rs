@@ -388,11 +388,20 @@ impl Command {
                             reason: "batches do not nest".into(),
                         });
                     }
-                    // A purge may scan the whole job table: one per entry.
-                    if matches!(c, Command::Purge { .. }) {
+                    // A purge, or a change of a stream's retention (its
+                    // finished jobs are indexed again), may scan the whole
+                    // job table: one per entry.
+                    let scans = match c {
+                        Command::Purge { .. } => Some("a purge"),
+                        Command::UpdateStream { patch, .. } if patch.retain_ms.is_some() => {
+                            Some("a change of retention")
+                        }
+                        _ => None,
+                    };
+                    if let Some(what) = scans {
                         return Err(InvalidInput::Value {
                             what: "command batch",
-                            reason: "a purge is a command of its own, not part of a batch".into(),
+                            reason: format!("{what} is a command of its own, not part of a batch"),
                         });
                     }
                     c.validate()?;

@@ -9,7 +9,8 @@
 //! Invariants (checked by [`State::check_invariants`], which tests and the
 //! simulator call after every apply):
 //! - every job is in exactly one place: the ready queue (Queued), the delay
-//!   index (Delayed), the lease index (Leased/Running) or none (final);
+//!   index (Delayed), the lease index (Leased/Running) or, final, the
+//!   forget index if its stream retains jobs for a while, else none;
 //! - a job is Leased or Running if and only if it has a lease, and that lease
 //!   expires after `now`;
 //! - per-stream counters equal the counts of jobs by status;

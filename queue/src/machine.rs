@@ -20,8 +20,9 @@ impl State {
     ///
     /// Indexes must strictly increase across calls (gaps are fine: Raft's own
     /// entries take indexes too). Time is clamped so it never goes backwards.
-    /// Before the command itself, due delayed jobs become Queued and expired
-    /// leases return their jobs (attempt counted).
+    /// Before the command itself, due delayed jobs become Queued, expired
+    /// leases return their jobs (attempt counted) and finished jobs past
+    /// their stream's retention are forgotten (at most `FORGET_PER_COMMAND`).
     pub fn apply(&mut self, stamp: Stamp, cmd: &Command) -> ApplyResult {
         assert!(
             stamp.index > self.data.applied_index,
@@ -117,7 +118,8 @@ impl State {
 
     // ---- time -------------------------------------------------------------
 
-    /// Promote due delayed jobs and expire leases at `self.data.now`.
+    /// Promote due delayed jobs, expire leases and forget finished jobs
+    /// past their retention, at `self.data.now`.
     fn advance_time(&mut self) {
         let now = self.data.now;
         while let Some(&(ready_at, id)) = self.index.delayed.first() {
@@ -170,20 +172,25 @@ impl State {
     /// A finished job just got its final status and `updated_at`: index it
     /// for forgetting if its stream retains jobs for a while.
     fn finished(&mut self, id: JobId) {
-        let job = &self.data.jobs[&id];
-        debug_assert!(job.status.is_final());
-        if let Some(at) = forget_at(&self.data.streams[&job.stream].props, job.updated_at) {
-            self.index.forget.insert((at, id));
+        debug_assert!(self.data.jobs[&id].status.is_final());
+        if let Some(key) = self.forget_key(id) {
+            self.index.forget.insert(key);
         }
     }
 
     /// A finished job is about to leave its final status (retried) or the
     /// table (purged, its stream deleted): out of the forget index.
     fn unfinished(&mut self, id: JobId) {
-        let job = &self.data.jobs[&id];
-        if let Some(at) = forget_at(&self.data.streams[&job.stream].props, job.updated_at) {
-            self.index.forget.remove(&(at, id));
+        if let Some(key) = self.forget_key(id) {
+            self.index.forget.remove(&key);
         }
+    }
+
+    /// The forget index's key of a finished job, under its stream's
+    /// retention now.
+    fn forget_key(&self, id: JobId) -> Option<(Timestamp, JobId)> {
+        let job = &self.data.jobs[&id];
+        forget_at(&self.data.streams[&job.stream].props, job.updated_at).map(|at| (at, id))
     }
 
     /// Forget a finished job that is in no index any more (a final job is

@@ -620,7 +620,7 @@ mod job_table_tests {
         #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
         /// The chunked table behaves as a map from id to job, across chunk
         /// boundaries and from an unaligned first id; its bytes are those of
-        /// `{ base, slots }`; a copy taken earlier never sees a later write.
+        /// `{ base, runs }`; a copy taken earlier never sees a later write.
         #[test]
         fn the_job_table_is_a_map_by_id_and_its_copies_are_frozen(
             first in 0..3000u64,

@@ -321,6 +321,14 @@ fn a_changed_retention_applies_to_the_jobs_already_finished() {
     assert_eq!(held(&h, 2), [1], "kept again");
     let e = h.err(retain(Some(0)));
     expect!["invalid command: invalid retention: must be greater than zero"].assert_eq(&e.to_string());
+    // It scans the job table, as a purge does: one per entry.
+    let e = h.err(Command::Batch(vec![retain(Some(500)), retain(None)]));
+    expect![
+        "invalid command: invalid command batch: a change of retention is a command of its own, not part of a batch"
+    ]
+    .assert_eq(&e.to_string());
+    let paused = StreamPatch { paused: Some(true), ..StreamPatch::default() };
+    h.ok(Command::Batch(vec![Command::UpdateStream { name: name("s"), patch: paused }]));
 }
 
 /// A day of jobs finished at once is not forgotten in one long command: at

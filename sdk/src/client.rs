@@ -431,11 +431,7 @@ impl Client {
                     match status {
                         Some(s) if s.is_final() => finished.push(id),
                         Some(_) => {}
-                        None => {
-                            return Err(ClientError::Protocol(format!(
-                                "{id} vanished while waiting (purged, forgotten past its stream's retention, or its stream deleted)"
-                            )))
-                        }
+                        None => return Err(vanished(id)),
                     }
                 }
             }
@@ -461,13 +457,7 @@ impl Client {
             }
             tokio::time::sleep_until((now + backoff).min(deadline)).await;
         }
-        ids.iter()
-            .map(|id| {
-                done.get(id).cloned().ok_or_else(|| {
-                    ClientError::Protocol(format!("{id} vanished while waiting (purged, forgotten past its stream's retention, or its stream deleted)"))
-                })
-            })
-            .collect()
+        ids.iter().map(|id| done.get(id).cloned().ok_or_else(|| vanished(*id))).collect()
     }
 
     /// The status of each job in `ids` (at most `limits::MAX_BATCH`), in
@@ -729,6 +719,13 @@ fn stream_error(e: StreamError, addr: &Multiaddr) -> ClientError {
             ClientError::Unanswered(format!("the connection to {addr} failed before the answer arrived: {e}"))
         }
     }
+}
+
+/// A job waited for is no longer in the cluster.
+fn vanished(id: JobId) -> ClientError {
+    ClientError::Protocol(format!(
+        "{id} vanished while waiting (purged, forgotten past its stream's retention, or its stream deleted)"
+    ))
 }
 
 #[cfg(test)]

@@ -89,7 +89,7 @@ pub struct PropFlags {
     pub ignore: Vec<PeerId>,
     /// How long a finished job (succeeded, dead, cancelled) and its result
     /// are kept after it finished (`none` = until `jobs purge` or the
-    /// stream's deletion) [default: 1d].
+    /// stream's deletion; a new stream's: 1d).
     #[arg(long, value_name = "D", value_parser = parse_optional_duration_ms)]
     pub retain: Option<OrNone<u64>>,
 }

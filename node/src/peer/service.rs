@@ -61,8 +61,9 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Peer<R, C, X> {
                 ClientResponse::Data(c.read(|s| s.data_get(&stream, &key).map(<[u8]>::to_vec)))
             }
             ClientRequest::StateDigest => {
-                let (applied_index, digest) =
-                    c.read(|s| (s.applied_index(), blake3::hash(&s.snapshot()).to_hex().to_string()));
+                // Encoded outside the state's lock (a copy on write).
+                let (applied_index, frozen) = c.read(|s| (s.applied_index(), s.freeze()));
+                let digest = blake3::hash(&frozen.snapshot()).to_hex().to_string();
                 ClientResponse::StateDigest { applied_index, digest }
             }
             ClientRequest::Work(req) => match c.work(inner.rt.now(), req).await {
