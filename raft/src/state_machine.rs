@@ -103,6 +103,13 @@ impl SnapshotBody {
     }
 }
 
+impl StoredSnapshot {
+    /// The state this snapshot holds, checked as a restore checks it.
+    pub fn applied(&self) -> io::Result<Applied> {
+        SnapshotBody::restore(&self.meta, &self.data)
+    }
+}
+
 /// A shared, read-only view of a replica's applied state, for queries.
 /// Reads never block Raft for longer than one apply of one entry.
 #[derive(Clone)]

@@ -10,8 +10,10 @@
 //!   accepted completion per job (no result committed twice).
 //! - **divergence**: replicas (voters, learners, workers made members)
 //!   sampled at the same applied index hold the same snapshot bytes, which
-//!   equal the replayed state's at that index; at the end all replicas at
-//!   the same applied index are equal.
+//!   equal the replayed state's at that index, and so does each node's
+//!   newest Raft snapshot (built every 40 entries while the node applies
+//!   on: a copy on write) at the index it holds; at the end all replicas
+//!   at the same applied index are equal.
 //! - **double-result**: completions the writers saw accepted, per job, ≤ 1.
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -24,8 +24,13 @@ use crate::env::{spawn_killable, SimConsensus, SimRt, SimRunner};
 use crate::faults::{Bug, Fault};
 use crate::world::{lock, sleep_ms, Live, NetFactory, SimRaft, World};
 
-/// No snapshots in a short run: the log checker replays the whole log.
-const SNAPSHOT_EVERY: u64 = 1_000_000;
+/// A snapshot every this many applied entries, built while the node goes
+/// on applying (a copy on write, `State::freeze`), and what a restarted
+/// node restores from; the sampler checks each against the committed log.
+const SNAPSHOT_EVERY: u64 = 40;
+/// The log is never purged behind a snapshot: the log checker replays the
+/// whole of it.
+const LOGS_TO_KEEP: u64 = 1_000_000;
 
 /// The membership manager replaces a voter silent this long (production's
 /// `--voter-timeout` is 10 s; a run's nemesis lasts about 8 virtual s, and
@@ -106,13 +111,14 @@ impl Node {
         sm.handle().plant_bug(world.bug().state_bug());
         let alive = Arc::new(AtomicBool::new(true));
         let factory = NetFactory { world: world.clone(), source: id, alive: alive.clone() };
-        let config = raft_config(SNAPSHOT_EVERY, SNAPSHOT_EVERY);
+        let config = raft_config(SNAPSHOT_EVERY, LOGS_TO_KEEP);
         let (raft, state) = start_node(id, config, factory, self.log.clone(), sm, None)
             .await
             .map_err(|e| format!("n{id}: start raft: {e}"))?;
         let consensus = Arc::new(RaftConsensus::new(raft.clone(), state.clone(), id));
         let member = consensus.clone();
-        lock(&world.net).live.insert(id, Live { raft: raft.clone(), consensus: consensus.clone() });
+        let live = Live { raft: raft.clone(), consensus: consensus.clone(), snapshots: self.snapshots.clone() };
+        lock(&world.net).live.insert(id, live);
         if world.has(Fault::Disk) {
             let (log, w) = (self.log.clone(), world.clone());
             spawn_killable(&alive, async move {

@@ -14,7 +14,7 @@ use impetus_proto::{
 };
 use impetus_queue::{JobFilter, State};
 use impetus_raft::openraft::AsyncRuntime;
-use impetus_raft::{NodeId, PeerNode};
+use impetus_raft::{NodeId, PeerNode, SnapshotStore};
 use openraft_rt_sim::SimRuntime;
 
 use crate::cluster::{peer_config, Node};
@@ -410,10 +410,12 @@ async fn nemesis_step(world: &Arc<World>, nodes: &mut [Node]) {
 }
 
 /// Every 100 ms, hash each live replica's state at its applied index (a
-/// worker's node, no member yet, holds none), and trace the membership
+/// worker's node, no member yet, holds none) and the state of its newest
+/// snapshot at the index the snapshot holds, and trace the membership
 /// when it changes.
 async fn sampler(world: Arc<World>) {
     let mut last: BTreeMap<NodeId, u64> = BTreeMap::new();
+    let mut last_snapshot: BTreeMap<NodeId, u64> = BTreeMap::new();
     let mut membership = (Vec::new(), Vec::new());
     loop {
         sleep_ms(100).await;
@@ -432,6 +434,32 @@ async fn sampler(world: Arc<World>) {
             let hash = *blake3::hash(&bytes).as_bytes();
             lock(&world.audit).samples.entry(index).or_default().insert(id, hash);
             world.event(format_args!("sample n{id} @{index} {}", hex_short(&hash)));
+        }
+        for id in world.live_ids() {
+            let Some(live) = world.live(id) else { continue };
+            let stored = match SnapshotStore::Memory(live.snapshots).load() {
+                Ok(Some(stored)) => stored,
+                Ok(None) => continue,
+                Err(e) => {
+                    world.violation("snapshot", format!("n{id}: its snapshot does not load: {e}"));
+                    continue;
+                }
+            };
+            let state = match stored.applied() {
+                Ok(applied) => applied.state,
+                Err(e) => {
+                    world.violation("snapshot", format!("n{id}: its snapshot does not restore: {e}"));
+                    continue;
+                }
+            };
+            let index = state.applied_index();
+            if index == 0 || last_snapshot.get(&id) == Some(&index) {
+                continue;
+            }
+            last_snapshot.insert(id, index);
+            let hash = *blake3::hash(&state.snapshot()).as_bytes();
+            lock(&world.audit).samples.entry(index).or_default().insert(id, hash);
+            world.event(format_args!("snapshot n{id} @{index} {}", hex_short(&hash)));
         }
     }
 }

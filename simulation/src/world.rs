@@ -20,7 +20,7 @@ use impetus_raft::openraft::raft::{
     TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use impetus_raft::openraft::{AsyncRuntime, OptionalSend};
-use impetus_raft::{ImpetusRaft, NodeId, PeerNode, Snapshot, SnapshotData, Vote};
+use impetus_raft::{ImpetusRaft, MemSnapshotStore, NodeId, PeerNode, Snapshot, SnapshotData, Vote};
 use openraft_rt_sim::SimRuntime;
 
 use crate::env::{SimConsensus, SimRt, SimRunner};
@@ -55,6 +55,8 @@ pub(crate) async fn sleep_ms(ms: u64) {
 pub(crate) struct Live {
     pub raft: SimRaft,
     pub consensus: Arc<RaftConsensus<SimConfig>>,
+    /// The snapshots the node built (what it restarts from).
+    pub snapshots: MemSnapshotStore,
 }
 
 /// How one message travels.
