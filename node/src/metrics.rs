@@ -260,6 +260,11 @@ fn snapshot_registry(snap: &Snapshot<'_>) -> Registry {
         "Leases on a stream's jobs that expired",
         counter(|s| s.expired_leases_total),
     );
+    r.register(
+        "impetus_stream_forgotten",
+        "Finished jobs of a stream forgotten (past its retention, or purged)",
+        counter(|s| s.forgotten_total),
+    );
     r
 }
 
@@ -494,6 +499,7 @@ mod tests {
                     completed_total: 41,
                     failed_attempts_total: 5,
                     expired_leases_total: 2,
+                    forgotten_total: 3,
                 },
             ),
             stream(
@@ -666,6 +672,10 @@ mod tests {
             # TYPE impetus_stream_leases_expired counter
             impetus_stream_leases_expired_total{stream="emails"} 2
             impetus_stream_leases_expired_total{stream="thumbs.v2"} 0
+            # HELP impetus_stream_forgotten Finished jobs of a stream forgotten (past its retention, or purged).
+            # TYPE impetus_stream_forgotten counter
+            impetus_stream_forgotten_total{stream="emails"} 3
+            impetus_stream_forgotten_total{stream="thumbs.v2"} 0
             # EOF
         "##]].assert_eq(&(shown.join("\n") + "\n"));
         assert!(out.contains("impetus_job_run_seconds_bucket{le=\"0.05\"} 1\n"), "{out}");

@@ -21,7 +21,7 @@ use crate::wire;
 /// idle slots per stream; 4: a `PeerInfo` carries its `Seat`; 5: a
 /// `WorkReply` and a `ClusterStatus` carry the state's time; 6: a
 /// `WorkRequest` may ask to reconcile its leases (`reconcile`); 7: stream
-/// properties carry `retain_ms`.
+/// properties carry `retain_ms`, stream stats `forgotten_total`.
 pub const CLIENT_API_VERSION: u8 = 7;
 
 /// A client's request to a peer.

@@ -213,6 +213,8 @@ pub struct StreamStats {
     pub completed_total: u64,
     pub failed_attempts_total: u64,
     pub expired_leases_total: u64,
+    /// Finished jobs forgotten (past the stream's retention, or purged).
+    pub forgotten_total: u64,
 }
 
 impl StreamStats {

@@ -244,8 +244,9 @@ pub const COMMAND_VERSION: u8 = 3;
 /// Version of the state-machine snapshot encoding. 2: a `PeerRecord`
 /// carries its idle slots per stream, its `PeerInfo` its `Seat`. 3: a
 /// stream carries its last grant's token (the lease order's tie-break). 4:
-/// its properties carry `retain_ms`, and the job table is its jobs with the
-/// runs of empty slots between them (forgotten ids take no room).
+/// its properties carry `retain_ms` and its stats `forgotten_total`, and
+/// the job table is its jobs with the runs of empty slots between them
+/// (forgotten ids take no room).
 pub const SNAPSHOT_VERSION: u8 = 4;
 
 /// Encode a value as `[version, postcard...]`.

@@ -201,6 +201,7 @@ impl State {
         debug_assert!(job.status.is_final());
         let s = self.stream_idx_mut(job.stream);
         *s.stats.count_mut(job.status) -= 1;
+        s.stats.forgotten_total += 1;
         if let Some(key) = job.key() {
             let removed = s.keys.remove(key);
             debug_assert_eq!(removed, Some(id), "the key of {id} named another job");

@@ -155,7 +155,7 @@ fn the_snapshot_format_is_pinned() {
         apply(&mut state, cmd).unwrap();
     }
     let bytes = state.snapshot();
-    expect!["56196 bytes, digest 58050bb93ecf0ba05b3a09c82b6bfe920ef30473dbc3131f5e3280f3a0c23c26"]
+    expect!["56197 bytes, digest 2cedffa5438dec0b86993aae2ec80a2ffdfc5a501493a7123c69e29eea0e10f6"]
         .assert_eq(&format!("{} bytes, digest {}", bytes.len(), ModuleHash::of(&bytes)));
     assert_eq!(State::restore(&bytes).unwrap(), state);
 }

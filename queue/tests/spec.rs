@@ -114,6 +114,7 @@ fn stats_count_jobs_per_status_and_the_oldest_pending_age() {
             completed_total: 1,
             failed_attempts_total: 0,
             expired_leases_total: 0,
+            forgotten_total: 0,
         }
     "#]]
     .assert_debug_eq(&s);
@@ -233,6 +234,7 @@ fn purge_forgets_finished_jobs_old_enough_and_nothing_live() {
     let stats = h.stats("s");
     assert_eq!((stats.succeeded, stats.cancelled, stats.live()), (0, 0, 2));
     assert_eq!((stats.submitted_total, stats.completed_total), (5, 2), "totals stay");
+    assert_eq!(stats.forgotten_total, 3, "purged");
     // The key of a purged job is free again: a new job, not the old one.
     let again = h.submit("s", vec![keyed("3 again")]);
     assert_eq!(again, [JobId(5)]);
@@ -280,6 +282,7 @@ fn a_finished_job_is_forgotten_its_streams_retention_after_it_finished() {
     let stats = h.stats("s");
     assert_eq!((stats.succeeded, stats.cancelled, stats.dead, stats.queued), (0, 0, 0, 1));
     assert_eq!((stats.submitted_total, stats.completed_total), (4, 1), "totals stay");
+    assert_eq!(stats.forgotten_total, 3);
     // The key of a forgotten job is free again: a new job, not the old one.
     assert_eq!(h.submit("s", vec![keyed]), [JobId(4)]);
 }

@@ -270,6 +270,9 @@ fn a_finished_job_is_forgotten_after_its_streams_retention() {
     assert_eq!(kept.iter().map(|j| j.status).collect::<Vec<_>>(), [JobStatus::Succeeded]);
     let stats = rt.block_on(c.stream(&StreamName::new("brief").unwrap())).unwrap().stats;
     assert_eq!((stats.succeeded, stats.completed_total), (0, 1), "its count goes, the total stays");
+    assert_eq!(stats.forgotten_total, 1);
+    let show = p.ok(&["stream", "show", "brief"]);
+    assert!(show.lines().any(|l| l.starts_with("forgotten (total)") && l.ends_with(" 1")), "{show}");
 
     let out = p.cli(&["stream", "update", "kept", "--retain", "0s"]);
     let err = String::from_utf8_lossy(&out.stderr);

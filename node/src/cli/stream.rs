@@ -277,6 +277,7 @@ pub fn show(info: &StreamInfo, now: u64, stranded: bool) -> String {
         ("completed (total)", s.completed_total.to_string()),
         ("failed attempts", s.failed_attempts_total.to_string()),
         ("expired leases", s.expired_leases_total.to_string()),
+        ("forgotten (total)", s.forgotten_total.to_string()),
     ];
     let w = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     rows.iter().map(|(k, v)| format!("{k:<w$}  {v}\n")).collect()
