@@ -330,12 +330,10 @@ type Chunk = Arc<ChunkData>;
 /// a write copies only the chunk and the job it changes, so a snapshot
 /// copies the table under the state's lock and encodes it outside.
 ///
-/// Invariant: every job's id is in `base .. end`, and the slot of `base`
-/// holds one (when `base < end`); a chunk is in `chunks` iff it holds a
-/// job (`live` of them).
+/// Invariant: every job's id is below `end`; a chunk is in `chunks` iff it
+/// holds a job (`live` of them).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct JobTable {
-    base: u64,
     end: u64,
     chunks: BTreeMap<u64, Chunk>,
 }
@@ -347,17 +345,16 @@ impl JobTable {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.base == self.end
+        self.chunks.is_empty()
     }
 
-    fn in_range(&self, id: JobId) -> bool {
-        (self.base..self.end).contains(&id.0)
+    /// The id of the first job, or `end` if there is none: where a
+    /// snapshot's runs begin.
+    fn base(&self) -> u64 {
+        self.chunks.first_key_value().map_or(self.end, |(n, chunk)| n * CHUNK + u64::from(chunk.start))
     }
 
     pub fn get(&self, id: &JobId) -> Option<&Job> {
-        if !self.in_range(*id) {
-            return None;
-        }
         self.chunks.get(&(id.0 / CHUNK))?.slot((id.0 % CHUNK) as usize).map(|j| &**j)
     }
 
@@ -369,9 +366,6 @@ impl JobTable {
     /// The chunk of a job that is in the table, and the index of its slot
     /// in `slots` (an empty slot's chunk is not copied on write).
     fn chunk_of(&mut self, id: JobId) -> Option<(&mut Chunk, usize)> {
-        if !self.in_range(id) {
-            return None;
-        }
         let chunk = self.chunks.get_mut(&(id.0 / CHUNK))?;
         chunk.slot((id.0 % CHUNK) as usize)?;
         let i = (id.0 % CHUNK) as usize - chunk.start as usize;
@@ -382,7 +376,7 @@ impl JobTable {
     /// empty table, any id: ids of jobs gone before are never reused.
     pub fn insert(&mut self, id: JobId, job: Job) {
         if self.is_empty() {
-            *self = JobTable::starting_at(id.0);
+            self.end = id.0;
         }
         assert_eq!(id, self.next_id(), "jobs are inserted in id order");
         self.push(Arc::new(job));
@@ -392,7 +386,7 @@ impl JobTable {
     /// it comes back as it is kept, never cloned.
     pub fn remove(&mut self, id: &JobId) -> Option<Arc<Job>> {
         let (chunk, i) = self.chunk_of(*id)?;
-        let job = if chunk.live == 1 {
+        if chunk.live == 1 {
             // Its last job: the chunk goes, not copied first.
             let job = chunk.slots.get(i)?.clone();
             self.chunks.remove(&(id.0 / CHUNK));
@@ -409,17 +403,7 @@ impl JobTable {
                 chunk.slots.pop_back();
             }
             job
-        }?;
-        if id.0 == self.base {
-            // The next job left, else none: the table is empty from `end`.
-            let next = self.iter_from(*id).next().map_or(self.end, |(next, _)| next.0);
-            self.base = next;
         }
-        Some(job)
-    }
-
-    fn starting_at(base: u64) -> JobTable {
-        JobTable { base, end: base, chunks: BTreeMap::new() }
     }
 
     /// Put `job` in the slot of id `end`, which must not be `u64::MAX`
@@ -445,23 +429,23 @@ impl JobTable {
 
     /// Jobs with id >= `from`, in id order.
     pub fn iter_from(&self, from: JobId) -> impl Iterator<Item = (JobId, &Job)> + '_ {
-        let start = from.0.max(self.base);
+        let start = from.0;
         self.chunks.range(start / CHUNK..).flat_map(move |(&n, chunk)| {
             let from = if n == start / CHUNK { (start % CHUNK) as usize } else { 0 };
             chunk.jobs_from(from).map(move |(o, j)| (JobId(n * CHUNK + o as u64), j))
         })
     }
 
-    /// Every job from `base`, and the runs of empty slots between them and
-    /// before `end`: what a snapshot holds.
+    /// Every job from the first, and the runs of empty slots between them
+    /// and before `end`: what a snapshot holds.
     fn runs(&self) -> impl Iterator<Item = Run<&Job>> + '_ {
-        let mut at = self.base;
+        let mut at = self.base();
         let jobs = self.iter().flat_map(move |(id, job)| {
             let holes = id.0 - at;
             at = id.0 + 1;
             (holes > 0).then_some(Run::Holes(holes)).into_iter().chain([Run::Job(job)])
         });
-        let last = self.last_id().map_or(self.base, |id| id + 1);
+        let last = self.last_id().map_or(self.end, |id| id + 1);
         jobs.chain((self.end > last).then_some(Run::Holes(self.end - last)))
     }
 
@@ -497,7 +481,7 @@ impl Serialize for JobTable {
             }
         }
         let mut s = serializer.serialize_struct("JobTable", 2)?;
-        s.serialize_field("base", &self.base)?;
+        s.serialize_field("base", &self.base())?;
         s.serialize_field("runs", &Runs(self))?;
         s.end()
     }
@@ -517,7 +501,7 @@ impl<'de> Deserialize<'de> for JobTable {
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<JobTable, A::Error> {
                 let base: u64 = seq.next_element()?.ok_or_else(|| A::Error::invalid_length(0, &self))?;
-                seq.next_element_seed(Runs(JobTable::starting_at(base)))?
+                seq.next_element_seed(Runs(JobTable { end: base, chunks: BTreeMap::new() }))?
                     .ok_or_else(|| A::Error::invalid_length(1, &self))
             }
         }
@@ -545,9 +529,8 @@ impl<'de> Deserialize<'de> for JobTable {
                     }
                 }
                 // A state never leaves a hole first; a snapshot that has
-                // one loads as if the hole had been trimmed.
-                let first = table.iter().next().map_or(table.end, |(id, _)| id.0);
-                table.base = first;
+                // one loads as if the hole had been trimmed (the first job
+                // is where the runs begin).
                 Ok(table)
             }
         }
@@ -626,7 +609,7 @@ mod job_table_tests {
             first in 0..3000u64,
             ops in proptest::collection::vec(op(), 1..40),
         ) {
-            let mut table = JobTable::starting_at(first);
+            let mut table = JobTable { end: first, chunks: BTreeMap::new() };
             let mut model: BTreeMap<u64, i32> = BTreeMap::new();
             let mut next = first;
             let mut copies: Vec<(JobTable, Vec<(u64, i32)>)> = Vec::new();
@@ -668,7 +651,7 @@ mod job_table_tests {
                 prop_assert_eq!(table.is_empty(), model.is_empty());
                 prop_assert_eq!(table.next_id(), JobId(next));
                 if let Some((&id, _)) = model.first_key_value() {
-                    prop_assert_eq!(table.base, id, "no hole first");
+                    prop_assert_eq!(table.base(), id, "no hole first");
                 }
                 let chunks: BTreeSet<u64> = model.keys().map(|id| id / CHUNK).collect();
                 prop_assert_eq!(table.chunks.keys().copied().collect::<BTreeSet<_>>(), chunks, "only chunks with jobs");
@@ -684,7 +667,7 @@ mod job_table_tests {
             // The bytes are `{ base, runs }`, as the model gives them, and
             // read back the same.
             let mut runs: Vec<Run<Job>> = Vec::new();
-            let mut at = table.base;
+            let mut at = table.base();
             for (&id, &mark) in &model {
                 if id > at {
                     runs.push(Run::Holes(id - at));
@@ -696,7 +679,7 @@ mod job_table_tests {
                 runs.push(Run::Holes(next - at));
             }
             let bytes = postcard::to_stdvec(&table).unwrap();
-            prop_assert_eq!(&bytes, &postcard::to_stdvec(&(table.base, &runs)).unwrap());
+            prop_assert_eq!(&bytes, &postcard::to_stdvec(&(table.base(), &runs)).unwrap());
             let back: JobTable = postcard::from_bytes(&bytes).unwrap();
             prop_assert_eq!(&back, &table);
         }
@@ -737,7 +720,7 @@ mod job_table_tests {
         table.remove(&JobId(0)); // the first
         let bytes = postcard::to_stdvec(&table).unwrap();
         assert_eq!(postcard::from_bytes::<JobTable>(&bytes).unwrap(), table);
-        assert_eq!((table.base, table.next_id(), contents(&table)), (2, JobId(4), vec![(2, 3)]));
+        assert_eq!((table.base(), table.next_id(), contents(&table)), (2, JobId(4), vec![(2, 3)]));
     }
 
     /// A snapshot that begins with a hole (no state leaves one) loads as if
@@ -748,6 +731,6 @@ mod job_table_tests {
         let bytes = postcard::to_stdvec(&(5u64, &runs)).unwrap();
         let table: JobTable = postcard::from_bytes(&bytes).unwrap();
         assert_eq!(contents(&table), vec![(7, 1)]);
-        assert_eq!((table.base, table.next_id()), (7, JobId(8)));
+        assert_eq!((table.base(), table.next_id()), (7, JobId(8)));
     }
 }
