@@ -302,8 +302,7 @@ impl State {
         }
         // Its finished jobs are forgotten at new times: one scan of the
         // job table, as a purge does.
-        let finished: Vec<JobId> =
-            self.data.jobs.iter().filter(|(_, j)| j.stream == idx && j.status.is_final()).map(|(id, _)| id).collect();
+        let finished = self.stream_jobs(idx, |j| j.status.is_final(), usize::MAX);
         for &id in &finished {
             self.unfinished(id);
         }
@@ -320,7 +319,7 @@ impl State {
         if live > 0 && !force {
             return Err(ApplyError::StreamHasLiveJobs { name: name.clone(), live });
         }
-        let ids: Vec<JobId> = self.data.jobs.iter().filter(|(_, j)| j.stream == idx).map(|(id, _)| id).collect();
+        let ids = self.stream_jobs(idx, |_| true, usize::MAX);
         for &id in &ids {
             if self.data.jobs[&id].status.is_final() {
                 self.unfinished(id);
@@ -345,11 +344,7 @@ impl State {
         let idx = self.stream_idx(name)?;
         let now = self.data.now;
         let old_enough = |j: &Job| j.status.is_final() && now.since(j.updated_at) >= older_than_ms;
-        let ids: Vec<JobId> = (self.data.jobs.iter())
-            .filter(|(_, j)| j.stream == idx && old_enough(j))
-            .map(|(id, _)| id)
-            .take(max as usize)
-            .collect();
+        let ids = self.stream_jobs(idx, old_enough, max as usize);
         for &id in &ids {
             self.unfinished(id);
             self.forget_job(id);
@@ -767,6 +762,13 @@ impl State {
 
     fn stream_idx_mut(&mut self, idx: StreamIdx) -> &mut Stream {
         self.data.streams.get_mut(&idx).expect("a job's stream exists (invariant)")
+    }
+
+    /// The ids of at most `max` jobs of stream `idx` that pass `keep`,
+    /// oldest first: one scan of the whole job table.
+    fn stream_jobs(&self, idx: StreamIdx, keep: impl Fn(&Job) -> bool, max: usize) -> Vec<JobId> {
+        let jobs = self.data.jobs.iter().filter(|(_, j)| j.stream == idx && keep(j));
+        jobs.map(|(id, _)| id).take(max).collect()
     }
 
     fn job_mut_expect(&mut self, id: JobId) -> &mut Job {

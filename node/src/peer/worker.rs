@@ -312,6 +312,12 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
         }
     }
 
+    /// Reconcile this peer's leases with its turns for [`RECONCILE_FOR`]
+    /// from `mono` (the monotonic clock).
+    fn reconcile_from(&mut self, mono: Duration) {
+        self.reconcile_until = Some(mono.saturating_add(RECONCILE_FOR));
+    }
+
     /// One round trip to consensus. Returns (stop now, go again at once).
     /// `fused`: what it knew of fused submits before the events were taken.
     async fn turn(&mut self, fused: FusedView) -> (bool, bool) {
@@ -344,7 +350,7 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
         // before they reach this loop), nor one granted after `fused` was
         // read.
         if inner.slots.take_unsure() {
-            self.reconcile_until = Some(mono.saturating_add(RECONCILE_FOR));
+            self.reconcile_from(mono);
         }
         if self.reconcile_until.is_some_and(|until| mono >= until) {
             self.reconcile_until = None;
@@ -439,7 +445,7 @@ impl<R: Runtime, C: Consensus, X: JobRunner> Worker<R, C, X> {
                 // sent again next turn. A lease may have been granted all
                 // the same, in the answer that did not come.
                 if lease_max > 0 {
-                    self.reconcile_until = Some(inner.rt.monotonic().saturating_add(RECONCILE_FOR));
+                    self.reconcile_from(inner.rt.monotonic());
                 }
                 inner.slots.give(lease_max);
                 self.last_heartbeat = heartbeat_before;
